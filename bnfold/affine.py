@@ -1,0 +1,124 @@
+"""The algebra of folding a per-channel affine map into a linear op. Pure numpy, no ONNX.
+
+At inference BatchNormalization computes, per channel c (ONNX spec, every version),
+
+    y_c = γ_c · (x_c − μ_c) / √(σ²_c + ε) + β_c  =  s_c · x_c + t_c,
+    s = γ / √(σ² + ε),   t = β − μ · s.
+
+When x comes from a linear op x = W ∗ u + b whose output channel c is produced by the slice
+W[c] alone, the two collapse into one linear op:
+
+    W'[c] = s_c · W[c],   b'_c = s_c · b_c + t_c = (b_c − μ_c) · s_c + β_c.
+
+Everything here runs in float64; callers cast the results back to the weight's dtype once, so
+a float16 model is folded with float64 rounding, not float16 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fold_scale_shift(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, epsilon: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (s, t) with BN(x) = s·x + t, both float64, from BN's parameters.
+
+    The caller must have checked that var + epsilon is finite and positive.
+    """
+    var64 = np.asarray(var, dtype=np.float64)
+    scale = np.asarray(gamma, dtype=np.float64) / np.sqrt(var64 + float(epsilon))
+    shift = np.asarray(beta, dtype=np.float64) - np.asarray(mean, dtype=np.float64) * scale
+    return scale, shift
+
+
+def scale_weights(weight: np.ndarray, scale: np.ndarray, axis: int = 0, group: int = 1) -> np.ndarray:
+    """Multiply each output channel's slice of `weight` by its entry of `scale` (float64 result).
+
+    `axis` is the weight axis that indexes output channels within a group:
+    - Conv `[C_out, C_in/group, k…]`: axis 0, and `group` does not matter because axis 0
+      already runs over all C_out channels in order.
+    - ConvTranspose `[C_in, C_out/group, k…]`: axis 1 holds only the C_out/group channels of
+      one group; the group of a row is its index along axis 0 divided by C_in/group. So output
+      channel `g·(C_out/group) + j` is `weight[g-th block of rows, j]`.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    if axis == 0 or group == 1:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        return w * scale.reshape(shape)
+    # Grouped, with channels on a later axis: view axis 0 as (group, rows per group) so each
+    # group's block meets its own slice of scale.
+    per_group = scale.reshape(group, -1)
+    blocks = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+    shape = [1] * blocks.ndim
+    shape[0] = group
+    shape[axis + 1] = per_group.shape[1]
+    return (blocks * per_group.reshape(shape)).reshape(w.shape)
+
+
+def fold_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """b' = b·s + t (float64); a missing bias is zero, as in Conv's spec."""
+    if bias is None:
+        return np.array(shift, dtype=np.float64)
+    return np.asarray(bias, dtype=np.float64) * scale + shift
+
+
+def cast_weights(weight: np.ndarray, dtype: np.dtype, axis: int = 0) -> np.ndarray:
+    """Round folded float64 weights to the model's `dtype` (output channels on `axis`).
+
+    float32 and float64 round to nearest: their rounding error is far below anything else.
+    For 16-bit floats (float16, bfloat16) the weights were already rounded once when the model
+    was made, and nearest rounding of W·s adds a second, independent error of the same size.
+    Part of it is systematic: an output channel's error is Σ δ_i x_i, whose mean over inputs is
+    Σ δ_i E[x_i], and inputs after a ReLU have a positive mean. So each output channel is
+    rounded *sum-preserving*: nearest first, then the elements closest to the rounding midpoint
+    move to their other neighbour until the channel's errors sum as near zero as they can.
+    Each element stays one of the two values nearest its exact value.
+    """
+    dtype = np.dtype(dtype)
+    # Values beyond the dtype's range become Inf here; callers check and refuse such a fold.
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded = weight.astype(dtype)
+        if dtype.itemsize > 2 or weight.size == 0:
+            return rounded
+        exact = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+        q = np.moveaxis(rounded, axis, 0).reshape(exact.shape)
+        q = _balance_rounding(exact, q)
+    moved_shape = np.moveaxis(rounded, axis, 0).shape
+    return np.ascontiguousarray(np.moveaxis(q.reshape(moved_shape), 0, axis))
+
+
+def _balance_rounding(exact: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per row: flip the fewest, nearest-to-midpoint roundings that bring Σ(q − exact) nearest 0."""
+    error = q.astype(np.float64) - exact
+    total = error.sum(axis=1, keepdims=True)
+    # The other neighbour of an element lies toward its exact value, i.e. against the total.
+    alternative = _step(q, upward=total < 0)
+    alternative_error = alternative.astype(np.float64) - exact
+    eligible = (
+        (np.sign(error) == np.sign(total))
+        & (q.astype(np.float64) != 0)
+        & np.isfinite(alternative_error)
+    )
+    change = np.where(eligible, alternative_error - error, 0.0)
+    order = np.argsort(np.where(eligible, -np.abs(error), np.inf), axis=1, kind="stable")
+    running = total + np.cumsum(np.take_along_axis(change, order, axis=1), axis=1)
+    flips = np.argmin(np.abs(np.concatenate([total, running], axis=1)), axis=1)
+    flip_sorted = np.arange(q.shape[1])[None, :] < flips[:, None]
+    flip = np.zeros_like(flip_sorted)
+    np.put_along_axis(flip, order, flip_sorted, axis=1)
+    return np.where(flip, alternative, q)
+
+
+def _step(q: np.ndarray, upward: np.ndarray) -> np.ndarray:
+    """The adjacent representable value of each non-zero 16-bit float, up or down.
+
+    float16 and bfloat16 are both sign-magnitude, so the neighbour is the bit pattern ±1: the
+    magnitude grows when moving away from zero. (numpy's nextafter has no bfloat16 loop.)
+    """
+    bits = q.view(np.uint16).astype(np.int32)
+    negative = bits >= 0x8000
+    grows = upward != negative
+    return np.where(grows, bits + 1, bits - 1).astype(np.uint16).view(q.dtype)

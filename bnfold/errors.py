@@ -1,0 +1,23 @@
+"""Exceptions and the exit codes they map to (documented in the README and `bnfold --help`)."""
+
+EXIT_OK = 0
+EXIT_NOT_EQUIVALENT = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+
+
+class BnfoldError(Exception):
+    """Something the user can fix: a missing file, a file that is not a valid model, a bad option.
+
+    The CLI prints it as one line and exits with EXIT_USER_ERROR; no traceback.
+    """
+
+
+class InternalError(Exception):
+    """bnfold produced something it must not hand over (a bug); nothing was written."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what a one-line error report shows."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,264 @@
+"""An index over one GraphProto: who produces and who reads each tensor, and which are constant.
+
+Built once per graph in one pass. Rewrites go through its methods, which keep it current, so no
+rule rescans the graph; `commit()` applies removals to the GraphProto once at the end.
+
+"Reads" includes implicit reads: a node with a subgraph (If, Loop, Scan) reads every outer-scope
+name its body uses, so a tensor used only inside a branch still counts as used.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+class NotConstant(Exception):
+    """The tensor's value is not known before run time; the message says why."""
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """How the report names a node: `Conv 'conv1'`, or by its first output when unnamed."""
+    if node.name:
+        return f"{node.op_type} '{node.name}'"
+    first = node.output[0] if node.output else "?"
+    return f"{node.op_type} (output '{first}')"
+
+
+def is_onnx_op(node: onnx.NodeProto, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain in ONNX_DOMAINS
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _outer_scope_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs use without defining them (read from the enclosing scope)."""
+    names: set[str] = set()
+    for sub in _subgraphs(node):
+        defined = {v.name for v in sub.input}
+        defined.update(t.name for t in sub.initializer)
+        defined.update(t.values.name for t in sub.sparse_initializer)
+        used = {v.name for v in sub.output}
+        for inner in sub.node:
+            used.update(n for n in inner.input if n)
+            used |= _outer_scope_reads(inner)
+            defined.update(inner.output)
+        names |= used - defined
+    return names
+
+
+def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
+    """Every value name in a graph and its subgraphs, so a fresh name shadows nothing."""
+    yield from (v.name for v in graph.input)
+    yield from (v.name for v in graph.output)
+    yield from (t.name for t in graph.initializer)
+    yield from (t.values.name for t in graph.sparse_initializer)
+    for node in graph.node:
+        yield from node.input
+        yield from node.output
+        for sub in _subgraphs(node):
+            yield from _all_names(sub)
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    """The value of a Constant node (spec: exactly one `value*` attribute)."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(attr.floats, dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(attr.ints, dtype=np.int64)
+    raise NotConstant(f"{node_label(node)} holds no numeric tensor")
+
+
+class GraphIndex:
+    def __init__(self, graph: onnx.GraphProto, *, ir_version: int):
+        self.graph = graph
+        self._nodes = list(graph.node)  # holds the wrappers, so id() stays stable
+        self._removed_nodes: set[int] = set()
+        self._removed_initializers: set[str] = set()
+        self._vanished: set[str] = set()  # names this pass stopped producing
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.graph_outputs = {v.name for v in graph.output}
+        # IR v4 made initializers that are also graph inputs overridable defaults; before it
+        # every initializer had to be listed as an input and was a constant all the same.
+        self.inputs_override_initializers = ir_version >= 4
+        self._producer: dict[str, onnx.NodeProto] = {}
+        self._readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self._names: set[str] | None = None
+        for node in self._nodes:
+            for name in node.output:
+                if name:
+                    self._producer[name] = node
+            for name in self._reads(node):
+                self._readers[name].append(node)
+
+    # ---- queries -------------------------------------------------------------------------
+    def nodes(self) -> list[onnx.NodeProto]:
+        """Live nodes in graph order (topological, as the spec requires)."""
+        return [n for n in self._nodes if id(n) not in self._removed_nodes]
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return self._producer.get(name)
+
+    def readers(self, name: str) -> list[onnx.NodeProto]:
+        return self._readers.get(name, [])
+
+    def is_used(self, name: str) -> bool:
+        return bool(self._readers.get(name)) or name in self.graph_outputs
+
+    def is_constant(self, name: str) -> bool:
+        try:
+            self.constant_value(name)
+        except NotConstant:
+            return False
+        return True
+
+    def constant_value(self, name: str) -> np.ndarray:
+        """The value of `name`, looking through Identity chains to an initializer or Constant."""
+        while True:
+            if name in self.initializers and name not in self._removed_initializers:
+                if name in self.graph_inputs and self.inputs_override_initializers:
+                    raise NotConstant(
+                        f"'{name}' is also a graph input, so a caller can override it at run time"
+                    )
+                return numpy_helper.to_array(self.initializers[name])
+            node = self._producer.get(name)
+            if node is None:
+                if name in self.graph_inputs:
+                    raise NotConstant(f"'{name}' is a graph input")
+                raise NotConstant(f"'{name}' is not defined in this graph")
+            if is_onnx_op(node, "Identity"):
+                name = node.input[0]
+            elif is_onnx_op(node, "Constant"):
+                return _constant_node_value(node)
+            else:
+                raise NotConstant(f"'{name}' is computed by {node_label(node)}")
+
+    # ---- edits ---------------------------------------------------------------------------
+    def fresh_name(self, base: str) -> str:
+        if self._names is None:
+            self._names = set(_all_names(self.graph))
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def add_initializer(self, values: np.ndarray, base_name: str) -> str:
+        """Store `values` under a fresh name; existing tensors are never rewritten in place."""
+        name = self.fresh_name(base_name)
+        tensor = numpy_helper.from_array(values, name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+        if not self.inputs_override_initializers:
+            # Before IR v4 the checker requires every initializer to be a graph input too.
+            self.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, tensor.data_type, values.shape)
+            )
+            self.graph_inputs.add(name)
+        return name
+
+    def set_input(self, node: onnx.NodeProto, position: int, name: str) -> None:
+        old = node.input[position] if position < len(node.input) else ""
+        if old:
+            self._readers[old].remove(node)
+        while len(node.input) <= position:
+            node.input.append("")
+        node.input[position] = name
+        if name:
+            self._readers[name].append(node)
+
+    def set_output(self, node: onnx.NodeProto, position: int, name: str) -> None:
+        old = node.output[position]
+        if self._producer.get(old) is node:
+            del self._producer[old]
+            self._vanished.add(old)
+        node.output[position] = name
+        self._producer[name] = node
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        self._removed_nodes.add(id(node))
+        for name in self._reads(node):
+            self._readers[name].remove(node)
+        for name in node.output:
+            if self._producer.get(name) is node:
+                del self._producer[name]
+                self._vanished.add(name)
+
+    def sweep(self, names: Iterable[str]) -> None:
+        """Remove what became dead: unused initializers and the Constant/Identity nodes that fed
+        only them. Only constant plumbing is swept; other dead nodes were the model's own."""
+        pending = list(names)
+        while pending:
+            name = pending.pop()
+            if not name or self.is_used(name):
+                continue
+            node = self._producer.get(name)
+            if node is not None:
+                if not (is_onnx_op(node, "Identity") or is_onnx_op(node, "Constant")):
+                    continue
+                if any(self.is_used(out) for out in node.output):
+                    continue
+                self.remove_node(node)
+                pending.extend(node.input)
+            elif name in self.initializers and not (
+                name in self.graph_inputs and self.inputs_override_initializers
+            ):
+                self._removed_initializers.add(name)
+                self._vanished.add(name)
+
+    def commit(self) -> None:
+        """Apply removals to the GraphProto, and drop value_info of the tensors that vanished."""
+        graph = self.graph
+        _delete_where(graph.node, lambda i, node: id(self._nodes[i]) in self._removed_nodes)
+        self._nodes = list(graph.node)
+        self._removed_nodes.clear()
+        gone = self._removed_initializers
+        if gone:
+            _delete_where(graph.initializer, lambda i, tensor: tensor.name in gone)
+            if not self.inputs_override_initializers:
+                _delete_where(graph.input, lambda i, value: value.name in gone)
+                self.graph_inputs -= gone
+            for name in gone:
+                del self.initializers[name]
+            gone.clear()
+        live = set(self._producer) | self.graph_inputs | set(self.initializers)
+        vanished = self._vanished - live
+        _delete_where(graph.value_info, lambda i, value: value.name in vanished)
+        self._vanished.clear()
+
+    # ---- internals -----------------------------------------------------------------------
+    @staticmethod
+    def _reads(node: onnx.NodeProto) -> list[str]:
+        reads = [n for n in node.input if n]
+        reads.extend(_outer_scope_reads(node))
+        return reads
+
+
+def _delete_where(field, doomed) -> None:
+    """Delete the elements of a repeated protobuf field for which doomed(index, item) holds.
+
+    Deletes in place from the back: rebuilding the field would copy every tensor in it.
+    """
+    for i in reversed([i for i, item in enumerate(field) if doomed(i, item)]):
+        del field[i]

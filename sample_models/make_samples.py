@@ -1,0 +1,215 @@
+"""Regenerate the sample models: small real PyTorch networks exported to ONNX with BN kept.
+
+    pip install torch==2.13.0 onnx
+    python sample_models/make_samples.py
+
+Only this script needs torch; the tests read the .onnx and .npz files it writes.
+
+Each network's BatchNorm layers get perturbed affine parameters (γ, β) and running statistics
+calibrated on data (a model with mean 0, var 1, γ 1, β 0 would prove nothing about a fold). Both
+PyTorch exporters fold BN by default; the TorchScript exporter with `do_constant_folding=False`
+keeps it, and the script counts the BatchNormalization nodes it exported to make sure.
+
+For every model, `<name>.npz` holds reference inputs (`in.<input name>`) and the PyTorch
+eval-mode outputs (`out.<output name>`), computed in float32. For the float16 model the outputs
+are the float32 network's: the reference a float16 deployment is judged against.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+
+def conv_bn(cin, cout, k, stride=1, groups=1, dim=2, act=nn.ReLU, bias=False, dilation=1):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
+    padding = dilation * (k // 2)
+    layers = [conv(cin, cout, k, stride, padding, dilation=dilation, groups=groups, bias=bias), norm(cout)]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two Conv-BN, a projection shortcut (Conv-BN) when the shape changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, act=None))
+        self.shortcut = conv_bn(cin, cout, 1, stride, act=None) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNetTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3)
+        self.stages = nn.Sequential(BasicBlock(16, 16, 1), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2))
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1×1 expand, 3×3 depthwise, 1×1 linear projection; ReLU6."""
+
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            conv_bn(cin, hidden, 1, act=nn.ReLU6),
+            conv_bn(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+            conv_bn(hidden, cout, 1, act=None),
+        )
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_residual else y
+
+
+class MobileNetTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, 16, 3, 2, act=nn.ReLU6),
+            InvertedResidual(16, 16, 1, 4),
+            InvertedResidual(16, 24, 2, 4),
+            InvertedResidual(24, 24, 1, 4),
+            conv_bn(24, 64, 1, act=nn.ReLU6),
+        )
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class AudioConv1d(nn.Module):
+    """A 1D conv net over log-mel frames: strided and dilated Conv1d-BN-ReLU, conv biases on."""
+
+    def __init__(self, mels=40, classes=12):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(mels, 64, 5, dim=1, bias=True),
+            conv_bn(64, 64, 3, 2, dim=1, bias=True),
+            conv_bn(64, 96, 3, dim=1, dilation=2),
+            conv_bn(96, 96, 3, dim=1, groups=4, dilation=4),
+        )
+        self.head = nn.Conv1d(96, classes, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x)).mean(dim=2)
+
+
+class VideoConv3d(nn.Module):
+    """A small 3D ResNet-style net over clips: Conv3d-BN-ReLU with a residual add."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, dim=3)
+        self.block = nn.Sequential(conv_bn(16, 16, 3, dim=3), conv_bn(16, 16, 3, dim=3, act=None))
+        self.down = conv_bn(16, 32, 3, 2, dim=3)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        return self.head(self.down(x).mean(dim=(2, 3, 4)))
+
+
+class SharedConvOutput(nn.Module):
+    """One conv's output feeds its BN and a gate branch: that BN cannot be folded; the rest can."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.tail = conv_bn(16, 8, 1)
+
+    def forward(self, x):
+        a = self.conv(self.stem(x))
+        return self.tail(torch.relu(self.bn(a)) * torch.sigmoid(a))
+
+
+def perturb_and_calibrate(model: nn.Module, make_batch, generator: torch.Generator) -> None:
+    """Give BN layers non-trivial γ, β, then calibrate running mean and var on data."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=generator))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=generator))
+                m.momentum = None  # cumulative average over the calibration batches
+                m.reset_running_stats()
+        model.train()
+        for _ in range(8):
+            model(make_batch())
+    model.eval()
+
+
+def export(model: nn.Module, name: str, example: torch.Tensor, opset: int, dynamic_batch: bool,
+           reference: nn.Module | None = None) -> None:
+    path = HERE / f"{name}.onnx"
+    torch.onnx.export(
+        model, (example,), str(path), dynamo=False, do_constant_folding=False, opset_version=opset,
+        input_names=["input"], output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+    )
+    onnx_model = onnx.load(str(path))
+    onnx.checker.check_model(onnx_model, full_check=True)
+    bn_count = sum(n.op_type == "BatchNormalization" for n in onnx_model.graph.node)
+    expected = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert bn_count == expected, f"{name}: exported {bn_count} BatchNormalization nodes, module has {expected}"
+    with torch.no_grad():
+        ref = (reference or model)(example.float() if reference is not None else example)
+    np.savez(HERE / f"{name}.npz", **{"in.input": example.numpy(), "out.output": ref.float().numpy()})
+    print(f"{name}.onnx: {path.stat().st_size / 1e3:.0f} kB, opset {opset}, {bn_count} BatchNormalization")
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+
+    def images(n=8, size=32):
+        return lambda: torch.randn(n, 3, size, size, generator=gen) * 1.5 + 0.3
+
+    resnet = ResNetTiny()
+    perturb_and_calibrate(resnet, images(), gen)
+    export(resnet, "resnet_tiny", torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True)
+
+    mobilenet = MobileNetTiny()
+    perturb_and_calibrate(mobilenet, images(), gen)
+    export(mobilenet, "mobilenet_tiny", torch.randn(2, 3, 32, 32, generator=gen), 13, dynamic_batch=True)
+
+    audio = AudioConv1d()
+    perturb_and_calibrate(audio, lambda: torch.randn(8, 40, 100, generator=gen).abs().log1p(), gen)
+    export(audio, "audio_conv1d", torch.randn(1, 40, 100, generator=gen).abs().log1p(), 11, dynamic_batch=False)
+
+    video = VideoConv3d()
+    perturb_and_calibrate(video, lambda: torch.randn(4, 3, 8, 16, 16, generator=gen), gen)
+    export(video, "video_conv3d", torch.randn(1, 3, 8, 16, 16, generator=gen), 15, dynamic_batch=False)
+
+    shared = SharedConvOutput()
+    perturb_and_calibrate(shared, images(), gen)
+    export(shared, "shared_conv_output", torch.randn(1, 3, 32, 32, generator=gen), 17, dynamic_batch=False)
+
+    # The float16 model is the calibrated ResNet in half precision; its reference outputs come
+    # from the float32 network on the same (float16-representable) inputs.
+    example = torch.randn(32, 3, 32, 32, generator=gen).half()  # many rows: float16 error is statistical
+    export(copy.deepcopy(resnet).half(), "resnet_tiny_fp16", example, 17, dynamic_batch=True, reference=resnet)
+
+
+if __name__ == "__main__":
+    main()

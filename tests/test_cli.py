@@ -1,0 +1,174 @@
+"""The command line: exit codes, JSON on stdout, people on stderr, the input never touched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from bnfold.cli import _guard, app
+from bnfold.errors import EXIT_INTERNAL_ERROR
+from builders import conv_bn_model, op_types
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_tiny.onnx"
+runner = CliRunner()
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "net.onnx"
+    shutil.copy(SAMPLE, path)
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code: int, text: str) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bnfold: error: "), result.stderr
+    assert text in lines[0]
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_optimize_writes_beside_the_input_and_reports_json(model_path):
+    before = model_path.read_bytes()
+    result = invoke("optimize", model_path, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    out = model_path.with_name("net.folded.onnx")
+    assert report["written"] is True and report["output"] == str(out)
+    assert report["summary"]["batch_normalization_nodes"] == 9 and report["summary"]["folded"] == 9
+    assert {b["status"] for b in report["batch_normalizations"]} == {"folded"}
+    assert model_path.read_bytes() == before  # the input is untouched
+    folded = onnx.load(str(out))
+    assert "BatchNormalization" not in op_types(folded)
+    onnx.checker.check_model(folded, full_check=True)
+    assert "folded 9 of 9 BatchNormalization nodes" in result.stderr
+    assert f"wrote {out}" in result.stderr
+
+
+def test_output_into_a_folder(model_path, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = invoke("optimize", model_path, "-o", folder)
+    assert result.exit_code == 0, result.output
+    assert (folder / "net.folded.onnx").is_file()
+
+
+def test_quiet_prints_nothing_on_success(model_path, tmp_path):
+    result = invoke("optimize", model_path, "-o", tmp_path / "x.onnx", "--quiet")
+    assert result.exit_code == 0 and result.stderr == "" and result.stdout == ""
+
+
+def test_skips_are_reported_with_their_reason(tmp_path):
+    path = tmp_path / "shared.onnx"
+    shutil.copy(SAMPLE.with_name("shared_conv_output.onnx"), path)
+    result = invoke("optimize", path, "--json")
+    assert result.exit_code == 0
+    skipped = [b for b in json.loads(result.stdout)["batch_normalizations"] if b["status"] == "skipped"]
+    assert skipped == [
+        {
+            "node": "/bn/BatchNormalization",
+            "output": "/bn/BatchNormalization_output_0",
+            "folded_into": None,
+            "folded_into_op": None,
+            "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'",
+            "status": "skipped",
+        }
+    ]
+    assert "skipped  Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'" in result.stderr
+
+
+def test_inspect_writes_nothing(model_path):
+    result = invoke("inspect", model_path, "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["written"] is False and report["output"] is None
+    assert report["summary"]["folded"] == 9
+    assert sorted(p.name for p in model_path.parent.iterdir()) == ["net.onnx"]
+
+
+def test_refuses_to_overwrite_the_input(model_path):
+    before = model_path.read_bytes()
+    result = invoke("optimize", model_path, "-o", model_path)
+    assert_one_line_error(result, 2, "refusing to overwrite the input model")
+    assert model_path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"", "not an ONNX model"),
+        (b"hello, this is a text file\n", "not a readable ONNX model"),
+        (bytes(range(256)) * 8, "not a readable ONNX model"),
+        (SAMPLE.read_bytes()[: len(SAMPLE.read_bytes()) // 2], "not a readable ONNX model"),
+    ],
+    ids=["missing", "empty", "text", "random-bytes", "truncated"],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    result = invoke("optimize", path)
+    assert_one_line_error(result, 2, message)
+    assert not path.with_name("bad.folded.onnx").exists()
+
+
+def test_an_invalid_model_is_exit_2(tmp_path):
+    model = conv_bn_model()
+    model.graph.node[2].input[0] = "nothing_produces_this"
+    path = tmp_path / "invalid.onnx"
+    onnx.save(model, str(path))
+    result = invoke("optimize", path)
+    assert_one_line_error(result, 2, "the input is not a valid ONNX model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["invalid.onnx"]
+
+
+def test_unwritable_output_is_exit_2_and_leaves_nothing(model_path, tmp_path):
+    result = invoke("optimize", model_path, "-o", tmp_path / "no" / "such" / "dir" / "m.onnx")
+    assert_one_line_error(result, 2, "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
+
+
+def test_a_directory_as_model_is_exit_2(tmp_path):
+    assert_one_line_error(invoke("optimize", tmp_path), 2, "is a directory")
+
+
+def test_help_documents_exit_codes():
+    for args in (["--help"], ["optimize", "--help"], ["inspect", "--help"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0
+        assert "Exit codes: 0 success" in " ".join(result.stdout.split())
+
+
+def test_unexpected_exception_is_exit_3_not_1(capsys):
+    # Exit 1 means "not equivalent"; a crash must never be read as that.
+    with pytest.raises(typer.Exit) as exit_info:
+        _guard(lambda: 1 / 0)
+    assert exit_info.value.exit_code == EXIT_INTERNAL_ERROR
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_help_and_inspect_do_not_import_onnxruntime():
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from bnfold.cli import app\n"
+        "CliRunner().invoke(app, ['--help'])\n"
+        "print(sorted(m for m in ('onnx', 'numpy', 'onnxruntime') if m in sys.modules))\n"
+        f"CliRunner().invoke(app, ['inspect', {str(SAMPLE)!r}])\n"
+        "print('onnxruntime' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[]", "False"]
