@@ -112,10 +112,6 @@ class GraphIndex:
                 self._readers[name].append(node)
 
     # ---- queries -------------------------------------------------------------------------
-    def nodes(self) -> list[onnx.NodeProto]:
-        """Live nodes in graph order (topological, as the spec requires)."""
-        return [n for n in self._nodes if id(n) not in self._removed_nodes]
-
     def producer(self, name: str) -> onnx.NodeProto | None:
         return self._producer.get(name)
 
@@ -124,13 +120,6 @@ class GraphIndex:
 
     def is_used(self, name: str) -> bool:
         return bool(self._readers.get(name)) or name in self.graph_outputs
-
-    def is_constant(self, name: str) -> bool:
-        try:
-            self.constant_value(name)
-        except NotConstant:
-            return False
-        return True
 
     def constant_value(self, name: str) -> np.ndarray:
         """The value of `name`, looking through Identity chains to an initializer or Constant."""
@@ -181,7 +170,7 @@ class GraphIndex:
     def set_input(self, node: onnx.NodeProto, position: int, name: str) -> None:
         old = node.input[position] if position < len(node.input) else ""
         if old:
-            self._readers[old].remove(node)
+            self._unread(old, node)
         while len(node.input) <= position:
             node.input.append("")
         node.input[position] = name
@@ -199,7 +188,7 @@ class GraphIndex:
     def remove_node(self, node: onnx.NodeProto) -> None:
         self._removed_nodes.add(id(node))
         for name in self._reads(node):
-            self._readers[name].remove(node)
+            self._unread(name, node)
         for name in node.output:
             if self._producer.get(name) is node:
                 del self._producer[name]
@@ -248,6 +237,14 @@ class GraphIndex:
         self._vanished.clear()
 
     # ---- internals -----------------------------------------------------------------------
+    def _unread(self, name: str, node: onnx.NodeProto) -> None:
+        """Drop one read of `name` by `node`, found by identity: protobuf's == compares contents."""
+        readers = self._readers[name]
+        for i, reader in enumerate(readers):
+            if reader is node:
+                del readers[i]
+                return
+
     @staticmethod
     def _reads(node: onnx.NodeProto) -> list[str]:
         reads = [n for n in node.input if n]

@@ -130,21 +130,20 @@ class LinearBatchNormRule:
     layout; the preconditions and the rewrite are shared."""
 
     op_type: str
-    weight_channel_axis: int  # the weight axis along which output channels run
+    weight_channel_axis: int  # the weight axis that runs over output channels (within a group)
 
-    def output_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
-        raise NotImplementedError
-
-    def scale_weight(self, weight: np.ndarray, scale: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
-        raise NotImplementedError
+    def groups(self, node: onnx.NodeProto) -> int:
+        """How many groups split the channel axis (1: it runs over all output channels)."""
+        return 1
 
     def check_weight(self, weight: np.ndarray, node: onnx.NodeProto) -> Skip | None:
         return None
 
+    def output_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
+        return weight.shape[self.weight_channel_axis] * self.groups(node)
+
     def check(self, bn: onnx.NodeProto, linear: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip:
         linear_out = linear.output[0]
-        if bn.input[0] != linear_out:
-            return Skip(f"it reads {node_label(linear)}'s output {bn.input[0]!r}, not its first")
         if linear_out in index.graph_outputs:
             return Skip(f"{node_label(linear)} output '{linear_out}' is also a graph output")
         others = [r for r in index.readers(linear_out) if r is not bn]
@@ -170,9 +169,9 @@ class LinearBatchNormRule:
         if isinstance(affine_map, Skip):
             return affine_map
         scale, shift = affine_map
-        new_weight = affine.cast_weights(
-            self.scale_weight(weight, scale, linear), weight.dtype, self.weight_channel_axis
-        )
+        axis = self.weight_channel_axis
+        scaled = affine.scale_weights(weight, scale, axis=axis, group=self.groups(linear))
+        new_weight = affine.cast_weights(scaled, weight.dtype, axis)
         with np.errstate(over="ignore"):  # overflow is checked just below
             new_bias = affine.fold_bias(bias, scale, shift).astype(weight.dtype)
         for what, values in (("weights", new_weight), ("bias", new_bias)):
@@ -208,12 +207,6 @@ class ConvBatchNormRule(LinearBatchNormRule):
         if weight.ndim < 3:
             return Skip(f"Conv weight has rank {weight.ndim}; a Conv weight has rank 3 or more")
         return None
-
-    def output_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
-        return weight.shape[0]
-
-    def scale_weight(self, weight: np.ndarray, scale: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
-        return affine.scale_weights(weight, scale, axis=0)
 
 
 RULES = {rule.op_type: rule for rule in (ConvBatchNormRule(),)}

@@ -144,6 +144,105 @@ class SharedConvOutput(nn.Module):
         return self.tail(torch.relu(self.bn(a)) * torch.sigmoid(a))
 
 
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels, reduced):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, reduced, 1)
+        self.expand = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        s = x.mean(dim=(2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(nn.functional.silu(self.reduce(s))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet block: 1×1 expand, depthwise k×k, squeeze-excite, 1×1 project; SiLU."""
+
+    def __init__(self, cin, cout, k, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_residual = stride == 1 and cin == cout
+        self.block = nn.Sequential(
+            conv_bn(cin, hidden, 1, act=nn.SiLU),
+            conv_bn(hidden, hidden, k, stride, groups=hidden, act=nn.SiLU),
+            SqueezeExcite(hidden, max(1, cin // 4)),
+            conv_bn(hidden, cout, 1, act=None),
+        )
+
+    def forward(self, x):
+        y = self.block(x)
+        return x + y if self.use_residual else y
+
+
+class EfficientNetTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, 16, 3, 2, act=nn.SiLU),
+            MBConv(16, 16, 3, 1, 1),
+            MBConv(16, 24, 5, 2, 4),
+            MBConv(24, 24, 3, 1, 4),
+            conv_bn(24, 64, 1, act=nn.SiLU),
+        )
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class InceptionBlock(nn.Module):
+    """Inception-style: parallel 1×1, 1×1→3×3, 1×1→5×5 and pool→1×1 branches, concatenated."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.b1 = conv_bn(cin, 16, 1)
+        self.b3 = nn.Sequential(conv_bn(cin, 12, 1), conv_bn(12, 16, 3))
+        self.b5 = nn.Sequential(conv_bn(cin, 8, 1), conv_bn(8, 12, 5))
+        self.pool = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(cin, 8, 1))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b3(x), self.b5(x), self.pool(x)], dim=1)
+
+
+class InceptionTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 24, 3, 2)
+        self.blocks = nn.Sequential(InceptionBlock(24), InceptionBlock(52))
+        self.head = nn.Linear(52, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG in its training form: BN(3×3 conv) + BN(1×1 conv) + BN(x), then ReLU. The BN on
+    the identity branch has no conv in front of it, so no fold applies to it."""
+
+    def __init__(self, channels, stride=1):
+        super().__init__()
+        self.dense = conv_bn(channels, channels, 3, stride, act=None)
+        self.pointwise = conv_bn(channels, channels, 1, stride, act=None)
+        self.identity = nn.BatchNorm2d(channels) if stride == 1 else None
+
+    def forward(self, x):
+        y = self.dense(x) + self.pointwise(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return torch.relu(y)
+
+
+class RepVGGTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.blocks = nn.Sequential(RepVGGBlock(16), RepVGGBlock(16), RepVGGBlock(16, stride=2), RepVGGBlock(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
 def perturb_and_calibrate(model: nn.Module, make_batch, generator: torch.Generator) -> None:
     """Give BN layers non-trivial γ, β, then calibrate running mean and var on data."""
     with torch.no_grad():
@@ -204,6 +303,14 @@ def main() -> None:
     shared = SharedConvOutput()
     perturb_and_calibrate(shared, images(), gen)
     export(shared, "shared_conv_output", torch.randn(1, 3, 32, 32, generator=gen), 17, dynamic_batch=False)
+
+    for name, net, opset in (
+        ("efficientnet_tiny", EfficientNetTiny(), 17),
+        ("inception_tiny", InceptionTiny(), 13),
+        ("repvgg_tiny", RepVGGTiny(), 17),
+    ):
+        perturb_and_calibrate(net, images(), gen)
+        export(net, name, torch.randn(2, 3, 32, 32, generator=gen), opset, dynamic_batch=True)
 
     # The float16 model is the calibrated ResNet in half precision; its reference outputs come
     # from the float32 network on the same (float16-representable) inputs.

@@ -135,6 +135,27 @@ def test_an_invalid_model_is_exit_2(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["invalid.onnx"]
 
 
+def test_a_model_onnxruntime_loads_only_once_folded_is_written(tmp_path):
+    # onnxruntime has no BatchNormalization-6 kernel; the folded Conv + Relu runs.
+    path = tmp_path / "opset6.onnx"
+    onnx.save(conv_bn_model(opset=6, bn_attrs={"is_test": 1}, ir_version=3), str(path))
+    result = invoke("optimize", path)
+    assert result.exit_code == 0, result.output
+    assert op_types(onnx.load(str(tmp_path / "opset6.folded.onnx"))) == ["Conv", "Relu"]
+
+
+def test_a_model_onnxruntime_cannot_load_is_exit_2(tmp_path):
+    model = conv_bn_model()
+    model.graph.node.append(onnx.helper.make_node("Mystery", ["y"], ["z"], name="mystery", domain="example.custom"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(onnx.helper.make_opsetid("example.custom", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    result = invoke("optimize", path)
+    assert_one_line_error(result, 2, "onnxruntime cannot load the input model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
+
+
 def test_unwritable_output_is_exit_2_and_leaves_nothing(model_path, tmp_path):
     result = invoke("optimize", model_path, "-o", tmp_path / "no" / "such" / "dir" / "m.onnx")
     assert_one_line_error(result, 2, "cannot write")
