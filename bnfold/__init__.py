@@ -21,6 +21,8 @@ _EXPORTS = {
     "OptimizeResult": "bnfold.pipeline",
     "BnfoldError": "bnfold.errors",
     "InternalError": "bnfold.errors",
+    "verify": "bnfold.verification",
+    "VerifyReport": "bnfold.verification",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -11,20 +11,28 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import List, Optional, TypeVar
 
 import typer
 
-from bnfold.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, BnfoldError, InternalError
+from bnfold.errors import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_NOT_EQUIVALENT,
+    EXIT_USER_ERROR,
+    BnfoldError,
+    InternalError,
+)
 
 EXIT_CODES = (
-    "Exit codes: 0 success; 1 the folded model is not equivalent to the original (nothing "
-    "written); 2 user error: missing file, not an ONNX model, invalid model, unwritable output; "
-    "3 internal error, a bug in bnfold (nothing written)."
+    "Exit codes: 0 success; 1 not equivalent (verify found a differing output; optimize wrote "
+    "nothing); 2 could not run: missing file, not an ONNX model, invalid model, a model "
+    "onnxruntime cannot load, unwritable output, bad option; 3 internal error, a bug in bnfold "
+    "(nothing written)."
 )
 
 app = typer.Typer(
-    help="Fold BatchNormalization into the Conv before it in ONNX models, and prove the result.",
+    help="Fold BatchNormalization into the Conv before it in ONNX models, and prove the result.\n\n"
+    "See the README for the tolerance policy behind verification.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
@@ -37,6 +45,21 @@ T = TypeVar("T")
 MODEL_ARG = typer.Argument(..., help="The ONNX model file.", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
+# Verification options, shared by `verify` and `optimize`.
+TRIALS_OPT = typer.Option(3, "--trials", help="Input sets to generate.")
+SEED_OPT = typer.Option(0, "--seed", help="Seed for generated inputs.")
+ATOL_OPT = typer.Option(
+    None, "--atol", help="Allowed error as a fraction of each output's largest magnitude. Default by dtype."
+)
+RTOL_OPT = typer.Option(None, "--rtol", help="Allowed error as a fraction of each element. Default 0.")
+SHAPE_OPT = typer.Option(
+    None, "--input-shape", metavar="NAME:DIMS", help="Shape for an input, e.g. input:1x3x224x224 (repeatable)."
+)
+INT_RANGE_OPT = typer.Option("0:10", "--int-range", metavar="LOW:HIGH", help="Integer inputs are drawn from [LOW, HIGH).")
+INPUTS_OPT = typer.Option(
+    None, "--inputs", help=".npz (arrays by input name) or onnx test-data folder; one trial each (repeatable)."
+)
+PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution provider (repeatable). Default CPU.")
 
 
 @app.command(epilog=EXIT_CODES)
@@ -45,20 +68,77 @@ def optimize(
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="Where to write (a file or a folder). Default: MODEL with .folded.onnx."
     ),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (still checked to load)."),
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
+    trials: int = TRIALS_OPT,
+    seed: int = SEED_OPT,
+    atol: Optional[float] = ATOL_OPT,
+    rtol: Optional[float] = RTOL_OPT,
+    input_shape: Optional[List[str]] = SHAPE_OPT,
+    int_range: str = INT_RANGE_OPT,
+    inputs: Optional[List[Path]] = INPUTS_OPT,
+    provider: Optional[List[str]] = PROVIDER_OPT,
 ) -> None:
     """Fold every foldable BatchNormalization and write the folded model.
 
-    Nothing is written unless the result passes onnx.checker and loads in onnxruntime; the write
-    is atomic and never replaces the input.
+    Nothing is written unless the result passes onnx.checker and computes the same function as
+    the original under onnxruntime (as `bnfold verify` checks); the write is atomic and never
+    replaces the input.
     """
     from bnfold.pipeline import optimize as run_optimize
 
-    result = _guard(lambda: run_optimize(model, output, progress=_progress(quiet)))
-    _render(result.to_dict(), result.report, json_report, quiet)
+    def run():
+        options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider)
+        return run_optimize(model, output, verify=not no_verify, verify_options=options, progress=_progress(quiet))
+
+    result = _guard(run)
+    if not quiet:
+        _say(result.report.table())
+        if result.verification:
+            _say(result.verification.table())
+    if json_report:
+        print(json.dumps(result.to_dict(), indent=2))
+    if not result.written:
+        _fail("the folded model is not equivalent to the original; nothing was written", EXIT_NOT_EQUIVALENT)
     if not quiet:
         _say(f"wrote {result.output}")
+
+
+@app.command(epilog=EXIT_CODES)
+def verify(
+    reference: Path = typer.Argument(..., help="The original model.", show_default=False),
+    candidate: Path = typer.Argument(..., help="The model that should compute the same function.", show_default=False),
+    json_report: bool = JSON_OPT,
+    quiet: bool = QUIET_OPT,
+    trials: int = TRIALS_OPT,
+    seed: int = SEED_OPT,
+    atol: Optional[float] = ATOL_OPT,
+    rtol: Optional[float] = RTOL_OPT,
+    input_shape: Optional[List[str]] = SHAPE_OPT,
+    int_range: str = INT_RANGE_OPT,
+    inputs: Optional[List[Path]] = INPUTS_OPT,
+    provider: Optional[List[str]] = PROVIDER_OPT,
+) -> None:
+    """Run both models with onnxruntime (graph optimizations off) and compare every output.
+
+    Exit 0 when every output matches within the tolerance policy, 1 when one does not.
+    """
+    from bnfold.verification import verify as run_verify
+
+    def run():
+        for path in (reference, candidate):
+            if path.is_dir():
+                raise BnfoldError(f"{path}: is a directory, not an ONNX model")
+            if not path.exists():
+                raise BnfoldError(f"{path}: no such file")
+        options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider)
+        return run_verify(reference, candidate, progress=_progress(quiet), **options)
+
+    report = _guard(run)
+    _render(report.to_dict(), report, json_report, quiet)
+    if not report.equivalent:
+        raise typer.Exit(EXIT_NOT_EQUIVALENT)
 
 
 @app.command(epilog=EXIT_CODES)
@@ -69,6 +149,31 @@ def inspect(model: Path = MODEL_ARG, json_report: bool = JSON_OPT, quiet: bool =
     result = _guard(lambda: fold(model))
     data = {"input": str(model), "output": None, "written": False, **result.report.to_dict()}
     _render(data, result.report, json_report, quiet)
+
+
+def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider) -> dict:
+    """The CLI's verification options as keyword arguments of bnfold.verify."""
+    shapes = {}
+    for item in input_shape or []:
+        name, _, dims = item.rpartition(":")  # input names may themselves contain ':'
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224") from None
+        if not name or any(d < 0 for d in shapes[name]):
+            raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224")
+    low, _, high = int_range.partition(":")
+    try:
+        int_bounds = (int(low), int(high))
+    except ValueError:
+        raise BnfoldError(f"--int-range {int_range!r}: expected LOW:HIGH such as 0:1000") from None
+    options = {
+        "trials": trials, "seed": seed, "atol": atol, "rtol": rtol, "input_shapes": shapes,
+        "int_range": int_bounds, "inputs": list(inputs or []),
+    }
+    if provider:
+        options["providers"] = list(provider)
+    return options
 
 
 def _guard(action: Callable[[], T]) -> T:

@@ -1,0 +1,275 @@
+"""bnfold verify: equivalent pairs pass, real folding mistakes fail, bad input is exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+import bnfold
+import bnfold.affine
+import bnfold.rules
+from bnfold.cli import app
+from bnfold.verification import compare
+from builders import conv_bn_model
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+# ---- the tolerance policy -----------------------------------------------------------------------
+def test_errors_are_judged_against_the_output_scale():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1000, 100).astype(np.float32)  # large outputs: 1e-3 is rounding
+    assert compare("logits", logits, logits + np.float32(1e-3)).passed
+    probabilities = rng.dirichlet(np.ones(100)).astype(np.float32)  # small outputs: 1e-3 is real
+    result = compare("p", probabilities, probabilities + np.float32(1e-3))
+    assert not result.passed and result.mismatched == 100
+
+
+def test_needed_atol_is_the_threshold():
+    rng = np.random.default_rng(1)
+    want = rng.normal(0, 3, 50).astype(np.float32)
+    got = want + rng.normal(0, 1e-3, 50).astype(np.float32)
+    needed = compare("y", want, got).needed_atol
+    assert compare("y", want, got, atol=needed * 1.0001).passed
+    assert not compare("y", want, got, atol=needed * 0.99).passed
+
+
+def test_nan_and_inf_must_sit_at_the_same_positions():
+    want = np.array([1.0, np.nan, np.inf, -2.0], dtype=np.float32)
+    assert compare("y", want, want.copy()).passed
+    moved = np.array([1.0, 5.0, np.inf, np.nan], dtype=np.float32)
+    result = compare("y", want, moved)
+    assert not result.passed and result.reason == "NaN/Inf at 2 different positions"
+    flipped = np.array([1.0, np.nan, -np.inf, -2.0], dtype=np.float32)
+    assert not compare("y", want, flipped).passed
+
+
+def test_integer_outputs_must_match_exactly_and_shapes_and_dtypes_too():
+    ids = np.array([3, 1, 4], dtype=np.int64)
+    assert compare("ids", ids, ids.copy()).passed
+    assert not compare("ids", ids, ids + np.array([0, 0, 1])).passed
+    assert not compare("ids", ids, ids.astype(np.int32)).passed
+    assert not compare("ids", ids, ids[:2]).passed
+
+
+def test_metrics():
+    want = np.array([1.0, 2.0, -2.0, 0.0], dtype=np.float32)
+    got = np.array([1.0, 2.0, -2.0, 0.5], dtype=np.float32)
+    r = compare("y", want, got)
+    assert (r.max_abs_error, r.scale, r.mismatched, r.elements) == (0.5, 2.0, 1, 4)
+    assert r.rel_l2_error == pytest.approx(0.5 / 3.0)
+    assert r.cosine_similarity == pytest.approx(9.0 / (3.0 * np.sqrt(9.25)))
+    assert r.needed_atol == pytest.approx(0.25)
+
+
+# ---- equivalent pairs pass --------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(p.stem for p in SAMPLES.glob("*.onnx")))
+def test_folded_samples_verify(name, tmp_path):
+    original = SAMPLES / f"{name}.onnx"
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    result = invoke("verify", original, folded, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["equivalent"] is True and report["trials"] == 3
+    assert all(o["passed"] and o["needed_atol"] < o["atol"] / 10 for o in report["outputs"])
+
+
+def multi_io_model() -> onnx.ModelProto:
+    """Conv→BN on an image, an embedding lookup on int64 token ids, a bool mask: two outputs."""
+    model = conv_bn_model()
+    graph = model.graph
+    graph.initializer.append(numpy_helper.from_array(np.random.default_rng(2).normal(size=(10, 4)).astype(np.float32), "table"))
+    graph.input.extend(
+        [
+            helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", "seq"]),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Gather", ["table", "tokens"], ["embedded"], name="embed"),
+            helper.make_node("Unsqueeze", ["mask", "axis"], ["mask3"], name="unsqueeze"),
+            helper.make_node("Where", ["mask3", "embedded", "zero"], ["masked"], name="where"),
+        ]
+    )
+    graph.initializer.extend([numpy_helper.from_array(np.array([2], np.int64), "axis"), numpy_helper.from_array(np.float32(0), "zero")])
+    graph.output.append(helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["batch", "seq", 4]))
+    return model
+
+
+def test_multi_input_multi_output_with_integer_and_bool_inputs(tmp_path):
+    original = save(multi_io_model(), tmp_path / "multi.onnx")
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    report = bnfold.verify(original, folded)
+    assert report.equivalent and [o.name for o in report.outputs] == ["y", "masked"]
+    assert "note: input 'tokens' axis 0 is batch: used 1" in report.notes
+    assert "note: input 'tokens' axis 1 is seq: used 16" in report.notes
+    # symbols shared between inputs get one size, so the mask lines up with the tokens
+    assert {i["name"]: i["shape"] for i in report.inputs}["mask"] == [1, 16]
+
+
+def test_integer_range_too_large_for_the_table_is_exit_2(tmp_path):
+    original = save(multi_io_model(), tmp_path / "multi.onnx")
+    result = invoke("verify", original, original, "--int-range", "0:1000")
+    assert result.exit_code == 2 and "could not run" in result.stderr
+
+
+def test_dynamic_batch_with_an_explicit_shape(tmp_path):
+    original = SAMPLES / "resnet_tiny.onnx"
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    result = invoke("verify", original, folded, "--input-shape", "input:4x3x32x32", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["inputs"][0]["shape"] == [4, 3, 32, 32] and report["notes"] == []
+    assert report["outputs"][0]["shape"] == [4, 10]
+
+
+def test_inputs_from_npz_and_from_a_test_data_folder(tmp_path):
+    original = SAMPLES / "resnet_tiny.onnx"
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    x = np.load(SAMPLES / "resnet_tiny.npz")["in.input"]
+    np.savez(tmp_path / "data.npz", input=x)
+    data_set = tmp_path / "model_dir" / "test_data_set_0"
+    data_set.mkdir(parents=True)
+    (data_set / "input_0.pb").write_bytes(numpy_helper.from_array(x, "input").SerializeToString())
+    for source in (tmp_path / "data.npz", tmp_path / "model_dir", data_set):
+        report = bnfold.verify(original, folded, inputs=[source])
+        assert report.equivalent and report.trials == 1
+
+
+def test_bfloat16_inputs_are_generated(tmp_path):
+    model = conv_bn_model()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.BFLOAT16
+    model.graph.node.insert(0, helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT))
+    model.graph.node[1].input[0] = "x32"
+    model.opset_import[0].version = 21
+    original = save(model, tmp_path / "bf16.onnx")
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    assert bnfold.verify(original, folded).equivalent
+
+
+# ---- seeded mutations: real folding bugs must fail --------------------------------------------
+def mutate(monkeypatch, mistake: str) -> None:
+    fold_scale_shift, fold_bias, scale_weights = bnfold.affine.fold_scale_shift, bnfold.affine.fold_bias, bnfold.affine.scale_weights
+    if mistake == "epsilon 1e-3 for 1e-5":
+        monkeypatch.setattr(bnfold.rules, "_epsilon", lambda bn: 1e-3)
+    elif mistake == "beta dropped":
+        monkeypatch.setattr(bnfold.affine, "fold_scale_shift", lambda g, b, m, v, e: fold_scale_shift(g, 0 * b, m, v, e))
+    elif mistake == "conv bias dropped":
+        monkeypatch.setattr(bnfold.affine, "fold_bias", lambda b, s, t: fold_bias(None, s, t))
+    elif mistake == "scale on the wrong axis":
+        def wrong_axis(w, s, axis=0, group=1):
+            return scale_weights(w, s, axis=1) if w.shape[1] == len(s) else scale_weights(w, s, axis, group)
+        monkeypatch.setattr(bnfold.affine, "scale_weights", wrong_axis)
+
+
+def one_bias_off(model: onnx.ModelProto) -> None:
+    """One channel of one folded bias 3% off."""
+    bias = next(t for t in model.graph.initializer if t.name.endswith("_bnfold") and len(t.dims) == 1)
+    values = numpy_helper.to_array(bias).copy()
+    values[0] *= 1.03
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+
+
+@pytest.mark.parametrize(
+    "mistake, sample",
+    [
+        ("epsilon 1e-3 for 1e-5", "resnet_tiny"),
+        ("beta dropped", "resnet_tiny"),
+        ("conv bias dropped", "audio_conv1d"),  # the sample whose convs have biases
+        ("scale on the wrong axis", "resnet_tiny"),  # has convs with C_in = C_out
+        ("one channel's bias 3% off", "resnet_tiny"),
+        ("one channel's bias 3% off", "shared_conv_output"),  # the smallest signal measured
+    ],
+)
+def test_seeded_folding_mistakes_are_not_equivalent(mistake, sample, monkeypatch, tmp_path):
+    original = SAMPLES / f"{sample}.onnx"
+    with monkeypatch.context() as patch:
+        mutate(patch, mistake)
+        broken = bnfold.fold(original).model
+    if mistake.startswith("one channel"):
+        one_bias_off(broken)
+    assert broken.SerializeToString() != bnfold.fold(original).model.SerializeToString()
+    result = invoke("verify", original, save(broken, tmp_path / "broken.onnx"), "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["equivalent"] is False
+    assert [o["name"] for o in report["outputs"] if not o["passed"]] == ["output"]
+    assert "NOT equivalent" in result.stderr
+
+
+def test_optimize_writes_nothing_when_verification_fails(monkeypatch, tmp_path):
+    model = tmp_path / "net.onnx"
+    shutil.copy(SAMPLES / "resnet_tiny.onnx", model)
+    monkeypatch.setattr(bnfold.rules, "_epsilon", lambda bn: 1e-3)
+    result = invoke("optimize", model, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["written"] is False and report["verification"]["equivalent"] is False
+    assert "the folded model is not equivalent to the original; nothing was written" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
+
+
+def test_models_with_different_outputs_are_not_equivalent(tmp_path):
+    a = save(conv_bn_model(), tmp_path / "a.onnx")
+    other = conv_bn_model()
+    other.graph.output[0].name = "renamed"
+    other.graph.node[2].output[0] = "renamed"
+    result = invoke("verify", a, save(other, tmp_path / "b.onnx"))
+    assert result.exit_code == 1 and "the models' outputs differ" in result.stderr
+
+
+# ---- could not run: exit 2, one line ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input-shape", "input:1x3xbig"], "--input-shape 'input:1x3xbig': expected NAME:DIMS"),
+        (["--input-shape", "nope:1x3x32x32"], "--input-shape names no input of the model: nope"),
+        (["--input-shape", "input:3x32x32"], "rank 3, the model declares rank 4"),
+        (["--input-shape", "input:100000x3x224x224"], "needs more than 1 GiB"),
+        (["--int-range", "5:5"], "--int-range 5:5 is empty"),
+        (["--int-range", "a:b"], "expected LOW:HIGH"),
+        (["--trials", "0"], "--trials must be at least 1"),
+        (["--provider", "NoSuchExecutionProvider"], "provider NoSuchExecutionProvider is not available"),
+        (["--inputs", "/nonexistent/data.npz"], "no such input file or folder"),
+    ],
+)
+def test_bad_options_are_exit_2(args, message):
+    sample = SAMPLES / "resnet_tiny.onnx"
+    result = invoke("verify", sample, sample, *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_file_that_is_not_a_model_is_exit_2(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not a model")
+    for args in ((junk, SAMPLES / "resnet_tiny.onnx"), (SAMPLES / "resnet_tiny.onnx", tmp_path / "missing.onnx")):
+        result = invoke("verify", *args)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_npz_without_the_input_is_exit_2(tmp_path):
+    np.savez(tmp_path / "data.npz", other=np.zeros(3))
+    sample = SAMPLES / "resnet_tiny.onnx"
+    result = invoke("verify", sample, sample, "--inputs", tmp_path / "data.npz")
+    assert result.exit_code == 2 and "no array for input 'input'" in result.stderr
