@@ -63,14 +63,14 @@ def exact_folded_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, 
     """Conv name → (W·s in float64, W's dtype), for every Conv that bnfold's rules fold."""
     from bnfold.affine import scale_weights
     from bnfold.graph import GraphIndex
-    from bnfold.rules import FoldPlan, batch_norm_version, plan_fold, read_batch_norm
+    from bnfold.rules import FoldPlan, batch_norm_version, plan_batch_norm, read_batch_norm
 
-    index = GraphIndex(model.graph, ir_version=model.ir_version)
-    version = batch_norm_version(next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    index = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset)
     exact = {}
     for bn in (n for n in model.graph.node if n.op_type == "BatchNormalization"):
-        plan = plan_fold(bn, index, version)
-        if isinstance(plan, FoldPlan):
+        plan = plan_batch_norm(bn, index, batch_norm_version(opset), opset)
+        if isinstance(plan, FoldPlan) and not plan.forward:
             weight = index.constant_value(plan.linear.input[1])
             scale, _ = read_batch_norm(bn, index, weight.shape[0])
             exact[plan.linear.name] = (scale_weights(weight, scale), weight.dtype)

@@ -16,7 +16,7 @@ _EXPORTS = {
     "fold": "bnfold.folding",
     "FoldResult": "bnfold.folding",
     "FoldReport": "bnfold.report",
-    "BatchNormOutcome": "bnfold.report",
+    "FoldOutcome": "bnfold.report",
     "optimize": "bnfold.pipeline",
     "OptimizeResult": "bnfold.pipeline",
     "BnfoldError": "bnfold.errors",

@@ -122,3 +122,43 @@ def _step(q: np.ndarray, upward: np.ndarray) -> np.ndarray:
     negative = bits >= 0x8000
     grows = upward != negative
     return np.where(grows, bits + 1, bits - 1).astype(np.uint16).view(q.dtype)
+
+
+def _input_channel_index(out_channels: int, in_per_group: int, group: int) -> np.ndarray:
+    """[C_out, C_in/group] → the input channel each weight element reads (grouped conv)."""
+    group_of_output = np.arange(out_channels) // (out_channels // group)
+    return group_of_output[:, None] * in_per_group + np.arange(in_per_group)[None, :]
+
+
+def fold_input_affine(
+    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, group: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold x ↦ s·x + t applied to a conv's *input* channels into the conv (float64 results).
+
+    Conv(s·x + t) with weight W [C_out, C_in/group, k…]: output o of group g reads input channel
+    c = g·(C_in/group) + i through W[o, i], so
+        W'[o, i, …] = W[o, i, …] · s_c,    b'_o = b_o + Σ_{i,k} W[o, i, k] · t_c.
+    Exact only without padding: a padded border reads 0, and 0 is not s·0 + t.
+    A Gemm weight in [N, K] layout is the k-less case with group 1.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    index = _input_channel_index(w.shape[0], w.shape[1], group)
+    s = np.asarray(scale, dtype=np.float64)[index].reshape(index.shape + (1,) * (w.ndim - 2))
+    t = np.asarray(shift, dtype=np.float64)[index]
+    taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)
+    b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return w * s, b + (taps * t).sum(axis=1)
+
+
+def channel_vector(constant: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """The per-channel values of a constant that broadcasts along axis 1 of a rank-`rank`
+    tensor with `channels` channels ([C,1,…], [1,C,1,…], a scalar), or None if it broadcasts
+    any other way (numpy/ONNX broadcasting aligns shapes from the right: [C] alone lines up
+    with the *last* axis)."""
+    c = np.asarray(constant)
+    if c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,)).copy()

@@ -12,8 +12,8 @@ import onnx
 from bnfold.errors import BnfoldError, InternalError, first_line
 from bnfold.graph import ONNX_DOMAINS, GraphIndex, is_onnx_op
 from bnfold.modelfile import load_model
-from bnfold.report import BatchNormOutcome, FoldReport
-from bnfold.rules import Skip, batch_norm_version, plan_fold
+from bnfold.report import FoldOutcome, FoldReport
+from bnfold.rules import ELEMENTWISE_AFFINE, Skip, batch_norm_version, plan_batch_norm, plan_elementwise
 
 
 @dataclass
@@ -51,28 +51,42 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     return FoldResult(folded, report)
 
 
-def fold_model_graph(model: onnx.ModelProto) -> list[BatchNormOutcome]:
-    """Fold the main graph of `model` in place; one outcome per BatchNormalization node."""
-    batch_norms = [n for n in model.graph.node if is_onnx_op(n, "BatchNormalization")]
-    if not batch_norms:
+def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
+    """Fold the main graph of `model` in place, in graph order, so chains fold step by step
+    (Conv → Mul → Add: the Mul folds, then the Add folds into the same Conv). One outcome per
+    BatchNormalization, and one per Mul/Add/Sub/Div that folded."""
+    candidates = [
+        n for n in model.graph.node
+        if n.domain in ONNX_DOMAINS and (n.op_type == "BatchNormalization" or n.op_type in ELEMENTWISE_AFFINE)
+    ]
+    if not candidates:
         return []
     opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), None)
     if opset is None:
-        raise BnfoldError("the model uses BatchNormalization but imports no ai.onnx opset")
+        raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
     version = batch_norm_version(opset)
-    index = GraphIndex(model.graph, ir_version=model.ir_version)
+    index = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset)
     outcomes = []
     maybe_dead: list[str] = []
-    for bn in batch_norms:
-        name, output = bn.name or bn.output[0], bn.output[0]
-        plan = plan_fold(bn, index, version)
+    for node in candidates:
+        name, output = node.name or node.output[0], node.output[0]
+        if node.op_type == "BatchNormalization":
+            plan = plan_batch_norm(node, index, version, opset)
+        else:
+            plan = plan_elementwise(node, index, opset)
+            if isinstance(plan, Skip):
+                continue  # most Mul/Add nodes are no candidates; only folds are reported
         if isinstance(plan, Skip):
-            outcomes.append(BatchNormOutcome(name, output, reason=plan.reason))
+            outcomes.append(FoldOutcome(name, output, reason=plan.reason))
             continue
         linear = plan.linear
         into = linear.name or linear.output[0]  # read before the rewrite renames its output
         maybe_dead += plan.rule.rewrite(plan, index)
-        outcomes.append(BatchNormOutcome(name, output, folded_into=into, folded_into_op=linear.op_type))
+        outcomes.append(
+            FoldOutcome(
+                name, output, op=node.op_type, folded_into=into, folded_into_op=linear.op_type, forward=plan.forward
+            )
+        )
     index.sweep(maybe_dead)
     index.commit()
     return outcomes

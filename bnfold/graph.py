@@ -18,6 +18,18 @@ from onnx import numpy_helper
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
+# Deterministic ops without side effects: a constant feeding one gives a constant, computed by
+# onnx's reference evaluator when a fold needs it (PyTorch's dynamo exporter builds a missing
+# conv bias as Expand(CastLike(0, x), Shape(W)); FrozenBatchNorm exports Sqrt/Reciprocal/Mul).
+PURE_OPS = frozenset(
+    {
+        "Abs", "Add", "Cast", "CastLike", "Concat", "ConstantOfShape", "Div", "Exp", "Expand",
+        "Flatten", "Gather", "Log", "Mul", "Neg", "Pow", "Reciprocal", "Reshape", "Shape",
+        "Slice", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+    }
+)
+MAX_EVALUATED_ELEMENTS = 1 << 24  # a constant subgraph larger than this is not evaluated
+
 
 class NotConstant(Exception):
     """The tensor's value is not known before run time; the message says why."""
@@ -89,8 +101,11 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 class GraphIndex:
-    def __init__(self, graph: onnx.GraphProto, *, ir_version: int):
+    def __init__(self, graph: onnx.GraphProto, *, ir_version: int, opset: int):
         self.graph = graph
+        self.opset = opset
+        self._evaluated: dict[str, np.ndarray] = {}
+        self._declared = {v.name: v.type.tensor_type for v in (*graph.input, *graph.value_info, *graph.output)}
         self._nodes = list(graph.node)  # holds the wrappers, so id() stays stable
         self._removed_nodes: set[int] = set()
         self._removed_initializers: set[str] = set()
@@ -121,9 +136,19 @@ class GraphIndex:
     def is_used(self, name: str) -> bool:
         return bool(self._readers.get(name)) or name in self.graph_outputs
 
+    def is_constant(self, name: str) -> bool:
+        try:
+            self.constant_value(name)
+        except NotConstant:
+            return False
+        return True
+
     def constant_value(self, name: str) -> np.ndarray:
-        """The value of `name`, looking through Identity chains to an initializer or Constant."""
+        """The value of `name`: an initializer, a Constant, or computed from those by Identity
+        chains and pure ops (PURE_OPS)."""
         while True:
+            if name in self._evaluated:
+                return self._evaluated[name]
             if name in self.initializers and name not in self._removed_initializers:
                 if name in self.graph_inputs and self.inputs_override_initializers:
                     raise NotConstant(
@@ -139,6 +164,8 @@ class GraphIndex:
                 name = node.input[0]
             elif is_onnx_op(node, "Constant"):
                 return _constant_node_value(node)
+            elif node.op_type in PURE_OPS and node.domain in ONNX_DOMAINS:
+                return self._evaluate(node, name)
             else:
                 raise NotConstant(f"'{name}' is computed by {node_label(node)}")
 
@@ -195,8 +222,9 @@ class GraphIndex:
                 self._vanished.add(name)
 
     def sweep(self, names: Iterable[str]) -> None:
-        """Remove what became dead: unused initializers and the Constant/Identity nodes that fed
-        only them. Only constant plumbing is swept; other dead nodes were the model's own."""
+        """Remove what became dead, walking back from `names`: unused initializers and the
+        Constant, Identity and pure-op nodes that fed only them. Other dead nodes were the
+        model's own and stay."""
         pending = list(names)
         while pending:
             name = pending.pop()
@@ -204,7 +232,7 @@ class GraphIndex:
                 continue
             node = self._producer.get(name)
             if node is not None:
-                if not (is_onnx_op(node, "Identity") or is_onnx_op(node, "Constant")):
+                if node.domain not in ONNX_DOMAINS or node.op_type not in PURE_OPS | {"Identity", "Constant"}:
                     continue
                 if any(self.is_used(out) for out in node.output):
                     continue
@@ -237,6 +265,58 @@ class GraphIndex:
         self._vanished.clear()
 
     # ---- internals -----------------------------------------------------------------------
+    def _evaluate(self, node: onnx.NodeProto, name: str) -> np.ndarray:
+        """Compute a pure op whose inputs are constant. CastLike needs only its second input's
+        type and Shape only its input's shape, which a declared type or shape gives too."""
+        from onnx.reference import ReferenceEvaluator
+
+        values = []
+        for position, input_name in enumerate(node.input):
+            if not input_name:
+                values.append(None)
+            elif node.op_type == "Shape":  # a zero-stride view: the shape without the memory
+                values.append(np.broadcast_to(np.zeros((), np.uint8), self._static_shape(input_name)))
+            elif node.op_type == "CastLike" and position == 1:
+                values.append(np.zeros(0, dtype=self._dtype(input_name)))
+            else:
+                values.append(self.constant_value(input_name))
+        if node.op_type in ("Expand", "ConstantOfShape"):
+            requested = np.prod(values[-1 if node.op_type == "Expand" else 0], dtype=np.float64)
+            if requested > MAX_EVALUATED_ELEMENTS:
+                raise NotConstant(f"'{name}' would be a constant of {requested:.0f} elements")
+        try:
+            feeds = {n: v for n, v in zip(node.input, values) if n}
+            outputs = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
+        except Exception as exc:  # the reference evaluator's own failures: not a usable constant
+            raise NotConstant(f"'{name}' could not be computed ({type(exc).__name__})") from None
+        for out, value in zip(node.output, outputs):
+            value = np.asarray(value)
+            if value.size > MAX_EVALUATED_ELEMENTS:
+                raise NotConstant(f"'{name}' would be a constant of {value.size} elements")
+            self._evaluated[out] = value
+        return self._evaluated[name]
+
+    def _dtype(self, name: str) -> np.dtype:
+        try:
+            return self.constant_value(name).dtype
+        except NotConstant:
+            declared = self._declared.get(name)
+            if declared is None or not declared.elem_type:
+                raise
+            return onnx.helper.tensor_dtype_to_np_dtype(declared.elem_type)
+
+    def _static_shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return self.constant_value(name).shape
+        except NotConstant:
+            declared = self._declared.get(name)
+            if declared is None or not declared.HasField("shape"):
+                raise
+            dims = declared.shape.dim
+            if not all(d.HasField("dim_value") for d in dims):
+                raise NotConstant(f"'{name}' has a shape that is only known at run time") from None
+            return tuple(d.dim_value for d in dims)
+
     def _unread(self, name: str, node: onnx.NodeProto) -> None:
         """Drop one read of `name` by `node`, found by identity: protobuf's == compares contents."""
         readers = self._readers[name]

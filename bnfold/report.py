@@ -1,4 +1,5 @@
-"""What a fold did: one outcome per BatchNormalization node, and how to show it."""
+"""What a fold did: one outcome per BatchNormalization node (and per folded Mul/Add/Sub/Div),
+and how to show it."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
-class BatchNormOutcome:
-    """One BatchNormalization node: folded into `folded_into`, or kept for `reason`."""
+class FoldOutcome:
+    """One BatchNormalization (or per-channel Mul/Add/Sub/Div) node: folded into
+    `folded_into`, or kept for `reason`."""
 
     node: str  # the node's name, or its output's name when the node has none
     output: str
+    op: str = "BatchNormalization"
     folded_into: str | None = None  # the linear node's name (or output name), when folded
     folded_into_op: str | None = None
+    forward: bool = False  # folded into the op it feeds (BN → Conv), not the one feeding it
     reason: str | None = None
 
     @property
@@ -22,31 +26,47 @@ class BatchNormOutcome:
 
 @dataclass
 class FoldReport:
-    outcomes: list[BatchNormOutcome] = field(default_factory=list)
+    outcomes: list[FoldOutcome] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
 
     @property
+    def batch_norms(self) -> list[FoldOutcome]:
+        return [o for o in self.outcomes if o.op == "BatchNormalization"]
+
+    @property
+    def channel_affines(self) -> list[FoldOutcome]:
+        """Folded Mul/Add/Sub/Div nodes (those that do not fold are not candidates)."""
+        return [o for o in self.outcomes if o.op != "BatchNormalization"]
+
+    @property
     def folded(self) -> int:
-        return sum(o.folded for o in self.outcomes)
+        """Folded BatchNormalization nodes."""
+        return sum(o.folded for o in self.batch_norms)
 
     @property
     def skipped(self) -> int:
-        return len(self.outcomes) - self.folded
+        return len(self.batch_norms) - self.folded
 
     def summary(self) -> str:
+        affines = f" and {len(self.channel_affines)} Mul/Add/Sub/Div" if self.channel_affines else ""
         return (
-            f"folded {self.folded} of {len(self.outcomes)} BatchNormalization nodes"
+            f"folded {self.folded} of {len(self.batch_norms)} BatchNormalization nodes{affines}"
             f" · {_megabytes(self.bytes_before)} → {_megabytes(self.bytes_after)}"
             f" · {self.seconds:.2f} s"
         )
 
     def table(self) -> str:
         """Aligned rows for a terminal: node, result, detail; then the summary line."""
-        rows = [("BatchNormalization", "result", "detail")]
+        rows = [("node", "result", "detail")]
         for o in self.outcomes:
-            rows.append((o.node, "folded", f"into {o.folded_into_op} {o.folded_into}") if o.folded else (o.node, "skipped", o.reason or ""))
+            label = o.node if o.op == "BatchNormalization" else f"{o.node} ({o.op})"
+            if o.folded:
+                where = "into the following" if o.forward else "into"
+                rows.append((label, "folded", f"{where} {o.folded_into_op} {o.folded_into}"))
+            else:
+                rows.append((label, "skipped", o.reason or ""))
         width = [max(len(r[i]) for r in rows) for i in range(2)]
         if not self.outcomes:
             return self.summary()
@@ -56,17 +76,21 @@ class FoldReport:
     def to_dict(self) -> dict:
         return {
             "summary": {
-                "batch_normalization_nodes": len(self.outcomes),
+                "batch_normalization_nodes": len(self.batch_norms),
                 "folded": self.folded,
                 "skipped": self.skipped,
+                "channel_affines_folded": len(self.channel_affines),
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "seconds": round(self.seconds, 4),
             },
-            "batch_normalizations": [
-                {**asdict(o), "status": "folded" if o.folded else "skipped"} for o in self.outcomes
-            ],
+            "batch_normalizations": [_outcome_dict(o) for o in self.batch_norms],
+            "channel_affines": [_outcome_dict(o) for o in self.channel_affines],
         }
+
+
+def _outcome_dict(outcome: FoldOutcome) -> dict:
+    return {**asdict(outcome), "status": "folded" if outcome.folded else "skipped"}
 
 
 def _megabytes(n: int) -> str:

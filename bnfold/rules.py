@@ -1,9 +1,24 @@
-"""Fold rules: BatchNormalization into the linear op that feeds it.
+"""Fold rules: a per-channel affine map folded into the linear op next to it.
 
-A rule is *match* (the op pair), *check* (every precondition; the first that fails becomes the
-`Skip` reason the user reads) and *rewrite* (move tensors and edges through the GraphIndex).
-The arithmetic lives in `bnfold.affine`; a rule only says which weight axis holds the output
-channels.
+A per-channel affine map y = s·x + t along axis 1 (the channel axis) comes from
+- BatchNormalization in inference mode, or
+- Mul / Add / Sub / Div by a constant that broadcasts per channel: the decomposed BN of
+  FrozenBatchNorm2d exports and Keras-style `(x − m)/(std + eps)·γ + β`, or a plain bias Add
+  after a bias-less conv.
+
+It folds into a linear op whose output channel c is computed by one slice of its weight:
+- Conv: weight [C_out, C_in/group, k…], output channels on axis 0.
+- ConvTranspose: weight [C_in, C_out/group, k…], output channels on axis 1 within each group.
+- Gemm: Y = α·A·B + β·C, B [K, N] (transB=0: channels on axis 1) or [N, K] (transB=1: axis 0).
+
+A rule is *match* (which ops), *check* (every precondition; the first that fails is the `Skip`
+reason the user reads) and *rewrite* (tensors and edges moved through the GraphIndex). The
+arithmetic lives in `bnfold.affine`.
+
+Backward fold, the usual case: affine(linear(x)) → linear'(x); inference no-ops between them
+(Identity, Dropout) are looked through and removed. Forward fold, for a BatchNormalization whose
+producer is not foldable (pre-activation nets): linear(BN(x)) → linear'(x), exact only when the
+linear op does not pad: a padded border reads 0, and 0 is not s·0 + t.
 
 BatchNormalization versions (ONNX operator changelog) and what makes one use batch statistics:
 - 1 and 6: `is_test=0` (the default!) is training mode; `spatial=0` is per-activation.
@@ -17,6 +32,7 @@ float32 value, so the fold uses it exactly as stored.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -29,11 +45,12 @@ from bnfold.graph import GraphIndex, NotConstant, is_onnx_op, node_label
 DEFAULT_EPSILON = float(np.float32(1e-5))
 FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 BN_PARAMETERS = ("scale", "bias", "mean", "var")  # inputs 1..4, in the spec's order
+ELEMENTWISE_AFFINE = ("Mul", "Add", "Sub", "Div")
 
 
 @dataclass(frozen=True)
 class Skip:
-    """Why a BatchNormalization stays: one sentence for the report."""
+    """Why a node stays: one sentence for the report."""
 
     reason: str
 
@@ -42,30 +59,31 @@ class Skip:
 class FoldPlan:
     """Everything a rewrite needs, computed and checked before the graph is touched."""
 
-    rule: LinearBatchNormRule
-    bn: onnx.NodeProto
-    linear: onnx.NodeProto
+    rule: LinearRule
+    source: onnx.NodeProto  # the BN or Mul/Add/Sub/Div that disappears
+    linear: onnx.NodeProto  # the op that absorbs it
     weight: np.ndarray  # folded, in the weight's own dtype
-    bias: np.ndarray  # folded, in the weight's dtype (Conv's B shares type T with W)
+    bias: np.ndarray  # folded, in the weight's dtype (Conv's B and Gemm's C share W's type)
+    passthrough: tuple[onnx.NodeProto, ...] = ()  # no-ops between them, removed with the source
+    forward: bool = False  # the source feeds the linear op (BN → Conv), not the other way
 
 
+# ---- the affine map ----------------------------------------------------------------------------
 def batch_norm_version(opset: int) -> int:
     """The BatchNormalization version in force at an ai.onnx opset (1, 6, 7, 9, 14 or 15)."""
     return onnx.defs.get_schema("BatchNormalization", opset).since_version
 
 
 def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return attr.i
-    return default
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    return next((float(a.f) for a in node.attribute if a.name == name), default)
 
 
 def _epsilon(bn: onnx.NodeProto) -> float:
-    for attr in bn.attribute:
-        if attr.name == "epsilon":
-            return float(attr.f)
-    return DEFAULT_EPSILON
+    return _float_attr(bn, "epsilon", DEFAULT_EPSILON)
 
 
 def check_inference_mode(bn: onnx.NodeProto, version: int, index: GraphIndex) -> Skip | None:
@@ -82,6 +100,8 @@ def check_inference_mode(bn: onnx.NodeProto, version: int, index: GraphIndex) ->
         return Skip(f"its statistics output '{used[0]}' is used, so it runs in training mode")
     if extra:
         return Skip(f"it declares statistics outputs ({', '.join(extra)}): the training-mode form")
+    if len(bn.input) != 5:
+        return Skip(f"it has {len(bn.input)} inputs; BatchNormalization takes 5")
     return None
 
 
@@ -97,12 +117,8 @@ def _constant(index: GraphIndex, name: str, role: str) -> np.ndarray | Skip:
     return value
 
 
-def read_batch_norm(
-    bn: onnx.NodeProto, index: GraphIndex, channels: int
-) -> tuple[np.ndarray, np.ndarray] | Skip:
+def read_batch_norm(bn: onnx.NodeProto, index: GraphIndex, channels: int) -> tuple[np.ndarray, np.ndarray] | Skip:
     """BN's (scale s, shift t) in float64, if its parameters are constant, [C]-shaped and sane."""
-    if len(bn.input) != 5:
-        return Skip(f"it has {len(bn.input)} inputs; BatchNormalization takes 5")
     params = []
     for role, name in zip(BN_PARAMETERS, bn.input[1:]):
         value = _constant(index, name, f"BatchNormalization {role}")
@@ -111,7 +127,7 @@ def read_batch_norm(
         if value.shape != (channels,):
             return Skip(
                 f"BatchNormalization {role} '{name}' has shape {list(value.shape)}, "
-                f"but the producer has {channels} output channels"
+                f"but the {channels}-channel op next to it needs [{channels}]"
             )
         if not np.isfinite(value.astype(np.float64)).all():
             return Skip(f"BatchNormalization {role} '{name}' holds NaN or Inf")
@@ -125,105 +141,368 @@ def read_batch_norm(
     return affine.fold_scale_shift(gamma, beta, mean, var, epsilon)
 
 
-class LinearBatchNormRule:
-    """Fold `Linear → BatchNormalization` into `Linear`. Subclasses name the op and its weight
-    layout; the preconditions and the rewrite are shared."""
+def read_elementwise(
+    node: onnx.NodeProto, data: str, index: GraphIndex, channels: int, rank: int
+) -> tuple[np.ndarray, np.ndarray] | Skip:
+    """(s, t) of `data ∘ c` for a Mul/Add/Sub/Div by a per-channel constant c."""
+    position = list(node.input).index(data)
+    other = node.input[1 - position]
+    if other == data:
+        return Skip(f"{node_label(node)} combines the tensor with itself")
+    value = _constant(index, other, f"{node.op_type} operand")
+    if isinstance(value, Skip):
+        return value
+    vector = affine.channel_vector(value, rank, channels)
+    if vector is None or not np.isfinite(vector).all():
+        return Skip(f"{node.op_type} operand '{other}' of shape {list(value.shape)} is not one finite value per channel")
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    if node.op_type == "Mul":
+        return vector, zeros
+    if node.op_type == "Add":
+        return ones, vector
+    if node.op_type == "Sub":
+        return (ones, -vector) if position == 0 else (-ones, vector)
+    if position == 1:
+        return Skip("a constant divided by the tensor is not affine")
+    if not vector.all():
+        return Skip(f"Div operand '{other}' is zero in some channel")
+    return 1.0 / vector, zeros
+
+
+# ---- the linear ops ----------------------------------------------------------------------------
+class LinearRule:
+    """A linear op that absorbs a per-channel affine map on its output (backward) or, where it
+    says so, on its input (forward). Subclasses describe the weight layout."""
 
     op_type: str
-    weight_channel_axis: int  # the weight axis that runs over output channels (within a group)
+    forward_ok = False  # may a BN feeding this op fold into it?
+
+    def weight_axis(self, node: onnx.NodeProto) -> int:
+        """The weight axis that runs over output channels (within a group)."""
+        raise NotImplementedError
 
     def groups(self, node: onnx.NodeProto) -> int:
-        """How many groups split the channel axis (1: it runs over all output channels)."""
         return 1
+
+    def output_rank(self, weight: np.ndarray) -> int:
+        return weight.ndim
 
     def check_weight(self, weight: np.ndarray, node: onnx.NodeProto) -> Skip | None:
         return None
 
     def output_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
-        return weight.shape[self.weight_channel_axis] * self.groups(node)
+        return weight.shape[self.weight_axis(node)] * self.groups(node)
 
-    def check(self, bn: onnx.NodeProto, linear: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip:
-        linear_out = linear.output[0]
-        if linear_out in index.graph_outputs:
-            return Skip(f"{node_label(linear)} output '{linear_out}' is also a graph output")
-        others = [r for r in index.readers(linear_out) if r is not bn]
-        if others:
-            names = ", ".join(node_label(r) for r in others[:3])
-            return Skip(f"{node_label(linear)} output also feeds {names}")
-        weight = _constant(index, linear.input[1] if len(linear.input) > 1 else "", f"{self.op_type} weight")
+    def bias_scale(self, node: onnx.NodeProto) -> float:
+        """What the op multiplies its bias input by (Gemm's β; 1 for convs)."""
+        return 1.0
+
+    def parameters(self, node: onnx.NodeProto, index: GraphIndex):
+        """(weight, bias or None) if both are constant and sane, else Skip."""
+        weight = _constant(index, node.input[1] if len(node.input) > 1 else "", f"{self.op_type} weight")
         if isinstance(weight, Skip):
             return weight
-        bad_weight = self.check_weight(weight, linear)
-        if bad_weight:
-            return bad_weight
-        channels = self.output_channels(weight, linear)
-        bias_name = linear.input[2] if len(linear.input) > 2 else ""
+        bad = self.check_weight(weight, node)
+        if bad:
+            return bad
         bias = None
-        if bias_name:
-            bias = _constant(index, bias_name, f"{self.op_type} bias")
+        if len(node.input) > 2 and node.input[2]:
+            bias = _constant(index, node.input[2], f"{self.op_type} bias")
             if isinstance(bias, Skip):
                 return bias
-            if bias.shape != (channels,):
-                return Skip(f"{self.op_type} bias has shape {list(bias.shape)}, expected [{channels}]")
-        affine_map = read_batch_norm(bn, index, channels)
-        if isinstance(affine_map, Skip):
-            return affine_map
-        scale, shift = affine_map
-        axis = self.weight_channel_axis
+        return weight, bias
+
+    def check_bias(self, bias: np.ndarray, channels: int) -> Skip | None:
+        if bias.shape != (channels,):
+            return Skip(f"{self.op_type} bias has shape {list(bias.shape)}, expected [{channels}]")
+        return None
+
+    # -- backward: affine(linear(x)) --------------------------------------------------------------
+    def plan_backward(self, source, data, linear, passthrough, index, read_affine) -> FoldPlan | Skip:
+        params = self.parameters(linear, index)
+        if isinstance(params, Skip):
+            return params
+        weight, bias = params
+        channels = self.output_channels(weight, linear)
+        if bias is not None:
+            bad = self.check_bias(bias, channels)
+            if bad:
+                return bad
+        scale_shift = read_affine(source, data, index, channels, self.output_rank(weight))
+        if isinstance(scale_shift, Skip):
+            return scale_shift
+        scale, shift = scale_shift
+        axis = self.weight_axis(linear)
         scaled = affine.scale_weights(weight, scale, axis=axis, group=self.groups(linear))
-        new_weight = affine.cast_weights(scaled, weight.dtype, axis)
+        if bias is not None:
+            bias = bias.astype(np.float64) * self.bias_scale(linear)
+        new_bias = affine.fold_bias(bias, scale, shift)
+        return self._plan(source, linear, weight, scaled, new_bias, passthrough, forward=False)
+
+    # -- forward: linear(BN(x)) -------------------------------------------------------------------
+    def plan_forward(self, bn: onnx.NodeProto, linear: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip:
+        raise NotImplementedError
+
+    def _plan(self, source, linear, weight, new_weight64, new_bias64, passthrough, forward) -> FoldPlan | Skip:
+        axis = self.weight_axis(linear)
+        new_weight = affine.cast_weights(new_weight64, weight.dtype, axis)
         with np.errstate(over="ignore"):  # overflow is checked just below
-            new_bias = affine.fold_bias(bias, scale, shift).astype(weight.dtype)
+            new_bias = new_bias64.astype(weight.dtype)
         for what, values in (("weights", new_weight), ("bias", new_bias)):
             if not np.isfinite(values.astype(np.float64)).all():
                 return Skip(f"the folded {what} overflow {weight.dtype}")
-        return FoldPlan(self, bn, linear, new_weight, new_bias)
+        return FoldPlan(self, source, linear, new_weight, new_bias, tuple(passthrough), forward)
 
-    @staticmethod
-    def rewrite(plan: FoldPlan, index: GraphIndex) -> list[str]:
-        """Point the linear op at fresh folded tensors and have it produce the BN's output name,
-        so every reader and graph output downstream is untouched. Returns names that may now be
-        dead, for one sweep at the end."""
-        linear, bn = plan.linear, plan.bn
+    def rewrite(self, plan: FoldPlan, index: GraphIndex) -> list[str]:
+        """Give the linear op fresh folded tensors (never rewrite a tensor in place) and cut the
+        source out: backward, the linear op produces the source's output name, so every reader
+        and graph output downstream is untouched; forward, it reads the source's input.
+        Returns names that may now be dead, for one sweep at the end."""
+        linear, source = plan.linear, plan.source
         old_bias = linear.input[2] if len(linear.input) > 2 else ""
-        maybe_dead = [linear.input[1], old_bias, linear.output[0], *bn.input[1:]]
-        weight_name = index.add_initializer(plan.weight, f"{linear.input[1]}_bnfold")
-        bias_name = index.add_initializer(plan.bias, f"{old_bias or bn.input[2]}_bnfold")
+        maybe_dead = [linear.input[1], old_bias, *source.input, *source.output]
+        for node in plan.passthrough:
+            maybe_dead += [*node.input, *node.output]
+        weight_name = index.add_initializer(plan.weight, _folded_name(linear.input[1]))
+        bias_base = old_bias or (source.input[2] if source.op_type == "BatchNormalization" else linear.input[1] + "_bias")
+        bias_name = index.add_initializer(plan.bias, _folded_name(bias_base))
         index.set_input(linear, 1, weight_name)
         index.set_input(linear, 2, bias_name)
-        bn_output = bn.output[0]
-        index.remove_node(bn)
-        index.set_output(linear, 0, bn_output)
+        self.after_bias_rewrite(linear)
+        for node in (source, *plan.passthrough):
+            index.remove_node(node)
+        if plan.forward:
+            index.set_input(linear, 0, source.input[0])
+        else:
+            maybe_dead.append(linear.output[0])
+            index.set_output(linear, 0, source.output[0])
         return maybe_dead
 
+    def after_bias_rewrite(self, node: onnx.NodeProto) -> None:
+        """Attribute changes the folded bias needs (Gemm: β = 1)."""
 
-class ConvBatchNormRule(LinearBatchNormRule):
-    """Conv weight is `[C_out, C_in/group, k…]`: output channels on axis 0, whatever the group."""
+
+class ConvRule(LinearRule):
+    """Conv weight [C_out, C_in/group, k…]: output channels on axis 0, whatever the group."""
 
     op_type = "Conv"
-    weight_channel_axis = 0
+    forward_ok = True
 
-    def check_weight(self, weight: np.ndarray, node: onnx.NodeProto) -> Skip | None:
+    def weight_axis(self, node):
+        return 0
+
+    def check_weight(self, weight, node):
         if weight.ndim < 3:
             return Skip(f"Conv weight has rank {weight.ndim}; a Conv weight has rank 3 or more")
         return None
 
+    def plan_forward(self, bn, linear, index):
+        params = self.parameters(linear, index)
+        if isinstance(params, Skip):
+            return params
+        weight, bias = params
+        group = _int_attr(linear, "group", 1)
+        pads = next((list(a.ints) for a in linear.attribute if a.name == "pads"), [])
+        auto_pad = next((a.s.decode() for a in linear.attribute if a.name == "auto_pad"), "NOTSET")
+        kernel = weight.shape[2:]
+        if any(pads) or (auto_pad.startswith("SAME") and any(k > 1 for k in kernel)):
+            return Skip(f"{node_label(linear)} after it pads its input, and zero padding of a shifted input is not a shifted zero")
+        channels = weight.shape[1] * group
+        if bias is not None:
+            bad = self.check_bias(bias, weight.shape[0])
+            if bad:
+                return bad
+        scale_shift = read_batch_norm(bn, index, channels)
+        if isinstance(scale_shift, Skip):
+            return scale_shift
+        new_weight, new_bias = affine.fold_input_affine(weight, bias, *scale_shift, group=group)
+        return self._plan(bn, linear, weight, new_weight, new_bias, (), forward=True)
 
-RULES = {rule.op_type: rule for rule in (ConvBatchNormRule(),)}
+
+class ConvTransposeRule(LinearRule):
+    """ConvTranspose weight [C_in, C_out/group, k…]: output channel g·(C_out/group) + j is column
+    j of group g's block of rows, so the scale goes on axis 1 per group."""
+
+    op_type = "ConvTranspose"
+
+    def weight_axis(self, node):
+        return 1
+
+    def groups(self, node):
+        return _int_attr(node, "group", 1)
+
+    def check_weight(self, weight, node):
+        if weight.ndim < 3:
+            return Skip(f"ConvTranspose weight has rank {weight.ndim}; it needs rank 3 or more")
+        if weight.shape[0] % self.groups(node):
+            return Skip(f"ConvTranspose weight has {weight.shape[0]} input channels, not divisible by group")
+        return None
 
 
-def plan_fold(bn: onnx.NodeProto, index: GraphIndex, version: int) -> FoldPlan | Skip:
-    """Match the op feeding `bn` to a rule and check every precondition."""
+class GemmRule(LinearRule):
+    """Gemm: Y = α·A·B + β·C with a constant B; C may be missing or broadcast."""
+
+    op_type = "Gemm"
+    forward_ok = True
+
+    def weight_axis(self, node):
+        return 0 if _int_attr(node, "transB", 0) else 1
+
+    def output_rank(self, weight):
+        return 2
+
+    def check_weight(self, weight, node):
+        if weight.ndim != 2:
+            return Skip(f"Gemm B has rank {weight.ndim}, not 2")
+        return None
+
+    def bias_scale(self, node):
+        return _float_attr(node, "beta", 1.0)
+
+    def check_bias(self, bias, channels):
+        if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, channels)):
+            return Skip(f"Gemm C of shape {list(bias.shape)} does not broadcast to [M, {channels}]")
+        return None
+
+    def after_bias_rewrite(self, node):
+        _set_float_attr(node, "beta", 1.0)
+
+    def plan_forward(self, bn, linear, index):
+        if _int_attr(linear, "transA", 0):
+            return Skip(f"{node_label(linear)} after it transposes its input (transA=1)")
+        params = self.parameters(linear, index)
+        if isinstance(params, Skip):
+            return params
+        weight, bias = params
+        axis = self.weight_axis(linear)  # the N axis; K is the other one
+        channels = weight.shape[1 - axis]
+        if bias is not None:
+            bad = self.check_bias(bias, weight.shape[axis])
+            if bad:
+                return bad
+            bias = bias.astype(np.float64) * self.bias_scale(linear)
+        scale_shift = read_batch_norm(bn, index, channels)
+        if isinstance(scale_shift, Skip):
+            return scale_shift
+        # In [N, K] layout B is a k-less conv weight: output n reads input channel k.
+        n_by_k = weight if axis == 0 else weight.T
+        alpha = _float_attr(linear, "alpha", 1.0)
+        folded, shift_term = affine.fold_input_affine(n_by_k, None, *scale_shift)
+        new_weight = folded if axis == 0 else folded.T
+        new_bias = alpha * shift_term + (0.0 if bias is None else bias)
+        return self._plan(bn, linear, weight, new_weight, new_bias, (), forward=True)
+
+
+def _folded_name(name: str) -> str:
+    """`W` → `W_bnfold`; a tensor folded again keeps one suffix (`W_bnfold` → `W_bnfold_1`)."""
+    return re.sub(r"_bnfold(_\d+)?$", "", name) + "_bnfold"
+
+
+def _set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.f = value
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+RULES = {rule.op_type: rule for rule in (ConvRule(), ConvTransposeRule(), GemmRule())}
+
+
+# ---- matching ----------------------------------------------------------------------------------
+def _is_inference_dropout(node: onnx.NodeProto, index: GraphIndex, opset: int) -> bool:
+    if not is_onnx_op(node, "Dropout") or any(index.is_used(m) for m in node.output[1:] if m):
+        return False
+    if opset < 7:
+        return _int_attr(node, "is_test", 0) != 0
+    if len(node.input) > 2 and node.input[2]:  # Dropout-12: training_mode input
+        try:
+            return not bool(index.constant_value(node.input[2]))
+        except NotConstant:
+            return False
+    return True
+
+
+def _find_linear(data: str, index: GraphIndex, opset: int):
+    """The node producing `data`, looking through inference no-ops (Identity, Dropout): returns
+    (node or None, no-ops in between, or a Skip when a no-op's output is needed elsewhere)."""
+    passthrough = []
+    node = index.producer(data)
+    while node is not None and (is_onnx_op(node, "Identity") or _is_inference_dropout(node, index, opset)):
+        out = node.output[0]
+        if out in index.graph_outputs or len(index.readers(out)) > 1:
+            return node, passthrough, Skip(f"{node_label(node)} in between also feeds other nodes")
+        passthrough.append(node)
+        node = index.producer(node.input[0])
+    return node, passthrough, None
+
+
+def _single_reader_skip(linear: onnx.NodeProto, reader: onnx.NodeProto, index: GraphIndex) -> Skip | None:
+    out = linear.output[0]
+    if out in index.graph_outputs:
+        return Skip(f"{node_label(linear)} output '{out}' is also a graph output")
+    others = [r for r in index.readers(out) if r is not reader]
+    if others:
+        return Skip(f"{node_label(linear)} output also feeds {', '.join(node_label(r) for r in others[:3])}")
+    return None
+
+
+def plan_backward(source: onnx.NodeProto, data: str, index: GraphIndex, opset: int, read_affine) -> FoldPlan | Skip:
+    """Fold the affine `source`, applied to tensor `data`, into the linear op producing `data`."""
+    producer, passthrough, blocked = _find_linear(data, index, opset)
+    if blocked:
+        return blocked
+    if producer is None:
+        kind = "a graph input" if data in index.graph_inputs else "not produced by any node"
+        return Skip(f"its input '{data}' is {kind}; nothing to fold into")
+    rule = RULES.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
+    if rule is None:
+        return Skip(f"its input comes from {node_label(producer)}; bnfold folds into {', '.join(RULES)}")
+    first = passthrough[-1] if passthrough else source
+    return _single_reader_skip(producer, first, index) or rule.plan_backward(
+        source, data, producer, passthrough, index, read_affine
+    )
+
+
+def plan_forward(bn: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip | None:
+    """Fold `bn` into the one linear op it feeds; None when it feeds no candidate at all."""
+    out = bn.output[0]
+    readers = index.readers(out)
+    if out in index.graph_outputs or len(readers) != 1:
+        return None
+    consumer = readers[0]
+    rule = RULES.get(consumer.op_type) if consumer.domain in ("", "ai.onnx") else None
+    if rule is None or not rule.forward_ok:
+        return None
+    if list(consumer.input).count(out) != 1 or consumer.input[0] != out:
+        return Skip(f"{node_label(consumer)} after it reads it as a parameter")
+    return rule.plan_forward(bn, consumer, index)
+
+
+def plan_batch_norm(bn: onnx.NodeProto, index: GraphIndex, version: int, opset: int) -> FoldPlan | Skip:
+    """Backward into the op that produces its input, else forward into the op it feeds."""
     mode = check_inference_mode(bn, version, index)
     if mode:
         return mode
-    source = bn.input[0]
-    producer = index.producer(source)
-    if producer is None:
-        kind = "a graph input" if source in index.graph_inputs else "not produced by any node"
-        return Skip(f"its input '{source}' is {kind}; nothing to fold into")
-    rule = RULES.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
-    if rule is None:
-        supported = ", ".join(sorted(RULES))
-        return Skip(f"its input comes from {node_label(producer)}; bnfold folds into {supported}")
-    return rule.check(bn, producer, index)
+
+    def read_bn(node, data, index, channels, rank):
+        return read_batch_norm(node, index, channels)
+
+    backward = plan_backward(bn, bn.input[0], index, opset, read_bn)
+    if isinstance(backward, FoldPlan):
+        return backward
+    forward = plan_forward(bn, index)
+    if isinstance(forward, FoldPlan):
+        return forward
+    if isinstance(forward, Skip):
+        return Skip(f"{backward.reason}; nor forward: {forward.reason}")
+    return backward
+
+
+def plan_elementwise(node: onnx.NodeProto, index: GraphIndex, opset: int) -> FoldPlan | Skip:
+    """A Mul/Add/Sub/Div by a per-channel constant, folded into the linear op before it."""
+    for data in node.input:
+        producer, _, _ = _find_linear(data, index, opset)
+        if producer is not None and producer.op_type in RULES and producer.domain in ("", "ai.onnx"):
+            return plan_backward(node, data, index, opset, read_elementwise)
+    return Skip(f"{node_label(node)} does not follow a linear op")

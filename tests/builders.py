@@ -156,3 +156,38 @@ def widen_floats(model: onnx.ModelProto, to: int = TensorProto.FLOAT) -> onnx.Mo
             if attr.name == "to" and attr.i in narrow:
                 attr.i = to
     return wide
+
+
+def linear_bn_model(
+    op: str,
+    *,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    x_shape: list[int],
+    attrs: dict | None = None,
+    opset: int = 17,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x → <op> 'linear' (weight W, optional bias B) → BatchNormalization 'bn' → y, for any
+    linear op; the BN's channel count is taken from a shape-inferred output."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "W")]
+    inputs = ["x", "W"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
+        inputs.append("B")
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["lin_out"], name="linear", **(attrs or {}))], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("lin_out", TensorProto.FLOAT, None)], inits,
+    )
+    probe = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+    out_shape = [d.dim_value for d in probe.graph.output[0].type.tensor_type.shape.dim]
+    channels = out_shape[1]
+    params = bn_parameters(rng, channels)
+    for key in ("gamma", "beta", "mean", "var"):
+        graph.initializer.append(numpy_helper.from_array(params[key].astype(np.float32), key))
+    graph.node.append(helper.make_node("BatchNormalization", ["lin_out", "gamma", "beta", "mean", "var"], ["y"], name="bn"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

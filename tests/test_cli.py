@@ -80,8 +80,10 @@ def test_skips_are_reported_with_their_reason(tmp_path):
         {
             "node": "/bn/BatchNormalization",
             "output": "/bn/BatchNormalization_output_0",
+            "op": "BatchNormalization",
             "folded_into": None,
             "folded_into_op": None,
+            "forward": False,
             "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'",
             "status": "skipped",
         }

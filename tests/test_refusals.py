@@ -99,17 +99,25 @@ def test_parameter_is_a_graph_input(name, shape, reason):
 
 
 @pytest.mark.parametrize(
-    "reader, position, source, reason",
+    "reader, position, reason",
     [
-        ("bn", 3, "mean", "BatchNormalization mean is not constant: 'computed' is computed by Neg 'neg'"),
-        ("conv", 2, "B", "Conv bias is not constant: 'computed' is computed by Neg 'neg'"),
+        ("bn", 3, "BatchNormalization mean is not constant: 'runtime' is a graph input"),
+        ("conv", 2, "Conv bias is not constant: 'runtime' is a graph input"),
     ],
 )
-def test_parameter_is_computed(reader, position, source, reason):
+def test_parameter_is_computed_from_a_graph_input(reader, position, reason):
     model = conv_bn_model()
     node(model, reader).input[position] = "computed"
-    model.graph.node.insert(0, helper.make_node("Neg", [source], ["computed"], name="neg"))
+    model.graph.node.insert(0, helper.make_node("Sqrt", ["runtime"], ["computed"], name="sqrt"))
+    model.graph.input.append(helper.make_tensor_value_info("runtime", TensorProto.FLOAT, [6]))
     assert_refused(model, reason)
+
+
+def test_parameter_from_an_op_bnfold_does_not_evaluate():
+    model = conv_bn_model()
+    node(model, "bn").input[3] = "computed"
+    model.graph.node.insert(0, helper.make_node("Relu", ["mean"], ["computed"], name="relu_mean"))
+    assert_refused(model, "BatchNormalization mean is not constant: 'computed' is computed by Relu 'relu_mean'")
 
 
 def test_initializer_that_is_also_a_graph_input_can_be_overridden():
@@ -124,7 +132,7 @@ def test_channel_count_mismatch():
     model = conv_bn_model()
     for name in ("gamma", "beta", "mean", "var"):
         set_initializer(model, name, np.ones(4))
-    assert_refused(model, "has shape [4], but the producer has 6 output channels", check=False)
+    assert_refused(model, "has shape [4], but the 6-channel op next to it needs [6]", check=False)
 
 
 def test_variance_plus_epsilon_not_positive():

@@ -78,9 +78,9 @@ def test_identity_branch_batch_norms_are_explained():
     model, _, _ = load("repvgg_tiny")
     reasons = {o.reason for o in bnfold.fold(model).report.outcomes if not o.folded}
     assert reasons == {
-        "its input comes from Relu '/stem/stem.2/Relu'; bnfold folds into Conv",
-        "its input comes from Relu '/blocks/blocks.0/Relu'; bnfold folds into Conv",
-        "its input comes from Relu '/blocks/blocks.2/Relu'; bnfold folds into Conv",
+        "its input comes from Relu '/stem/stem.2/Relu'; bnfold folds into Conv, ConvTranspose, Gemm",
+        "its input comes from Relu '/blocks/blocks.0/Relu'; bnfold folds into Conv, ConvTranspose, Gemm",
+        "its input comes from Relu '/blocks/blocks.2/Relu'; bnfold folds into Conv, ConvTranspose, Gemm",
     }
 
 

@@ -1,0 +1,284 @@
+"""Patterns beyond Conv → BatchNormalization (issue 4): ConvTranspose, Gemm, inference no-ops in
+between, per-channel Mul/Add/Sub/Div, constant subgraphs, BN folded forward into the next op.
+
+Positive cases: structure, numbers (onnxruntime, optimizations off, against the original),
+onnx.checker. Negative cases: the model comes back unchanged, with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+from builders import assert_same_function, bn_parameters, conv_bn_model, linear_bn_model, op_types
+
+
+def assert_folds(model: onnx.ModelProto, remaining: list[str]) -> bnfold.FoldResult:
+    result = bnfold.fold(model)
+    assert op_types(result.model) == remaining
+    assert_same_function(model, result.model)
+    onnx.checker.check_model(result.model, full_check=True)
+    return result
+
+
+def assert_unchanged(model: onnx.ModelProto, reason: str | None = None) -> None:
+    before = model.SerializeToString(deterministic=True)
+    result = bnfold.fold(model)
+    assert result.model.SerializeToString(deterministic=True) == before
+    if reason is not None:
+        assert any(reason in (o.reason or "") for o in result.report.outcomes), result.report.outcomes
+
+
+def add_initializer(model: onnx.ModelProto, name: str, value) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+
+
+# ---- ConvTranspose → BN -------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("group", [1, 2, 4, "depthwise"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_transpose_any_rank_and_group(rank, group, bias):
+    rng = np.random.default_rng(rank)
+    c_in, per_group = (8, 1) if group == "depthwise" else (8, 3)
+    groups = 8 if group == "depthwise" else group
+    weight = rng.normal(0, 0.5, (c_in, per_group) + (3,) * rank)
+    b = rng.normal(0, 0.5, per_group * groups) if bias else None
+    attrs = {"group": groups, "strides": [2] * rank, "output_padding": [1] * rank, "dilations": [1] * rank}
+    spatial = [5] * rank if rank < 3 else [4] * rank
+    model = linear_bn_model("ConvTranspose", weight=weight, bias=b, x_shape=[2, c_in, *spatial], attrs=attrs)
+    result = assert_folds(model, ["ConvTranspose"])
+    assert result.report.folded == 1
+
+
+def test_conv_transpose_with_dilations_and_pads():
+    weight = np.random.default_rng(9).normal(0, 0.5, (4, 6, 3, 3))
+    attrs = {"dilations": [2, 1], "pads": [1, 0, 2, 1], "strides": [1, 2]}
+    assert_folds(linear_bn_model("ConvTranspose", weight=weight, bias=None, x_shape=[1, 4, 6, 7], attrs=attrs), ["ConvTranspose"])
+
+
+# ---- Gemm → BN (Linear + BatchNorm1d) -----------------------------------------------------------
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias_shape", [None, [6], [1, 6], [3, 6], [3, 1], []], ids=["no-C", "N", "1xN", "MxN", "Mx1", "scalar"])
+def test_gemm_respects_trans_b_alpha_beta_and_broadcast_c(trans_b, bias_shape):
+    rng = np.random.default_rng(4)
+    weight = rng.normal(0, 0.5, (6, 5) if trans_b else (5, 6))
+    bias = None if bias_shape is None else rng.normal(0, 0.5, bias_shape)
+    attrs = {"transB": trans_b, "alpha": 0.7, "beta": 1.3}
+    model = linear_bn_model("Gemm", weight=weight, bias=bias, x_shape=[3, 5], attrs=attrs)
+    result = assert_folds(model, ["Gemm"])
+    gemm = result.model.graph.node[0]
+    assert next(a.f for a in gemm.attribute if a.name == "beta") == 1.0  # the folded C holds β
+    assert next(a.f for a in gemm.attribute if a.name == "alpha") == pytest.approx(0.7)
+
+
+def test_gemm_whose_b_is_the_activation_is_refused():
+    model = linear_bn_model("Gemm", weight=np.ones((5, 6)), bias=None, x_shape=[3, 5])
+    gemm = model.graph.node[0]
+    gemm.input[1] = "x2"
+    model.graph.input.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, [5, 6]))
+    assert_unchanged(model, "Gemm weight is not constant: 'x2' is a graph input")
+
+
+# ---- inference no-ops in between ------------------------------------------------------------------
+def insert_between_conv_and_bn(model: onnx.ModelProto, *nodes: onnx.NodeProto) -> None:
+    """conv → nodes[0] → … → bn, each node reading the previous output."""
+    graph = model.graph
+    previous = "conv_out"
+    for position, node in enumerate(nodes, start=1):
+        node.input[0] = previous
+        previous = node.output[0]
+        graph.node.insert(position, node)
+    next(n for n in graph.node if n.name == "bn").input[0] = previous
+
+
+def test_identity_and_inference_dropout_do_not_block_a_fold():
+    model = conv_bn_model(opset=13)
+    insert_between_conv_and_bn(
+        model,
+        helper.make_node("Identity", ["?"], ["id_out"], name="id"),
+        helper.make_node("Dropout", ["?"], ["drop_out"], name="drop"),
+    )
+    result = assert_folds(model, ["Conv", "Relu"])
+    assert result.report.outcomes[0].folded_into == "conv"
+
+
+def test_dropout_in_training_mode_blocks_a_fold():
+    model = conv_bn_model(opset=13)
+    model.graph.initializer.extend(
+        [numpy_helper.from_array(np.float32(0.5), "ratio"), numpy_helper.from_array(np.array(True), "training")]
+    )
+    insert_between_conv_and_bn(model, helper.make_node("Dropout", ["?", "ratio", "training"], ["drop_out"], name="drop"))
+    assert_unchanged(model, "its input comes from Dropout 'drop'")
+
+
+def test_a_no_op_whose_output_is_also_read_elsewhere_blocks_a_fold():
+    model = conv_bn_model()
+    insert_between_conv_and_bn(model, helper.make_node("Identity", ["?"], ["id_out"], name="id"))
+    model.graph.output.append(helper.make_tensor_value_info("id_out", TensorProto.FLOAT, [2, 6, 5, 5]))
+    assert_unchanged(model, "Identity 'id' in between also feeds other nodes")
+
+
+# ---- per-channel Mul/Add/Sub/Div after a linear op ---------------------------------------------------
+def conv_then(ops: list[tuple[str, str, np.ndarray]], *, data_first: bool = True) -> onnx.ModelProto:
+    """x → Conv (no bias) → op(·, constant) → … → y."""
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["t0"], name="conv")], "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7])], [],
+        [numpy_helper.from_array(rng.normal(0, 0.5, (6, 4, 3, 3)).astype(np.float32), "W")],
+    )
+    for i, (op, name, value) in enumerate(ops, start=1):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        inputs = [f"t{i - 1}", name] if data_first else [name, f"t{i - 1}"]
+        graph.node.append(helper.make_node(op, inputs, [f"t{i}"], name=f"{op.lower()}{i}"))
+    graph.output.append(helper.make_tensor_value_info(f"t{len(ops)}", TensorProto.FLOAT, [2, 6, 5, 5]))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+PER_CHANNEL = np.random.default_rng(2).uniform(0.5, 1.5, (6, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [("Add", "bias", PER_CHANNEL)],  # a plain bias after a bias-less conv
+        [("Mul", "gamma", PER_CHANNEL.reshape(1, 6, 1, 1)), ("Add", "beta", PER_CHANNEL[::-1])],
+        [("Sub", "m", PER_CHANNEL), ("Div", "std", PER_CHANNEL + 1), ("Mul", "g", 2.0), ("Add", "b", [0.5])],
+    ],
+    ids=["bias-add", "mul-add", "keras-style"],
+)
+def test_per_channel_affine_chains_fold(ops):
+    result = assert_folds(conv_then(ops), ["Conv"])
+    assert [o.op for o in result.report.channel_affines] == [op for op, _, _ in ops]
+    assert "and %d Mul/Add/Sub/Div" % len(ops) in result.report.summary()
+
+
+def test_constant_minus_tensor_folds_with_a_negative_scale():
+    assert_folds(conv_then([("Sub", "c", PER_CHANNEL)], data_first=False), ["Conv"])
+
+
+@pytest.mark.parametrize(
+    "op, value, data_first",
+    [
+        ("Mul", np.arange(1, 6, dtype=np.float32), True),  # [5] lines up with the last axis
+        ("Add", np.ones((2, 6, 1, 1)), True),  # would broadcast the batch axis
+        ("Div", PER_CHANNEL, False),  # c / x is not affine
+        ("Div", np.zeros((6, 1, 1)), True),  # division by zero
+    ],
+    ids=["last-axis", "batch-axis", "constant-over-tensor", "zero-divisor"],
+)
+def test_elementwise_ops_that_are_not_per_channel_affine_stay(op, value, data_first):
+    model = conv_then([(op, "c", value)], data_first=data_first)
+    if op == "Add":
+        model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
+    assert_unchanged(model)
+
+
+# ---- constant subgraphs -----------------------------------------------------------------------------
+def test_dynamo_style_computed_zero_bias_is_evaluated():
+    """PyTorch's dynamo exporter gives a bias-less conv the bias Expand(CastLike(0, x), Shape(W)[:1])."""
+    model = conv_bn_model(bias=False)
+    graph = model.graph
+    graph.node.insert(0, helper.make_node("Shape", ["W"], ["w_shape"], start=0, end=1))
+    graph.node.insert(1, helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0))))
+    graph.node.insert(2, helper.make_node("CastLike", ["zero", "x"], ["zero_like"]))
+    graph.node.insert(3, helper.make_node("Expand", ["zero_like", "w_shape"], ["computed_bias"]))
+    next(n for n in graph.node if n.name == "conv").input.append("computed_bias")
+    assert_folds(model, ["Conv", "Relu"])  # Shape, Constant, CastLike and Expand are swept
+
+
+def test_frozen_batch_norm_computed_from_its_buffers_folds():
+    """FrozenBatchNorm2d: scale = γ·rsqrt(var + eps), shift = β − mean·scale, then x·scale + shift."""
+    model = conv_then([])
+    rng = np.random.default_rng(3)
+    params = bn_parameters(rng, 6)
+    for key in ("gamma", "beta", "mean", "var"):
+        add_initializer(model, key, params[key].reshape(1, 6, 1, 1))
+    add_initializer(model, "eps", 1e-5)
+    graph = model.graph
+    graph.node.extend(
+        [
+            helper.make_node("Add", ["var", "eps"], ["v_eps"]),
+            helper.make_node("Sqrt", ["v_eps"], ["std"]),
+            helper.make_node("Reciprocal", ["std"], ["inv_std"]),
+            helper.make_node("Mul", ["gamma", "inv_std"], ["scale"]),
+            helper.make_node("Mul", ["mean", "scale"], ["mean_scaled"]),
+            helper.make_node("Sub", ["beta", "mean_scaled"], ["shift"]),
+            helper.make_node("Mul", ["t0", "scale"], ["scaled"], name="frozen_mul"),
+            helper.make_node("Add", ["scaled", "shift"], ["t1"], name="frozen_add"),
+        ]
+    )
+    graph.output[0].name = "t1"
+    result = assert_folds(model, ["Conv"])
+    assert [o.node for o in result.report.channel_affines] == ["frozen_mul", "frozen_add"]
+    assert {t.name for t in result.model.graph.initializer} == {"W_bnfold_1", "W_bias_bnfold_1"}  # buffers swept
+
+
+# ---- BatchNormalization folded forward into the op it feeds --------------------------------------------
+def bn_then(op: str, weight: np.ndarray, *, x_shape, bias=None, attrs=None) -> onnx.ModelProto:
+    """x → BatchNormalization 'bn' → <op> 'linear' → y (a BN on the input, as in pre-activation
+    and input-normalizing nets)."""
+    rng = np.random.default_rng(6)
+    channels = x_shape[1]
+    params = bn_parameters(rng, channels)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits.append(numpy_helper.from_array(weight.astype(np.float32), "W"))
+    inputs = ["bn_out", "W"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
+        inputs.append("B")
+    graph = helper.make_graph(
+        [
+            helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+            helper.make_node(op, inputs, ["y"], name="linear", **(attrs or {})),
+        ],
+        "forward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inferred = onnx.shape_inference.infer_shapes(model).graph.output[0]
+    model.graph.output[0].CopyFrom(inferred)
+    return model
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])
+@pytest.mark.parametrize("bias", [True, False])
+def test_batch_norm_before_an_unpadded_conv_folds_forward(group, bias):
+    rng = np.random.default_rng(group)
+    weight = rng.normal(0, 0.5, (8, 8 // group, 3, 3))
+    model = bn_then("Conv", weight, x_shape=[2, 8, 7, 7], bias=rng.normal(size=8) if bias else None, attrs={"group": group})
+    result = assert_folds(model, ["Conv"])
+    assert result.report.outcomes[0].forward and result.report.outcomes[0].folded_into == "linear"
+    assert "into the following Conv linear" in result.report.table()
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"auto_pad": "SAME_UPPER"}], ids=["pads", "same"])
+def test_batch_norm_before_a_padded_conv_is_refused(attrs):
+    model = bn_then("Conv", np.ones((4, 4, 3, 3)), x_shape=[1, 4, 6, 6], attrs=attrs)
+    assert_unchanged(model, "pads its input, and zero padding of a shifted input is not a shifted zero")
+
+
+def test_a_padded_1x1_same_conv_pads_nothing_and_folds():
+    model = bn_then("Conv", np.random.default_rng(0).normal(size=(4, 4, 1, 1)), x_shape=[1, 4, 6, 6], attrs={"auto_pad": "SAME_UPPER"})
+    assert_folds(model, ["Conv"])
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias", [None, [3], [2, 3]], ids=["no-C", "N", "MxN"])
+def test_batch_norm_before_a_gemm_folds_forward(trans_b, bias):
+    rng = np.random.default_rng(8)
+    weight = rng.normal(size=(3, 5) if trans_b else (5, 3))
+    c = None if bias is None else rng.normal(size=bias)
+    model = bn_then("Gemm", weight, x_shape=[2, 5], bias=c, attrs={"transB": trans_b, "alpha": 0.5, "beta": 2.0})
+    assert_folds(model, ["Gemm"])
+
+
+def test_pre_activation_batch_norm_is_explained():
+    # BN → Relu → Conv: neither direction is exact, and the reason names what stands between.
+    model = bn_then("Conv", np.ones((4, 4, 1, 1)), x_shape=[1, 4, 6, 6])
+    graph = model.graph
+    graph.node.insert(1, helper.make_node("Relu", ["bn_out"], ["act"], name="relu"))
+    graph.node[2].input[0] = "act"
+    assert_unchanged(model, "its input 'x' is a graph input; nothing to fold into")
