@@ -65,7 +65,7 @@ def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
     if opset is None:
         raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
     version = batch_norm_version(opset)
-    index = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset)
+    index = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset, opset_imports=list(model.opset_import))
     outcomes = []
     maybe_dead: list[str] = []
     for node in candidates:
@@ -80,12 +80,11 @@ def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
             outcomes.append(FoldOutcome(name, output, reason=plan.reason))
             continue
         linear = plan.linear
-        into = linear.name or linear.output[0]  # read before the rewrite renames its output
+        # read before the rewrite renames its output (and turns a MatMul into a Gemm)
+        into, into_op = linear.name or linear.output[0], linear.op_type
         maybe_dead += plan.rule.rewrite(plan, index)
         outcomes.append(
-            FoldOutcome(
-                name, output, op=node.op_type, folded_into=into, folded_into_op=linear.op_type, forward=plan.forward
-            )
+            FoldOutcome(name, output, op=node.op_type, folded_into=into, folded_into_op=into_op, forward=plan.forward)
         )
     index.sweep(maybe_dead)
     index.commit()

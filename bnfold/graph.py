@@ -29,6 +29,7 @@ PURE_OPS = frozenset(
     }
 )
 MAX_EVALUATED_ELEMENTS = 1 << 24  # a constant subgraph larger than this is not evaluated
+SMALL_TENSOR = 1 << 12  # initializers up to this many elements keep their data for shape inference
 
 
 class NotConstant(Exception):
@@ -101,9 +102,13 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 class GraphIndex:
-    def __init__(self, graph: onnx.GraphProto, *, ir_version: int, opset: int):
+    def __init__(
+        self, graph: onnx.GraphProto, *, ir_version: int, opset: int, opset_imports: list | None = None
+    ):
         self.graph = graph
         self.opset = opset
+        self._opset_imports = list(opset_imports or [onnx.helper.make_opsetid("", opset)])
+        self._inferred: dict[str, onnx.TypeProto.Tensor] | None = None
         self._evaluated: dict[str, np.ndarray] = {}
         self._declared = {v.name: v.type.tensor_type for v in (*graph.input, *graph.value_info, *graph.output)}
         self._nodes = list(graph.node)  # holds the wrappers, so id() stays stable
@@ -135,6 +140,17 @@ class GraphIndex:
 
     def is_used(self, name: str) -> bool:
         return bool(self._readers.get(name)) or name in self.graph_outputs
+
+    def rank(self, name: str) -> int | None:
+        """The rank of a tensor, from declared types or else one shape inference, or None."""
+        declared = self._declared.get(name)
+        if declared is None or not declared.HasField("shape"):
+            if self._inferred is None:
+                self._inferred = self._infer_types()
+            declared = self._inferred.get(name)
+        if declared is None or not declared.HasField("shape"):
+            return None
+        return len(declared.shape.dim)
 
     def is_constant(self, name: str) -> bool:
         try:
@@ -295,6 +311,27 @@ class GraphIndex:
                 raise NotConstant(f"'{name}' would be a constant of {value.size} elements")
             self._evaluated[out] = value
         return self._evaluated[name]
+
+    def _infer_types(self) -> dict[str, onnx.TypeProto.Tensor]:
+        """onnx shape inference on a copy of the graph whose large initializers keep their dims
+        but not their data, so weights are never copied; small ones (Reshape targets, axes) keep
+        their values for data propagation."""
+        light = onnx.GraphProto()
+        light.node.extend(self.graph.node)
+        light.input.extend(self.graph.input)
+        light.output.extend(self.graph.output)
+        light.value_info.extend(self.graph.value_info)
+        for tensor in self.graph.initializer:
+            if np.prod(tensor.dims, dtype=np.float64) <= SMALL_TENSOR and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                light.initializer.append(tensor)
+            else:
+                light.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
+        model = onnx.helper.make_model(light, opset_imports=self._opset_imports)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+        except Exception:  # inference is a convenience here; without it ranks stay unknown
+            return {}
+        return {v.name: v.type.tensor_type for v in (*inferred.value_info, *inferred.output, *inferred.input)}
 
     def _dtype(self, name: str) -> np.dtype:
         try:

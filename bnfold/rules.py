@@ -10,6 +10,7 @@ It folds into a linear op whose output channel c is computed by one slice of its
 - Conv: weight [C_out, C_in/group, k…], output channels on axis 0.
 - ConvTranspose: weight [C_in, C_out/group, k…], output channels on axis 1 within each group.
 - Gemm: Y = α·A·B + β·C, B [K, N] (transB=0: channels on axis 1) or [N, K] (transB=1: axis 0).
+- MatMul with a 2-D input and a constant [K, N] B: a Gemm without C, rewritten as one.
 
 A rule is *match* (which ops), *check* (every precondition; the first that fails is the `Skip`
 reason the user reads) and *rewrite* (tensors and edges moved through the GraphIndex). The
@@ -190,6 +191,10 @@ class LinearRule:
     def check_weight(self, weight: np.ndarray, node: onnx.NodeProto) -> Skip | None:
         return None
 
+    def check_node(self, node: onnx.NodeProto, index: GraphIndex) -> Skip | None:
+        """Preconditions on the op itself, before its parameters are read."""
+        return None
+
     def output_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
         return weight.shape[self.weight_axis(node)] * self.groups(node)
 
@@ -219,7 +224,7 @@ class LinearRule:
 
     # -- backward: affine(linear(x)) --------------------------------------------------------------
     def plan_backward(self, source, data, linear, passthrough, index, read_affine) -> FoldPlan | Skip:
-        params = self.parameters(linear, index)
+        params = self.check_node(linear, index) or self.parameters(linear, index)
         if isinstance(params, Skip):
             return params
         weight, bias = params
@@ -393,6 +398,35 @@ class GemmRule(LinearRule):
         return self._plan(bn, linear, weight, new_weight, new_bias, (), forward=True)
 
 
+class MatMulRule(LinearRule):
+    """MatMul(A, B) with a constant B [K, N] and a 2-D A is a Gemm without C; the fold turns it
+    into one (Gemm, α = β = 1, transB = 0, C = the folded bias). With a higher-rank A the BN's
+    channel axis 1 is not the MatMul's output axis, and the fold is refused."""
+
+    op_type = "MatMul"
+
+    def weight_axis(self, node):
+        return 1
+
+    def output_rank(self, weight):
+        return 2
+
+    def check_node(self, node, index):
+        rank = index.rank(node.input[0])
+        if rank != 2:
+            known = f"has rank {rank}" if rank is not None else "has a rank bnfold cannot infer"
+            return Skip(f"{node_label(node)}'s input {known}; only a 2-D MatMul becomes a Gemm")
+        return None
+
+    def check_weight(self, weight, node):
+        if weight.ndim != 2:
+            return Skip(f"MatMul B has rank {weight.ndim}, not 2")
+        return None
+
+    def after_bias_rewrite(self, node):
+        node.op_type = "Gemm"  # MatMul has no attributes; Gemm's defaults are α = β = 1
+
+
 def _folded_name(name: str) -> str:
     """`W` → `W_bnfold`; a tensor folded again keeps one suffix (`W_bnfold` → `W_bnfold_1`)."""
     return re.sub(r"_bnfold(_\d+)?$", "", name) + "_bnfold"
@@ -406,7 +440,7 @@ def _set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-RULES = {rule.op_type: rule for rule in (ConvRule(), ConvTransposeRule(), GemmRule())}
+RULES = {rule.op_type: rule for rule in (ConvRule(), ConvTransposeRule(), GemmRule(), MatMulRule())}
 
 
 # ---- matching ----------------------------------------------------------------------------------

@@ -243,6 +243,92 @@ class RepVGGTiny(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
+class Decoder(nn.Module):
+    """A decoder: ConvTranspose-BN-ReLU upsampling, one of them grouped, then a 1×1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = nn.Sequential(nn.ConvTranspose2d(32, 16, 4, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(16, 16, 3, 2, 1, output_padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU())
+        self.out = nn.Conv2d(16, 3, 1)
+
+    def forward(self, z):
+        return self.out(self.up2(self.up1(z)))
+
+
+class MLPHead(nn.Module):
+    """Linear → BatchNorm1d → ReLU, twice, then a classifier: Gemm → BN in ONNX."""
+
+    def __init__(self, features=64, hidden=48, classes=10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's FrozenBatchNorm2d (detection backbones): fixed buffers, exported as Mul/Add
+    of constants computed by rsqrt, Mul and Sub."""
+
+    def __init__(self, channels, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", torch.ones(channels)), ("bias", torch.zeros(channels)),
+                            ("running_mean", torch.zeros(channels)), ("running_var", torch.ones(channels))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+class FrozenBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layers, cin = [], 3
+        for cout, stride in ((16, 2), (32, 2), (32, 1)):
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), FrozenBatchNorm2d(cout), nn.ReLU()]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class PreActNet(nn.Module):
+    """BatchNorm on the raw input, then an unpadded conv (folds forward), then pre-activation
+    blocks BN → ReLU → Conv, where no fold is exact."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.input_norm = nn.BatchNorm2d(3)
+        self.stem = nn.Conv2d(3, 16, 3, 2)  # no padding
+        self.block = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.stem(self.input_norm(x))
+        return self.head((x + self.block(x)).mean(dim=(2, 3)))
+
+
+def randomize_frozen(model: nn.Module, generator: torch.Generator) -> None:
+    """FrozenBatchNorm2d has no running statistics to calibrate: give it trained-looking ones."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                c = m.weight.shape[0]
+                m.weight.copy_(0.5 + torch.rand(c, generator=generator))
+                m.bias.copy_(0.2 * torch.randn(c, generator=generator))
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=generator))
+                m.running_var.copy_(0.2 + torch.rand(c, generator=generator))
+
+
 def perturb_and_calibrate(model: nn.Module, make_batch, generator: torch.Generator) -> None:
     """Give BN layers non-trivial γ, β, then calibrate running mean and var on data."""
     with torch.no_grad():
@@ -259,13 +345,17 @@ def perturb_and_calibrate(model: nn.Module, make_batch, generator: torch.Generat
 
 
 def export(model: nn.Module, name: str, example: torch.Tensor, opset: int, dynamic_batch: bool,
-           reference: nn.Module | None = None) -> None:
+           reference: nn.Module | None = None, dynamo: bool = False) -> None:
     path = HERE / f"{name}.onnx"
-    torch.onnx.export(
-        model, (example,), str(path), dynamo=False, do_constant_folding=False, opset_version=opset,
-        input_names=["input"], output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
-    )
+    if dynamo:  # optimize=False keeps BN; one file, no external data
+        torch.onnx.export(model, (example,), str(path), dynamo=True, optimize=False, external_data=False,
+                          input_names=["input"], output_names=["output"], opset_version=opset)
+    else:
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, do_constant_folding=False, opset_version=opset,
+            input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+        )
     onnx_model = onnx.load(str(path))
     onnx.checker.check_model(onnx_model, full_check=True)
     bn_count = sum(n.op_type == "BatchNormalization" for n in onnx_model.graph.node)
@@ -316,6 +406,25 @@ def main() -> None:
     # from the float32 network on the same (float16-representable) inputs.
     example = torch.randn(32, 3, 32, 32, generator=gen).half()  # many rows: float16 error is statistical
     export(copy.deepcopy(resnet).half(), "resnet_tiny_fp16", example, 17, dynamic_batch=True, reference=resnet)
+
+    # Patterns beyond Conv → BN (added after the models above, so those stay byte-identical).
+    decoder = Decoder()
+    perturb_and_calibrate(decoder, lambda: torch.randn(8, 32, 4, 4, generator=gen), gen)
+    export(decoder, "decoder_convtranspose", torch.randn(2, 32, 4, 4, generator=gen), 17, dynamic_batch=True)
+
+    mlp = MLPHead()
+    perturb_and_calibrate(mlp, lambda: torch.randn(32, 64, generator=gen), gen)
+    export(mlp, "mlp_batchnorm1d", torch.randn(4, 64, generator=gen), 17, dynamic_batch=True)
+
+    frozen = FrozenBackbone().eval()
+    randomize_frozen(frozen, gen)
+    export(frozen, "frozen_bn_backbone", torch.randn(1, 3, 32, 32, generator=gen), 17, dynamic_batch=False)
+
+    preact = PreActNet()
+    perturb_and_calibrate(preact, images(), gen)
+    export(preact, "preact_input_bn", torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True)
+
+    export(resnet, "resnet_tiny_dynamo", torch.randn(2, 3, 32, 32, generator=gen), 18, dynamic_batch=False, dynamo=True)
 
 
 if __name__ == "__main__":

@@ -282,3 +282,39 @@ def test_pre_activation_batch_norm_is_explained():
     graph.node.insert(1, helper.make_node("Relu", ["bn_out"], ["act"], name="relu"))
     graph.node[2].input[0] = "act"
     assert_unchanged(model, "its input 'x' is a graph input; nothing to fold into")
+
+
+# ---- MatMul (+ Add) → BN: a Linear layer, exported without Gemm --------------------------------------
+def matmul_model(x_shape: list[int], *, bias: bool) -> onnx.ModelProto:
+    """x → MatMul 'mm' (constant B [5, 6]) → [Add 'add' (bias [6])] → BatchNormalization → y."""
+    rng = np.random.default_rng(11)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (5, 6)).astype(np.float32), "B")]
+    inits += [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["mm_out"], name="mm")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, 6).astype(np.float32), "bias"))
+        nodes.append(helper.make_node("Add", ["mm_out", "bias"], ["add_out"], name="add"))
+    nodes.append(helper.make_node("BatchNormalization", [nodes[-1].output[0], "gamma", "beta", "mean", "var"], ["y"], name="bn"))
+    out_shape = x_shape[:-1] + [6]
+    graph = helper.make_graph(
+        nodes, "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_2d_matmul_with_its_bias_becomes_one_gemm(bias):
+    result = assert_folds(matmul_model([3, 5], bias=bias), ["Gemm"])
+    assert result.report.folded == 1 and len(result.report.channel_affines) == int(bias)
+    # In graph order: the bias Add folds first and makes the MatMul a Gemm; the BN follows.
+    first = result.report.outcomes[0]
+    assert (first.op, first.folded_into_op) == ("Add" if bias else "BatchNormalization", "MatMul")
+    assert result.report.batch_norms[0].folded_into_op == ("Gemm" if bias else "MatMul")
+
+
+def test_matmul_over_tokens_is_refused_with_its_rank():
+    # [batch, tokens, features]: BN's channel axis 1 is the tokens, not the MatMul's output axis.
+    model = matmul_model([2, 6, 5], bias=False)
+    assert_unchanged(model, "MatMul 'mm''s input has rank 3; only a 2-D MatMul becomes a Gemm")

@@ -18,17 +18,22 @@ from builders import assert_same_function, op_types, run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
-# model: (BatchNormalization nodes, how many bnfold folds)
+# model: (BatchNormalization nodes, how many bnfold folds, Mul/Add/Sub/Div nodes it folds)
 EXPECTED = {
-    "resnet_tiny": (9, 9),
-    "mobilenet_tiny": (11, 11),
-    "audio_conv1d": (4, 4),
-    "video_conv3d": (4, 4),
-    "shared_conv_output": (3, 2),
-    "efficientnet_tiny": (11, 11),
-    "inception_tiny": (13, 13),
-    "repvgg_tiny": (12, 9),  # the BN on each identity branch has no conv in front of it
-    "resnet_tiny_fp16": (9, 9),
+    "resnet_tiny": (9, 9, 0),
+    "mobilenet_tiny": (11, 11, 0),
+    "audio_conv1d": (4, 4, 0),
+    "video_conv3d": (4, 4, 0),
+    "shared_conv_output": (3, 2, 0),
+    "efficientnet_tiny": (11, 11, 0),
+    "inception_tiny": (13, 13, 0),
+    "repvgg_tiny": (12, 9, 0),  # the BN on each identity branch has no conv in front of it
+    "resnet_tiny_fp16": (9, 9, 0),
+    "decoder_convtranspose": (2, 2, 0),  # ConvTranspose, one of them grouped
+    "mlp_batchnorm1d": (2, 2, 0),  # Linear → BatchNorm1d: a Gemm, and a bias-less Linear's MatMul
+    "frozen_bn_backbone": (0, 0, 6),  # FrozenBatchNorm2d: x·scale + shift, computed constants
+    "preact_input_bn": (2, 1, 0),  # the input BN folds forward into the unpadded stem
+    "resnet_tiny_dynamo": (9, 9, 0),  # dynamo exporter: biases built by Shape/Expand/CastLike
 }
 
 
@@ -55,10 +60,11 @@ def test_every_sample_is_listed():
 @pytest.mark.parametrize("name", [n for n in EXPECTED if not n.endswith("fp16")])
 def test_float32_sample_folds_and_matches_pytorch(name):
     model, feeds, torch_output = load(name)
-    total, folded_count = EXPECTED[name]
+    total, folded_count, affines = EXPECTED[name]
     result = bnfold.fold(model)
     assert op_types(model).count("BatchNormalization") == total
     assert result.report.folded == folded_count
+    assert len(result.report.channel_affines) == affines
     assert op_types(result.model).count("BatchNormalization") == total - folded_count
     (got,) = run(result.model, feeds)
     scale = np.abs(torch_output).max()
@@ -78,10 +84,17 @@ def test_identity_branch_batch_norms_are_explained():
     model, _, _ = load("repvgg_tiny")
     reasons = {o.reason for o in bnfold.fold(model).report.outcomes if not o.folded}
     assert reasons == {
-        "its input comes from Relu '/stem/stem.2/Relu'; bnfold folds into Conv, ConvTranspose, Gemm",
-        "its input comes from Relu '/blocks/blocks.0/Relu'; bnfold folds into Conv, ConvTranspose, Gemm",
-        "its input comes from Relu '/blocks/blocks.2/Relu'; bnfold folds into Conv, ConvTranspose, Gemm",
-    }
+        f"its input comes from Relu '/blocks/blocks.{block}/Relu'; bnfold folds into Conv, ConvTranspose, Gemm, MatMul"
+        for block in (0, 2)
+    } | {"its input comes from Relu '/stem/stem.2/Relu'; bnfold folds into Conv, ConvTranspose, Gemm, MatMul"}
+
+
+def test_patterns_beyond_conv_fold_where_onnxruntime_does_not():
+    outcomes = {name: bnfold.fold(load(name)[0]).report.outcomes for name in ("mlp_batchnorm1d", "preact_input_bn")}
+    assert [o.folded_into_op for o in outcomes["mlp_batchnorm1d"]] == ["Gemm", "MatMul"]
+    stem, block = outcomes["preact_input_bn"]
+    assert stem.forward and stem.folded_into == "/stem/Conv"
+    assert block.reason == "Conv '/stem/Conv' output also feeds Add '/Add'"
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
