@@ -10,10 +10,19 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold.errors import BnfoldError, InternalError, first_line
-from bnfold.graph import ONNX_DOMAINS, GraphIndex, is_onnx_op
+from bnfold.graph import ONNX_DOMAINS, GraphIndex, node_label, is_onnx_op
 from bnfold.modelfile import load_model
 from bnfold.report import FoldOutcome, FoldReport
-from bnfold.rules import ELEMENTWISE_AFFINE, Skip, batch_norm_version, plan_batch_norm, plan_elementwise
+from bnfold.rules import (
+    ELEMENTWISE_AFFINE,
+    RUNTIME_NORMALIZATIONS,
+    RUNTIME_STATISTICS,
+    ConcatPlan,
+    Skip,
+    batch_norm_version,
+    plan_batch_norm,
+    plan_elementwise,
+)
 
 
 @dataclass
@@ -55,10 +64,8 @@ def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
     """Fold the main graph of `model` in place, in graph order, so chains fold step by step
     (Conv → Mul → Add: the Mul folds, then the Add folds into the same Conv). One outcome per
     BatchNormalization, and one per Mul/Add/Sub/Div that folded."""
-    candidates = [
-        n for n in model.graph.node
-        if n.domain in ONNX_DOMAINS and (n.op_type == "BatchNormalization" or n.op_type in ELEMENTWISE_AFFINE)
-    ]
+    kinds = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS)
+    candidates = [n for n in model.graph.node if n.domain in ONNX_DOMAINS and n.op_type in kinds]
     if not candidates:
         return []
     opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), None)
@@ -72,19 +79,30 @@ def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
         name, output = node.name or node.output[0], node.output[0]
         if node.op_type == "BatchNormalization":
             plan = plan_batch_norm(node, index, version, opset)
+        elif node.op_type in RUNTIME_NORMALIZATIONS:
+            plan = RUNTIME_STATISTICS  # reported, so a user who asks why sees the answer
         else:
             plan = plan_elementwise(node, index, opset)
             if isinstance(plan, Skip):
                 continue  # most Mul/Add nodes are no candidates; only folds are reported
         if isinstance(plan, Skip):
-            outcomes.append(FoldOutcome(name, output, reason=plan.reason))
+            outcomes.append(FoldOutcome(name, output, op=node.op_type, reason=plan.reason))
             continue
-        linear = plan.linear
-        # read before the rewrite renames its output (and turns a MatMul into a Gemm)
-        into, into_op = linear.name or linear.output[0], linear.op_type
-        maybe_dead += plan.rule.rewrite(plan, index)
+        # read before the rewrite renames outputs (and turns a MatMul into a Gemm)
+        linears = [part.linear for part in plan.parts] if isinstance(plan, ConcatPlan) else [plan.linear]
+        into = ", ".join(linear.name or linear.output[0] for linear in linears)
+        into_op = "/".join(sorted({linear.op_type for linear in linears}))
+        if isinstance(plan, ConcatPlan):
+            via = node_label(plan.concat)
+            maybe_dead += plan.rewrite(index)
+        else:
+            via = None
+            maybe_dead += plan.rule.rewrite(plan, index)
         outcomes.append(
-            FoldOutcome(name, output, op=node.op_type, folded_into=into, folded_into_op=into_op, forward=plan.forward)
+            FoldOutcome(
+                name, output, op=node.op_type, folded_into=into, folded_into_op=into_op,
+                forward=getattr(plan, "forward", False), split_at=via,
+            )
         )
     index.sweep(maybe_dead)
     index.commit()

@@ -17,6 +17,7 @@ class FoldOutcome:
     folded_into: str | None = None  # the linear node's name (or output name), when folded
     folded_into_op: str | None = None
     forward: bool = False  # folded into the op it feeds (BN → Conv), not the one feeding it
+    split_at: str | None = None  # the Concat across which the BN was split, one slice per input
     reason: str | None = None
 
     @property
@@ -38,7 +39,12 @@ class FoldReport:
     @property
     def channel_affines(self) -> list[FoldOutcome]:
         """Folded Mul/Add/Sub/Div nodes (those that do not fold are not candidates)."""
-        return [o for o in self.outcomes if o.op != "BatchNormalization"]
+        return [o for o in self.outcomes if o.op in ("Mul", "Add", "Sub", "Div")]
+
+    @property
+    def runtime_normalizations(self) -> list[FoldOutcome]:
+        """Instance/Layer/GroupNormalization nodes: never folded, listed with the reason."""
+        return [o for o in self.outcomes if o.op.endswith("Normalization") and o.op != "BatchNormalization"]
 
     @property
     def folded(self) -> int:
@@ -64,7 +70,8 @@ class FoldReport:
             label = o.node if o.op == "BatchNormalization" else f"{o.node} ({o.op})"
             if o.folded:
                 where = "into the following" if o.forward else "into"
-                rows.append((label, "folded", f"{where} {o.folded_into_op} {o.folded_into}"))
+                split = f" (split at {o.split_at})" if o.split_at else ""
+                rows.append((label, "folded", f"{where} {o.folded_into_op} {o.folded_into}{split}"))
             else:
                 rows.append((label, "skipped", o.reason or ""))
         width = [max(len(r[i]) for r in rows) for i in range(2)]
@@ -86,6 +93,7 @@ class FoldReport:
             },
             "batch_normalizations": [_outcome_dict(o) for o in self.batch_norms],
             "channel_affines": [_outcome_dict(o) for o in self.channel_affines],
+            "runtime_normalizations": [_outcome_dict(o) for o in self.runtime_normalizations],
         }
 
 

@@ -47,6 +47,8 @@ DEFAULT_EPSILON = float(np.float32(1e-5))
 FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
 BN_PARAMETERS = ("scale", "bias", "mean", "var")  # inputs 1..4, in the spec's order
 ELEMENTWISE_AFFINE = ("Mul", "Add", "Sub", "Div")
+# Normalizations whose statistics come from each input at run time: no fixed affine map exists.
+RUNTIME_NORMALIZATIONS = ("InstanceNormalization", "LayerNormalization", "GroupNormalization")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class Skip:
     """Why a node stays: one sentence for the report."""
 
     reason: str
+
+
+RUNTIME_STATISTICS = Skip("it normalizes with statistics of each input, computed at run time: never folded")
 
 
 @dataclass(frozen=True)
@@ -259,21 +264,14 @@ class LinearRule:
         return FoldPlan(self, source, linear, new_weight, new_bias, tuple(passthrough), forward)
 
     def rewrite(self, plan: FoldPlan, index: GraphIndex) -> list[str]:
-        """Give the linear op fresh folded tensors (never rewrite a tensor in place) and cut the
-        source out: backward, the linear op produces the source's output name, so every reader
-        and graph output downstream is untouched; forward, it reads the source's input.
-        Returns names that may now be dead, for one sweep at the end."""
+        """Give the linear op its folded tensors and cut the source out: backward, the linear
+        op produces the source's output name, so every reader and graph output downstream is
+        untouched; forward, it reads the source's input. Returns names that may now be dead,
+        for one sweep at the end."""
         linear, source = plan.linear, plan.source
-        old_bias = linear.input[2] if len(linear.input) > 2 else ""
-        maybe_dead = [linear.input[1], old_bias, *source.input, *source.output]
+        maybe_dead = [*self.replace_parameters(plan, index), *source.input, *source.output]
         for node in plan.passthrough:
             maybe_dead += [*node.input, *node.output]
-        weight_name = index.add_initializer(plan.weight, _folded_name(linear.input[1]))
-        bias_base = old_bias or (source.input[2] if source.op_type == "BatchNormalization" else linear.input[1] + "_bias")
-        bias_name = index.add_initializer(plan.bias, _folded_name(bias_base))
-        index.set_input(linear, 1, weight_name)
-        index.set_input(linear, 2, bias_name)
-        self.after_bias_rewrite(linear)
         for node in (source, *plan.passthrough):
             index.remove_node(node)
         if plan.forward:
@@ -282,6 +280,17 @@ class LinearRule:
             maybe_dead.append(linear.output[0])
             index.set_output(linear, 0, source.output[0])
         return maybe_dead
+
+    def replace_parameters(self, plan: FoldPlan, index: GraphIndex) -> list[str]:
+        """Point the linear op at fresh initializers holding the folded weight and bias; a tensor
+        another node may read is never rewritten in place. Returns the old names."""
+        linear, source = plan.linear, plan.source
+        old_weight, old_bias = linear.input[1], linear.input[2] if len(linear.input) > 2 else ""
+        bias_base = old_bias or (source.input[2] if source.op_type == "BatchNormalization" else old_weight + "_bias")
+        index.set_input(linear, 1, index.add_initializer(plan.weight, _folded_name(old_weight)))
+        index.set_input(linear, 2, index.add_initializer(plan.bias, _folded_name(bias_base)))
+        self.after_bias_rewrite(linear)
+        return [old_weight, old_bias]
 
     def after_bias_rewrite(self, node: onnx.NodeProto) -> None:
         """Attribute changes the folded bias needs (Gemm: β = 1)."""
@@ -481,8 +490,11 @@ def _single_reader_skip(linear: onnx.NodeProto, reader: onnx.NodeProto, index: G
     return None
 
 
-def plan_backward(source: onnx.NodeProto, data: str, index: GraphIndex, opset: int, read_affine) -> FoldPlan | Skip:
-    """Fold the affine `source`, applied to tensor `data`, into the linear op producing `data`."""
+def plan_backward(
+    source: onnx.NodeProto, data: str, index: GraphIndex, opset: int, read_affine, reader: onnx.NodeProto | None = None
+) -> FoldPlan | Skip:
+    """Fold the affine `source`, applied to tensor `data`, into the linear op producing `data`.
+    `reader` is the node that must be the only reader of `data` (default: `source`)."""
     producer, passthrough, blocked = _find_linear(data, index, opset)
     if blocked:
         return blocked
@@ -492,10 +504,69 @@ def plan_backward(source: onnx.NodeProto, data: str, index: GraphIndex, opset: i
     rule = RULES.get(producer.op_type) if producer.domain in ("", "ai.onnx") else None
     if rule is None:
         return Skip(f"its input comes from {node_label(producer)}; bnfold folds into {', '.join(RULES)}")
-    first = passthrough[-1] if passthrough else source
+    first = passthrough[-1] if passthrough else (reader or source)
     return _single_reader_skip(producer, first, index) or rule.plan_backward(
         source, data, producer, passthrough, index, read_affine
     )
+
+
+@dataclass(frozen=True)
+class ConcatPlan:
+    """A BN after a channel Concat, split into one fold per Concat input."""
+
+    bn: onnx.NodeProto
+    concat: onnx.NodeProto
+    parts: tuple[FoldPlan, ...]
+
+    def rewrite(self, index: GraphIndex) -> list[str]:
+        """Each producer takes its slice of the BN; the Concat takes over the BN's output."""
+        maybe_dead = [name for part in self.parts for name in part.rule.replace_parameters(part, index)]
+        maybe_dead += [*self.bn.input[1:], self.concat.output[0]]
+        index.remove_node(self.bn)
+        index.set_output(self.concat, 0, self.bn.output[0])
+        return maybe_dead
+
+
+def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, index: GraphIndex, opset: int) -> ConcatPlan | Skip:
+    """BN(Concat_axis1(y_1, …, y_k)) = Concat(BN_1(y_1), …, BN_k(y_k)) with BN_j the slice of
+    the BN's parameters for y_j's channels; each BN_j folds into y_j's linear producer."""
+    out = concat.output[0]
+    axis = _int_attr(concat, "axis", 0)
+    if axis < 0:
+        rank = index.rank(out)
+        axis = axis + rank if rank is not None else axis
+    if axis != 1:
+        return Skip(f"its input comes from {node_label(concat)} along axis {axis}, not the channel axis")
+    single = _single_reader_skip(concat, bn, index)
+    if single:
+        return Skip(f"BatchNormalization after Concat: {single.reason}")
+    if len(set(concat.input)) != len(concat.input):
+        return Skip(f"BatchNormalization after Concat: {node_label(concat)} repeats an input")
+    producers = []
+    for data in concat.input:
+        producer = index.producer(data)
+        rule = RULES.get(producer.op_type) if producer is not None and producer.domain in ("", "ai.onnx") else None
+        if rule is None:
+            what = node_label(producer) if producer is not None else f"'{data}'"
+            return Skip(f"BatchNormalization after Concat: input {what} is not a linear op")
+        params = rule.check_node(producer, index) or rule.parameters(producer, index)
+        if isinstance(params, Skip):
+            return Skip(f"BatchNormalization after Concat: {params.reason}")
+        producers.append((data, producer, rule.output_channels(params[0], producer)))
+    total = sum(channels for _, _, channels in producers)
+    scale_shift = read_batch_norm(bn, index, total)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    scale, shift = scale_shift
+    parts, offset = [], 0
+    for data, producer, channels in producers:
+        part_affine = (scale[offset : offset + channels], shift[offset : offset + channels])
+        offset += channels
+        part = plan_backward(bn, data, index, opset, lambda *args, p=part_affine: p, reader=concat)
+        if isinstance(part, Skip):
+            return Skip(f"BatchNormalization after Concat: {part.reason}")
+        parts.append(part)
+    return ConcatPlan(bn, concat, tuple(parts))
 
 
 def plan_forward(bn: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip | None:
@@ -513,11 +584,15 @@ def plan_forward(bn: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip | Non
     return rule.plan_forward(bn, consumer, index)
 
 
-def plan_batch_norm(bn: onnx.NodeProto, index: GraphIndex, version: int, opset: int) -> FoldPlan | Skip:
-    """Backward into the op that produces its input, else forward into the op it feeds."""
+def plan_batch_norm(bn: onnx.NodeProto, index: GraphIndex, version: int, opset: int) -> FoldPlan | ConcatPlan | Skip:
+    """Backward into the op that produces its input (split across a channel Concat), else
+    forward into the op it feeds."""
     mode = check_inference_mode(bn, version, index)
     if mode:
         return mode
+    producer = index.producer(bn.input[0])
+    if producer is not None and is_onnx_op(producer, "Concat"):
+        return plan_concat(bn, producer, index, opset)
 
     def read_bn(node, data, index, channels, rank):
         return read_batch_norm(node, index, channels)

@@ -318,3 +318,86 @@ def test_matmul_over_tokens_is_refused_with_its_rank():
     # [batch, tokens, features]: BN's channel axis 1 is the tokens, not the MatMul's output axis.
     model = matmul_model([2, 6, 5], bias=False)
     assert_unchanged(model, "MatMul 'mm''s input has rank 3; only a 2-D MatMul becomes a Gemm")
+
+
+# ---- BN after a channel Concat: split per input (mixed-kernel convs) ---------------------------------
+MIXED_KERNELS = (("c1", 4, 1, 1), ("c3", 6, 3, 1), ("c5", 2, 5, 2))  # name, channels, kernel, group
+
+
+def concat_bn_model(
+    *, axis: int = 1, extra_reader: str | None = None, pool_branch: bool = False, branches=MIXED_KERNELS
+) -> onnx.ModelProto:
+    """x → {Conv 1×1 (4 ch), Conv 3×3 padded (6 ch), Conv 5×5 padded, grouped (2 ch)} → Concat → BN → y."""
+    rng = np.random.default_rng(12)
+    bn_channels = sum(b[1] for b in branches) if axis in (1, -3) else branches[0][1]
+    params = bn_parameters(rng, bn_channels)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    nodes, outputs = [], []
+    for name, channels, kernel, group in branches:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (channels, 4 // group, kernel, kernel)).astype(np.float32), f"W_{name}"))
+        nodes.append(helper.make_node("Conv", ["x", f"W_{name}"], [f"{name}_out"], name=name, pads=[kernel // 2] * 4, group=group))
+        outputs.append(f"{name}_out")
+    if pool_branch:
+        nodes[0] = helper.make_node("MaxPool", ["x"], ["c1_out"], name="pool", kernel_shape=[1, 1])
+        inits = [t for t in inits if t.name != "W_c1"]
+    nodes.append(helper.make_node("Concat", outputs, ["cat"], name="cat", axis=axis))
+    nodes.append(helper.make_node("BatchNormalization", ["cat", "gamma", "beta", "mean", "var"], ["y"], name="bn"))
+    graph = helper.make_graph(
+        nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )
+    graph.output[0].CopyFrom(onnx.shape_inference.infer_shapes(helper.make_model(graph)).graph.output[0])
+    if extra_reader:
+        inferred = onnx.shape_inference.infer_shapes(helper.make_model(graph)).graph.value_info
+        graph.output.append(next(v for v in inferred if v.name == extra_reader))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("axis", [1, -3])
+def test_batch_norm_after_concat_splits_into_each_conv(axis):
+    result = assert_folds(concat_bn_model(axis=axis), ["Conv", "Conv", "Conv", "Concat"])
+    (outcome,) = result.report.outcomes
+    assert (outcome.folded_into, outcome.split_at) == ("c1, c3, c5", "Concat 'cat'")
+    assert result.model.graph.node[-1].output[0] == "y"
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"pool_branch": True}, "BatchNormalization after Concat: input MaxPool 'pool' is not a linear op"),
+        ({"extra_reader": "c3_out"}, "BatchNormalization after Concat: Conv 'c3' output 'c3_out' is also a graph output"),
+        ({"extra_reader": "cat"}, "BatchNormalization after Concat: Concat 'cat' output 'cat' is also a graph output"),
+    ],
+    ids=["non-linear-input", "branch-read-elsewhere", "concat-read-elsewhere"],
+)
+def test_batch_norm_after_concat_refusals(kwargs, reason):
+    assert_unchanged(concat_bn_model(**kwargs), reason)
+
+
+def test_concat_along_another_axis_is_refused():
+    model = concat_bn_model(axis=2, branches=(("a", 4, 3, 1), ("b", 4, 3, 1)))
+    assert_unchanged(model, "Concat 'cat' along axis 2, not the channel axis")
+
+
+@pytest.mark.parametrize(
+    "op, inputs, attrs",
+    [
+        ("InstanceNormalization", ["conv_out", "gamma", "beta"], {}),
+        ("LayerNormalization", ["conv_out", "ln_scale"], {"axis": -1}),
+        ("GroupNormalization", ["conv_out", "gamma", "beta"], {"num_groups": 2}),
+    ],
+)
+def test_runtime_statistics_normalizations_are_never_folded_and_say_why(op, inputs, attrs):
+    model = conv_bn_model(opset=21)
+    graph = model.graph
+    add_initializer(model, "ln_scale", np.ones(5))
+    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    graph.node.remove(bn)
+    graph.node.insert(1, helper.make_node(op, inputs, ["bn_out"], name="norm", **attrs))
+    before = model.SerializeToString(deterministic=True)
+    result = bnfold.fold(model)
+    assert result.model.SerializeToString(deterministic=True) == before
+    (outcome,) = result.report.runtime_normalizations
+    assert (outcome.op, outcome.folded) == (op, False)
+    assert outcome.reason == "it normalizes with statistics of each input, computed at run time: never folded"
+    assert result.report.to_dict()["runtime_normalizations"][0]["node"] == "norm"
