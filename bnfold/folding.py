@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold.errors import BnfoldError, InternalError, first_line
-from bnfold.graph import ONNX_DOMAINS, GraphIndex, node_label, is_onnx_op
+from bnfold.graph import ONNX_DOMAINS, GraphIndex, all_names, named_subgraphs, node_label
 from bnfold.modelfile import load_model
 from bnfold.report import FoldOutcome, FoldReport
 from bnfold.rules import (
@@ -60,29 +60,96 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     return FoldResult(folded, report)
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """What every graph of one model shares while it is folded."""
+
+    ir_version: int
+    opset: int
+    opset_imports: list
+    names: set[str]  # every name in the model: fresh names must shadow none
+
+    def index(self, graph: onnx.GraphProto, parent: GraphIndex | None) -> GraphIndex:
+        return GraphIndex(
+            graph, ir_version=self.ir_version, opset=self.opset, opset_imports=self.opset_imports,
+            parent=parent, names=self.names,
+        )
+
+
+FOLD_KINDS = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS)
+
+
 def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
-    """Fold the main graph of `model` in place, in graph order, so chains fold step by step
-    (Conv → Mul → Add: the Mul folds, then the Add folds into the same Conv). One outcome per
-    BatchNormalization, and one per Mul/Add/Sub/Div that folded."""
-    kinds = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS)
-    candidates = [n for n in model.graph.node if n.domain in ONNX_DOMAINS and n.op_type in kinds]
-    if not candidates:
-        return []
+    """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
+    One outcome per BatchNormalization and runtime-statistics normalization, and one per
+    Mul/Add/Sub/Div that folded."""
+    outcomes = _fold_functions(model)
+    if not any(n.op_type in FOLD_KINDS for n in _all_nodes(model.graph)):
+        return outcomes
     opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), None)
     if opset is None:
         raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
-    version = batch_norm_version(opset)
-    index = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset, opset_imports=list(model.opset_import))
+    scope = _Scope(model.ir_version, opset, list(model.opset_import), set(all_names(model.graph)))
+    graph_outcomes, _ = _fold_graph(model.graph, scope, parent=None, prefix="")
+    return graph_outcomes + outcomes
+
+
+def _fold_functions(model: onnx.ModelProto) -> list[FoldOutcome]:
+    """Fold inside model-local functions. A function has no initializers: its body is folded as
+    a graph whose inputs are the function's, and the folded tensors become Constant nodes."""
     outcomes = []
+    for function in model.functions:
+        if not any(n.op_type in FOLD_KINDS for n in function.node):
+            continue
+        imports = list(function.opset_import) or list(model.opset_import)
+        opset = next((o.version for o in imports if o.domain in ONNX_DOMAINS), None)
+        if opset is None:
+            continue  # the body uses no ai.onnx op, so no BatchNormalization either
+        body = onnx.helper.make_graph(
+            list(function.node), function.name,
+            [onnx.ValueInfoProto(name=name) for name in function.input],
+            [onnx.ValueInfoProto(name=name) for name in function.output],
+        )
+        scope = _Scope(max(model.ir_version, 4), opset, imports, set(all_names(body)))
+        found, _ = _fold_graph(body, scope, parent=None, prefix=f"function {function.domain}.{function.name}/")
+        if any(o.folded for o in found):
+            constants = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in body.initializer]
+            del function.node[:]
+            function.node.extend([*constants, *body.node])
+        outcomes += found
+    return outcomes
+
+
+def _fold_graph(
+    graph: onnx.GraphProto, scope: _Scope, parent: GraphIndex | None, prefix: str
+) -> tuple[list[FoldOutcome], list[str]]:
+    """Fold one graph in graph order, so chains fold step by step (Conv → Mul → Add: the Mul
+    folds, then the Add folds into the same Conv). Bodies first: their folds change what they
+    read from this scope, which this scope's index must see. Returns the outcomes and the names
+    from enclosing scopes that this graph stopped reading (for their sweep)."""
+    outcomes: list[FoldOutcome] = []
     maybe_dead: list[str] = []
+    if any(True for n in graph.node for _ in named_subgraphs(n)):
+        lookup = scope.index(graph, parent)  # constants the bodies may read from this scope
+        for node in graph.node:
+            for attr_name, body in named_subgraphs(node):
+                label = f"{prefix}{node.name or node.op_type}.{attr_name}/"
+                body_outcomes, escaped = _fold_graph(body, scope, lookup, label)
+                outcomes += body_outcomes
+                maybe_dead += escaped
+    candidates = [n for n in graph.node if n.domain in ONNX_DOMAINS and n.op_type in FOLD_KINDS]
+    if not candidates and not maybe_dead:
+        return outcomes, []
+    index = scope.index(graph, parent)
+    version = batch_norm_version(scope.opset)
     for node in candidates:
-        name, output = node.name or node.output[0], node.output[0]
+        name, output = prefix + (node.name or node.output[0]), node.output[0]
         if node.op_type == "BatchNormalization":
-            plan = plan_batch_norm(node, index, version, opset)
+            plan = plan_batch_norm(node, index, version, scope.opset)
         elif node.op_type in RUNTIME_NORMALIZATIONS:
             plan = RUNTIME_STATISTICS  # reported, so a user who asks why sees the answer
         else:
-            plan = plan_elementwise(node, index, opset)
+            plan = plan_elementwise(node, index, scope.opset)
             if isinstance(plan, Skip):
                 continue  # most Mul/Add nodes are no candidates; only folds are reported
         if isinstance(plan, Skip):
@@ -106,7 +173,14 @@ def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
         )
     index.sweep(maybe_dead)
     index.commit()
-    return outcomes
+    return outcomes, [n for n in maybe_dead if n and not index.defines(n)]
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for _, body in named_subgraphs(node):
+            yield from _all_nodes(body)
 
 
 def validate(folded: onnx.ModelProto, original: Callable[[], onnx.ModelProto]) -> None:

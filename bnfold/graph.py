@@ -48,12 +48,18 @@ def is_onnx_op(node: onnx.NodeProto, op_type: str) -> bool:
     return node.op_type == op_type and node.domain in ONNX_DOMAINS
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def named_subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """A node's subgraphs (If branches, Loop and Scan bodies) with their attribute names."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
+            yield attr.name, attr.g
         elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
+            for i, graph in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", graph
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    return (graph for _, graph in named_subgraphs(node))
 
 
 def _outer_scope_reads(node: onnx.NodeProto) -> set[str]:
@@ -72,7 +78,7 @@ def _outer_scope_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
+def all_names(graph: onnx.GraphProto) -> Iterator[str]:
     """Every value name in a graph and its subgraphs, so a fresh name shadows nothing."""
     yield from (v.name for v in graph.input)
     yield from (v.name for v in graph.output)
@@ -82,12 +88,14 @@ def _all_names(graph: onnx.GraphProto) -> Iterator[str]:
         yield from node.input
         yield from node.output
         for sub in _subgraphs(node):
-            yield from _all_names(sub)
+            yield from all_names(sub)
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     """The value of a Constant node (spec: exactly one `value*` attribute)."""
     for attr in node.attribute:
+        if attr.ref_attr_name:  # inside a function, bound at each call site
+            raise NotConstant(f"{node_label(node)} takes its value from the function's caller")
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
         if attr.name == "value_float":
@@ -103,10 +111,21 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
 class GraphIndex:
     def __init__(
-        self, graph: onnx.GraphProto, *, ir_version: int, opset: int, opset_imports: list | None = None
+        self,
+        graph: onnx.GraphProto,
+        *,
+        ir_version: int,
+        opset: int,
+        opset_imports: list | None = None,
+        parent: GraphIndex | None = None,
+        names: set[str] | None = None,
     ):
+        """`parent` is the index of the enclosing scope, for a subgraph (If/Loop/Scan body):
+        names the body reads from there are looked up in it. `names` is the set of every name
+        in the model, shared by the scopes so that fresh names shadow nothing."""
         self.graph = graph
         self.opset = opset
+        self.parent = parent
         self._opset_imports = list(opset_imports or [onnx.helper.make_opsetid("", opset)])
         self._inferred: dict[str, onnx.TypeProto.Tensor] | None = None
         self._evaluated: dict[str, np.ndarray] = {}
@@ -119,11 +138,12 @@ class GraphIndex:
         self.graph_inputs = {v.name for v in graph.input}
         self.graph_outputs = {v.name for v in graph.output}
         # IR v4 made initializers that are also graph inputs overridable defaults; before it
-        # every initializer had to be listed as an input and was a constant all the same.
-        self.inputs_override_initializers = ir_version >= 4
+        # every initializer had to be listed as a graph input and was a constant all the same.
+        # A subgraph's inputs are its own (loop state, scan slices): never constants.
+        self.inputs_override_initializers = ir_version >= 4 or parent is not None
         self._producer: dict[str, onnx.NodeProto] = {}
         self._readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self._names: set[str] | None = None
+        self._names = names
         for node in self._nodes:
             for name in node.output:
                 if name:
@@ -137,6 +157,10 @@ class GraphIndex:
 
     def readers(self, name: str) -> list[onnx.NodeProto]:
         return self._readers.get(name, [])
+
+    def defines(self, name: str) -> bool:
+        """Whether `name` belongs to this scope (not read from an enclosing one)."""
+        return name in self._producer or name in self.initializers or name in self.graph_inputs or name in self._vanished
 
     def is_used(self, name: str) -> bool:
         return bool(self._readers.get(name)) or name in self.graph_outputs
@@ -175,6 +199,8 @@ class GraphIndex:
             if node is None:
                 if name in self.graph_inputs:
                     raise NotConstant(f"'{name}' is a graph input")
+                if self.parent is not None and name not in self.initializers:
+                    return self.parent.constant_value(name)  # read from the enclosing scope
                 raise NotConstant(f"'{name}' is not defined in this graph")
             if is_onnx_op(node, "Identity"):
                 name = node.input[0]
@@ -188,7 +214,7 @@ class GraphIndex:
     # ---- edits ---------------------------------------------------------------------------
     def fresh_name(self, base: str) -> str:
         if self._names is None:
-            self._names = set(_all_names(self.graph))
+            self._names = set(all_names(self.graph))
         name, k = base, 0
         while name in self._names:
             k += 1
@@ -202,7 +228,7 @@ class GraphIndex:
         tensor = numpy_helper.from_array(values, name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = tensor
-        if not self.inputs_override_initializers:
+        if not self.inputs_override_initializers:  # a main graph before IR v4
             # Before IR v4 the checker requires every initializer to be a graph input too.
             self.graph.input.append(
                 onnx.helper.make_tensor_value_info(name, tensor.data_type, values.shape)

@@ -480,6 +480,16 @@ def _find_linear(data: str, index: GraphIndex, opset: int):
     return node, passthrough, None
 
 
+def _call_site_attributes(*nodes: onnx.NodeProto) -> Skip | None:
+    """Inside a model-local function an attribute may be bound at each call site
+    (`ref_attr_name`): its value is not known here, so nothing depending on it folds."""
+    for node in nodes:
+        bound = [a.name for a in node.attribute if a.ref_attr_name]
+        if bound:
+            return Skip(f"{node_label(node)} takes attribute '{bound[0]}' from the function's caller")
+    return None
+
+
 def _single_reader_skip(linear: onnx.NodeProto, reader: onnx.NodeProto, index: GraphIndex) -> Skip | None:
     out = linear.output[0]
     if out in index.graph_outputs:
@@ -505,8 +515,12 @@ def plan_backward(
     if rule is None:
         return Skip(f"its input comes from {node_label(producer)}; bnfold folds into {', '.join(RULES)}")
     first = passthrough[-1] if passthrough else (reader or source)
-    return _single_reader_skip(producer, first, index) or rule.plan_backward(
-        source, data, producer, passthrough, index, read_affine
+    return (
+        _call_site_attributes(source, producer, *passthrough)
+        or _single_reader_skip(producer, first, index)
+        or rule.plan_backward(
+            source, data, producer, passthrough, index, read_affine
+        )
     )
 
 
@@ -530,6 +544,9 @@ class ConcatPlan:
 def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, index: GraphIndex, opset: int) -> ConcatPlan | Skip:
     """BN(Concat_axis1(y_1, …, y_k)) = Concat(BN_1(y_1), …, BN_k(y_k)) with BN_j the slice of
     the BN's parameters for y_j's channels; each BN_j folds into y_j's linear producer."""
+    bound = _call_site_attributes(bn, concat)
+    if bound:
+        return bound
     out = concat.output[0]
     axis = _int_attr(concat, "axis", 0)
     if axis < 0:
@@ -581,7 +598,7 @@ def plan_forward(bn: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip | Non
         return None
     if list(consumer.input).count(out) != 1 or consumer.input[0] != out:
         return Skip(f"{node_label(consumer)} after it reads it as a parameter")
-    return rule.plan_forward(bn, consumer, index)
+    return _call_site_attributes(bn, consumer) or rule.plan_forward(bn, consumer, index)
 
 
 def plan_batch_norm(bn: onnx.NodeProto, index: GraphIndex, version: int, opset: int) -> FoldPlan | ConcatPlan | Skip:
