@@ -191,3 +191,16 @@ def linear_bn_model(
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def assert_refused(model: onnx.ModelProto, reason: str | None = None, *, check: bool = True):
+    """bnfold leaves the model byte-identical and, when given, reports `reason` for some node."""
+    import bnfold
+
+    before = model.SerializeToString(deterministic=True)
+    result = bnfold.fold(model, check=check)
+    assert result.model.SerializeToString(deterministic=True) == before, "a refused fold changed the model"
+    if reason is not None:
+        reasons = [o.reason for o in result.report.outcomes if not o.folded]
+        assert any(reason in r for r in reasons), reasons
+    return result
