@@ -1,6 +1,6 @@
 """Regenerate the sample models: small real PyTorch networks exported to ONNX with BN kept.
 
-    pip install torch==2.13.0 onnx
+    pip install torch==2.13.0 onnx onnxscript   # onnxscript: the dynamo exporter
     python sample_models/make_samples.py
 
 Only this script needs torch; the tests read the .onnx and .npz files it writes.
