@@ -426,6 +426,15 @@ def main() -> None:
 
     export(resnet, "resnet_tiny_dynamo", torch.randn(2, 3, 32, 32, generator=gen), 18, dynamic_batch=False, dynamo=True)
 
+    # The same pattern networks through the dynamo exporter (optimize=False keeps BN).
+    for name, net, example in (
+        ("decoder_convtranspose", decoder, torch.randn(2, 32, 4, 4, generator=gen)),
+        ("mlp_batchnorm1d", mlp, torch.randn(4, 64, generator=gen)),
+        ("frozen_bn_backbone", frozen, torch.randn(1, 3, 32, 32, generator=gen)),
+        ("preact_input_bn", preact, torch.randn(2, 3, 32, 32, generator=gen)),
+    ):
+        export(net, f"{name}_dynamo", example, 18, dynamic_batch=False, dynamo=True)
+
 
 if __name__ == "__main__":
     main()

@@ -57,6 +57,17 @@ def test_optimize_writes_beside_the_input_and_reports_json(model_path):
     assert f"wrote {out}" in result.stderr
 
 
+def test_a_model_with_external_data_folds_into_one_file(tmp_path):
+    # The dynamo exporter's default: weights in a .data file beside the model.
+    model = onnx.load(str(SAMPLE))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    result = invoke("optimize", tmp_path / "ext.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verification"]["equivalent"] is True
+    folded = onnx.load(str(tmp_path / "ext.folded.onnx"), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in folded.graph.initializer)
+
+
 def test_output_into_a_folder(model_path, tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()

@@ -34,6 +34,10 @@ EXPECTED = {
     "frozen_bn_backbone": (0, 0, 6),  # FrozenBatchNorm2d: x·scale + shift, computed constants
     "preact_input_bn": (2, 1, 0),  # the input BN folds forward into the unpadded stem
     "resnet_tiny_dynamo": (9, 9, 0),  # dynamo exporter: biases built by Shape/Expand/CastLike
+    "decoder_convtranspose_dynamo": (2, 2, 0),
+    "mlp_batchnorm1d_dynamo": (2, 2, 0),
+    "frozen_bn_backbone_dynamo": (0, 0, 6),
+    "preact_input_bn_dynamo": (2, 1, 0),
 }
 
 
