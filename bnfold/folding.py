@@ -10,14 +10,13 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold.errors import BnfoldError, InternalError, first_line
-from bnfold.graph import ONNX_DOMAINS, GraphIndex, all_names, named_subgraphs, node_label
+from bnfold.graph import ONNX_DOMAINS, GraphIndex, all_names, named_subgraphs
 from bnfold.modelfile import load_model
 from bnfold.report import FoldOutcome, FoldReport
 from bnfold.rules import (
     ELEMENTWISE_AFFINE,
     RUNTIME_NORMALIZATIONS,
     RUNTIME_STATISTICS,
-    ConcatPlan,
     Skip,
     batch_norm_version,
     plan_batch_norm,
@@ -156,19 +155,13 @@ def _fold_graph(
             outcomes.append(FoldOutcome(name, output, op=node.op_type, reason=plan.reason))
             continue
         # read before the rewrite renames outputs (and turns a MatMul into a Gemm)
-        linears = [part.linear for part in plan.parts] if isinstance(plan, ConcatPlan) else [plan.linear]
-        into = ", ".join(linear.name or linear.output[0] for linear in linears)
-        into_op = "/".join(sorted({linear.op_type for linear in linears}))
-        if isinstance(plan, ConcatPlan):
-            via = node_label(plan.concat)
-            maybe_dead += plan.rewrite(index)
-        else:
-            via = None
-            maybe_dead += plan.rule.rewrite(plan, index)
+        into = ", ".join(linear.name or linear.output[0] for linear in plan.linears)
+        into_op = "/".join(sorted({linear.op_type for linear in plan.linears}))
+        maybe_dead += plan.rewrite(index)
         outcomes.append(
             FoldOutcome(
                 name, output, op=node.op_type, folded_into=into, folded_into_op=into_op,
-                forward=getattr(plan, "forward", False), split_at=via,
+                forward=plan.forward, via=plan.via,
             )
         )
     index.sweep(maybe_dead)

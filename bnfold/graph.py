@@ -167,6 +167,12 @@ class GraphIndex:
 
     def rank(self, name: str) -> int | None:
         """The rank of a tensor, from declared types or else one shape inference, or None."""
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        """A tensor's dims (None where only known at run time), from declared types or else one
+        shape inference; None when even the rank is unknown."""
         declared = self._declared.get(name)
         if declared is None or not declared.HasField("shape"):
             if self._inferred is None:
@@ -174,7 +180,7 @@ class GraphIndex:
             declared = self._inferred.get(name)
         if declared is None or not declared.HasField("shape"):
             return None
-        return len(declared.shape.dim)
+        return tuple(d.dim_value if d.HasField("dim_value") else None for d in declared.shape.dim)
 
     def is_constant(self, name: str) -> bool:
         try:

@@ -17,7 +17,7 @@ class FoldOutcome:
     folded_into: str | None = None  # the linear node's name (or output name), when folded
     folded_into_op: str | None = None
     forward: bool = False  # folded into the op it feeds (BN → Conv), not the one feeding it
-    split_at: str | None = None  # the Concat across which the BN was split, one slice per input
+    via: str | None = None  # "split at Concat 'c'" / "through Transpose 't'", when not direct
     reason: str | None = None
 
     @property
@@ -70,8 +70,8 @@ class FoldReport:
             label = o.node if o.op == "BatchNormalization" else f"{o.node} ({o.op})"
             if o.folded:
                 where = "into the following" if o.forward else "into"
-                split = f" (split at {o.split_at})" if o.split_at else ""
-                rows.append((label, "folded", f"{where} {o.folded_into_op} {o.folded_into}{split}"))
+                via = f" ({o.via})" if o.via else ""
+                rows.append((label, "folded", f"{where} {o.folded_into_op} {o.folded_into}{via}"))
             else:
                 rows.append((label, "skipped", o.reason or ""))
         width = [max(len(r[i]) for r in rows) for i in range(2)]

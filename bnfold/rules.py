@@ -72,6 +72,14 @@ class FoldPlan:
     bias: np.ndarray  # folded, in the weight's dtype (Conv's B and Gemm's C share W's type)
     passthrough: tuple[onnx.NodeProto, ...] = ()  # no-ops between them, removed with the source
     forward: bool = False  # the source feeds the linear op (BN → Conv), not the other way
+    via = None  # every plan says what it folded into (`linears`) and through what (`via`)
+
+    @property
+    def linears(self) -> tuple[onnx.NodeProto, ...]:
+        return (self.linear,)
+
+    def rewrite(self, index: GraphIndex) -> list[str]:
+        return self.rule.rewrite(self, index)
 
 
 # ---- the affine map ----------------------------------------------------------------------------
@@ -254,14 +262,10 @@ class LinearRule:
         raise NotImplementedError
 
     def _plan(self, source, linear, weight, new_weight64, new_bias64, passthrough, forward) -> FoldPlan | Skip:
-        axis = self.weight_axis(linear)
-        new_weight = affine.cast_weights(new_weight64, weight.dtype, axis)
-        with np.errstate(over="ignore"):  # overflow is checked just below
-            new_bias = new_bias64.astype(weight.dtype)
-        for what, values in (("weights", new_weight), ("bias", new_bias)):
-            if not np.isfinite(values.astype(np.float64)).all():
-                return Skip(f"the folded {what} overflow {weight.dtype}")
-        return FoldPlan(self, source, linear, new_weight, new_bias, tuple(passthrough), forward)
+        cast = _cast_folded(weight.dtype, new_weight64, new_bias64, self.weight_axis(linear))
+        if isinstance(cast, Skip):
+            return cast
+        return FoldPlan(self, source, linear, *cast, tuple(passthrough), forward)
 
     def rewrite(self, plan: FoldPlan, index: GraphIndex) -> list[str]:
         """Give the linear op its folded tensors and cut the source out: backward, the linear
@@ -436,6 +440,17 @@ class MatMulRule(LinearRule):
         node.op_type = "Gemm"  # MatMul has no attributes; Gemm's defaults are α = β = 1
 
 
+def _cast_folded(dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | Skip:
+    """The folded float64 weight and bias in the model's dtype, or a Skip if they overflow it."""
+    weight = affine.cast_weights(weight64, dtype, axis)
+    with np.errstate(over="ignore"):  # overflow is checked just below
+        bias = bias64.astype(dtype)
+    for what, values in (("weights", weight), ("bias", bias)):
+        if not np.isfinite(values.astype(np.float64)).all():
+            return Skip(f"the folded {what} overflow {dtype}")
+    return weight, bias
+
+
 def _folded_name(name: str) -> str:
     """`W` → `W_bnfold`; a tensor folded again keeps one suffix (`W_bnfold` → `W_bnfold_1`)."""
     return re.sub(r"_bnfold(_\d+)?$", "", name) + "_bnfold"
@@ -531,6 +546,15 @@ class ConcatPlan:
     bn: onnx.NodeProto
     concat: onnx.NodeProto
     parts: tuple[FoldPlan, ...]
+    forward = False
+
+    @property
+    def linears(self) -> tuple[onnx.NodeProto, ...]:
+        return tuple(part.linear for part in self.parts)
+
+    @property
+    def via(self) -> str:
+        return f"split at {node_label(self.concat)}"
 
     def rewrite(self, index: GraphIndex) -> list[str]:
         """Each producer takes its slice of the BN; the Concat takes over the BN's output."""
@@ -586,6 +610,118 @@ def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, index: GraphIndex, o
     return ConcatPlan(bn, concat, tuple(parts))
 
 
+SHAPE_OPS = ("Reshape", "Flatten", "Transpose")
+
+
+@dataclass(frozen=True)
+class ChannelLastPlan:
+    """A BN over the last axis of MatMul + bias Add (a Linear on tokens), reached through
+    shape-only ops: BatchNorm1d over tokens, exported as Reshape/Transpose → BN → back."""
+
+    bn: onnx.NodeProto
+    matmul: onnx.NodeProto
+    add: onnx.NodeProto
+    bias_position: int  # which input of the Add is the bias
+    shape_ops: tuple[onnx.NodeProto, ...]  # from the BN's input back towards the Add
+    weight: np.ndarray
+    bias: np.ndarray
+    forward = False
+
+    @property
+    def linears(self) -> tuple[onnx.NodeProto, ...]:
+        return (self.matmul,)
+
+    @property
+    def via(self) -> str:
+        return "through " + ", ".join(node_label(n) for n in reversed(self.shape_ops))
+
+    def rewrite(self, index: GraphIndex) -> list[str]:
+        """New B and bias for the MatMul and its Add; the shape op the BN read takes over the
+        BN's output name."""
+        old_weight, old_bias = self.matmul.input[1], self.add.input[self.bias_position]
+        index.set_input(self.matmul, 1, index.add_initializer(self.weight, _folded_name(old_weight)))
+        index.set_input(self.add, self.bias_position, index.add_initializer(self.bias, _folded_name(old_bias)))
+        last = self.shape_ops[0]
+        maybe_dead = [old_weight, old_bias, *self.bn.input[1:], last.output[0]]
+        index.remove_node(self.bn)
+        index.set_output(last, 0, self.bn.output[0])
+        return maybe_dead
+
+
+def _axis_before(node: onnx.NodeProto, axis: int, index: GraphIndex) -> int | None:
+    """Which input axis becomes output `axis` of a shape-only op, if it passes through whole."""
+    if node.op_type == "Transpose":
+        rank = index.rank(node.input[0])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        perm = perm or (list(reversed(range(rank))) if rank is not None else None)
+        return perm[axis] if perm is not None and axis < len(perm) else None
+    before, after = index.shape(node.input[0]), index.shape(node.output[0])
+    if before is None or after is None or axis != len(after) - 1:
+        return None  # Reshape/Flatten: only a last axis that stays the last axis, whole
+    return len(before) - 1 if before[-1] is not None and before[-1] == after[-1] else None
+
+
+def plan_channel_last(bn: onnx.NodeProto, index: GraphIndex) -> ChannelLastPlan | Skip | None:
+    """BN(reshape(MatMul(x, B) + c)) where the shape ops carry the MatMul's last axis to the
+    BN's channel axis: B' = B·s on its N axis and c' = c·s + t; the BN goes. None when the BN
+    is not behind shape-only ops at all."""
+    node, reader, axis, shape_ops = index.producer(bn.input[0]), bn, 1, []
+    while node is not None and node.domain in ("", "ai.onnx") and node.op_type in SHAPE_OPS:
+        blocked = _call_site_attributes(node) or _single_reader_skip(node, reader, index)
+        if blocked:
+            return blocked
+        axis = _axis_before(node, axis, index)
+        if axis is None:
+            return Skip(f"{node_label(node)} between it and the linear op does not carry the channel axis over whole")
+        shape_ops.append(node)
+        reader, node = node, index.producer(node.input[0])
+    if not shape_ops:
+        return None
+    data = shape_ops[-1].input[0]
+    rank = index.rank(data)
+    if node is None or rank is None or axis != rank - 1:
+        return None
+    if is_onnx_op(node, "MatMul"):
+        return Skip(f"{node_label(node)} has no bias Add after it to absorb the BN's shift")
+    if not is_onnx_op(node, "Add"):
+        return None
+    add = node
+    matmul_position = next(
+        (i for i, name in enumerate(add.input) if (p := index.producer(name)) is not None and is_onnx_op(p, "MatMul")), None
+    )
+    if matmul_position is None:
+        return None
+    matmul = index.producer(add.input[matmul_position])
+    blocked = (
+        _call_site_attributes(bn, add, matmul)
+        or _single_reader_skip(add, reader, index)
+        or _single_reader_skip(matmul, add, index)
+    )
+    if blocked:
+        return blocked
+    weight = _constant(index, matmul.input[1], "MatMul B")
+    if isinstance(weight, Skip):
+        return weight
+    if weight.ndim != 2:
+        return Skip(f"MatMul B has rank {weight.ndim}, not 2")
+    bias = _constant(index, add.input[1 - matmul_position], "Add bias")
+    if isinstance(bias, Skip):
+        return bias
+    channels = weight.shape[1]
+    if bias.ndim > rank or any(d != 1 for d in bias.shape[:-1]) or (bias.ndim and bias.shape[-1] not in (1, channels)):
+        return Skip(f"Add bias of shape {list(bias.shape)} is not one value per channel")
+    scale_shift = read_batch_norm(bn, index, channels)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    scale, shift = scale_shift
+    new_weight = affine.scale_weights(weight, scale, axis=1)
+    new_bias = affine.fold_bias(bias.reshape(-1), scale, shift).reshape((1,) * max(bias.ndim - 1, 0) + (channels,))
+    cast = _cast_folded(weight.dtype, new_weight, new_bias, axis=1)
+    if isinstance(cast, Skip):
+        return cast
+    return ChannelLastPlan(bn, matmul, add, 1 - matmul_position, tuple(shape_ops), *cast)
+
+
 def plan_forward(bn: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip | None:
     """Fold `bn` into the one linear op it feeds; None when it feeds no candidate at all."""
     out = bn.output[0]
@@ -601,9 +737,11 @@ def plan_forward(bn: onnx.NodeProto, index: GraphIndex) -> FoldPlan | Skip | Non
     return _call_site_attributes(bn, consumer) or rule.plan_forward(bn, consumer, index)
 
 
-def plan_batch_norm(bn: onnx.NodeProto, index: GraphIndex, version: int, opset: int) -> FoldPlan | ConcatPlan | Skip:
-    """Backward into the op that produces its input (split across a channel Concat), else
-    forward into the op it feeds."""
+def plan_batch_norm(
+    bn: onnx.NodeProto, index: GraphIndex, version: int, opset: int
+) -> FoldPlan | ConcatPlan | ChannelLastPlan | Skip:
+    """Backward into the op that produces its input (split across a channel Concat, or through
+    shape-only ops into a Linear on tokens), else forward into the op it feeds."""
     mode = check_inference_mode(bn, version, index)
     if mode:
         return mode
@@ -617,6 +755,9 @@ def plan_batch_norm(bn: onnx.NodeProto, index: GraphIndex, version: int, opset: 
     backward = plan_backward(bn, bn.input[0], index, opset, read_bn)
     if isinstance(backward, FoldPlan):
         return backward
+    channel_last = plan_channel_last(bn, index)
+    if channel_last is not None:  # the BN sits behind shape-only ops: that decides it
+        return channel_last
     forward = plan_forward(bn, index)
     if isinstance(forward, FoldPlan):
         return forward

@@ -317,6 +317,21 @@ class PreActNet(nn.Module):
         return self.head((x + self.block(x)).mean(dim=(2, 3)))
 
 
+class TokenMLP(nn.Module):
+    """Linear layers on tokens [B, T, C] with BatchNorm1d over the features, applied the two
+    usual ways: through transpose(1, 2), and through reshape(-1, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(16, 24), nn.BatchNorm1d(24)
+        self.fc2, self.bn2 = nn.Linear(24, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.bn1(self.fc1(x).transpose(1, 2)).transpose(1, 2))
+        y = self.fc2(x)
+        return self.bn2(y.reshape(-1, 8)).reshape(y.shape)
+
+
 def randomize_frozen(model: nn.Module, generator: torch.Generator) -> None:
     """FrozenBatchNorm2d has no running statistics to calibrate: give it trained-looking ones."""
     with torch.no_grad():
@@ -434,6 +449,10 @@ def main() -> None:
         ("preact_input_bn", preact, torch.randn(2, 3, 32, 32, generator=gen)),
     ):
         export(net, f"{name}_dynamo", example, 18, dynamic_batch=False, dynamo=True)
+
+    tokens = TokenMLP()
+    perturb_and_calibrate(tokens, lambda: torch.randn(8, 10, 16, generator=gen), gen)
+    export(tokens, "token_mlp_batchnorm1d", torch.randn(2, 10, 16, generator=gen), 17, dynamic_batch=False)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def test_skips_are_reported_with_their_reason(tmp_path):
             "folded_into": None,
             "folded_into_op": None,
             "forward": False,
-            "split_at": None,
+            "via": None,
             "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'",
             "status": "skipped",
         }

@@ -349,7 +349,7 @@ def concat_bn_model(
 def test_batch_norm_after_concat_splits_into_each_conv(axis):
     result = assert_folds(concat_bn_model(axis=axis), ["Conv", "Conv", "Conv", "Concat"])
     (outcome,) = result.report.outcomes
-    assert (outcome.folded_into, outcome.split_at) == ("c1, c3, c5", "Concat 'cat'")
+    assert (outcome.folded_into, outcome.via) == ("c1, c3, c5", "split at Concat 'cat'")
     assert result.model.graph.node[-1].output[0] == "y"
 
 
@@ -391,3 +391,59 @@ def test_runtime_statistics_normalizations_are_never_folded_and_say_why(op, inpu
     assert (outcome.op, outcome.folded) == (op, False)
     assert outcome.reason == "it normalizes with statistics of each input, computed at run time: never folded"
     assert result.report.to_dict()["runtime_normalizations"][0]["node"] == "norm"
+
+
+# ---- BatchNorm1d over tokens: MatMul + bias → shape-only ops → BN --------------------------------
+def token_model(kind: str, *, bias: bool = True) -> onnx.ModelProto:
+    """x [2, 5, 4] → MatMul (B [4, 6]) → Add (bias [6]) → <shape op> → BN over 6 → <back> → y."""
+    rng = np.random.default_rng(13)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 6)).astype(np.float32), "B")]
+    inits += [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits += [
+        numpy_helper.from_array(np.array([-1, 6], np.int64), "flat"),
+        numpy_helper.from_array(np.array([2, 5, 6], np.int64), "tokens"),
+        numpy_helper.from_array(np.array([-1, 3], np.int64), "halves"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["mm"], name="mm")]
+    last = "mm"
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, 6).astype(np.float32), "bias"))
+        nodes.append(helper.make_node("Add", ["mm", "bias"], ["biased"], name="add"))
+        last = "biased"
+    into, back = {
+        "reshape": (helper.make_node("Reshape", [last, "flat"], ["bn_in"], name="to_2d"), helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back")),
+        "flatten": (helper.make_node("Flatten", [last], ["bn_in"], name="to_2d", axis=2), helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back")),
+        "transpose": (helper.make_node("Transpose", [last], ["bn_in"], name="to_ncl", perm=[0, 2, 1]), helper.make_node("Transpose", ["bn_out"], ["y"], name="back", perm=[0, 2, 1])),
+    }[kind]
+    nodes += [into, helper.make_node("BatchNormalization", ["bn_in", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"), back]
+    graph = helper.make_graph(
+        nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 6])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kind", ["reshape", "flatten", "transpose"])
+def test_batch_norm_over_tokens_folds_into_the_linear(kind):
+    model = token_model(kind)
+    shape_ops = [n.op_type for n in model.graph.node if n.op_type in ("Reshape", "Flatten", "Transpose")]
+    result = assert_folds(model, ["MatMul", "Add", *shape_ops])
+    (outcome,) = result.report.outcomes
+    assert outcome.folded_into_op == "MatMul" and outcome.via.startswith("through ")
+
+
+def test_batch_norm_over_tokens_without_a_bias_add_is_refused():
+    assert_refused(token_model("reshape", bias=False), "MatMul 'mm' has no bias Add after it to absorb the BN's shift")
+
+
+def test_a_reshape_that_splits_the_channel_axis_is_refused():
+    model = token_model("reshape")
+    to_2d = next(n for n in model.graph.node if n.name == "to_2d")
+    to_2d.input[1] = "halves"  # [2, 5, 6] → [20, 3]: a channel of the BN is half a feature
+    params = bn_parameters(np.random.default_rng(0), 3)
+    for key in ("gamma", "beta", "mean", "var"):
+        t = next(t for t in model.graph.initializer if t.name == key)
+        t.CopyFrom(numpy_helper.from_array(params[key].astype(np.float32), key))
+    model.graph.node[-1].input[1] = "tokens"
+    assert_refused(model, "Reshape 'to_2d' between it and the linear op does not carry the channel axis over whole")

@@ -38,6 +38,7 @@ EXPECTED = {
     "mlp_batchnorm1d_dynamo": (2, 2, 0),
     "frozen_bn_backbone_dynamo": (0, 0, 6),
     "preact_input_bn_dynamo": (2, 1, 0),
+    "token_mlp_batchnorm1d": (2, 2, 0),  # BatchNorm1d over tokens, via transpose and via reshape
 }
 
 
