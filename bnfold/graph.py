@@ -94,8 +94,6 @@ def all_names(graph: onnx.GraphProto) -> Iterator[str]:
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     """The value of a Constant node (spec: exactly one `value*` attribute)."""
     for attr in node.attribute:
-        if attr.ref_attr_name:  # inside a function, bound at each call site
-            raise NotConstant(f"{node_label(node)} takes its value from the function's caller")
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
         if attr.name == "value_float":
@@ -129,6 +127,7 @@ class GraphIndex:
         self._opset_imports = list(opset_imports or [onnx.helper.make_opsetid("", opset)])
         self._inferred: dict[str, onnx.TypeProto.Tensor] | None = None
         self._evaluated: dict[str, np.ndarray] = {}
+        self._status: dict[str, str | None] = {}  # name → why it is not constant (None: it is)
         self._declared = {v.name: v.type.tensor_type for v in (*graph.input, *graph.value_info, *graph.output)}
         self._nodes = list(graph.node)  # holds the wrappers, so id() stays stable
         self._removed_nodes: set[int] = set()
@@ -191,33 +190,85 @@ class GraphIndex:
 
     def constant_value(self, name: str) -> np.ndarray:
         """The value of `name`: an initializer, a Constant, or computed from those by Identity
-        chains and pure ops (PURE_OPS)."""
+        chains and pure ops (PURE_OPS). Whether it is constant is decided first, iteratively
+        and once per name, so a long non-constant chain (a transformer's residual stream) costs
+        one walk and no deep recursion."""
+        reason = self._why_not_constant(name)
+        if reason is not None:
+            raise NotConstant(reason)
+        try:
+            return self._compute(name)
+        except RecursionError:
+            raise NotConstant(f"'{name}' is computed by a constant chain too deep to evaluate") from None
+
+    def _compute(self, name: str) -> np.ndarray:
         while True:
             if name in self._evaluated:
                 return self._evaluated[name]
             if name in self.initializers and name not in self._removed_initializers:
-                if name in self.graph_inputs and self.inputs_override_initializers:
-                    raise NotConstant(
-                        f"'{name}' is also a graph input, so a caller can override it at run time"
-                    )
                 return numpy_helper.to_array(self.initializers[name])
             node = self._producer.get(name)
             if node is None:
-                if name in self.graph_inputs:
-                    raise NotConstant(f"'{name}' is a graph input")
-                if self.parent is not None and name not in self.initializers:
-                    return self.parent.constant_value(name)  # read from the enclosing scope
-                raise NotConstant(f"'{name}' is not defined in this graph")
+                return self.parent.constant_value(name)  # known constant in the enclosing scope
             if is_onnx_op(node, "Identity"):
                 name = node.input[0]
             elif is_onnx_op(node, "Constant"):
                 return _constant_node_value(node)
-            elif node.op_type in PURE_OPS and node.domain in ONNX_DOMAINS:
-                return self._evaluate(node, name)
             else:
-                raise NotConstant(f"'{name}' is computed by {node_label(node)}")
+                return self._evaluate(node, name)
 
-    # ---- edits ---------------------------------------------------------------------------
+    def _why_not_constant(self, name: str) -> str | None:
+        """None when `name` is a constant bnfold can compute, else why not (memoized)."""
+        stack, on_stack = [name], {name}
+        while stack:
+            current = stack[-1]
+            if current in self._status:
+                on_stack.discard(stack.pop())
+                continue
+            needs, reason = self._constant_needs(current)
+            if reason is None:
+                if any(n in on_stack and n not in self._status for n in needs):
+                    reason = f"'{current}' depends on itself (the graph has a cycle)"
+                else:
+                    waiting = [n for n in needs if n not in self._status]
+                    if waiting:
+                        stack.extend(waiting)
+                        on_stack.update(waiting)
+                        continue
+                    reason = next((self._status[n] for n in needs if self._status[n] is not None), None)
+            self._status[current] = reason
+            on_stack.discard(stack.pop())
+        return self._status[name]
+
+    def _constant_needs(self, name: str) -> tuple[list[str], str | None]:
+        """The names `name`'s constant-ness depends on, or the reason it is not constant."""
+        if name in self.initializers and name not in self._removed_initializers:
+            if name in self.graph_inputs and self.inputs_override_initializers:
+                return [], f"'{name}' is also a graph input, so a caller can override it at run time"
+            return [], None
+        node = self._producer.get(name)
+        if node is None:
+            if name in self.graph_inputs:
+                return [], f"'{name}' is a graph input"
+            if self.parent is not None:
+                return [], self.parent._why_not_constant(name)  # read from the enclosing scope
+            return [], f"'{name}' is not defined in this graph"
+        if is_onnx_op(node, "Identity"):
+            return [node.input[0]], None
+        if is_onnx_op(node, "Constant"):
+            if any(a.ref_attr_name for a in node.attribute):  # inside a function, bound at each call site
+                return [], f"{node_label(node)} takes its value from the function's caller"
+            return [], None
+        if node.op_type not in PURE_OPS or node.domain not in ONNX_DOMAINS:
+            return [], f"'{name}' is computed by {node_label(node)}"
+        needs = [n for n in node.input if n]
+        if node.op_type == "Shape" and self._declared_shape(needs[0]) is not None:
+            return [], None  # only the shape matters, and it is declared
+        if node.op_type == "CastLike" and len(needs) == 2 and self._declared_type(needs[1]):
+            return needs[:1], None  # only the second input's type matters, and it is declared
+        return needs, None
+
+        # ---- edits ---------------------------------------------------------------------------
     def fresh_name(self, base: str) -> str:
         if self._names is None:
             self._names = set(all_names(self.graph))
@@ -259,6 +310,7 @@ class GraphIndex:
             self._vanished.add(old)
         node.output[position] = name
         self._producer[name] = node
+        self._status.pop(name, None)
 
     def remove_node(self, node: onnx.NodeProto) -> None:
         self._removed_nodes.add(id(node))
@@ -365,26 +417,28 @@ class GraphIndex:
             return {}
         return {v.name: v.type.tensor_type for v in (*inferred.value_info, *inferred.output, *inferred.input)}
 
+    def _declared_type(self, name: str) -> int:
+        declared = self._declared.get(name)
+        return declared.elem_type if declared is not None else 0
+
+    def _declared_shape(self, name: str) -> tuple[int, ...] | None:
+        declared = self._declared.get(name)
+        if declared is None or not declared.HasField("shape"):
+            return None
+        dims = declared.shape.dim
+        if not all(d.HasField("dim_value") for d in dims):
+            return None
+        return tuple(d.dim_value for d in dims)
+
     def _dtype(self, name: str) -> np.dtype:
-        try:
-            return self.constant_value(name).dtype
-        except NotConstant:
-            declared = self._declared.get(name)
-            if declared is None or not declared.elem_type:
-                raise
-            return onnx.helper.tensor_dtype_to_np_dtype(declared.elem_type)
+        elem_type = self._declared_type(name)
+        if elem_type:
+            return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        return self.constant_value(name).dtype
 
     def _static_shape(self, name: str) -> tuple[int, ...]:
-        try:
-            return self.constant_value(name).shape
-        except NotConstant:
-            declared = self._declared.get(name)
-            if declared is None or not declared.HasField("shape"):
-                raise
-            dims = declared.shape.dim
-            if not all(d.HasField("dim_value") for d in dims):
-                raise NotConstant(f"'{name}' has a shape that is only known at run time") from None
-            return tuple(d.dim_value for d in dims)
+        declared = self._declared_shape(name)
+        return declared if declared is not None else self.constant_value(name).shape
 
     def _unread(self, name: str, node: onnx.NodeProto) -> None:
         """Drop one read of `name` by `node`, found by identity: protobuf's == compares contents."""

@@ -447,3 +447,35 @@ def test_a_reshape_that_splits_the_channel_axis_is_refused():
         t.CopyFrom(numpy_helper.from_array(params[key].astype(np.float32), key))
     model.graph.node[-1].input[1] = "tokens"
     assert_refused(model, "Reshape 'to_2d' between it and the linear op does not carry the channel axis over whole")
+
+
+# ---- robustness of the constant walk --------------------------------------------------------------
+def add_chain_model(depth: int, *, cycle: bool = False) -> onnx.ModelProto:
+    """Conv(x) + (z + 1 + 1 + … depth times): a residual-stream-like chain beside a conv."""
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv")]
+    previous = "z"
+    for i in range(depth):
+        nodes.append(helper.make_node("Add", [previous, "one"], [f"a{i}"]))
+        previous = f"a{i}"
+    if cycle:  # an invalid graph: the chain's first Add reads its own last output
+        nodes[1].input[0] = previous
+    nodes.append(helper.make_node("Add", ["c", previous], ["y"], name="final"))
+    graph = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]), helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "W"), numpy_helper.from_array(np.float32(1), "one")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_long_non_constant_chain_is_walked_once_without_deep_recursion():
+    # Each Add asks whether its other operand is constant; 3000 deep must neither recurse past
+    # Python's limit nor re-walk the chain per Add.
+    result = bnfold.fold(add_chain_model(3000), check=False)
+    assert result.report.outcomes == []
+
+
+def test_a_cycle_does_not_hang_the_constant_walk():
+    result = bnfold.fold(add_chain_model(5, cycle=True), check=False)
+    assert result.report.outcomes == []
