@@ -33,7 +33,8 @@ class FoldResult:
 
 
 def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> FoldResult:
-    """Fold every foldable BatchNormalization into the linear op in front of it.
+    """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
+    op next to it; see the README's "What is folded" for the patterns and their preconditions.
 
     `model` is a ModelProto (never modified: the fold works on a copy) or a path. With `check`,
     the result must pass `onnx.checker` (full check) or this raises: BnfoldError when the input

@@ -14,6 +14,14 @@ models (BENCHMARKS.md): correct float32 folds drift ≤ 5e-7 · S, the mildest s
 mistake (one channel's bias 3% off) ≥ 2.9e-4 · S, so atol = 5e-5 sits 100× above the one and 6×
 below the other. float16 and bfloat16 keep 11 and 8 significant bits; integer and bool outputs
 must match exactly. NaN and ±Inf must sit at the same positions in both.
+
+Some models are numerically noisier than the policy assumes: on a ResNet-50 with calibrated BN,
+any correct float32 fold (bnfold's and onnxruntime's alike) drifts 2e-5 · S, because the
+unfolded conv output carries the mean that BN subtracts. So when an output fails the policy,
+the check measures this model's own float32 noise: how far onnxruntime's BASIC-level graph
+optimizations (its own Conv+BN fusion and constant folding, all float32) move the reference on
+the same inputs. A difference within NOISE_FACTOR times that noise is float32 noise, and the
+report says so with the numbers; the relaxed bound is capped at NOISE_CAP times the policy.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ DEFAULT_TOLERANCE = {
     "bfloat16": Tolerance(8e-2, 0.0),
 }
 EXACT = Tolerance(0.0, 0.0)
+NOISE_FACTOR = 4.0  # a failing output passes within this many times the model's own noise
+NOISE_CAP = 20.0  # …but never beyond this many times the policy's atol
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 DEFAULT_TRIALS = 3
 DEFAULT_INT_RANGE = (0, 10)
@@ -96,6 +106,7 @@ class OutputComparison:
     needed_atol: float = 0.0  # the smallest atol (with this rtol) that would have passed
     atol: float = 0.0
     rtol: float = 0.0
+    noise: float | None = None  # this model's own float32 noise (as an atol), when measured
 
 
 @dataclass
@@ -125,7 +136,12 @@ class VerifyReport:
     def table(self) -> str:
         rows = [("output", "dtype", "shape", "max abs", "rel L2", "cosine", "mismatched", "needed atol", "result")]
         for o in self.outputs:
-            result = f"ok (atol {o.atol:.0e})" if o.passed else (o.reason or f"FAIL (atol {o.atol:.0e})")
+            if o.passed and o.noise is not None:
+                result = f"ok: within {NOISE_FACTOR:.0f}× this model's float32 noise {o.noise:.1e}"
+            elif o.passed:
+                result = f"ok (atol {o.atol:.0e})"
+            else:
+                result = o.reason or f"FAIL (atol {o.atol:.0e})"
             rows.append(
                 (
                     o.name, o.dtype, "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs_error:.2e}",
@@ -146,11 +162,13 @@ class VerifyReport:
 def make_session(
     model: onnx.ModelProto | str | Path, *, providers: Sequence[str] = DEFAULT_PROVIDERS, optimize: bool = False
 ) -> ort.InferenceSession:
-    """A session on a ModelProto or a model file (a path lets onnxruntime read external data)."""
+    """A session on a ModelProto or a model file (a path lets onnxruntime read external data).
+    `optimize` turns on onnxruntime's BASIC graph optimizations (float32-exact rewrites)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: keep onnxruntime's warnings off the report
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=list(providers))
 
@@ -224,15 +242,44 @@ def verify(
     report.trials = len(feeds)
     comparisons: dict[str, list[OutputComparison]] = {}
     output_names = [o.name for o in sessions[0].get_outputs()]
+    references = []
     for t, feed in enumerate(feeds, 1):
         progress(f"trial {t} of {len(feeds)}")
         want, got = (_run(s, feed, label) for s, label in zip(sessions, (report.reference, report.candidate)))
+        references.append(want)
         for name, w, g in zip(output_names, want, got):
             comparisons.setdefault(name, []).append(compare(name, w, g, atol, rtol))
     report.outputs = [_worst(trial_results) for trial_results in comparisons.values()]
+    if not all(o.passed for o in report.outputs) and atol is None:
+        progress("measuring the reference's own float32 noise")
+        _judge_by_noise(report.outputs, reference, feeds, references, providers)
     report.equivalent = all(o.passed for o in report.outputs)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _judge_by_noise(outputs, reference, feeds, references, providers) -> None:
+    """Give failing float outputs a second look against the model's own float32 noise: how far
+    onnxruntime's BASIC optimizations move the reference (module docstring)."""
+    try:
+        optimized = make_session(reference, providers=providers, optimize=True)
+    except Exception:  # no yardstick, no relaxation: the policy's verdict stands
+        return
+    noise: dict[str, float] = {}
+    for feed, want in zip(feeds, references):
+        moved = _run(optimized, feed, "the optimized reference")
+        for o, w, m in zip(outputs, want, moved):
+            if w.dtype.kind == "f" and m.shape == w.shape and m.dtype == w.dtype:
+                noise[o.name] = max(noise.get(o.name, 0.0), compare(o.name, w, m, 0.0, 0.0).needed_atol)
+    for o in outputs:
+        if o.passed or o.name not in noise or o.reason:
+            continue
+        o.noise = noise[o.name]
+        bound = min(NOISE_FACTOR * o.noise, NOISE_CAP * o.atol)
+        if o.needed_atol <= bound:
+            o.passed = True  # mismatched keeps counting the elements beyond the policy
+        elif NOISE_FACTOR * o.noise > NOISE_CAP * o.atol:
+            o.reason = f"FAIL: this model's own float32 noise ({o.noise:.1e}) is too large to tell a fold from noise"
 
 
 def compare(

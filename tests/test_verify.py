@@ -273,3 +273,43 @@ def test_npz_without_the_input_is_exit_2(tmp_path):
     sample = SAMPLES / "resnet_tiny.onnx"
     result = invoke("verify", sample, sample, "--inputs", tmp_path / "data.npz")
     assert result.exit_code == 2 and "no array for input 'input'" in result.stderr
+
+
+# ---- noisy models: a correct fold beyond the policy, within the model's own float32 noise ----------
+def cancelling_model() -> onnx.ModelProto:
+    """Conv with a bias near 1e4 that BN's mean takes away again: in float32 the unfolded model
+    rounds the conv output at 1e4 (an ulp of ~1e-3) before the subtraction, so any correct fold
+    differs from it by ~1e-4 of the output scale."""
+    model = conv_bn_model(seed=21)
+    rng = np.random.default_rng(21)
+    offsets = rng.normal(0, 1, 6)
+    for name, values in (("B", 1e4 + offsets), ("mean", 1e4 + offsets + rng.normal(0, 0.1, 6)), ("var", np.full(6, 0.5))):
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+    return model
+
+
+def test_a_fold_within_the_models_own_float32_noise_is_equivalent(tmp_path):
+    original = save(cancelling_model(), tmp_path / "noisy.onnx")
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    report = bnfold.verify(original, folded)
+    (output,) = report.outputs
+    assert output.needed_atol > output.atol  # the policy alone would call it a difference…
+    assert report.equivalent and output.noise is not None  # …but it is this model's float32 noise
+    assert output.needed_atol <= 4 * output.noise
+    assert "within 4× this model's float32 noise" in report.table()
+
+
+def test_an_explicit_atol_is_taken_literally(tmp_path):
+    original = save(cancelling_model(), tmp_path / "noisy.onnx")
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    report = bnfold.verify(original, folded, atol=5e-5)
+    assert not report.equivalent and report.outputs[0].noise is None
+
+
+def test_a_real_mistake_in_a_noisy_model_still_fails(monkeypatch, tmp_path):
+    original = save(cancelling_model(), tmp_path / "noisy.onnx")
+    mutate(monkeypatch, "epsilon 1e-3 for 1e-5")
+    broken = save(bnfold.fold(original).model, tmp_path / "broken.onnx")
+    report = bnfold.verify(original, broken)
+    assert not report.equivalent and report.outputs[0].noise is not None
