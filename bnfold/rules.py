@@ -758,12 +758,25 @@ def plan_batch_norm(
     channel_last = plan_channel_last(bn, index)
     if channel_last is not None:  # the BN sits behind shape-only ops: that decides it
         return channel_last
-    forward = plan_forward(bn, index)
+    forward = plan_forward(bn, index) or _why_not_forward(bn, index)
     if isinstance(forward, FoldPlan):
         return forward
-    if isinstance(forward, Skip):
-        return Skip(f"{backward.reason}; nor forward: {forward.reason}")
-    return backward
+    return Skip(f"{backward.reason}; nor forward: {forward.reason}")
+
+
+def _why_not_forward(bn: onnx.NodeProto, index: GraphIndex) -> Skip:
+    """Why a BN that feeds no Conv/Gemm directly cannot fold forward, naming what is between."""
+    out = bn.output[0]
+    readers = index.readers(out)
+    if out in index.graph_outputs:
+        return Skip("its output is a graph output")
+    if len(readers) != 1:
+        return Skip(f"it feeds {len(readers)} nodes")
+    reader = readers[0]
+    after = index.readers(reader.output[0]) if reader.output else []
+    if len(after) == 1 and after[0].op_type in ("Conv", "Gemm"):
+        return Skip(f"{node_label(reader)} stands between it and {node_label(after[0])}")
+    return Skip(f"it feeds {node_label(reader)}, not a Conv or Gemm")
 
 
 def plan_elementwise(node: onnx.NodeProto, index: GraphIndex, opset: int) -> FoldPlan | Skip:

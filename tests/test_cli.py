@@ -96,11 +96,11 @@ def test_skips_are_reported_with_their_reason(tmp_path):
             "folded_into_op": None,
             "forward": False,
             "via": None,
-            "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'",
+            "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; nor forward: it feeds Relu '/Relu', not a Conv or Gemm",
             "status": "skipped",
         }
     ]
-    assert "skipped  Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'" in result.stderr
+    assert "skipped  Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; nor forward: it feeds Relu '/Relu', not a Conv or Gemm" in result.stderr
 
 
 def test_inspect_writes_nothing(model_path):

@@ -82,16 +82,21 @@ def test_conv_output_with_two_readers_is_skipped_with_its_reason():
     model, _, _ = load("shared_conv_output")
     (skipped,) = [o for o in bnfold.fold(model).report.outcomes if not o.folded]
     assert skipped.node == "/bn/BatchNormalization"
-    assert skipped.reason == "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'"
+    assert skipped.reason == "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; nor forward: it feeds Relu '/Relu', not a Conv or Gemm"
 
 
 def test_identity_branch_batch_norms_are_explained():
     model, _, _ = load("repvgg_tiny")
     reasons = {o.reason for o in bnfold.fold(model).report.outcomes if not o.folded}
+    folds_into = "bnfold folds into Conv, ConvTranspose, Gemm, MatMul"
     assert reasons == {
-        f"its input comes from Relu '/blocks/blocks.{block}/Relu'; bnfold folds into Conv, ConvTranspose, Gemm, MatMul"
-        for block in (0, 2)
-    } | {"its input comes from Relu '/stem/stem.2/Relu'; bnfold folds into Conv, ConvTranspose, Gemm, MatMul"}
+        f"its input comes from Relu '{source}'; {folds_into}; nor forward: it feeds Add '{add}', not a Conv or Gemm"
+        for source, add in (
+            ("/stem/stem.2/Relu", "/blocks/blocks.0/Add_1"),
+            ("/blocks/blocks.0/Relu", "/blocks/blocks.1/Add_1"),
+            ("/blocks/blocks.2/Relu", "/blocks/blocks.3/Add_1"),
+        )
+    }
 
 
 def test_patterns_beyond_conv_fold_where_onnxruntime_does_not():
@@ -99,7 +104,10 @@ def test_patterns_beyond_conv_fold_where_onnxruntime_does_not():
     assert [o.folded_into_op for o in outcomes["mlp_batchnorm1d"]] == ["Gemm", "MatMul"]
     stem, block = outcomes["preact_input_bn"]
     assert stem.forward and stem.folded_into == "/stem/Conv"
-    assert block.reason == "Conv '/stem/Conv' output also feeds Add '/Add'"
+    assert block.reason == (
+        "Conv '/stem/Conv' output also feeds Add '/Add'; "
+        "nor forward: Relu '/block/block.1/Relu' stands between it and Conv '/block/block.2/Conv'"
+    )
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -99,7 +99,7 @@ def test_fold_inside_a_loop_body():
 
 def test_loop_state_is_not_a_constant():
     result = assert_refused(loop_model(state_is_parameter=True))
-    assert result.report.outcomes[0].reason == "BatchNormalization mean is not constant: 'l_m' is a graph input"
+    assert result.report.outcomes[0].reason.startswith("BatchNormalization mean is not constant: 'l_m' is a graph input;")
 
 
 def function_model(epsilon_from_caller: bool = False) -> onnx.ModelProto:
@@ -138,4 +138,4 @@ def test_fold_inside_a_model_local_function():
 
 def test_an_attribute_bound_by_the_caller_blocks_the_fold():
     result = assert_refused(function_model(epsilon_from_caller=True))
-    assert result.report.outcomes[0].reason == "BatchNormalization 'f_bn' takes attribute 'epsilon' from the function's caller"
+    assert result.report.outcomes[0].reason.startswith("BatchNormalization 'f_bn' takes attribute 'epsilon' from the function's caller;")
