@@ -1,10 +1,20 @@
-"""Reading and writing model files: one clear error for bad input, atomic writes for output."""
+"""Reading and writing model files: one clear error for bad input, atomic writes for output.
+
+Model files may come from anywhere. A tensor stored as external data names a file by a
+`location` the model itself chooses, so before any byte of external data is read every
+location must be a plain relative path that stays inside the model's folder: not absolute,
+no `..`, not through a symlink that leads out, not a hard link (which could be a second name
+for any file on the disk), and within the file's size. onnxruntime is a second loader of the
+same file, so `check_external_data` runs before it is given a path too.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
 
@@ -20,14 +30,104 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise BnfoldError(f"{path}: no such file")
     if path.is_dir():
         raise BnfoldError(f"{path}: is a directory, not an ONNX model")
+    model = _parse(path)
+    external = list(external_tensors(model))
+    if external:
+        folder = _checked_locations(path, external)
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(folder))
+        except Exception as exc:
+            raise BnfoldError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+    return model
+
+
+def check_external_data(path: str | os.PathLike) -> None:
+    """Refuse a model file whose external data would be read from outside its folder."""
+    path = Path(path)
+    external = list(external_tensors(_parse(path)))
+    if external:
+        _checked_locations(path, external)
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise BnfoldError(f"{path}: no such file")
+    if path.is_dir():
+        raise BnfoldError(f"{path}: is a directory, not an ONNX model")
     try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf DecodeError, bad external data, I/O: all the user's file
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, I/O, recursion limits: all the user's file
         raise BnfoldError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     # An empty or foreign file can parse as an empty ModelProto; that is no model either.
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise BnfoldError(f"{path}: not an ONNX model (no IR version or no graph)")
     return model
+
+
+def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the model stored as external data: initializers and Constant values of
+    the graph, its subgraphs and its functions."""
+
+    def in_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from (t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+        yield from in_nodes(graph.node)
+
+    def in_nodes(nodes) -> Iterator[onnx.TensorProto]:
+        for node in nodes:
+            for attr in node.attribute:
+                tensors = [attr.t] if attr.HasField("t") else list(attr.tensors)
+                yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
+                graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+                for graph in graphs:
+                    yield from in_graph(graph)
+
+    yield from in_graph(model.graph)
+    for function in model.functions:
+        yield from in_nodes(function.node)
+
+
+def _checked_locations(path: Path, tensors: list[onnx.TensorProto]) -> Path:
+    """The model's folder, after every external-data location checked (module docstring)."""
+    folder = path.resolve().parent
+    sizes: dict[str, int] = {}
+    for tensor in tensors:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        why = _unsafe_location(location)
+        if why:
+            raise BnfoldError(f"{path}: tensor '{tensor.name}' has external data at {location!r}: {why}; refused")
+        if location not in sizes:
+            target = folder / location
+            real = Path(os.path.realpath(target))
+            if folder not in real.parents:
+                raise BnfoldError(f"{path}: external data {location!r} leads outside the model's folder; refused")
+            try:
+                status = real.stat()
+            except OSError:
+                raise BnfoldError(f"{path}: external data file {location!r} is missing") from None
+            if not stat.S_ISREG(status.st_mode):
+                raise BnfoldError(f"{path}: external data {location!r} is not a regular file; refused")
+            if status.st_nlink > 1:
+                raise BnfoldError(f"{path}: external data {location!r} is a hard link; refused")
+            sizes[location] = status.st_size
+        try:
+            end = int(info.get("offset") or 0) + int(info.get("length") or 0)
+        except ValueError:
+            raise BnfoldError(f"{path}: tensor '{tensor.name}' has a malformed external-data offset or length") from None
+        if end > sizes[location]:
+            raise BnfoldError(f"{path}: tensor '{tensor.name}' reaches past the end of {location!r}")
+    return folder
+
+
+def _unsafe_location(location: str) -> str:
+    if not location:
+        return "no location"
+    for flavour in (PurePosixPath(location), PureWindowsPath(location)):
+        if flavour.is_absolute() or flavour.drive or flavour.root:
+            return "an absolute path"
+        if ".." in flavour.parts:
+            return "a path with '..'"
+    return ""
 
 
 def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None) -> Path:

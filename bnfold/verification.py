@@ -37,6 +37,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError, InternalError, first_line
+from bnfold.modelfile import check_external_data
 
 
 class ModelLoadError(BnfoldError):
@@ -366,6 +367,8 @@ def _describe(model) -> str:
 
 
 def _session(model, role: str, providers) -> ort.InferenceSession:
+    if not isinstance(model, onnx.ModelProto):
+        check_external_data(model)  # onnxruntime reads external data itself: check it first
     try:
         return make_session(model, providers=providers)
     except Exception as exc:

@@ -1,0 +1,92 @@
+"""Model files from anywhere: external data never read from outside the model's folder, hostile
+files never a traceback, an interrupted run never a partial output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from bnfold.cli import app
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_tiny.onnx"
+runner = CliRunner()
+
+
+def external_model(folder: Path, location: str = "weights.bin") -> Path:
+    """resnet_tiny with every initializer in `folder/weights.bin`, then its locations set to
+    `location` (the data file itself stays where it is)."""
+    path = folder / "model.onnx"
+    onnx.save(onnx.load(str(SAMPLE)), str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    if location != "weights.bin":
+        model = onnx.load(str(path), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(model, str(path))
+    return path
+
+
+def assert_refused(args, message: str, folder: Path) -> None:
+    before = sorted(p.name for p in folder.iterdir())
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written
+
+
+def test_external_data_inside_the_folder_is_read(tmp_path):
+    path = external_model(tmp_path)
+    result = runner.invoke(app, ["optimize", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "location, message",
+    [
+        ("/etc/passwd", "an absolute path"),
+        ("../outside/weights.bin", "a path with '..'"),
+        ("sub/../../weights.bin", "a path with '..'"),
+        ("C:\\\\Windows\\\\weights.bin", "an absolute path"),
+        ("", "no location"),
+    ],
+    ids=["absolute", "dot-dot", "nested-dot-dot", "windows-drive", "empty"],
+)
+def test_escaping_locations_are_refused(tmp_path, location, message):
+    path = external_model(tmp_path, location)
+    for command in (["optimize", path], ["verify", path, path], ["inspect", path]):
+        assert_refused(command, message, tmp_path)
+
+
+def test_a_symlink_leading_out_of_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    inside = tmp_path / "model"
+    inside.mkdir()
+    path = external_model(inside)
+    (inside / "weights.bin").rename(outside / "weights.bin")
+    (inside / "weights.bin").symlink_to(outside / "weights.bin")
+    for command in (["optimize", path], ["verify", path, path]):
+        assert_refused(command, "leads outside the model's folder", inside)
+
+
+def test_a_hard_link_is_refused(tmp_path):
+    inside = tmp_path / "model"
+    inside.mkdir()
+    path = external_model(inside)
+    os.link(inside / "weights.bin", tmp_path / "second_name.bin")
+    assert_refused(["optimize", path], "is a hard link", inside)
+
+
+def test_missing_or_short_data_files_are_exit_2(tmp_path):
+    path = external_model(tmp_path)
+    data = tmp_path / "weights.bin"
+    data.write_bytes(data.read_bytes()[:100])
+    assert_refused(["optimize", path], "reaches past the end of 'weights.bin'", tmp_path)
+    data.unlink()
+    assert_refused(["optimize", path], "external data file 'weights.bin' is missing", tmp_path)
