@@ -52,7 +52,15 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=folded.ByteSize())
-    report.outcomes = fold_model_graph(folded)
+    try:
+        report.outcomes = fold_model_graph(folded)
+    except (BnfoldError, InternalError):
+        raise
+    except Exception:
+        # A broken model can break what any valid one guarantees (an unknown data type, a
+        # dangling name): if the input fails the checker, that is the user's file, not a bug.
+        _check_input(original)
+        raise
     if check:
         validate(folded, original)
     report.bytes_after = folded.ByteSize()
@@ -182,17 +190,21 @@ def validate(folded: onnx.ModelProto, original: Callable[[], onnx.ModelProto]) -
     try:
         _check(folded)
     except BnfoldError as folded_error:
-        try:
-            _check(original())
-        except BnfoldError as input_error:
-            raise BnfoldError(f"the input is not a valid ONNX model: {input_error}") from None
+        _check_input(original)
         raise InternalError(
             f"the folded model fails onnx.checker although the input passes: {folded_error}"
         ) from None
 
 
+def _check_input(original: Callable[[], onnx.ModelProto]) -> None:
+    try:
+        _check(original())
+    except BnfoldError as input_error:
+        raise BnfoldError(f"the input is not a valid ONNX model: {input_error}") from None
+
+
 def _check(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except Exception as exc:  # ValidationError, InferenceError, and ValueError for bad enums
         raise BnfoldError(first_line(exc)) from None

@@ -61,7 +61,28 @@ def _parse(path: Path) -> onnx.ModelProto:
     # An empty or foreign file can parse as an empty ModelProto; that is no model either.
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise BnfoldError(f"{path}: not an ONNX model (no IR version or no graph)")
+    if not _text_is_valid(model):
+        raise BnfoldError(f"{path}: not a valid ONNX model (a name or text field is not UTF-8)")
     return model
+
+
+def _text_is_valid(model: onnx.ModelProto) -> bool:
+    """Whether every string field is UTF-8. protobuf parses ONNX's proto2 strings unchecked,
+    and a bad one then fails wherever it is first read (or comes back as bytes)."""
+    pending = [model]
+    try:
+        while pending:
+            message = pending.pop()
+            for field, value in message.ListFields():
+                values = value if _is_repeated(field) else [value]
+                if field.type == field.TYPE_STRING:
+                    if not all(isinstance(v, str) for v in values):
+                        return False
+                elif field.type == field.TYPE_MESSAGE:
+                    pending.extend(values)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -84,6 +105,13 @@ def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from in_graph(model.graph)
     for function in model.functions:
         yield from in_nodes(function.node)
+
+
+def _is_repeated(field) -> bool:
+    # protobuf 5.29+ has is_repeated; `label` is gone in protobuf 7
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == field.LABEL_REPEATED
 
 
 def _checked_locations(path: Path, tensors: list[onnx.TensorProto]) -> Path:

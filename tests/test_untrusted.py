@@ -90,3 +90,33 @@ def test_missing_or_short_data_files_are_exit_2(tmp_path):
     assert_refused(["optimize", path], "reaches past the end of 'weights.bin'", tmp_path)
     data.unlink()
     assert_refused(["optimize", path], "external data file 'weights.bin' is missing", tmp_path)
+
+
+# ---- fuzzing: broken and hostile files -----------------------------------------------------------
+FUZZ_SAMPLES = ["shared_conv_output", "token_mlp_batchnorm1d", "mlp_batchnorm1d", "decoder_convtranspose"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_model_files_exit_0_or_2_and_never_leave_a_partial_output(seed, tmp_path):
+    """60 seeded mutations per seed (bit flips, truncations, inserted, deleted and swapped
+    bytes): exit 0 with a valid model written, or exit 2 with one line and nothing written."""
+    import numpy as np
+    from fuzzing import mutate
+
+    rng = np.random.default_rng([2026, seed])
+    for case in range(60):
+        name = FUZZ_SAMPLES[case % len(FUZZ_SAMPLES)]
+        folder = tmp_path / f"case{case}"
+        folder.mkdir()
+        path = folder / "m.onnx"
+        path.write_bytes(mutate((SAMPLE.parent / f"{name}.onnx").read_bytes(), rng))
+        result = runner.invoke(app, ["optimize", str(path), "--trials", "1"])
+        written = sorted(p.name for p in folder.iterdir())
+        context = f"seed {seed} case {case} ({name}): {result.output[-400:]}"
+        assert result.exit_code in (0, 2), context
+        assert "Traceback" not in result.output, context
+        if result.exit_code == 0:
+            assert written == ["m.folded.onnx", "m.onnx"], context
+            onnx.checker.check_model(onnx.load(str(folder / "m.folded.onnx")), full_check=True)
+        else:
+            assert written == ["m.onnx"] and len(result.stderr.strip().splitlines()) == 1, context
