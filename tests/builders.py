@@ -167,29 +167,37 @@ def linear_bn_model(
     attrs: dict | None = None,
     opset: int = 17,
     seed: int = 0,
+    dtype=np.float32,
+    bn_params: dict[str, np.ndarray] | None = None,
+    epsilon: float | None = None,
 ) -> onnx.ModelProto:
     """x → <op> 'linear' (weight W, optional bias B) → BatchNormalization 'bn' → y, for any
     linear op; the BN's channel count is taken from a shape-inferred output."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(weight.astype(np.float32), "W")]
+    dtype = np.dtype(dtype)
+    elem = ONNX_TYPE[dtype]
+    inits = [numpy_helper.from_array(np.asarray(weight).astype(dtype), "W")]
     inputs = ["x", "W"]
     if bias is not None:
-        inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
+        inits.append(numpy_helper.from_array(np.asarray(bias).astype(dtype), "B"))
         inputs.append("B")
     graph = helper.make_graph(
         [helper.make_node(op, inputs, ["lin_out"], name="linear", **(attrs or {}))], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("lin_out", TensorProto.FLOAT, None)], inits,
+        [helper.make_tensor_value_info("x", elem, x_shape)],
+        [helper.make_tensor_value_info("lin_out", elem, None)], inits,
     )
     probe = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
     out_shape = [d.dim_value for d in probe.graph.output[0].type.tensor_type.shape.dim]
     channels = out_shape[1]
-    params = bn_parameters(rng, channels)
+    params = bn_params if bn_params is not None else bn_parameters(rng, channels)
     for key in ("gamma", "beta", "mean", "var"):
-        graph.initializer.append(numpy_helper.from_array(params[key].astype(np.float32), key))
-    graph.node.append(helper.make_node("BatchNormalization", ["lin_out", "gamma", "beta", "mean", "var"], ["y"], name="bn"))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(params[key]).astype(dtype), key))
+    bn_attrs = {} if epsilon is None else {"epsilon": epsilon}
+    graph.node.append(
+        helper.make_node("BatchNormalization", ["lin_out", "gamma", "beta", "mean", "var"], ["y"], name="bn", **bn_attrs)
+    )
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape))
+    graph.output.append(helper.make_tensor_value_info("y", elem, out_shape))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 

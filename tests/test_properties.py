@@ -1,0 +1,71 @@
+"""Property: any Conv / ConvTranspose / Gemm followed by BatchNormalization, drawn at random,
+folds into a model that computes the same function (onnxruntime, optimizations off), or is
+refused with the model unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bnfold
+from builders import assert_same_function, linear_bn_model, op_types
+
+
+@st.composite
+def linear_bn_graphs(draw):
+    op = draw(st.sampled_from(["Conv", "ConvTranspose", "Gemm"]))
+    dtype = draw(st.sampled_from([np.float32, np.float32, np.float16]))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    bias = draw(st.booleans())
+    if op == "Gemm":
+        m, k, n = (draw(st.integers(1, 6)) for _ in range(3))
+        trans_b = draw(st.integers(0, 1))
+        weight = rng.normal(0, 0.5, (n, k) if trans_b else (k, n))
+        bias_shape = draw(st.sampled_from([[n], [1, n], [m, n], [m, 1], []]))
+        attrs = {"transB": trans_b, "alpha": draw(st.floats(0.25, 2)), "beta": draw(st.floats(0.25, 2))}
+        x_shape, channels = [m, k], n
+        b = rng.normal(0, 0.5, bias_shape) if bias else None
+    else:
+        rank = draw(st.integers(1, 3))
+        group = draw(st.integers(1, 3))
+        in_per, out_per = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        kernel = [draw(st.integers(1, 3)) for _ in range(rank)]
+        stride = [draw(st.integers(1, 2)) for _ in range(rank)]
+        dilation = [draw(st.integers(1, 2)) for _ in range(rank)]
+        pads = [draw(st.integers(0, 1)) for _ in range(2 * rank)]
+        attrs = {"group": group, "strides": stride, "dilations": dilation, "pads": pads}
+        if op == "Conv":
+            weight = rng.normal(0, 0.5, (out_per * group, in_per, *kernel))
+            size = [max(d * (k - 1) + 1, 3) + draw(st.integers(0, 2)) for d, k in zip(dilation, kernel)]
+        else:
+            weight = rng.normal(0, 0.5, (in_per * group, out_per, *kernel))
+            attrs["output_padding"] = [draw(st.integers(0, s - 1)) for s in stride]
+            size = [draw(st.integers(3, 4)) for _ in range(rank)]  # pads must leave an output
+        channels = out_per * group
+        x_shape = [draw(st.integers(1, 2)), in_per * group, *size]
+        b = rng.normal(0, 0.5, channels) if bias else None
+    low_var = 0.1 if dtype == np.float16 else 0.0  # float16 cannot hold γ/√1e-5-sized weights
+    params = {
+        "gamma": rng.uniform(-2, 2, channels),
+        "beta": rng.normal(0, 1, channels),
+        "mean": rng.normal(0, 1, channels),
+        "var": rng.uniform(low_var, 3, channels),
+    }
+    epsilon = draw(st.sampled_from([None, 1e-5, 1e-3, 0.1]))
+    return linear_bn_model(op, weight=weight, bias=b, x_shape=x_shape, attrs=attrs, dtype=dtype, bn_params=params, epsilon=epsilon)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(linear_bn_graphs())
+def test_random_linear_bn_graphs_fold_to_the_same_function(model):
+    result = bnfold.fold(model)
+    (outcome,) = result.report.outcomes
+    if not outcome.folded:  # allowed only with the model unchanged and a reason
+        assert result.model.SerializeToString() == model.SerializeToString() and outcome.reason
+        return
+    assert "BatchNormalization" not in op_types(result.model)
+    assert_same_function(model, result.model)
+    onnx.checker.check_model(result.model, full_check=True)
