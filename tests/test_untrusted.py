@@ -120,3 +120,67 @@ def test_mutated_model_files_exit_0_or_2_and_never_leave_a_partial_output(seed, 
             onnx.checker.check_model(onnx.load(str(folder / "m.folded.onnx")), full_check=True)
         else:
             assert written == ["m.onnx"] and len(result.stderr.strip().splitlines()) == 1, context
+
+
+# ---- interrupted runs ----------------------------------------------------------------------------
+def big_model(path: Path) -> None:
+    """A Conv → BN model with ~37 MB of weights: long enough to write that a kill can land in it."""
+    import numpy as np
+
+    from builders import linear_bn_model
+
+    weight = np.random.default_rng(0).normal(0, 0.1, (1024, 1024, 3, 3)).astype(np.float32)
+    onnx.save(linear_bn_model("Conv", weight=weight, bias=None, x_shape=[1, 1024, 3, 3]), str(path))
+
+
+def run_and_kill(args: list[str], folder: Path, *, when_temp_appears: bool, delay: float = 0.0) -> int:
+    """Start `python -m bnfold …`; SIGKILL it as soon as its temporary output file exists (or
+    after `delay` seconds). Returns the exit status (negative: killed by a signal)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "bnfold", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.monotonic()
+    while process.poll() is None:
+        temporary = any(p.name.endswith(".tmp") for p in folder.iterdir())
+        if (when_temp_appears and temporary) or (not when_temp_appears and time.monotonic() - start >= delay):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    return process.wait()
+
+
+def test_a_run_killed_mid_write_leaves_no_partial_output(tmp_path):
+    model = tmp_path / "big.onnx"
+    big_model(model)
+    before = model.read_bytes()
+    out = tmp_path / "big.folded.onnx"
+    status = run_and_kill(["optimize", str(model), "--no-verify", "-q"], tmp_path, when_temp_appears=True)
+    assert status == -9, "the run ended before its output was being written"
+    assert not out.exists()
+    assert model.read_bytes() == before
+
+
+def test_a_run_killed_mid_write_keeps_the_previous_output_whole(tmp_path):
+    model = tmp_path / "big.onnx"
+    big_model(model)
+    out = tmp_path / "big.folded.onnx"
+    assert runner.invoke(app, ["optimize", str(model), "--no-verify", "-q"]).exit_code == 0
+    previous = out.read_bytes()
+    status = run_and_kill(["optimize", str(model), "--no-verify", "-q"], tmp_path, when_temp_appears=True)
+    assert status == -9
+    assert out.read_bytes() == previous  # old and complete, never half-replaced
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.0, 1.5, 2.5])
+def test_a_run_killed_at_any_moment_leaves_nothing_or_a_valid_model(tmp_path, delay):
+    model = tmp_path / "big.onnx"
+    big_model(model)
+    before = model.read_bytes()
+    run_and_kill(["optimize", str(model), "--no-verify", "-q"], tmp_path, when_temp_appears=False, delay=delay)
+    out = tmp_path / "big.folded.onnx"
+    if out.exists():
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert model.read_bytes() == before
