@@ -69,6 +69,10 @@ def optimize(
         None, "--output", "-o", help="Where to write (a file or a folder). Default: MODEL with .folded.onnx."
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (still checked to load)."),
+    external_data: str = typer.Option(
+        "auto", "--external-data", metavar="auto|always|never",
+        help="Keep tensors in a data file beside the output: auto = when the input did or past 2 GiB.",
+    ),
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
@@ -90,7 +94,10 @@ def optimize(
 
     def run():
         options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider)
-        return run_optimize(model, output, verify=not no_verify, verify_options=options, progress=_progress(quiet))
+        return run_optimize(
+            model, output, verify=not no_verify, external_data=external_data, verify_options=options,
+            progress=_progress(quiet),
+        )
 
     result = _guard(run)
     if not quiet:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
@@ -42,30 +41,33 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     """
     start = time.perf_counter()
     if isinstance(model, (str, os.PathLike)):
-        path = model
-        folded = load_model(path)  # a fresh copy that only we hold
-        original: Callable[[], onnx.ModelProto] = lambda: load_model(path)
+        original: onnx.ModelProto | str = str(model)
+        folded = load_model(model)  # a fresh copy that only we hold
     elif isinstance(model, onnx.ModelProto):
+        original = model
         folded = onnx.ModelProto()
         folded.CopyFrom(model)
-        original = lambda: model
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=folded.ByteSize())
-    try:
-        report.outcomes = fold_model_graph(folded)
-    except (BnfoldError, InternalError):
-        raise
-    except Exception:
-        # A broken model can break what any valid one guarantees (an unknown data type, a
-        # dangling name): if the input fails the checker, that is the user's file, not a bug.
-        _check_input(original)
-        raise
+    report.outcomes = fold_in_place(folded, original)
     if check:
         validate(folded, original)
     report.bytes_after = folded.ByteSize()
     report.seconds = time.perf_counter() - start
     return FoldResult(folded, report)
+
+
+def fold_in_place(model: onnx.ModelProto, original: onnx.ModelProto | str) -> list[FoldOutcome]:
+    """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
+    model can break what any valid one guarantees (an unknown data type, a dangling name)."""
+    try:
+        return fold_model_graph(model)
+    except (BnfoldError, InternalError):
+        raise
+    except Exception:
+        _check_input(original)
+        raise
 
 
 @dataclass(frozen=True)
@@ -185,10 +187,11 @@ def _all_nodes(graph: onnx.GraphProto):
             yield from _all_nodes(body)
 
 
-def validate(folded: onnx.ModelProto, original: Callable[[], onnx.ModelProto]) -> None:
-    """onnx.checker with full_check (strict shape inference) on the result, and blame on failure."""
+def validate(candidate: onnx.ModelProto | str, original: onnx.ModelProto | str) -> None:
+    """onnx.checker with full_check (strict shape inference) on the result, and blame on failure.
+    Either may be a ModelProto or a path (the checker needs a path past protobuf's 2 GiB)."""
     try:
-        _check(folded)
+        _check(candidate)
     except BnfoldError as folded_error:
         _check_input(original)
         raise InternalError(
@@ -196,15 +199,15 @@ def validate(folded: onnx.ModelProto, original: Callable[[], onnx.ModelProto]) -
         ) from None
 
 
-def _check_input(original: Callable[[], onnx.ModelProto]) -> None:
+def _check_input(original: onnx.ModelProto | str) -> None:
     try:
-        _check(original())
+        _check(original)
     except BnfoldError as input_error:
         raise BnfoldError(f"the input is not a valid ONNX model: {input_error}") from None
 
 
-def _check(model: onnx.ModelProto) -> None:
+def _check(model: onnx.ModelProto | str) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, and ValueError for bad enums
         raise BnfoldError(first_line(exc)) from None

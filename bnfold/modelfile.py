@@ -11,12 +11,15 @@ same file, so `check_external_data` runs before it is given a path too.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
+from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError, first_line
 
@@ -24,12 +27,13 @@ SUFFIX = ".folded.onnx"
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Parse an ONNX file, or raise BnfoldError saying why it is not one."""
+    """Parse an ONNX file with its external data, or raise BnfoldError saying why it is not one."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
+    """The model and whether its file kept tensors as external data."""
     path = Path(path)
-    if not path.exists():
-        raise BnfoldError(f"{path}: no such file")
-    if path.is_dir():
-        raise BnfoldError(f"{path}: is a directory, not an ONNX model")
     model = _parse(path)
     external = list(external_tensors(model))
     if external:
@@ -38,7 +42,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             onnx.external_data_helper.load_external_data_for_model(model, str(folder))
         except Exception as exc:
             raise BnfoldError(f"{path}: cannot read its external data ({first_line(exc)})") from None
-    return model
+    return model, bool(external)
 
 
 def check_external_data(path: str | os.PathLike) -> None:
@@ -174,42 +178,143 @@ def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None)
     return dst
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
-    """Write `model` atomically; return the number of bytes written."""
-    try:
-        data = model.SerializeToString()
-    except ValueError as exc:  # protobuf refuses messages over 2 GiB
-        raise BnfoldError(f"cannot serialize the folded model: {first_line(exc)}") from None
-    write_atomic(data, Path(path))
-    return len(data)
+SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB message limit, with room for the graph
+EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
+ALIGNMENT = 4096  # external tensors start at page boundaries, so they can be memory-mapped
 
 
-def write_atomic(data: bytes, dest: Path) -> None:
-    """Write to a temporary file in the destination folder, fsync, then rename over `dest`.
+class StagedModel:
+    """A model written under temporary names in its destination folder, to be checked by path
+    (which works past protobuf's 2 GiB limit, and is how onnxruntime must read external data)
+    and then committed with one rename.
 
-    A rename within one file system is atomic, so `dest` is either untouched or complete, even
-    if the process is killed mid-write; the temporary file is removed on any failure.
+    With external data, the tensors go to `<output name>.<8 hex>.data`: a new file every time,
+    so nothing is ever appended to or overwritten in a data file another model may read. It is
+    written under a temporary name and renamed into place before the model is; the model's
+    rename is the commit. So at every moment the output path holds the previous model (with
+    its own data file intact) or the new one (with its data complete); after the commit the
+    previous output's bnfold-named data file is removed. Used as a context manager, anything
+    not committed is removed on exit.
     """
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    except OSError as exc:
-        raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, dest)
-    except BaseException as exc:
+
+    def __init__(self, model: onnx.ModelProto, dest: Path, *, external: bool):
+        self.dest = dest
+        self.data_path: Path | None = None
+        self._committed = False
+        self.path = self._temporary(".tmp")
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError):
+            if external:
+                self.data_path = dest.with_name(f"{dest.name}.{secrets.token_hex(4)}.data")
+                staging = self._temporary(".data.tmp")
+                try:
+                    with open(staging, "wb") as data:
+                        _externalize(model, data, self.data_path.name)
+                        data.flush()
+                        os.fsync(data.fileno())
+                    os.replace(staging, self.data_path)
+                except BaseException:
+                    _unlink(staging)
+                    raise
+            try:
+                serialized = model.SerializeToString()
+            except ValueError as exc:  # protobuf refuses messages over 2 GiB
+                raise BnfoldError(f"cannot serialize the folded model: {first_line(exc)}") from None
+            with open(self.path, "wb") as f:
+                f.write(serialized)
+                f.flush()
+                os.fsync(f.fileno())
+            self.bytes = len(serialized) + (self.data_path.stat().st_size if self.data_path else 0)
+        except OSError as exc:
+            self.discard()
             raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
-        raise
-    _fsync_directory(dest.parent)
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> None:
+        previous = _bnfold_data_files(self.dest)
+        os.chmod(self.path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        try:
+            os.replace(self.path, self.dest)
+        except OSError as exc:
+            raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
+        self._committed = True
+        _fsync_directory(self.dest.parent)
+        for old in previous - {self.data_path}:
+            _unlink(old)
+
+    def discard(self) -> None:
+        if not self._committed:
+            _unlink(self.path)
+            if self.data_path is not None:
+                _unlink(self.data_path)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+    def _temporary(self, suffix: str) -> Path:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=suffix, dir=self.dest.parent)
+        except OSError as exc:
+            raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
+        os.close(fd)
+        return Path(name)
+
+
+def _externalize(model: onnx.ModelProto, data, location: str) -> None:
+    """Move every initializer of at least EXTERNAL_THRESHOLD bytes (main graph and subgraphs)
+    into the open `data` file, as ONNX external data at `location`."""
+    offset = 0
+    for tensor in _initializers(model.graph):
+        if tensor.data_type == onnx.TensorProto.STRING or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        if len(raw) < EXTERNAL_THRESHOLD:
+            continue
+        padding = -offset % ALIGNMENT
+        data.write(b"\0" * padding)
+        offset += padding
+        data.write(raw)
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(field)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+            tensor.external_data.add(key=key, value=value)
+        offset += len(raw)
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _initializers(sub)
+
+
+def _bnfold_data_files(model_path: Path) -> set[Path]:
+    """The data files bnfold wrote for an existing output: named `<name>.<8 hex>.data`."""
+    if not model_path.is_file():
+        return set()
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return set()
+    pattern = re.compile(re.escape(model_path.name) + r"\.[0-9a-f]{8}\.data")
+    locations = {
+        entry.value for tensor in external_tensors(model) for entry in tensor.external_data if entry.key == "location"
+    }
+    return {model_path.with_name(loc) for loc in locations if pattern.fullmatch(loc)}
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _umask() -> int:

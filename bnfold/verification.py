@@ -174,14 +174,14 @@ def make_session(
     return ort.InferenceSession(source, options, providers=list(providers))
 
 
-def check_loads(folded: onnx.ModelProto, original: Callable[[], onnx.ModelProto]) -> None:
+def check_loads(folded: onnx.ModelProto | str | Path, original: onnx.ModelProto | str | Path) -> None:
     """The folded model must load in onnxruntime. If it does not, blame the input when that does
     not load either (BnfoldError), else bnfold (InternalError)."""
     try:
         make_session(folded)
     except Exception as folded_error:  # onnxruntime raises its own untyped failures
         try:
-            make_session(original())
+            make_session(original)
         except Exception as input_error:
             raise BnfoldError(
                 f"onnxruntime cannot load the input model: {first_line(input_error)}"

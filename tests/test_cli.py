@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -57,15 +58,48 @@ def test_optimize_writes_beside_the_input_and_reports_json(model_path):
     assert f"wrote {out}" in result.stderr
 
 
-def test_a_model_with_external_data_folds_into_one_file(tmp_path):
-    # The dynamo exporter's default: weights in a .data file beside the model.
+def external_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".data"))
+
+
+def test_external_data_in_gives_external_data_out(tmp_path):
+    # The dynamo exporter's default: weights in a data file beside the model.
     model = onnx.load(str(SAMPLE))
     onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     result = invoke("optimize", tmp_path / "ext.onnx", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["verification"]["equivalent"] is True
+    (data,) = [name for name in external_files(tmp_path) if name != "ext.onnx.data"]
+    assert re.fullmatch(r"ext\.folded\.onnx\.[0-9a-f]{8}\.data", data)  # named after the output
     folded = onnx.load(str(tmp_path / "ext.folded.onnx"), load_external_data=False)
-    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in folded.graph.initializer)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in folded.graph.initializer)
+    onnx.checker.check_model(str(tmp_path / "ext.folded.onnx"), full_check=True)
+
+
+def test_external_data_modes(tmp_path):
+    model = onnx.load(str(SAMPLE))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    assert invoke("optimize", tmp_path / "ext.onnx", "-o", tmp_path / "one.onnx", "--external-data", "never").exit_code == 0
+    assert not any(name.startswith("one.onnx") for name in external_files(tmp_path))
+    single = tmp_path / "single.onnx"
+    shutil.copy(SAMPLE, single)
+    assert invoke("optimize", single, "--external-data", "always").exit_code == 0
+    assert any(name.startswith("single.folded.onnx.") for name in external_files(tmp_path))
+    result = invoke("optimize", single, "--external-data", "sometimes")
+    assert result.exit_code == 2 and "choose one of auto, always, never" in result.stderr
+
+
+def test_rewriting_an_external_output_replaces_its_data_file_and_nothing_else(tmp_path):
+    model = tmp_path / "net.onnx"
+    shutil.copy(SAMPLE, model)
+    (tmp_path / "net.folded.onnx.unrelated.data").write_bytes(b"someone else's")
+    assert invoke("optimize", model, "--external-data", "always", "-q").exit_code == 0
+    first = set(external_files(tmp_path))
+    assert invoke("optimize", model, "--external-data", "always", "-q").exit_code == 0
+    second = set(external_files(tmp_path))
+    assert len(first) == len(second) == 2 and first != second  # a fresh data file, the old one gone
+    assert "net.folded.onnx.unrelated.data" in second
+    onnx.checker.check_model(str(tmp_path / "net.folded.onnx"), full_check=True)
 
 
 def test_output_into_a_folder(model_path, tmp_path):

@@ -7,8 +7,17 @@ import stat
 
 import pytest
 
+import onnx
+
 from bnfold.errors import BnfoldError
-from bnfold.modelfile import output_path, write_atomic
+from bnfold.modelfile import StagedModel, output_path
+from builders import conv_bn_model
+
+
+def write(dest, *, external: bool = False):
+    with StagedModel(conv_bn_model(), dest, external=external) as staged:
+        staged.commit()
+    return staged
 
 
 def test_default_output_is_beside_the_input(tmp_path):
@@ -33,8 +42,8 @@ def test_output_may_not_be_the_input_even_through_a_link(tmp_path):
 def test_write_replaces_the_destination_with_usual_permissions(tmp_path):
     dest = tmp_path / "m.onnx"
     dest.write_bytes(b"old")
-    write_atomic(b"new contents", dest)
-    assert dest.read_bytes() == b"new contents"
+    write(dest)
+    assert onnx.load(str(dest)) == conv_bn_model()
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(dest.stat().st_mode) == 0o666 & ~mask
@@ -47,6 +56,6 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     dest.mkdir()
     (dest / "keep").write_bytes(b"x")
     with pytest.raises(BnfoldError, match="cannot write"):
-        write_atomic(b"data", dest)
+        write(dest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     assert [p.name for p in dest.iterdir()] == ["keep"]
