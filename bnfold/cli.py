@@ -64,15 +64,17 @@ PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution prov
 
 @app.command(epilog=EXIT_CODES)
 def optimize(
-    model: Path = MODEL_ARG,
+    models: List[Path] = typer.Argument(..., help="ONNX model files, or folders of them.", show_default=False),
     output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="Where to write (a file or a folder). Default: MODEL with .folded.onnx."
+        None, "--output", "-o",
+        help="Where to write: a file or a folder (a folder with several models). Default: beside each MODEL, with .folded.onnx.",
     ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (still checked to load)."),
     external_data: str = typer.Option(
         "auto", "--external-data", metavar="auto|always|never",
         help="Keep tensors in a data file beside the output: auto = when the input did or past 2 GiB.",
     ),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Models processed in parallel."),
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
@@ -88,28 +90,82 @@ def optimize(
 
     Nothing is written unless the result passes onnx.checker and computes the same function as
     the original under onnxruntime (as `bnfold verify` checks); the write is atomic and never
-    replaces the input.
+    replaces the input. With several models (or a folder), one failure does not stop the
+    others, and the exit code is the most severe of theirs (3, then 2, then 1).
     """
-    from bnfold.pipeline import optimize as run_optimize
+    from bnfold import pipeline
 
-    def run():
-        options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider)
-        return run_optimize(
-            model, output, verify=not no_verify, external_data=external_data, verify_options=options,
-            progress=_progress(quiet),
-        )
+    def options() -> dict:
+        return {
+            "verify": not no_verify, "external_data": external_data, "progress": _progress(quiet),
+            "verify_options": _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider),
+        }
 
-    result = _guard(run)
+    if len(models) == 1 and not models[0].is_dir():
+        result = _guard(lambda: pipeline.optimize(models[0], output, **options()))
+        if not quiet:
+            _say(result.report.table())
+            if result.verification:
+                _say(result.verification.table())
+        if json_report:
+            print(json.dumps(result.to_dict(), indent=2))
+        if not result.written:
+            _fail("the folded model is not equivalent to the original; nothing was written", EXIT_NOT_EQUIVALENT)
+        if not quiet:
+            _say(f"wrote {result.output}")
+        return
+    _optimize_batch(models, output, jobs, json_report, quiet, options)
+
+
+def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
+    from bnfold import pipeline
+
+    paths = _guard(lambda: pipeline.model_files(models))
+    bar = _ProgressBar(len(paths), enabled=not quiet and sys.stderr.isatty())
+    batch_options = _guard(options)
+    del batch_options["progress"]  # per-model stages would garble the bar (and cannot be pickled)
+    items = _guard(lambda: pipeline.optimize_many(paths, output, jobs=jobs, on_done=bar.advance, **batch_options))
+    bar.close()
+    written = sum(item.exit_code == 0 for item in items)
     if not quiet:
-        _say(result.report.table())
-        if result.verification:
-            _say(result.verification.table())
+        for item in items:
+            if item.result is not None and item.result.written:
+                report = item.result.report
+                _say(f"ok    {item.input} → {item.result.output} (folded {report.folded} of {len(report.batch_norms)})")
+            elif item.result is not None:
+                _say(f"FAIL  {item.input}: the folded model is not equivalent; nothing written")
+            else:
+                _say(f"FAIL  {item.input}: {item.error}")
+        _say(f"{len(items)} models: {written} written, {len(items) - written} failed")
     if json_report:
-        print(json.dumps(result.to_dict(), indent=2))
-    if not result.written:
-        _fail("the folded model is not equivalent to the original; nothing was written", EXIT_NOT_EQUIVALENT)
-    if not quiet:
-        _say(f"wrote {result.output}")
+        summary = {"models": len(items), "written": written, "failed": len(items) - written}
+        print(json.dumps({"models": [item.to_dict() for item in items], "summary": summary}, indent=2))
+    worst = max(item.exit_code for item in items)  # 3 internal, 2 could not run, 1 not equivalent, 0
+    if worst:
+        raise typer.Exit(worst)
+
+
+class _ProgressBar:
+    """`[#####-----] 5/10` on stderr, redrawn in place: only on a terminal, never with --quiet."""
+
+    def __init__(self, total: int, *, enabled: bool):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self._draw()
+
+    def advance(self, item) -> None:
+        self.done += 1
+        self._draw()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        if self.enabled:
+            filled = 30 * self.done // max(self.total, 1)
+            sys.stderr.write(f"\r[{'#' * filled}{'-' * (30 - filled)}] {self.done}/{self.total} models")
+            sys.stderr.flush()
 
 
 @app.command(epilog=EXIT_CODES)

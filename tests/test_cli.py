@@ -215,8 +215,41 @@ def test_unwritable_output_is_exit_2_and_leaves_nothing(model_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
 
 
-def test_a_directory_as_model_is_exit_2(tmp_path):
-    assert_one_line_error(invoke("optimize", tmp_path), 2, "is a directory")
+def test_a_folder_without_models_is_exit_2(tmp_path):
+    assert_one_line_error(invoke("optimize", tmp_path), 2, "no .onnx files in")
+
+
+def batch_folder(tmp_path):
+    """Three models: two good, one not a model."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(SAMPLE, folder / "a.onnx")
+    shutil.copy(SAMPLE.with_name("mobilenet_tiny.onnx"), folder / "b.onnx")
+    (folder / "c.onnx").write_text("not a model")
+    return folder
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_folder_of_models_one_failure_does_not_stop_the_rest(tmp_path, jobs):
+    folder = batch_folder(tmp_path)
+    out = tmp_path / "out"
+    result = invoke("optimize", folder, "-o", out, "--jobs", jobs, "--json")
+    assert result.exit_code == 2, result.output  # the most severe of 0, 0, 2
+    report = json.loads(result.stdout)
+    assert report["summary"] == {"models": 3, "written": 2, "failed": 1}
+    assert [(Path(m["input"]).name, m["exit_code"]) for m in report["models"]] == [("a.onnx", 0), ("b.onnx", 0), ("c.onnx", 2)]
+    assert "not a readable ONNX model" in report["models"][2]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.folded.onnx", "b.folded.onnx"]
+    assert "FAIL  " in result.stderr and "3 models: 2 written, 1 failed" in result.stderr
+    assert "[#" not in result.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_several_files_and_a_file_as_output_folder(tmp_path):
+    folder = batch_folder(tmp_path)
+    result = invoke("optimize", folder / "a.onnx", folder / "b.onnx", "-q")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert (folder / "a.folded.onnx").exists() and (folder / "b.folded.onnx").exists()
+    assert_one_line_error(invoke("optimize", folder / "a.onnx", folder / "b.onnx", "-o", folder / "a.onnx"), 2, "-o must name a folder")
 
 
 def test_help_documents_exit_codes():
