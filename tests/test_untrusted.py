@@ -99,7 +99,8 @@ FUZZ_SAMPLES = ["shared_conv_output", "token_mlp_batchnorm1d", "mlp_batchnorm1d"
 @pytest.mark.parametrize("seed", range(4))
 def test_mutated_model_files_exit_0_or_2_and_never_leave_a_partial_output(seed, tmp_path):
     """60 seeded mutations per seed (bit flips, truncations, inserted, deleted and swapped
-    bytes): exit 0 with a valid model written, or exit 2 with one line and nothing written."""
+    bytes): exit 0 with a valid model written, or exit 2 (or 1: a valid but numerically broken
+    model whose fold does not verify) with one line and nothing written."""
     import numpy as np
     from fuzzing import mutate
 
@@ -113,13 +114,15 @@ def test_mutated_model_files_exit_0_or_2_and_never_leave_a_partial_output(seed, 
         result = runner.invoke(app, ["optimize", str(path), "--trials", "1"])
         written = sorted(p.name for p in folder.iterdir())
         context = f"seed {seed} case {case} ({name}): {result.output[-400:]}"
-        assert result.exit_code in (0, 2), context
+        assert result.exit_code in (0, 1, 2), context
         assert "Traceback" not in result.output, context
         if result.exit_code == 0:
             assert written == ["m.folded.onnx", "m.onnx"], context
             onnx.checker.check_model(onnx.load(str(folder / "m.folded.onnx")), full_check=True)
         else:
-            assert written == ["m.onnx"] and len(result.stderr.strip().splitlines()) == 1, context
+            assert written == ["m.onnx"], context
+            if result.exit_code == 2:
+                assert len(result.stderr.strip().splitlines()) == 1, context
 
 
 # ---- interrupted runs ----------------------------------------------------------------------------
@@ -184,3 +187,70 @@ def test_a_run_killed_at_any_moment_leaves_nothing_or_a_valid_model(tmp_path, de
     if out.exists():
         onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     assert model.read_bytes() == before
+
+
+# ---- named hostile cases --------------------------------------------------------------------------
+def test_a_protobuf_of_another_message_is_exit_2(tmp_path):
+    import numpy as np
+    from onnx import numpy_helper
+
+    path = tmp_path / "tensor.onnx"
+    path.write_bytes(numpy_helper.from_array(np.arange(1000, dtype=np.float32), "t").SerializeToString())
+    assert_refused(["optimize", path], "not", tmp_path)
+
+
+def test_a_graph_with_a_cycle_is_exit_2(tmp_path):
+    from builders import conv_bn_model
+
+    model = conv_bn_model()
+    model.graph.node[0].input[0] = "y"  # the conv reads the relu's output
+    path = tmp_path / "cycle.onnx"
+    onnx.save(model, str(path))
+    assert_refused(["optimize", path], "the input is not a valid ONNX model", tmp_path)
+
+
+def test_an_absurd_declared_input_shape_is_exit_2(tmp_path):
+    from builders import conv_bn_model
+
+    model = conv_bn_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 10**9
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 10**9
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, str(path))
+    assert_refused(["optimize", path], "needs more than 1 GiB", tmp_path)
+
+
+def test_deeply_nested_subgraphs_are_exit_0_or_2_without_a_traceback(tmp_path):
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])
+    leaf = helper.make_graph([helper.make_node("Identity", ["x"], ["v"])], "leaf", [], [value])
+    body = leaf
+    # Nested through then_branch only (both branches would double the model per level). protobuf
+    # itself caps message depth at 100 (Graph → Node → Attribute per level), so a deeper file
+    # cannot even be parsed, which bnfold reports as exit 2; this is as deep as one can be built.
+    for depth in range(30):
+        node = helper.make_node("If", ["cond"], ["v"], then_branch=body, else_branch=leaf)
+        body = helper.make_graph([node], f"level{depth}", [], [value])
+    graph = helper.make_graph(
+        body.node, "nested",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [value],
+    )
+    path = tmp_path / "nested.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    result = runner.invoke(app, ["optimize", str(path), "--no-verify"])
+    assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
+
+
+def test_a_symlink_at_the_destination_is_replaced_not_followed(tmp_path):
+    import shutil
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    model = tmp_path / "net.onnx"
+    shutil.copy(SAMPLE, model)
+    (tmp_path / "net.folded.onnx").symlink_to(target)
+    assert runner.invoke(app, ["optimize", str(model), "-q"]).exit_code == 0
+    assert not (tmp_path / "net.folded.onnx").is_symlink()
+    assert target.read_text() == "keep me"
