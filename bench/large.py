@@ -42,8 +42,13 @@ def build(side: int, path: Path) -> None:
         x = f"y{i}"
     graph = helper.make_graph(
         nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, side])], inits,
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, side])],
     )
+    for tensor in inits:  # built in place: protobuf cannot copy a tensor into a tree past 2 GiB
+        target = graph.initializer.add()
+        target.name, target.data_type = tensor.name, tensor.data_type
+        target.dims.extend(tensor.dims)
+        target.raw_data = tensor.raw_data
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
 

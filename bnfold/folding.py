@@ -10,7 +10,7 @@ import onnx
 
 from bnfold.errors import BnfoldError, InternalError, first_line
 from bnfold.graph import ONNX_DOMAINS, GraphIndex, all_names, named_subgraphs
-from bnfold.modelfile import load_model
+from bnfold.modelfile import load_model, serialized_size
 from bnfold.report import FoldOutcome, FoldReport
 from bnfold.rules import (
     ELEMENTWISE_AFFINE,
@@ -49,11 +49,11 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
         folded.CopyFrom(model)
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
-    report = FoldReport(bytes_before=folded.ByteSize())
+    report = FoldReport(bytes_before=serialized_size(folded))
     report.outcomes = fold_in_place(folded, original)
     if check:
         validate(folded, original)
-    report.bytes_after = folded.ByteSize()
+    report.bytes_after = serialized_size(folded)
     report.seconds = time.perf_counter() - start
     return FoldResult(folded, report)
 

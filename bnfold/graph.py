@@ -282,8 +282,13 @@ class GraphIndex:
     def add_initializer(self, values: np.ndarray, base_name: str) -> str:
         """Store `values` under a fresh name; existing tensors are never rewritten in place."""
         name = self.fresh_name(base_name)
-        tensor = numpy_helper.from_array(values, name)
-        self.graph.initializer.append(tensor)
+        # Built in place: appending a finished tensor copies it, and protobuf cannot copy into a
+        # model tree past 2 GiB; setting the fields of a new element can.
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        tensor.dims.extend(values.shape)
+        tensor.raw_data = np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
         self.initializers[name] = tensor
         if not self.inputs_override_initializers:  # a main graph before IR v4
             # Before IR v4 the checker requires every initializer to be a graph input too.

@@ -77,6 +77,12 @@ def _text_is_valid(model: onnx.ModelProto) -> bool:
     try:
         while pending:
             message = pending.pop()
+            if isinstance(message, onnx.TensorProto):  # ListFields would copy the tensor data
+                texts = [message.name, message.doc_string, *(e.key for e in message.external_data)]
+                texts += [e.value for e in message.external_data]
+                if not all(isinstance(t, str) for t in texts):
+                    return False
+                continue
             for field, value in message.ListFields():
                 values = value if _is_repeated(field) else [value]
                 if field.type == field.TYPE_STRING:
@@ -181,6 +187,26 @@ def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None)
 SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB message limit, with room for the graph
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
 ALIGNMENT = 4096  # external tensors start at page boundaries, so they can be memory-mapped
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's size as one protobuf message. protobuf refuses to even compute it past
+    2 GiB; then the tensor bytes, which dominate it, stand in (and are past the limit too)."""
+    try:
+        return model.ByteSize()
+    except Exception:
+        return sum(len(t.raw_data) for t in _initializers(model.graph))
+
+
+def files_size(path: Path) -> int:
+    """Bytes of a model file and of the external data files it names."""
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    locations = {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
+    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
 class StagedModel:

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.folding import fold_in_place, validate
-from bnfold.modelfile import SINGLE_FILE_LIMIT, SUFFIX, StagedModel, output_path, read_model
+from bnfold.modelfile import (
+    SINGLE_FILE_LIMIT,
+    SUFFIX,
+    StagedModel,
+    files_size,
+    output_path,
+    read_model,
+    serialized_size,
+)
 from bnfold.report import FoldReport
 
 if TYPE_CHECKING:
@@ -66,9 +74,9 @@ def optimize(
     dst = output_path(src, output)  # refuse a bad destination before doing any work
     progress(f"folding {src}")
     model, had_external = read_model(src)
-    report = FoldReport(bytes_before=model.ByteSize())
+    report = FoldReport(bytes_before=files_size(src))
     report.outcomes = fold_in_place(model, str(src))
-    too_big = model.ByteSize() > SINGLE_FILE_LIMIT
+    too_big = serialized_size(model) > SINGLE_FILE_LIMIT
     if external_data == "never" and too_big:
         raise BnfoldError("the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto")
     external = external_data == "always" or (external_data == "auto" and (had_external or too_big))
