@@ -29,7 +29,8 @@ def build(side: int, path: Path) -> None:
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
     for i in range(2):
-        inits.append(numpy_helper.from_array(rng.standard_normal((side, side), dtype=np.float32) / np.sqrt(side), f"W{i}"))
+        weight = rng.standard_normal((side, side), dtype=np.float32) * np.float32(1 / np.sqrt(side))  # stays float32
+        inits.append(numpy_helper.from_array(weight, f"W{i}"))
         for key, values in (
             ("gamma", rng.uniform(0.5, 1.5, side)), ("beta", rng.normal(0, 0.5, side)),
             ("mean", rng.normal(0, 0.5, side)), ("var", rng.uniform(0.3, 2, side)),

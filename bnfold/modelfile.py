@@ -237,6 +237,7 @@ class StagedModel:
                         _externalize(model, data, self.data_path.name)
                         data.flush()
                         os.fsync(data.fileno())
+                    os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
                     os.replace(staging, self.data_path)
                 except BaseException:
                     _unlink(staging)

@@ -71,6 +71,8 @@ def test_external_data_in_gives_external_data_out(tmp_path):
     assert json.loads(result.stdout)["verification"]["equivalent"] is True
     (data,) = [name for name in external_files(tmp_path) if name != "ext.onnx.data"]
     assert re.fullmatch(r"ext\.folded\.onnx\.[0-9a-f]{8}\.data", data)  # named after the output
+    mode = (tmp_path / data).stat().st_mode & 0o777
+    assert mode == (tmp_path / "ext.folded.onnx").stat().st_mode & 0o777  # the usual mode, not 0600
     folded = onnx.load(str(tmp_path / "ext.folded.onnx"), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in folded.graph.initializer)
     onnx.checker.check_model(str(tmp_path / "ext.folded.onnx"), full_check=True)
