@@ -181,13 +181,6 @@ class GraphIndex:
             return None
         return tuple(d.dim_value if d.HasField("dim_value") else None for d in declared.shape.dim)
 
-    def is_constant(self, name: str) -> bool:
-        try:
-            self.constant_value(name)
-        except NotConstant:
-            return False
-        return True
-
     def constant_value(self, name: str) -> np.ndarray:
         """The value of `name`: an initializer, a Constant, or computed from those by Identity
         chains and pure ops (PURE_OPS). Whether it is constant is decided first, iteratively
