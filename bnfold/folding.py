@@ -10,6 +10,7 @@ import onnx
 
 from bnfold.errors import BnfoldError, InternalError, first_line
 from bnfold.graph import ONNX_DOMAINS, GraphIndex, all_names, named_subgraphs
+from bnfold import modelfile
 from bnfold.modelfile import load_model, serialized_size
 from bnfold.report import FoldOutcome, FoldReport
 from bnfold.rules import (
@@ -52,6 +53,11 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     report = FoldReport(bytes_before=serialized_size(folded))
     report.outcomes = fold_in_place(folded, original)
     if check:
+        if serialized_size(folded) > modelfile.SINGLE_FILE_LIMIT:
+            raise BnfoldError(
+                "the folded model is over 2 GiB, and onnx.checker reads such a model only from disk: "
+                "`bnfold optimize` checks it there (fold(..., check=False) skips the check)"
+            )
         validate(folded, original)
     report.bytes_after = serialized_size(folded)
     report.seconds = time.perf_counter() - start

@@ -254,3 +254,13 @@ def test_a_symlink_at_the_destination_is_replaced_not_followed(tmp_path):
     assert runner.invoke(app, ["optimize", str(model), "-q"]).exit_code == 0
     assert not (tmp_path / "net.folded.onnx").is_symlink()
     assert target.read_text() == "keep me"
+
+
+def test_a_model_too_big_to_check_in_memory_is_a_clear_error_for_inspect(monkeypatch, tmp_path):
+    # Past 2 GiB onnx.checker needs the model on disk; the limit is lowered to test the path.
+    import bnfold.modelfile
+
+    monkeypatch.setattr(bnfold.modelfile, "SINGLE_FILE_LIMIT", 1000)
+    result = runner.invoke(app, ["inspect", str(SAMPLE)])
+    assert result.exit_code == 2
+    assert "over 2 GiB, and onnx.checker reads such a model only from disk" in result.stderr
