@@ -58,14 +58,14 @@ def named_subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto
                 yield f"{attr.name}[{i}]", graph
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     return (graph for _, graph in named_subgraphs(node))
 
 
 def _outer_scope_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs use without defining them (read from the enclosing scope)."""
     names: set[str] = set()
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         defined = {v.name for v in sub.input}
         defined.update(t.name for t in sub.initializer)
         defined.update(t.values.name for t in sub.sparse_initializer)
@@ -87,7 +87,7 @@ def all_names(graph: onnx.GraphProto) -> Iterator[str]:
     for node in graph.node:
         yield from node.input
         yield from node.output
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from all_names(sub)
 
 

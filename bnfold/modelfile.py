@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError, first_line
+from bnfold.graph import subgraphs
 
 SUFFIX = ".folded.onnx"
 
@@ -31,18 +32,20 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return read_model(path)[0]
 
 
-def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bool]:
-    """The model and whether its file kept tensors as external data."""
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
+    """The model with its external data loaded, and the data files it was read from."""
     path = Path(path)
     model = _parse(path)
     external = list(external_tensors(model))
-    if external:
-        folder = _checked_locations(path, external)
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(folder))
-        except Exception as exc:
-            raise BnfoldError(f"{path}: cannot read its external data ({first_line(exc)})") from None
-    return model, bool(external)
+    if not external:
+        return model, []
+    folder = _checked_locations(path, external)
+    data_files = sorted(folder / location for location in _external_locations(external))  # loading clears them
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as exc:
+        raise BnfoldError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+    return model, data_files
 
 
 def check_external_data(path: str | os.PathLike) -> None:
@@ -108,13 +111,16 @@ def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             for attr in node.attribute:
                 tensors = [attr.t] if attr.HasField("t") else list(attr.tensors)
                 yield from (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
-                graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-                for graph in graphs:
-                    yield from in_graph(graph)
+            for graph in subgraphs(node):
+                yield from in_graph(graph)
 
     yield from in_graph(model.graph)
     for function in model.functions:
         yield from in_nodes(function.node)
+
+
+def _external_locations(tensors) -> set[str]:
+    return {entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"}
 
 
 def _is_repeated(field) -> bool:
@@ -196,17 +202,6 @@ def serialized_size(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except Exception:
         return sum(len(t.raw_data) for t in _initializers(model.graph))
-
-
-def files_size(path: Path) -> int:
-    """Bytes of a model file and of the external data files it names."""
-    total = path.stat().st_size
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return total
-    locations = {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
-    return total + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
 class StagedModel:
@@ -317,9 +312,8 @@ def _externalize(model: onnx.ModelProto, data, location: str) -> None:
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _initializers(sub)
+        for sub in subgraphs(node):
+            yield from _initializers(sub)
 
 
 def _bnfold_data_files(model_path: Path) -> set[Path]:
@@ -331,9 +325,7 @@ def _bnfold_data_files(model_path: Path) -> set[Path]:
     except Exception:
         return set()
     pattern = re.compile(re.escape(model_path.name) + r"\.[0-9a-f]{8}\.data")
-    locations = {
-        entry.value for tensor in external_tensors(model) for entry in tensor.external_data if entry.key == "location"
-    }
+    locations = _external_locations(external_tensors(model))
     return {model_path.with_name(loc) for loc in locations if pattern.fullmatch(loc)}
 
 

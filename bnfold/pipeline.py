@@ -15,7 +15,6 @@ from bnfold.modelfile import (
     SINGLE_FILE_LIMIT,
     SUFFIX,
     StagedModel,
-    files_size,
     output_path,
     read_model,
     serialized_size,
@@ -73,13 +72,13 @@ def optimize(
     src = Path(model_path)
     dst = output_path(src, output)  # refuse a bad destination before doing any work
     progress(f"folding {src}")
-    model, had_external = read_model(src)
-    report = FoldReport(bytes_before=files_size(src))
+    model, data_files = read_model(src)
+    report = FoldReport(bytes_before=sum(f.stat().st_size for f in (src, *data_files)))
     report.outcomes = fold_in_place(model, str(src))
     too_big = serialized_size(model) > SINGLE_FILE_LIMIT
     if external_data == "never" and too_big:
         raise BnfoldError("the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto")
-    external = external_data == "always" or (external_data == "auto" and (had_external or too_big))
+    external = external_data == "always" or (external_data == "auto" and (bool(data_files) or too_big))
     progress(f"staging {dst}")
     checked = None
     with StagedModel(model, dst, external=external) as staged:
@@ -105,11 +104,9 @@ def _verify(src: Path, folded: Path, options: dict, progress) -> VerifyReport:
 
     try:
         return verify(src, folded, progress=progress, **options)
-    except ModelLoadError as exc:
-        if exc.role == "candidate":
-            raise InternalError(f"the folded model does not load although the input does: {exc}") from None
-        raise BnfoldError(f"cannot verify: {exc} (--no-verify skips verification)") from None
     except BnfoldError as exc:
+        if isinstance(exc, ModelLoadError) and exc.role == "candidate":
+            raise InternalError(f"the folded model does not load although the input does: {exc}") from None
         raise BnfoldError(f"cannot verify: {exc} (--no-verify skips verification)") from None
 
 
