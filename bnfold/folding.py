@@ -52,14 +52,14 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=serialized_size(folded))
     report.outcomes = fold_in_place(folded, original)
+    report.bytes_after = serialized_size(folded)
     if check:
-        if serialized_size(folded) > modelfile.SINGLE_FILE_LIMIT:
+        if report.bytes_after > modelfile.SINGLE_FILE_LIMIT:
             raise BnfoldError(
                 "the folded model is over 2 GiB, and onnx.checker reads such a model only from disk: "
                 "`bnfold optimize` checks it there (fold(..., check=False) skips the check)"
             )
         validate(folded, original)
-    report.bytes_after = serialized_size(folded)
     report.seconds = time.perf_counter() - start
     return FoldResult(folded, report)
 
