@@ -32,8 +32,12 @@ def fold_scale_shift(
     return scale, shift
 
 
-def scale_weights(weight: np.ndarray, scale: np.ndarray, axis: int = 0, group: int = 1) -> np.ndarray:
-    """Multiply each output channel's slice of `weight` by its entry of `scale` (float64 result).
+def scale_weights(
+    weight: np.ndarray, scale: np.ndarray, axis: int = 0, group: int = 1, dtype: np.dtype = np.float64
+) -> np.ndarray:
+    """Multiply each output channel's slice of `weight` by its entry of `scale`, in float64,
+    rounded once to `dtype` (see product_dtype) in the same pass: no float64 copy of a large
+    weight is ever made when the result is float32.
 
     `axis` is the weight axis that indexes output channels within a group:
     - Conv `[C_out, C_in/group, k…]`: axis 0, and `group` does not matter because axis 0
@@ -42,12 +46,12 @@ def scale_weights(weight: np.ndarray, scale: np.ndarray, axis: int = 0, group: i
       one group; the group of a row is its index along axis 0 divided by C_in/group. So output
       channel `g·(C_out/group) + j` is `weight[g-th block of rows, j]`.
     """
-    w = np.asarray(weight, dtype=np.float64)
+    w = float_operand(weight)
     scale = np.asarray(scale, dtype=np.float64)
     if axis == 0 or group == 1:
         shape = [1] * w.ndim
         shape[axis] = -1
-        return w * scale.reshape(shape)
+        return _product(w, scale.reshape(shape), dtype)
     # Grouped, with channels on a later axis: view axis 0 as (group, rows per group) so each
     # group's block meets its own slice of scale.
     per_group = scale.reshape(group, -1)
@@ -55,7 +59,31 @@ def scale_weights(weight: np.ndarray, scale: np.ndarray, axis: int = 0, group: i
     shape = [1] * blocks.ndim
     shape[0] = group
     shape[axis + 1] = per_group.shape[1]
-    return (blocks * per_group.reshape(shape)).reshape(w.shape)
+    return _product(blocks, per_group.reshape(shape), dtype).reshape(w.shape)
+
+
+def product_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype scale_weights should return for weights of `dtype`: float32 and float64 round
+    to nearest right away; 16-bit floats stay float64 for cast_weights' sum-preserving rounding."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+def _product(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape), dtype=dtype)
+    with np.errstate(over="ignore"):  # a product beyond the dtype's range is Inf: callers refuse it
+        np.multiply(a, b, out=out, dtype=np.float64, casting="same_kind")
+    return out
+
+
+def float_operand(values: np.ndarray) -> np.ndarray:
+    """`values` as an operand of float64 arithmetic: numpy's own float types as they are (a
+    product with a float64 array is computed in float64 without a float64 copy first), others
+    (bfloat16 from ml_dtypes, integers) converted."""
+    values = np.asarray(values)
+    if values.dtype in (np.float16, np.float32, np.float64):
+        return values
+    return values.astype(np.float64)
 
 
 def fold_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -80,7 +108,7 @@ def cast_weights(weight: np.ndarray, dtype: np.dtype, axis: int = 0) -> np.ndarr
     dtype = np.dtype(dtype)
     # Values beyond the dtype's range become Inf here; callers check and refuse such a fold.
     with np.errstate(over="ignore", invalid="ignore"):
-        rounded = weight.astype(dtype)
+        rounded = weight.astype(dtype, copy=False)
         if dtype.itemsize > 2 or weight.size == 0:
             return rounded
         exact = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)

@@ -69,7 +69,7 @@ def optimize(
         None, "--output", "-o",
         help="Where to write: a file or a folder (a folder with several models). Default: beside each MODEL, with .folded.onnx.",
     ),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check (still checked to load)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check: no onnxruntime runs (onnx.checker still does)."),
     external_data: str = typer.Option(
         "auto", "--external-data", metavar="auto|always|never",
         help="Keep tensors in a data file beside the output: auto = when the input did or past 2 GiB.",
@@ -212,6 +212,47 @@ def inspect(model: Path = MODEL_ARG, json_report: bool = JSON_OPT, quiet: bool =
     result = _guard(lambda: fold(model))
     data = {"input": str(model), "output": None, "written": False, **result.report.to_dict()}
     _render(data, result.report, json_report, quiet)
+
+
+@app.command(epilog=EXIT_CODES)
+def bench(
+    model: Path = MODEL_ARG,
+    folded: Optional[Path] = typer.Argument(
+        None, help="The folded model. Default: fold MODEL now (verified) into a temporary folder.", show_default=False
+    ),
+    runs: int = typer.Option(20, "--runs", help="Timed runs per model and setting (median reported)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
+    input_shape: Optional[List[str]] = SHAPE_OPT,
+    provider: Optional[List[str]] = PROVIDER_OPT,
+    json_report: bool = JSON_OPT,
+    quiet: bool = QUIET_OPT,
+) -> None:
+    """Time the original and the folded model in onnxruntime: session creation and latency,
+    with graph optimizations disabled and enabled."""
+    import tempfile
+
+    from bnfold import benchmark, pipeline
+
+    def run():
+        for path in (model, folded):
+            if path is not None and not path.is_file():
+                raise BnfoldError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
+        session_options = _verify_options(1, 0, None, None, input_shape, "0:10", None, provider)
+        del session_options["trials"], session_options["seed"], session_options["atol"], session_options["rtol"]
+        del session_options["int_range"], session_options["inputs"]
+        timing = {"runs": runs, "warmup": warmup, "progress": _progress(quiet), **session_options}
+        if folded is not None:
+            return benchmark.bench(model, folded, **timing)
+        with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as folder:
+            result = pipeline.optimize(model, Path(folder), verify_options=session_options, progress=_progress(quiet))
+            if not result.written:
+                raise BnfoldError("the folded model is not equivalent to the original; nothing to time")
+            report = benchmark.bench(model, result.output, **timing)
+            report.folded = f"{result.output.name} ({result.report.summary()})"
+            return report
+
+    report = _guard(run)
+    _render(report.to_dict(), report, json_report, quiet)
 
 
 def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider) -> dict:

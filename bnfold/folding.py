@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError, InternalError, first_line
-from bnfold.graph import ONNX_DOMAINS, GraphIndex, all_names, named_subgraphs
+from bnfold.graph import ONNX_DOMAINS, GraphIndex, TensorLoader, all_names, named_subgraphs, store_new_values
 from bnfold import modelfile
 from bnfold.modelfile import load_model, serialized_size
 from bnfold.report import FoldOutcome, FoldReport
@@ -51,7 +54,8 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=serialized_size(folded))
-    report.outcomes = fold_in_place(folded, original)
+    report.outcomes, new_values = fold_in_place(folded, original)
+    store_new_values(folded.graph, new_values)
     report.bytes_after = serialized_size(folded)
     if check:
         if report.bytes_after > modelfile.SINGLE_FILE_LIMIT:
@@ -64,11 +68,13 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     return FoldResult(folded, report)
 
 
-def fold_in_place(model: onnx.ModelProto, original: onnx.ModelProto | str) -> list[FoldOutcome]:
+def fold_in_place(
+    model: onnx.ModelProto, original: onnx.ModelProto | str, load_tensor: TensorLoader = modelfile.read_tensor
+) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
     model can break what any valid one guarantees (an unknown data type, a dangling name)."""
     try:
-        return fold_model_graph(model)
+        return fold_model_graph(model, load_tensor)
     except (BnfoldError, InternalError):
         raise
     except Exception:
@@ -84,30 +90,37 @@ class _Scope:
     opset: int
     opset_imports: list
     names: set[str]  # every name in the model: fresh names must shadow none
+    new_values: dict[str, np.ndarray]  # the data of the tensors the fold created, by name
+    load_tensor: TensorLoader
 
     def index(self, graph: onnx.GraphProto, parent: GraphIndex | None) -> GraphIndex:
         return GraphIndex(
             graph, ir_version=self.ir_version, opset=self.opset, opset_imports=self.opset_imports,
-            parent=parent, names=self.names,
+            parent=parent, names=self.names, new_values=self.new_values, load_tensor=self.load_tensor,
         )
 
 
 FOLD_KINDS = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS)
 
 
-def fold_model_graph(model: onnx.ModelProto) -> list[FoldOutcome]:
+def fold_model_graph(
+    model: onnx.ModelProto, load_tensor: TensorLoader = modelfile.read_tensor
+) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
-    One outcome per BatchNormalization and runtime-statistics normalization, and one per
-    Mul/Add/Sub/Div that folded."""
+    Returns one outcome per BatchNormalization and runtime-statistics normalization, and one
+    per Mul/Add/Sub/Div that folded; and the values of the main graph's new initializers,
+    which the GraphProto holds without data (GraphIndex.new_values): store_new_values or a
+    streamed write (modelfile.StagedModel) gives them their data."""
     outcomes = _fold_functions(model)
     if not any(n.op_type in FOLD_KINDS for n in _all_nodes(model.graph)):
-        return outcomes
+        return outcomes, {}
     opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), None)
     if opset is None:
         raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
-    scope = _Scope(model.ir_version, opset, list(model.opset_import), set(all_names(model.graph)))
+    scope = _Scope(model.ir_version, opset, list(model.opset_import), set(all_names(model.graph)), {}, load_tensor)
     graph_outcomes, _ = _fold_graph(model.graph, scope, parent=None, prefix="")
-    return graph_outcomes + outcomes
+    store_new_values(model.graph, scope.new_values, subgraphs_only=True)
+    return graph_outcomes + outcomes, scope.new_values
 
 
 def _fold_functions(model: onnx.ModelProto) -> list[FoldOutcome]:
@@ -126,9 +139,10 @@ def _fold_functions(model: onnx.ModelProto) -> list[FoldOutcome]:
             [onnx.ValueInfoProto(name=name) for name in function.input],
             [onnx.ValueInfoProto(name=name) for name in function.output],
         )
-        scope = _Scope(max(model.ir_version, 4), opset, imports, set(all_names(body)))
+        scope = _Scope(max(model.ir_version, 4), opset, imports, set(all_names(body)), {}, modelfile.read_tensor)
         found, _ = _fold_graph(body, scope, parent=None, prefix=f"function {function.domain}.{function.name}/")
         if any(o.folded for o in found):
+            store_new_values(body, scope.new_values)
             constants = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in body.initializer]
             del function.node[:]
             function.node.extend([*constants, *body.node])
@@ -203,6 +217,16 @@ def validate(candidate: onnx.ModelProto | str, original: onnx.ModelProto | str) 
         raise InternalError(
             f"the folded model fails onnx.checker although the input passes: {folded_error}"
         ) from None
+
+
+def validate_skeleton(
+    model: onnx.ModelProto, new_values: dict[str, np.ndarray], source_folder: Path | None, original: str
+) -> None:
+    """validate() for a folded model that is to be streamed to disk (modelfile.StagedModel): the
+    checker reads its skeleton (modelfile.write_skeleton), the graph whole but large tensors
+    without their data, so checking costs no second parse of the weights."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-check-") as folder:
+        validate(str(modelfile.write_skeleton(model, new_values, source_folder, Path(folder))), original)
 
 
 def _check_input(original: onnx.ModelProto | str) -> None:

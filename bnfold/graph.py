@@ -10,7 +10,7 @@ name its body uses, so a tensor used only inside a branch still counts as used.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ PURE_OPS = frozenset(
     }
 )
 MAX_EVALUATED_ELEMENTS = 1 << 24  # a constant subgraph larger than this is not evaluated
+TensorLoader = Callable[[onnx.TensorProto], np.ndarray]
 SMALL_TENSOR = 1 << 12  # initializers up to this many elements keep their data for shape inference
 
 
@@ -117,11 +118,21 @@ class GraphIndex:
         opset_imports: list | None = None,
         parent: GraphIndex | None = None,
         names: set[str] | None = None,
+        new_values: dict[str, np.ndarray] | None = None,
+        load_tensor: TensorLoader = numpy_helper.to_array,
     ):
         """`parent` is the index of the enclosing scope, for a subgraph (If/Loop/Scan body):
         names the body reads from there are looked up in it. `names` is the set of every name
-        in the model, shared by the scopes so that fresh names shadow nothing."""
+        in the model, shared by the scopes so that fresh names shadow nothing.
+
+        Tensors this pass creates hold no data in the GraphProto: their values wait in
+        `new_values` (name → array, shared by the scopes), to be streamed to the output file or
+        stored with `store_values`. Copying them into the protobuf tree would double the memory
+        of every folded weight. `load_tensor` reads an initializer's values (it may be stored
+        as external data that was not loaded)."""
         self.graph = graph
+        self.new_values = {} if new_values is None else new_values
+        self._load_tensor = load_tensor
         self.opset = opset
         self.parent = parent
         self._opset_imports = list(opset_imports or [onnx.helper.make_opsetid("", opset)])
@@ -198,8 +209,10 @@ class GraphIndex:
         while True:
             if name in self._evaluated:
                 return self._evaluated[name]
+            if name in self.new_values:
+                return self.new_values[name]
             if name in self.initializers and name not in self._removed_initializers:
-                return numpy_helper.to_array(self.initializers[name])
+                return self._load_tensor(self.initializers[name])
             node = self._producer.get(name)
             if node is None:
                 return self.parent.constant_value(name)  # known constant in the enclosing scope
@@ -281,7 +294,7 @@ class GraphIndex:
         tensor.name = name
         tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
         tensor.dims.extend(values.shape)
-        tensor.raw_data = np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+        self.new_values[name] = np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<"), copy=False)
         self.initializers[name] = tensor
         if not self.inputs_override_initializers:  # a main graph before IR v4
             # Before IR v4 the checker requires every initializer to be a graph input too.
@@ -356,6 +369,7 @@ class GraphIndex:
                 self.graph_inputs -= gone
             for name in gone:
                 del self.initializers[name]
+                self.new_values.pop(name, None)
             gone.clear()
         live = set(self._producer) | self.graph_inputs | set(self.initializers)
         vanished = self._vanished - live
@@ -404,7 +418,8 @@ class GraphIndex:
         light.output.extend(self.graph.output)
         light.value_info.extend(self.graph.value_info)
         for tensor in self.graph.initializer:
-            if np.prod(tensor.dims, dtype=np.float64) <= SMALL_TENSOR and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            small = np.prod(tensor.dims, dtype=np.float64) <= SMALL_TENSOR
+            if small and tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.name not in self.new_values:
                 light.initializer.append(tensor)
             else:
                 light.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
@@ -451,6 +466,23 @@ class GraphIndex:
         reads = [n for n in node.input if n]
         reads.extend(_outer_scope_reads(node))
         return reads
+
+
+def store_values(tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    """Give a tensor of this pass (see GraphIndex.new_values) its data, in the protobuf tree."""
+    tensor.raw_data = values.tobytes()
+
+
+def store_new_values(graph: onnx.GraphProto, new_values: dict[str, np.ndarray], *, subgraphs_only: bool = False) -> None:
+    """Store the pending values of the tensors in `graph` and its subgraphs (all of them, or
+    only the subgraphs', whose tensors a streamed write does not reach)."""
+    if not subgraphs_only:
+        for tensor in graph.initializer:
+            if tensor.name in new_values:
+                store_values(tensor, new_values.pop(tensor.name))
+    for node in graph.node:
+        for body in subgraphs(node):
+            store_new_values(body, new_values)
 
 
 def _delete_where(field, doomed) -> None:

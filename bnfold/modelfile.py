@@ -10,14 +10,18 @@ same file, so `check_external_data` runs before it is given a path too.
 
 from __future__ import annotations
 
+import glob
+import mmap
 import os
 import re
 import secrets
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -32,8 +36,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return read_model(path)[0]
 
 
-def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
-    """The model with its external data loaded, and the data files it was read from."""
+def read_model(path: str | os.PathLike, *, load_external: bool = True) -> tuple[onnx.ModelProto, list[Path]]:
+    """The model with its external data loaded, and the data files it was read from.
+
+    With `load_external=False` the main graph's initializers keep their external data where it
+    is (read_tensor reads one on demand; StagedModel copies them file to file); the few other
+    external tensors (subgraph initializers, Constant values) are loaded."""
     path = Path(path)
     model = _parse(path)
     external = list(external_tensors(model))
@@ -41,8 +49,13 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
         return model, []
     folder = _checked_locations(path, external)
     data_files = sorted(folder / location for location in _external_locations(external))  # loading clears them
+    if not load_external:
+        external = list(external_tensors(model, main_initializers=False))
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(folder))
+        for tensor in external:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     except Exception as exc:
         raise BnfoldError(f"{path}: cannot read its external data ({first_line(exc)})") from None
     return model, data_files
@@ -51,9 +64,25 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[Path]]:
 def check_external_data(path: str | os.PathLike) -> None:
     """Refuse a model file whose external data would be read from outside its folder."""
     path = Path(path)
+    if not _may_use_external_data(path):
+        return
     external = list(external_tensors(_parse(path)))
     if external:
         _checked_locations(path, external)
+
+
+def _may_use_external_data(path: Path) -> bool:
+    """False only when the file cannot hold an external tensor: every one names its file under
+    the key "location", and those bytes appear verbatim however the protobuf is encoded. A scan
+    of the mapped file is much cheaper than a parse of a large model."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return True  # let the parse say what is wrong with it
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return data.find(b"location") >= 0
+    except (OSError, ValueError):
+        return True
 
 
 def _parse(path: Path) -> onnx.ModelProto:
@@ -98,12 +127,13 @@ def _text_is_valid(model: onnx.ModelProto) -> bool:
     return True
 
 
-def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def external_tensors(model: onnx.ModelProto, *, main_initializers: bool = True) -> Iterator[onnx.TensorProto]:
     """Every tensor of the model stored as external data: initializers and Constant values of
-    the graph, its subgraphs and its functions."""
+    the graph, its subgraphs and its functions (without the main graph's initializers if asked)."""
 
-    def in_graph(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-        yield from (t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    def in_graph(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+        if initializers:
+            yield from (t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
         yield from in_nodes(graph.node)
 
     def in_nodes(nodes) -> Iterator[onnx.TensorProto]:
@@ -114,7 +144,7 @@ def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             for graph in subgraphs(node):
                 yield from in_graph(graph)
 
-    yield from in_graph(model.graph)
+    yield from in_graph(model.graph, main_initializers)
     for function in model.functions:
         yield from in_nodes(function.node)
 
@@ -205,9 +235,14 @@ def serialized_size(model: onnx.ModelProto) -> int:
 
 
 class StagedModel:
-    """A model written under temporary names in its destination folder, to be checked by path
-    (which works past protobuf's 2 GiB limit, and is how onnxruntime must read external data)
-    and then committed with one rename.
+    """A model written under temporary names in its destination folder, to be checked and then
+    committed with one rename.
+
+    The model is streamed to disk, never serialized whole (modelfile's `_ModelWriter`): the
+    new tensors' data comes straight from their arrays (`new_values`, see GraphIndex), tensors
+    from an input data file (`source_folder`) are copied file to file, the rest are written one
+    at a time. This is what keeps a fold as cheap as reading and writing the file, and works
+    past protobuf's 2 GiB limit for one message.
 
     With external data, the tensors go to `<output name>.<8 hex>.data`: a new file every time,
     so nothing is ever appended to or overwritten in a data file another model may read. It is
@@ -218,7 +253,15 @@ class StagedModel:
     not committed is removed on exit.
     """
 
-    def __init__(self, model: onnx.ModelProto, dest: Path, *, external: bool):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        dest: Path,
+        *,
+        external: bool,
+        new_values: dict[str, np.ndarray] | None = None,
+        source_folder: Path | None = None,
+    ):
         self.dest = dest
         self.data_path: Path | None = None
         self._committed = False
@@ -228,24 +271,24 @@ class StagedModel:
                 self.data_path = dest.with_name(f"{dest.name}.{secrets.token_hex(4)}.data")
                 staging = self._temporary(".data.tmp")
                 try:
-                    with open(staging, "wb") as data:
-                        _externalize(model, data, self.data_path.name)
-                        data.flush()
-                        os.fsync(data.fileno())
+                    with open(self.path, "wb") as out, open(staging, "wb") as data:
+                        _ModelWriter(out, new_values or {}, source_folder, data, self.data_path.name).write(model)
+                        _sync(data)
+                        _sync(out)
                     os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
                     os.replace(staging, self.data_path)
                 except BaseException:
                     _unlink(staging)
                     raise
-            try:
-                serialized = model.SerializeToString()
-            except ValueError as exc:  # protobuf refuses messages over 2 GiB
-                raise BnfoldError(f"cannot serialize the folded model: {first_line(exc)}") from None
-            with open(self.path, "wb") as f:
-                f.write(serialized)
-                f.flush()
-                os.fsync(f.fileno())
-            self.bytes = len(serialized) + (self.data_path.stat().st_size if self.data_path else 0)
+            else:
+                with open(self.path, "wb") as out:
+                    _ModelWriter(out, new_values or {}, source_folder).write(model)
+                    _sync(out)
+                if self.path.stat().st_size > SINGLE_FILE_LIMIT:
+                    raise BnfoldError(
+                        "the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto"
+                    )
+            self.bytes = self.path.stat().st_size + (self.data_path.stat().st_size if self.data_path else 0)
         except OSError as exc:
             self.discard()
             raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
@@ -286,27 +329,313 @@ class StagedModel:
         return Path(name)
 
 
-def _externalize(model: onnx.ModelProto, data, location: str) -> None:
-    """Move every initializer of at least EXTERNAL_THRESHOLD bytes (main graph and subgraphs)
-    into the open `data` file, as ONNX external data at `location`."""
-    offset = 0
-    for tensor in _initializers(model.graph):
-        if tensor.data_type == onnx.TensorProto.STRING or tensor.data_location == onnx.TensorProto.EXTERNAL:
+def _sync(file) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+
+
+# Protobuf wire format, as far as the writer needs it: a length-delimited field is its tag
+# (field number << 3 | 2), the varint length, the bytes. A message field that occurs several
+# times is merged by every parser (protobuf's encoding spec, "Last One Wins" for scalars,
+# merge for messages), so a GraphProto can be written as a shell and then one chunk per
+# initializer, each chunk small enough to hold in memory.
+_MODEL_GRAPH = 7
+_GRAPH_INITIALIZER = 5
+_TENSOR_RAW_DATA = 9
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_header(number: int, length: int) -> bytes:
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _shell(message, skip: set[str]):
+    """A copy of `message` without the fields in `skip`, made field by field so that the
+    skipped ones (a graph's initializers, a tensor's data) are never touched or copied."""
+    shell = type(message)()
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        if name in skip:
             continue
-        raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
-        if len(raw) < EXTERNAL_THRESHOLD:
-            continue
-        padding = -offset % ALIGNMENT
-        data.write(b"\0" * padding)
-        offset += padding
-        data.write(raw)
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            tensor.ClearField(field)
+        if _is_repeated(field):
+            if len(getattr(message, name)):
+                getattr(shell, name).extend(getattr(message, name))
+        elif message.HasField(name):
+            if field.type == field.TYPE_MESSAGE:
+                getattr(shell, name).CopyFrom(getattr(message, name))
+            else:
+                setattr(shell, name, getattr(message, name))
+    return shell
+
+
+_RAW_FIELDS = {"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"}
+_EXTERNAL_FIELDS = {"external_data", "data_location"}
+
+
+class _ModelWriter:
+    """Writes a ModelProto in the protobuf wire format, one initializer at a time (StagedModel).
+
+    Each main-graph initializer's data comes from, in this order: `new_values` (arrays of the
+    tensors the fold created), its external data file in `source_folder` (copied file to file
+    when the output keeps external data too), or the tensor itself. With a `data` file, tensors
+    of at least EXTERNAL_THRESHOLD bytes go there, page-aligned, as external data at `location`.
+    Every tensor's data is checked against its dims and type on the way (`_payload_size`).
+    """
+
+    def __init__(self, out, new_values: dict[str, np.ndarray], source_folder: Path | None, data=None, location: str = ""):
+        self.out, self.data, self.location = out, data, location
+        self.new_values, self.source_folder = new_values, source_folder
+        self.offset = 0  # in the data file
+
+    def write(self, model: onnx.ModelProto) -> None:
+        self.out.write(_shell(model, {"graph"}).SerializeToString())
+        graph = _shell(model.graph, {"initializer"})
+        if self.data is not None:
+            self._externalize_nested(graph)
+        self._write_graph_chunk([graph.SerializeToString()])
+        for tensor in model.graph.initializer:
+            self._write_tensor(tensor)
+
+    def _write_graph_chunk(self, parts: list) -> None:
+        length = sum(len(p) for p in parts)
+        self.out.write(_field_header(_MODEL_GRAPH, length))
+        for part in parts:
+            self.out.write(part)
+
+    def _write_tensor(self, tensor: onnx.TensorProto) -> None:
+        values = self.new_values.get(tensor.name)
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if values is not None:
+            payload = memoryview(values).cast("B")
+        elif external:
+            payload = None  # read or copied from the input's data file below
+        elif tensor.HasField("raw_data"):
+            payload = tensor.raw_data
+        else:  # values in typed fields (float_data, ...): rare and small; the model is not changed
+            if self.data is not None and tensor.data_type != onnx.TensorProto.STRING:
+                tensor = _copy(tensor)
+                self._externalize_tensor(tensor)
+            self._write_tensor_bytes([tensor.SerializeToString()])
+            return
+        expected = _payload_size(tensor)
+        size = _external_info(tensor)[2] if payload is None else len(payload)
+        if expected is not None and size < expected:
+            raise BnfoldError(
+                f"tensor '{tensor.name}' holds {size} bytes of data; its dims and type need {expected}"
+            )
+        header = _shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS)
+        if self.data is not None and size >= EXTERNAL_THRESHOLD:
+            offset = self._data_offset()
+            if payload is None:
+                self._copy_external(tensor)
+            else:
+                self.data.write(payload)
+            self._point_to_data(header, offset, size)
+            self.offset += size
+            self._write_tensor_bytes([header.SerializeToString()])
+            return
+        if payload is None:
+            payload = _external_bytes(tensor, self.source_folder)
+        self._write_tensor_bytes([header.SerializeToString(), _field_header(_TENSOR_RAW_DATA, len(payload)), payload])
+
+    def _write_tensor_bytes(self, parts: list) -> None:
+        length = sum(len(p) for p in parts)
+        self._write_graph_chunk([_field_header(_GRAPH_INITIALIZER, length), *parts])
+
+    def _data_offset(self) -> int:
+        padding = -self.offset % ALIGNMENT
+        self.data.write(b"\0" * padding)
+        self.offset += padding
+        return self.offset
+
+    def _point_to_data(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
         tensor.data_location = onnx.TensorProto.EXTERNAL
         del tensor.external_data[:]
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
             tensor.external_data.add(key=key, value=value)
-        offset += len(raw)
+
+    def _externalize_tensor(self, tensor: onnx.TensorProto) -> None:
+        """Move a tensor held in the protobuf tree to the data file, if it is big enough."""
+        raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        if len(raw) < EXTERNAL_THRESHOLD:
+            return
+        offset = self._data_offset()
+        self.data.write(raw)
+        for field in _RAW_FIELDS:
+            tensor.ClearField(field)
+        self._point_to_data(tensor, offset, len(raw))
+        self.offset += len(raw)
+
+    def _externalize_nested(self, graph: onnx.GraphProto) -> None:
+        """Subgraph initializers (If/Loop/Scan bodies) go to the data file too."""
+        for node in graph.node:
+            for body in subgraphs(node):
+                for tensor in _initializers(body):
+                    if tensor.data_type != onnx.TensorProto.STRING and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                        self._externalize_tensor(tensor)
+
+    def _copy_external(self, tensor: onnx.TensorProto) -> None:
+        location, offset, length = _external_info(tensor)
+        with open(self.source_folder / location, "rb") as source:
+            self.data.flush()
+            copied = 0
+            while copied < length:
+                sent = _copy_range(source, self.data, offset + copied, length - copied)
+                if sent == 0:
+                    raise BnfoldError(f"tensor '{tensor.name}': its external data ends early")
+                copied += sent
+
+
+
+def _copy(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return copy
+
+
+def _copy_range(source, target, offset: int, length: int) -> int:
+    """Copy bytes between files in the kernel where it can (no trip through Python objects)."""
+    chunk = min(length, 1 << 30)
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(source.fileno(), target.fileno(), chunk, offset)
+        except OSError:
+            pass  # another file system, or not supported here: copy through a buffer
+    source.seek(offset)
+    data = source.read(min(chunk, 1 << 24))
+    target.write(data)
+    target.flush()
+    return len(data)
+
+
+def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    """(location, offset, length) of an external tensor, already checked by _checked_locations."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    offset = int(info.get("offset") or 0)
+    length = info.get("length")
+    if length is None:
+        expected = _payload_size(tensor)
+        if expected is None:
+            raise BnfoldError(f"tensor '{tensor.name}' stores external data without a length")
+        length = expected
+    return info["location"], offset, int(length)
+
+
+def read_tensor(tensor: onnx.TensorProto, folder: Path | None = None) -> np.ndarray:
+    """A tensor's values (read-only), reading external data from `folder` without loading it
+    into the tree. numpy's own types come straight from the bytes, with one copy at most."""
+    dtype = _PLAIN_DTYPES.get(tensor.data_type) if sys.byteorder == "little" else None
+    external = tensor.data_location == onnx.TensorProto.EXTERNAL
+    if dtype is not None and (external or tensor.HasField("raw_data")):
+        if external:
+            location, offset, length = _external_info(tensor)
+            values = np.fromfile(folder / location, dtype=dtype, count=length // dtype.itemsize, offset=offset)
+        else:
+            values = np.frombuffer(tensor.raw_data, dtype=dtype)
+        if values.size == _elements(tensor):
+            return values.reshape(tuple(tensor.dims))
+    if not external:
+        return numpy_helper.to_array(tensor)  # typed fields, strings, 4-bit types, a size mismatch
+    header = _shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS)
+    header.raw_data = _external_bytes(tensor, folder)
+    return numpy_helper.to_array(header)
+
+
+_T = onnx.TensorProto
+_PLAIN_DTYPES = {  # ONNX types whose raw data is exactly numpy's little-endian layout
+    _T.FLOAT: np.dtype(np.float32), _T.DOUBLE: np.dtype(np.float64), _T.FLOAT16: np.dtype(np.float16),
+    _T.INT8: np.dtype(np.int8), _T.INT16: np.dtype(np.int16), _T.INT32: np.dtype(np.int32), _T.INT64: np.dtype(np.int64),
+    _T.UINT8: np.dtype(np.uint8), _T.UINT16: np.dtype(np.uint16), _T.UINT32: np.dtype(np.uint32),
+    _T.UINT64: np.dtype(np.uint64), _T.BOOL: np.dtype(np.bool_),
+}
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    elements = 1
+    for dim in tensor.dims:
+        elements *= dim
+    return elements
+
+
+def _external_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
+    location, offset, length = _external_info(tensor)
+    with open(folder / location, "rb") as source:
+        source.seek(offset)
+        data = source.read(length)
+    if len(data) != length:
+        raise BnfoldError(f"tensor '{tensor.name}': its external data ends early")
+    return data
+
+
+def write_skeleton(
+    model: onnx.ModelProto, new_values: dict[str, np.ndarray], source_folder: Path | None, folder: Path
+) -> Path:
+    """Write the model to `folder` as the checker should see it, cheaply: its graph whole, but
+    each main-graph initializer of EXTERNAL_THRESHOLD bytes or more as a reference to one
+    sparse file (no data is read, copied or written). Small tensors keep their values, so
+    shape inference still propagates Reshape targets and axes. Tensor data sizes are what
+    _ModelWriter checks as it writes; everything else onnx.checker sees in full."""
+    skeleton = _shell(model, {"graph"})
+    skeleton.graph.CopyFrom(_shell(model.graph, {"initializer"}))
+    longest = 0
+    for tensor in model.graph.initializer:
+        size = _payload_size(tensor)
+        if size is not None and size >= EXTERNAL_THRESHOLD:
+            stub = _shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="skeleton.data")
+            stub.external_data.add(key="length", value=str(size))
+            skeleton.graph.initializer.append(stub)
+            longest = max(longest, size)
+        elif tensor.name in new_values:
+            full = skeleton.graph.initializer.add()
+            full.CopyFrom(tensor)
+            full.raw_data = new_values[tensor.name].tobytes()
+        elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+            small = skeleton.graph.initializer.add()
+            small.CopyFrom(_shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS))
+            small.raw_data = _external_bytes(tensor, source_folder)
+        else:
+            skeleton.graph.initializer.append(tensor)
+    with open(folder / "skeleton.data", "wb") as data:
+        data.truncate(longest)  # sparse: no blocks are written
+    path = folder / "skeleton.onnx"
+    path.write_bytes(skeleton.SerializeToString())
+    return path
+
+
+_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _payload_size(tensor: onnx.TensorProto) -> int | None:
+    """How many bytes of raw data a tensor's dims and type need, or None if not fixed (strings,
+    unknown types)."""
+    elements = _elements(tensor)
+    if tensor.data_type in _BITS:
+        return (elements * _BITS[tensor.data_type] + 7) // 8
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        return elements * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+
+
+def payload_bytes(graph: onnx.GraphProto) -> int:
+    """The bytes of tensor data in a graph's initializers, from their dims (no data is read)."""
+    return sum(_payload_size(t) or 0 for t in graph.initializer)
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -318,8 +647,9 @@ def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 def _bnfold_data_files(model_path: Path) -> set[Path]:
     """The data files bnfold wrote for an existing output: named `<name>.<8 hex>.data`."""
-    if not model_path.is_file():
-        return set()
+    candidates = set(model_path.parent.glob(glob.escape(model_path.name) + ".*.data"))
+    if not candidates or not model_path.is_file():
+        return set()  # nothing to clean up: no need to parse the previous output
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception:

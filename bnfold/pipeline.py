@@ -6,18 +6,20 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bnfold.errors import BnfoldError, InternalError
-from bnfold.folding import fold_in_place, validate
+from bnfold.folding import fold_in_place, validate_skeleton
 from bnfold.modelfile import (
     SINGLE_FILE_LIMIT,
     SUFFIX,
     StagedModel,
     output_path,
+    payload_bytes,
     read_model,
-    serialized_size,
+    read_tensor,
 )
 from bnfold.report import FoldReport
 
@@ -59,38 +61,40 @@ def optimize(
 
     Nothing is written unless the folded model passes onnx.checker and, with `verify`, computes
     the same function as the original under onnxruntime (`bnfold.verify`, with
-    `verify_options`); without `verify` it must still load in onnxruntime. Both checks read the
-    staged files, so they work for models with external data and past 2 GiB. `external_data`:
-    "auto" keeps tensors in a data file when the input did or when one file cannot hold the
-    model, "always", or "never". The write is atomic and never targets the input.
-    """
-    from bnfold import verification  # onnxruntime: only when a check runs
+    `verify_options`, on the staged files). `external_data`: "auto" keeps tensors in a data
+    file when the input did or when one file cannot hold the model, "always", or "never". The
+    write is atomic and never targets the input.
 
+    The model is parsed once; tensors in an input data file are read only when folded and are
+    otherwise copied file to file; the output is streamed (modelfile.StagedModel) and checked
+    by its skeleton (folding.validate_skeleton). So the cost is close to reading and writing
+    the file (bench/run.py measures it).
+    """
     start = time.perf_counter()
     if external_data not in EXTERNAL_DATA_MODES:
         raise BnfoldError(f"--external-data {external_data!r}: choose one of {', '.join(EXTERNAL_DATA_MODES)}")
     src = Path(model_path)
     dst = output_path(src, output)  # refuse a bad destination before doing any work
     progress(f"folding {src}")
-    model, data_files = read_model(src)
+    model, data_files = read_model(src, load_external=False)
+    folder = src.resolve().parent if data_files else None
     report = FoldReport(bytes_before=sum(f.stat().st_size for f in (src, *data_files)))
-    report.outcomes = fold_in_place(model, str(src))
-    too_big = serialized_size(model) > SINGLE_FILE_LIMIT
+    payload_before = payload_bytes(model.graph)
+    report.outcomes, new_values = fold_in_place(model, str(src), partial(read_tensor, folder=folder))
+    # The tensor data dominates the size; from dims, without serializing anything.
+    too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > SINGLE_FILE_LIMIT
     if external_data == "never" and too_big:
         raise BnfoldError("the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto")
     external = external_data == "always" or (external_data == "auto" and (bool(data_files) or too_big))
-    progress(f"staging {dst}")
+    progress("checking the folded model")
+    validate_skeleton(model, new_values, folder, str(src))
+    progress(f"writing {dst}")
     checked = None
-    with StagedModel(model, dst, external=external) as staged:
-        progress("checking the folded model")
-        validate(str(staged.path), str(src))
+    with StagedModel(model, dst, external=external, new_values=new_values, source_folder=folder) as staged:
         if verify:
             progress("verifying the folded model against the original")
             checked = _verify(src, staged.path, verify_options or {}, progress)
             checked.candidate = str(dst)
-        else:
-            progress("loading the folded model in onnxruntime")
-            verification.check_loads(staged.path, src)
         written = checked is None or checked.equivalent
         if written:
             staged.commit()
@@ -103,7 +107,7 @@ def _verify(src: Path, folded: Path, options: dict, progress) -> VerifyReport:
     from bnfold.verification import ModelLoadError, verify
 
     try:
-        return verify(src, folded, progress=progress, **options)
+        return verify(src, folded, progress=progress, locations_checked=True, **options)
     except BnfoldError as exc:
         if isinstance(exc, ModelLoadError) and exc.role == "candidate":
             raise InternalError(f"the folded model does not load although the input does: {exc}") from None

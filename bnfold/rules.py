@@ -251,7 +251,9 @@ class LinearRule:
             return scale_shift
         scale, shift = scale_shift
         axis = self.weight_axis(linear)
-        scaled = affine.scale_weights(weight, scale, axis=axis, group=self.groups(linear))
+        scaled = affine.scale_weights(
+            weight, scale, axis=axis, group=self.groups(linear), dtype=affine.product_dtype(weight.dtype)
+        )
         if bias is not None:
             bias = bias.astype(np.float64) * self.bias_scale(linear)
         new_bias = affine.fold_bias(bias, scale, shift)
@@ -446,7 +448,7 @@ def _cast_folded(dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int) -> 
     with np.errstate(over="ignore"):  # overflow is checked just below
         bias = bias64.astype(dtype)
     for what, values in (("weights", weight), ("bias", bias)):
-        if not np.isfinite(values.astype(np.float64)).all():
+        if not np.isfinite(affine.float_operand(values)).all():
             return Skip(f"the folded {what} overflow {dtype}")
     return weight, bias
 
@@ -714,7 +716,7 @@ def plan_channel_last(bn: onnx.NodeProto, index: GraphIndex) -> ChannelLastPlan 
     if isinstance(scale_shift, Skip):
         return scale_shift
     scale, shift = scale_shift
-    new_weight = affine.scale_weights(weight, scale, axis=1)
+    new_weight = affine.scale_weights(weight, scale, axis=1, dtype=affine.product_dtype(weight.dtype))
     new_bias = affine.fold_bias(bias.reshape(-1), scale, shift).reshape((1,) * max(bias.ndim - 1, 0) + (channels,))
     cast = _cast_folded(weight.dtype, new_weight, new_bias, axis=1)
     if isinstance(cast, Skip):

@@ -36,7 +36,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from bnfold.errors import BnfoldError, InternalError, first_line
+from bnfold.errors import BnfoldError, first_line
 from bnfold.modelfile import check_external_data
 
 
@@ -174,24 +174,6 @@ def make_session(
     return ort.InferenceSession(source, options, providers=list(providers))
 
 
-def check_loads(folded: onnx.ModelProto | str | Path, original: onnx.ModelProto | str | Path) -> None:
-    """The folded model must load in onnxruntime. If it does not, blame the input when that does
-    not load either (BnfoldError), else bnfold (InternalError)."""
-    try:
-        make_session(folded)
-    except Exception as folded_error:  # onnxruntime raises its own untyped failures
-        try:
-            make_session(original)
-        except Exception as input_error:
-            raise BnfoldError(
-                f"onnxruntime cannot load the input model: {first_line(input_error)}"
-            ) from None
-        raise InternalError(
-            f"onnxruntime cannot load the folded model although it loads the input: "
-            f"{first_line(folded_error)}"
-        ) from None
-
-
 def verify(
     reference: onnx.ModelProto | str | Path,
     candidate: onnx.ModelProto | str | Path,
@@ -205,12 +187,15 @@ def verify(
     inputs: Sequence[str | Path] = (),
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     progress: Callable[[str], None] = lambda stage: None,
+    locations_checked: bool = False,
 ) -> VerifyReport:
     """Run both models on the same inputs and compare every output (see the module docstring).
 
     `inputs` are .npz files (arrays by input name) or onnx test-data folders; each is one trial.
     Without them, `trials` input sets are generated from `seed`. Raises BnfoldError when the
-    comparison cannot run; a difference is reported, not raised.
+    comparison cannot run; a difference is reported, not raised. Model files' external-data
+    locations are checked before onnxruntime reads them, unless the caller has done that
+    (`locations_checked`: optimize read the input and wrote the candidate itself).
     """
     start = time.perf_counter()
     if trials < 1:
@@ -222,7 +207,10 @@ def verify(
         raise BnfoldError(f"provider {missing[0]} is not available; have {', '.join(ort.get_available_providers())}")
     report = VerifyReport(_describe(reference), _describe(candidate), seed=seed, providers=list(providers))
     progress("loading both models in onnxruntime")
-    sessions = [_session(m, role, providers) for m, role in ((reference, "reference"), (candidate, "candidate"))]
+    sessions = [
+        load_session(m, role, providers, check_locations=not locations_checked)
+        for m, role in ((reference, "reference"), (candidate, "candidate"))
+    ]
     if any(o.type == "tensor(bfloat16)" for o in sessions[0].get_outputs()):
         raise BnfoldError("the model has bfloat16 outputs, which onnxruntime's Python API cannot return")
     signature = _signature_difference(*sessions)
@@ -230,7 +218,7 @@ def verify(
         report.equivalent, report.notes = False, [signature]
         report.seconds = time.perf_counter() - start
         return report
-    specs, report.notes = _input_specs(sessions[0], input_shapes or {})
+    specs, report.notes = input_specs(sessions[0], input_shapes or {})
     if inputs:
         feeds = [feed for path in inputs for feed in load_input_sets(Path(path), specs)]
         report.inputs = [{"name": n, "source": ", ".join(map(str, inputs))} for n in specs]
@@ -366,11 +354,14 @@ def _describe(model) -> str:
     return str(model) if not isinstance(model, onnx.ModelProto) else (model.graph.name or "<in memory>")
 
 
-def _session(model, role: str, providers) -> ort.InferenceSession:
-    if not isinstance(model, onnx.ModelProto):
+def load_session(
+    model, role: str, providers, *, optimize: bool = False, check_locations: bool = True
+) -> ort.InferenceSession:
+    """make_session, with the external-data check first and a ModelLoadError naming the role."""
+    if check_locations and not isinstance(model, onnx.ModelProto):
         check_external_data(model)  # onnxruntime reads external data itself: check it first
     try:
-        return make_session(model, providers=providers)
+        return make_session(model, providers=providers, optimize=optimize)
     except Exception as exc:
         raise ModelLoadError(role, f"onnxruntime cannot load {_describe(model)}: {first_line(exc)}") from None
 
@@ -384,7 +375,7 @@ def _signature_difference(reference: ort.InferenceSession, candidate: ort.Infere
     return ""
 
 
-def _input_specs(session: ort.InferenceSession, shapes: dict[str, Sequence[int]]) -> tuple[dict, list[str]]:
+def input_specs(session: ort.InferenceSession, shapes: dict[str, Sequence[int]]) -> tuple[dict, list[str]]:
     """name → (dtype, concrete shape) for every input, and notes on the dimensions chosen."""
     unknown = set(shapes) - {v.name for v in session.get_inputs()}
     if unknown:

@@ -198,17 +198,31 @@ def test_a_model_onnxruntime_loads_only_once_folded(tmp_path):
     assert op_types(onnx.load(str(tmp_path / "opset6.folded.onnx"))) == ["Conv", "Relu"]
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-verify"]], ids=["verify", "no-verify"])
-def test_a_model_onnxruntime_cannot_load_is_exit_2(tmp_path, flags):
+def test_a_model_onnxruntime_cannot_load_is_exit_2(tmp_path):
+    path = tmp_path / "custom.onnx"
+    onnx.save(_custom_op_model(), str(path))
+    result = invoke("optimize", path)
+    assert_one_line_error(result, 2, "onnxruntime cannot load")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
+
+
+def test_no_verify_folds_a_model_for_another_runtime(tmp_path):
+    # --no-verify runs no onnxruntime at all: a model with ops only its own runtime knows folds.
+    path = tmp_path / "custom.onnx"
+    onnx.save(_custom_op_model(), str(path))
+    result = invoke("optimize", path, "--no-verify")
+    assert result.exit_code == 0, result.output
+    folded = onnx.load(str(tmp_path / "custom.folded.onnx"))
+    assert op_types(folded) == ["Conv", "Relu", "Mystery"]
+    onnx.checker.check_model(folded, full_check=True)
+
+
+def _custom_op_model() -> onnx.ModelProto:
     model = conv_bn_model()
     model.graph.node.append(onnx.helper.make_node("Mystery", ["y"], ["z"], name="mystery", domain="example.custom"))
     model.graph.output[0].name = "z"
     model.opset_import.append(onnx.helper.make_opsetid("example.custom", 1))
-    path = tmp_path / "custom.onnx"
-    onnx.save(model, str(path))
-    result = invoke("optimize", path, *flags)
-    assert_one_line_error(result, 2, "onnxruntime cannot load")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
+    return model
 
 
 def test_unwritable_output_is_exit_2_and_leaves_nothing(model_path, tmp_path):
@@ -281,3 +295,15 @@ def test_help_and_inspect_do_not_import_onnxruntime():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["[]", "False"]
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-verify"]], ids=["verify", "no-verify"])
+def test_a_fold_that_breaks_the_graph_is_exit_3_and_writes_nothing(model_path, monkeypatch, flags):
+    # A seeded bnfold bug: the Conv no longer takes over the BatchNormalization's output name,
+    # so the Relu reads a tensor nothing produces. The checker (on the skeleton) must catch it.
+    from bnfold.graph import GraphIndex
+
+    monkeypatch.setattr(GraphIndex, "set_output", lambda self, node, position, name: None)
+    result = invoke("optimize", model_path, *flags)
+    assert_one_line_error(result, EXIT_INTERNAL_ERROR, "fails onnx.checker although the input passes")
+    assert sorted(p.name for p in model_path.parent.iterdir()) == [model_path.name]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import onnx
+from onnx import numpy_helper
 
+from bnfold import fold, optimize
 from bnfold.errors import BnfoldError
 from bnfold.modelfile import StagedModel, output_path
 from builders import conv_bn_model
@@ -59,3 +63,68 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
         write(dest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     assert [p.name for p in dest.iterdir()] == ["keep"]
+
+
+# ---- the streamed write: what optimize() writes is exactly what fold() returns ------------------
+SAMPLES = sorted((Path(__file__).resolve().parents[1] / "sample_models").glob("*.onnx"))
+
+
+def with_external_data_loaded(path: Path) -> onnx.ModelProto:
+    return inlined(onnx.load(str(path)))  # loads and inlines external data
+
+
+def inlined(model: onnx.ModelProto) -> onnx.ModelProto:
+    for tensor in model.graph.initializer:
+        assert tensor.data_location == onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")  # onnx.load sets it when it inlines external data
+    return model
+
+
+@pytest.mark.parametrize("external", ["never", "always"])
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_streamed_output_is_the_folded_model(sample, external, tmp_path):
+    written = optimize(sample, tmp_path / "out.onnx", verify=False, external_data=external)
+    assert written.written
+    expected = fold(sample).model
+    assert with_external_data_loaded(tmp_path / "out.onnx") == expected
+
+
+def test_external_input_tensors_are_copied_file_to_file(tmp_path):
+    model = conv_bn_model(cin=64, cout=64)  # a 147 kB weight
+    untouched = numpy_helper.from_array(np.arange(4096, dtype=np.float32), "unused")  # not folded, kept
+    model.graph.initializer.append(untouched)
+    onnx.save(model, str(tmp_path / "in.onnx"), save_as_external_data=True, location="in.data", size_threshold=0)
+    optimize(tmp_path / "in.onnx", tmp_path / "out.onnx", verify=False)
+    assert with_external_data_loaded(tmp_path / "out.onnx") == inlined(fold(tmp_path / "in.onnx").model)
+    out = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    stored = {t.name: {e.key: e.value for e in t.external_data} for t in out.graph.initializer}
+    assert set(stored) == {"W_bnfold", "B_bnfold", "unused"}
+    assert stored["B_bnfold"] == {}  # 256 bytes: below the 1 kB threshold, stays in the model file
+    data = (tmp_path / stored["unused"]["location"]).read_bytes()
+    start = int(stored["unused"]["offset"])
+    assert start % 4096 == 0
+    assert data[start : start + 16384] == untouched.raw_data
+
+
+def test_typed_field_tensors_and_subgraphs_are_written_too(tmp_path):
+    model = conv_bn_model()
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    values = numpy_helper.to_array(weight)
+    weight.ClearField("raw_data")
+    weight.float_data.extend(values.ravel().tolist())  # the old way of storing values
+    onnx.save(model, str(tmp_path / "typed.onnx"))
+    for external in ("never", "always"):
+        out = tmp_path / f"typed_{external}.onnx"
+        optimize(tmp_path / "typed.onnx", out, verify=False, external_data=external)
+        assert numpy_helper.to_array(with_external_data_loaded(out).graph.initializer[0]).size  # loads
+
+
+def test_a_tensor_with_too_little_data_is_refused(tmp_path):
+    model = conv_bn_model()
+    gamma = next(t for t in model.graph.initializer if "gamma" in t.name or t.name.endswith("scale"))
+    gamma.raw_data = gamma.raw_data[:-4]  # one float short of its dims
+    path = tmp_path / "short.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(BnfoldError):
+        optimize(path, tmp_path / "out.onnx", verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.onnx"]

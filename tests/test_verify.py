@@ -175,8 +175,10 @@ def mutate(monkeypatch, mistake: str) -> None:
     elif mistake == "conv bias dropped":
         monkeypatch.setattr(bnfold.affine, "fold_bias", lambda b, s, t: fold_bias(None, s, t))
     elif mistake == "scale on the wrong axis":
-        def wrong_axis(w, s, axis=0, group=1):
-            return scale_weights(w, s, axis=1) if w.shape[1] == len(s) else scale_weights(w, s, axis, group)
+        def wrong_axis(w, s, axis=0, group=1, dtype=np.float64):
+            if w.shape[1] == len(s):
+                return scale_weights(w, s, axis=1, dtype=dtype)
+            return scale_weights(w, s, axis, group, dtype)
         monkeypatch.setattr(bnfold.affine, "scale_weights", wrong_axis)
 
 
