@@ -59,6 +59,9 @@ INT_RANGE_OPT = typer.Option("0:10", "--int-range", metavar="LOW:HIGH", help="In
 INPUTS_OPT = typer.Option(
     None, "--inputs", help=".npz (arrays by input name) or onnx test-data folder; one trial each (repeatable)."
 )
+NO_REPARAM_OPT = typer.Option(
+    False, "--no-reparam", help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv."
+)
 PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution provider (repeatable). Default CPU.")
 
 
@@ -75,6 +78,7 @@ def optimize(
         help="Keep tensors in a data file beside the output: auto = when the input did or past 2 GiB.",
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Models processed in parallel."),
+    no_reparam: bool = NO_REPARAM_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
@@ -98,6 +102,7 @@ def optimize(
     def options() -> dict:
         return {
             "verify": not no_verify, "external_data": external_data, "progress": _progress(quiet),
+            "reparam": not no_reparam,
             "verify_options": _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider),
         }
 
@@ -205,11 +210,13 @@ def verify(
 
 
 @app.command(epilog=EXIT_CODES)
-def inspect(model: Path = MODEL_ARG, json_report: bool = JSON_OPT, quiet: bool = QUIET_OPT) -> None:
+def inspect(
+    model: Path = MODEL_ARG, no_reparam: bool = NO_REPARAM_OPT, json_report: bool = JSON_OPT, quiet: bool = QUIET_OPT
+) -> None:
     """Report what optimize would fold and skip, and why, without writing anything."""
     from bnfold.folding import fold
 
-    result = _guard(lambda: fold(model))
+    result = _guard(lambda: fold(model, reparam=not no_reparam))
     data = {"input": str(model), "output": None, "written": False, **result.report.to_dict()}
     _render(data, result.report, json_report, quiet)
 

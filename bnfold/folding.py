@@ -15,7 +15,8 @@ from bnfold.errors import BnfoldError, InternalError, first_line
 from bnfold.graph import ONNX_DOMAINS, GraphIndex, TensorLoader, all_names, named_subgraphs, store_new_values
 from bnfold import modelfile
 from bnfold.modelfile import load_model, serialized_size
-from bnfold.report import FoldOutcome, FoldReport
+from bnfold.reparam import Merge, merge_branches
+from bnfold.report import BRANCH_MERGE, FoldOutcome, FoldReport
 from bnfold.rules import (
     ELEMENTWISE_AFFINE,
     RUNTIME_NORMALIZATIONS,
@@ -35,9 +36,12 @@ class FoldResult:
     report: FoldReport
 
 
-def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> FoldResult:
+def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, reparam: bool = True) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
     op next to it; see the README's "What is folded" for the patterns and their preconditions.
+
+    With `reparam`, sums of parallel branches affine in one tensor are then merged into one
+    Conv (bnfold.reparam: RepVGG, MobileOne, RepMixer blocks).
 
     `model` is a ModelProto (never modified: the fold works on a copy) or a path. With `check`,
     the result must pass `onnx.checker` (full check) or this raises: BnfoldError when the input
@@ -54,7 +58,7 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=serialized_size(folded))
-    report.outcomes, new_values = fold_in_place(folded, original)
+    report.outcomes, new_values = fold_in_place(folded, original, reparam=reparam)
     store_new_values(folded.graph, new_values)
     report.bytes_after = serialized_size(folded)
     if check:
@@ -69,12 +73,16 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True) -> F
 
 
 def fold_in_place(
-    model: onnx.ModelProto, original: onnx.ModelProto | str, load_tensor: TensorLoader = modelfile.read_tensor
+    model: onnx.ModelProto,
+    original: onnx.ModelProto | str,
+    load_tensor: TensorLoader = modelfile.read_tensor,
+    *,
+    reparam: bool = True,
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
     model can break what any valid one guarantees (an unknown data type, a dangling name)."""
     try:
-        return fold_model_graph(model, load_tensor)
+        return fold_model_graph(model, load_tensor, reparam=reparam)
     except (BnfoldError, InternalError):
         raise
     except Exception:
@@ -90,6 +98,7 @@ class _Scope:
     opset: int
     opset_imports: list
     names: set[str]  # every name in the model: fresh names must shadow none
+    reparam: bool  # merge sums of parallel branches (bnfold.reparam)
     new_values: dict[str, np.ndarray]  # the data of the tensors the fold created, by name
     load_tensor: TensorLoader
 
@@ -104,32 +113,33 @@ FOLD_KINDS = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS
 
 
 def fold_model_graph(
-    model: onnx.ModelProto, load_tensor: TensorLoader = modelfile.read_tensor
+    model: onnx.ModelProto, load_tensor: TensorLoader = modelfile.read_tensor, *, reparam: bool = True
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
     Returns one outcome per BatchNormalization and runtime-statistics normalization, and one
     per Mul/Add/Sub/Div that folded; and the values of the main graph's new initializers,
     which the GraphProto holds without data (GraphIndex.new_values): store_new_values or a
     streamed write (modelfile.StagedModel) gives them their data."""
-    outcomes = _fold_functions(model)
-    if not any(n.op_type in FOLD_KINDS for n in _all_nodes(model.graph)):
+    outcomes = _fold_functions(model, reparam)
+    kinds = (*FOLD_KINDS, "Add", "Sub") if reparam else FOLD_KINDS
+    if not any(n.op_type in kinds for n in _all_nodes(model.graph)):
         return outcomes, {}
     opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), None)
     if opset is None:
         raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
-    scope = _Scope(model.ir_version, opset, list(model.opset_import), set(all_names(model.graph)), {}, load_tensor)
+    scope = _Scope(model.ir_version, opset, list(model.opset_import), set(all_names(model.graph)), reparam, {}, load_tensor)
     graph_outcomes, _ = _fold_graph(model.graph, scope, parent=None, prefix="")
     store_new_values(model.graph, scope.new_values, subgraphs_only=True)
     return graph_outcomes + outcomes, scope.new_values
 
 
-def _fold_functions(model: onnx.ModelProto) -> list[FoldOutcome]:
+def _fold_functions(model: onnx.ModelProto, reparam: bool) -> list[FoldOutcome]:
     """Fold inside model-local functions. A function has no initializers: its body is folded as
     a graph whose inputs are the function's, and the folded tensors become Constant nodes."""
     outcomes = []
     for function in model.functions:
         if not any(n.op_type in FOLD_KINDS for n in function.node):
-            continue
+            continue  # (a function without BN is left alone, branches or not)
         imports = list(function.opset_import) or list(model.opset_import)
         opset = next((o.version for o in imports if o.domain in ONNX_DOMAINS), None)
         if opset is None:
@@ -139,7 +149,7 @@ def _fold_functions(model: onnx.ModelProto) -> list[FoldOutcome]:
             [onnx.ValueInfoProto(name=name) for name in function.input],
             [onnx.ValueInfoProto(name=name) for name in function.output],
         )
-        scope = _Scope(max(model.ir_version, 4), opset, imports, set(all_names(body)), {}, modelfile.read_tensor)
+        scope = _Scope(max(model.ir_version, 4), opset, imports, set(all_names(body)), reparam, {}, modelfile.read_tensor)
         found, _ = _fold_graph(body, scope, parent=None, prefix=f"function {function.domain}.{function.name}/")
         if any(o.folded for o in found):
             store_new_values(body, scope.new_values)
@@ -168,7 +178,8 @@ def _fold_graph(
                 outcomes += body_outcomes
                 maybe_dead += escaped
     candidates = [n for n in graph.node if n.domain in ONNX_DOMAINS and n.op_type in FOLD_KINDS]
-    if not candidates and not maybe_dead:
+    sums = scope.reparam and any(n.op_type in ("Add", "Sub") for n in graph.node)
+    if not candidates and not maybe_dead and not sums:
         return outcomes, []
     index = scope.index(graph, parent)
     version = batch_norm_version(scope.opset)
@@ -195,9 +206,40 @@ def _fold_graph(
                 forward=plan.forward, via=plan.via,
             )
         )
+    if sums:
+        merges, dead = merge_branches(index, version)
+        maybe_dead += dead
+        outcomes = _with_merges(outcomes, merges, prefix)
     index.sweep(maybe_dead)
     index.commit()
     return outcomes, [n for n in maybe_dead if n and not index.defines(n)]
+
+
+def _with_merges(outcomes: list[FoldOutcome], merges: list[Merge], prefix: str) -> list[FoldOutcome]:
+    """The outcomes with each merged BatchNormalization shown as folded into the merged Conv,
+    and one outcome per merge."""
+    merged_into = {}
+    for merge in merges:
+        for node in merge.removed:
+            if node.op_type == "BatchNormalization":
+                merged_into[prefix + (node.name or node.output[0])] = merge
+    result = []
+    for outcome in outcomes:
+        merge = merged_into.get(outcome.node)
+        if merge is not None and outcome.op == "BatchNormalization":
+            outcome = FoldOutcome(
+                outcome.node, outcome.output, folded_into=merge.conv.name, folded_into_op="Conv",
+                via="merged with the branches beside it",
+            )
+        result.append(outcome)
+    for merge in merges:
+        result.append(
+            FoldOutcome(
+                prefix + merge.conv.name, merge.conv.output[0], op=BRANCH_MERGE, folded_into=merge.conv.name,
+                folded_into_op="Conv", via=f"{len(merge.branches)} branches ({', '.join(merge.branches)})",
+            )
+        )
+    return result
 
 
 def _all_nodes(graph: onnx.GraphProto):

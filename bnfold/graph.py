@@ -168,6 +168,10 @@ class GraphIndex:
     def readers(self, name: str) -> list[onnx.NodeProto]:
         return self._readers.get(name, [])
 
+    def live_nodes(self) -> list[onnx.NodeProto]:
+        """The graph's nodes in order, without those this pass removed (before commit)."""
+        return [node for node in self._nodes if id(node) not in self._removed_nodes]
+
     def defines(self, name: str) -> bool:
         """Whether `name` belongs to this scope (not read from an enclosing one)."""
         return name in self._producer or name in self.initializers or name in self.graph_inputs or name in self._vanished

@@ -39,22 +39,27 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 def read_model(path: str | os.PathLike, *, load_external: bool = True) -> tuple[onnx.ModelProto, list[Path]]:
     """The model with its external data loaded, and the data files it was read from.
 
-    With `load_external=False` the main graph's initializers keep their external data where it
-    is (read_tensor reads one on demand; StagedModel copies them file to file); the few other
-    external tensors (subgraph initializers, Constant values) are loaded."""
+    With `load_external=False` the main graph's initializers keep their data where it is: in
+    an external data file, or in the model file itself (see _parse); read_tensor reads one on
+    demand, and StagedModel copies the rest file to file. The few other external tensors
+    (subgraph initializers, Constant values) are loaded."""
     path = Path(path)
-    model = _parse(path)
-    external = list(external_tensors(model))
-    if not external:
-        return model, []
-    folder = _checked_locations(path, external)
-    data_files = sorted(folder / location for location in _external_locations(external))  # loading clears them
-    if not load_external:
+    model, in_file = _parse(path)
+    external = _declared_external(model, in_file)
+    data_files = []
+    if external:
+        folder = _checked_locations(path, external)
+        data_files = sorted(folder / location for location in _external_locations(external))
+    if load_external:
+        external = list(external_tensors(model))  # the model file's own tensors too
+    else:
         external = list(external_tensors(model, main_initializers=False))
+    if not external:
+        return model, data_files
     try:
         for tensor in external:
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(folder))
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.resolve().parent))
+            tensor.ClearField("data_location")  # unset is DEFAULT
             del tensor.external_data[:]
     except Exception as exc:
         raise BnfoldError(f"{path}: cannot read its external data ({first_line(exc)})") from None
@@ -64,34 +69,44 @@ def read_model(path: str | os.PathLike, *, load_external: bool = True) -> tuple[
 def check_external_data(path: str | os.PathLike) -> None:
     """Refuse a model file whose external data would be read from outside its folder."""
     path = Path(path)
-    if not _may_use_external_data(path):
-        return
-    external = list(external_tensors(_parse(path)))
+    external = _declared_external(*_parse(path))  # cheap: large raw data is not read (see _parse)
     if external:
         _checked_locations(path, external)
 
 
-def _may_use_external_data(path: Path) -> bool:
-    """False only when the file cannot hold an external tensor: every one names its file under
-    the key "location", and those bytes appear verbatim however the protobuf is encoded. A scan
-    of the mapped file is much cheaper than a parse of a large model."""
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return True  # let the parse say what is wrong with it
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return data.find(b"location") >= 0
-    except (OSError, ValueError):
-        return True
+def _declared_external(model: onnx.ModelProto, in_file: set[int]) -> list[onnx.TensorProto]:
+    """The tensors the model itself stores as external data: not those _parse left in the
+    model file (`in_file`: their positions among the main graph's initializers)."""
+    initializers = model.graph.initializer
+    main = [t for i, t in enumerate(initializers) if i not in in_file and t.data_location == onnx.TensorProto.EXTERNAL]
+    return main + list(external_tensors(model, main_initializers=False))
 
 
-def _parse(path: Path) -> onnx.ModelProto:
+def _parse(path: Path) -> tuple[onnx.ModelProto, set[int]]:
+    """Parse a model file, leaving the raw data of its large main-graph initializers in the file.
+
+    Those tensors come back as external data whose location is the model file itself, at the
+    offset of their bytes in it (the set holds their positions among the initializers). So a
+    weight is never copied into the protobuf tree: it is read only if folded, and otherwise
+    copied file to file when the output is written (modelfile._ModelWriter)."""
     if not path.exists():
         raise BnfoldError(f"{path}: no such file")
     if path.is_dir():
         raise BnfoldError(f"{path}: is a directory, not an ONNX model")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                light = None
+            else:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    light = _light_model(data, path.resolve().name)
+        model = onnx.ModelProto()
+        if light is None:
+            model = onnx.load(str(path), load_external_data=False)
+            in_file: set[int] = set()
+        else:
+            serialized, in_file = light
+            model.ParseFromString(serialized)
     except Exception as exc:  # protobuf DecodeError, I/O, recursion limits: all the user's file
         raise BnfoldError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     # An empty or foreign file can parse as an empty ModelProto; that is no model either.
@@ -99,7 +114,107 @@ def _parse(path: Path) -> onnx.ModelProto:
         raise BnfoldError(f"{path}: not an ONNX model (no IR version or no graph)")
     if not _text_is_valid(model):
         raise BnfoldError(f"{path}: not a valid ONNX model (a name or text field is not UTF-8)")
-    return model
+    return model, in_file
+
+
+# The protobuf wire format, as far as reading and writing a model needs it: a field is a varint
+# key (field number << 3 | wire type) then its value: a varint (type 0), 8 bytes (1), a varint
+# length and that many bytes (2), or 4 bytes (5). Groups (3, 4) are obsolete and absent from
+# ONNX; a file that has them is left to protobuf's own parser.
+_MODEL_GRAPH = 7
+_GRAPH_INITIALIZER = 5
+_TENSOR_RAW_DATA = 9
+_TENSOR_EXTERNAL_DATA = 13
+_TENSOR_DATA_LOCATION = 14
+
+
+class _NotPlain(Exception):
+    """The wire format holds something the light parse does not handle: protobuf parses it."""
+
+
+def _varint_at(data, pos: int, end: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotPlain
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data, start: int, end: int):
+    """(field number, wire type, field start, value start, field end) for each field."""
+    pos = start
+    while pos < end:
+        field_start = pos
+        key, pos = _varint_at(data, pos, end)
+        number, wire = key >> 3, key & 7
+        value_start = pos
+        if wire == 0:
+            _, pos = _varint_at(data, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, value_start = _varint_at(data, pos, end)
+            pos = value_start + length
+        else:
+            raise _NotPlain
+        if pos > end:
+            raise _NotPlain
+        yield number, wire, field_start, value_start, pos
+
+
+def _light_model(data, location: str) -> tuple[bytes, set[int]] | None:
+    """The serialized model with each large main-graph initializer's raw_data replaced by an
+    external-data reference into the file itself (`location`, the offset of its bytes); and
+    the positions of those initializers. None when the file is not plain wire format."""
+    try:
+        out, in_file, position = bytearray(), set(), 0
+        for number, wire, field_start, start, end in _fields(data, 0, len(data)):
+            if number != _MODEL_GRAPH or wire != 2:
+                out += data[field_start:end]
+                continue
+            graph = bytearray()
+            for inner, inner_wire, inner_start, value_start, value_end in _fields(data, start, end):
+                tensor = None
+                if inner == _GRAPH_INITIALIZER and inner_wire == 2:
+                    tensor = _light_tensor(data, value_start, value_end, location)
+                    if tensor is not None:
+                        in_file.add(position)
+                    position += 1
+                if tensor is None:
+                    graph += data[inner_start:value_end]
+                else:
+                    graph += _field_header(_GRAPH_INITIALIZER, len(tensor)) + tensor
+            out += _field_header(_MODEL_GRAPH, len(graph)) + graph
+        return bytes(out), in_file
+    except _NotPlain:
+        return None
+
+
+def _light_tensor(data, start: int, end: int, location: str) -> bytes | None:
+    """A TensorProto's bytes with its raw_data as a reference to where it lies in the file,
+    or None to keep the tensor as it is (small, already external, or unusual)."""
+    rest, raw = bytearray(), None
+    for number, wire, field_start, value_start, value_end in _fields(data, start, end):
+        if number == _TENSOR_RAW_DATA and wire == 2 and raw is None:
+            raw = (value_start, value_end - value_start)
+        elif number in (_TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
+            return None
+        else:
+            rest += data[field_start:value_end]
+    if raw is None or raw[1] < EXTERNAL_THRESHOLD:
+        return None
+    for key, value in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
+        entry = _field_header(1, len(key)) + key.encode() + _field_header(2, len(value.encode())) + value.encode()
+        rest += _field_header(_TENSOR_EXTERNAL_DATA, len(entry)) + entry
+    rest += _varint(_TENSOR_DATA_LOCATION << 3) + _varint(onnx.TensorProto.EXTERNAL)
+    return bytes(rest)
 
 
 def _text_is_valid(model: onnx.ModelProto) -> bool:
@@ -334,14 +449,9 @@ def _sync(file) -> None:
     os.fsync(file.fileno())
 
 
-# Protobuf wire format, as far as the writer needs it: a length-delimited field is its tag
-# (field number << 3 | 2), the varint length, the bytes. A message field that occurs several
-# times is merged by every parser (protobuf's encoding spec, "Last One Wins" for scalars,
-# merge for messages), so a GraphProto can be written as a shell and then one chunk per
-# initializer, each chunk small enough to hold in memory.
-_MODEL_GRAPH = 7
-_GRAPH_INITIALIZER = 5
-_TENSOR_RAW_DATA = 9
+# A message field that occurs several times is merged by every parser (protobuf's encoding
+# spec: "Last One Wins" for scalars, merge for messages), so a GraphProto can be written as a
+# shell and then one chunk per initializer, each chunk small enough to hold in memory.
 
 
 def _varint(value: int) -> bytes:

@@ -54,6 +54,7 @@ def optimize(
     *,
     verify: bool = True,
     external_data: str = "auto",
+    reparam: bool = True,
     verify_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] = lambda stage: None,
 ) -> OptimizeResult:
@@ -63,7 +64,8 @@ def optimize(
     the same function as the original under onnxruntime (`bnfold.verify`, with
     `verify_options`, on the staged files). `external_data`: "auto" keeps tensors in a data
     file when the input did or when one file cannot hold the model, "always", or "never". The
-    write is atomic and never targets the input.
+    write is atomic and never targets the input. `reparam`: merge sums of parallel branches
+    (bnfold.reparam) too.
 
     The model is parsed once; tensors in an input data file are read only when folded and are
     otherwise copied file to file; the output is streamed (modelfile.StagedModel) and checked
@@ -77,10 +79,10 @@ def optimize(
     dst = output_path(src, output)  # refuse a bad destination before doing any work
     progress(f"folding {src}")
     model, data_files = read_model(src, load_external=False)
-    folder = src.resolve().parent if data_files else None
+    folder = src.resolve().parent  # where the tensors left in files are read from
     report = FoldReport(bytes_before=sum(f.stat().st_size for f in (src, *data_files)))
     payload_before = payload_bytes(model.graph)
-    report.outcomes, new_values = fold_in_place(model, str(src), partial(read_tensor, folder=folder))
+    report.outcomes, new_values = fold_in_place(model, str(src), partial(read_tensor, folder=folder), reparam=reparam)
     # The tensor data dominates the size; from dims, without serializing anything.
     too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > SINGLE_FILE_LIMIT
     if external_data == "never" and too_big:

@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+BRANCH_MERGE = "branch merge"  # FoldOutcome.op of a sum of branches merged into one Conv
+
+
 @dataclass(frozen=True)
 class FoldOutcome:
     """One BatchNormalization (or per-channel Mul/Add/Sub/Div) node: folded into
@@ -47,6 +50,11 @@ class FoldReport:
         return [o for o in self.outcomes if o.op.endswith("Normalization") and o.op != "BatchNormalization"]
 
     @property
+    def branch_merges(self) -> list[FoldOutcome]:
+        """Sums of parallel branches merged into one Conv (bnfold.reparam), one per sum."""
+        return [o for o in self.outcomes if o.op == BRANCH_MERGE]
+
+    @property
     def folded(self) -> int:
         """Folded BatchNormalization nodes."""
         return sum(o.folded for o in self.batch_norms)
@@ -57,8 +65,9 @@ class FoldReport:
 
     def summary(self) -> str:
         affines = f" and {len(self.channel_affines)} Mul/Add/Sub/Div" if self.channel_affines else ""
+        merges = f"; merged {len(self.branch_merges)} sums of branches" if self.branch_merges else ""
         return (
-            f"folded {self.folded} of {len(self.batch_norms)} BatchNormalization nodes{affines}"
+            f"folded {self.folded} of {len(self.batch_norms)} BatchNormalization nodes{affines}{merges}"
             f" · {_megabytes(self.bytes_before)} → {_megabytes(self.bytes_after)}"
             f" · {self.seconds:.2f} s"
         )
@@ -68,7 +77,9 @@ class FoldReport:
         rows = [("node", "result", "detail")]
         for o in self.outcomes:
             label = o.node if o.op == "BatchNormalization" else f"{o.node} ({o.op})"
-            if o.folded:
+            if o.op == BRANCH_MERGE:
+                rows.append((label, "merged", f"{o.via} into {o.folded_into_op} {o.folded_into}"))
+            elif o.folded:
                 where = "into the following" if o.forward else "into"
                 via = f" ({o.via})" if o.via else ""
                 rows.append((label, "folded", f"{where} {o.folded_into_op} {o.folded_into}{via}"))
@@ -87,6 +98,7 @@ class FoldReport:
                 "folded": self.folded,
                 "skipped": self.skipped,
                 "channel_affines_folded": len(self.channel_affines),
+                "branch_merges": len(self.branch_merges),
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "seconds": round(self.seconds, 4),
@@ -94,6 +106,7 @@ class FoldReport:
             "batch_normalizations": [_outcome_dict(o) for o in self.batch_norms],
             "channel_affines": [_outcome_dict(o) for o in self.channel_affines],
             "runtime_normalizations": [_outcome_dict(o) for o in self.runtime_normalizations],
+            "branch_merges": [_outcome_dict(o) for o in self.branch_merges],
         }
 
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from bnfold import fold, optimize
 from bnfold.errors import BnfoldError
-from bnfold.modelfile import StagedModel, output_path
+from bnfold.modelfile import StagedModel, _parse, output_path, read_model
 from builders import conv_bn_model
 
 
@@ -128,3 +128,33 @@ def test_a_tensor_with_too_little_data_is_refused(tmp_path):
     with pytest.raises(BnfoldError):
         optimize(path, tmp_path / "out.onnx", verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.onnx"]
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_the_light_parse_gives_the_model_onnx_load_gives(sample):
+    # _parse leaves large raw data in the file; loading it back must give exactly onnx.load's model.
+    model, in_file = _parse(sample)
+    assert in_file or sample.stat().st_size < 100_000  # the larger samples have tensors left in the file
+    assert read_model(sample)[0] == onnx.load(str(sample))
+
+
+def test_a_hard_linked_model_file_folds(tmp_path):
+    # Its own tensors are read from the model file: that is no external data to refuse.
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_model(cin=64, cout=64), str(path))
+    os.link(path, tmp_path / "alias.onnx")
+    result = optimize(path, tmp_path / "out.onnx", verify=False)
+    assert result.written and result.report.folded == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad length"])
+def test_a_damaged_file_is_one_clear_error(tmp_path, damage):
+    data = bytearray(onnx.load(str(SAMPLES[0])).SerializeToString())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[1] = 0xFF  # the first field's length now runs past the end
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BnfoldError, match="damaged.onnx: not"):
+        read_model(path)

@@ -27,7 +27,7 @@ EXPECTED = {
     "shared_conv_output": (3, 2, 0),
     "efficientnet_tiny": (11, 11, 0),
     "inception_tiny": (13, 13, 0),
-    "repvgg_tiny": (12, 9, 0),  # the BN on each identity branch has no conv in front of it
+    "repvgg_tiny": (12, 12, 0),  # the identity-branch BNs merge with the conv branches beside them
     "resnet_tiny_fp16": (9, 9, 0),
     "decoder_convtranspose": (2, 2, 0),  # ConvTranspose, one of them grouped
     "mlp_batchnorm1d": (2, 2, 0),  # Linear → BatchNorm1d: a Gemm, and a bias-less Linear's MatMul
@@ -85,9 +85,9 @@ def test_conv_output_with_two_readers_is_skipped_with_its_reason():
     assert skipped.reason == "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; nor forward: it feeds Relu '/Relu', not a Conv or Gemm"
 
 
-def test_identity_branch_batch_norms_are_explained():
+def test_identity_branch_batch_norms_are_explained_without_reparameterization():
     model, _, _ = load("repvgg_tiny")
-    reasons = {o.reason for o in bnfold.fold(model).report.outcomes if not o.folded}
+    reasons = {o.reason for o in bnfold.fold(model, reparam=False).report.outcomes if not o.folded}
     folds_into = "bnfold folds into Conv, ConvTranspose, Gemm, MatMul"
     assert reasons == {
         f"its input comes from Relu '{source}'; {folds_into}; nor forward: it feeds Add '{add}', not a Conv or Gemm"

@@ -1,0 +1,319 @@
+"""Structural re-parameterization: merge parallel branches that are all affine in one tensor.
+
+RepVGG, MobileOne, FastViT's RepMixer and their kin train with parallel branches that are
+summed, e.g. `BN(Conv3x3(x)) + BN(Conv1x1(x)) + BN(x)` or `x + γ·(BN(DWConv(x)) − BN(x))`.
+After BN folding each branch is a term affine in the same x:
+
+    Conv(x; W, b)      a conv of x (its BN already folded in),
+    BN(x) = s·x + t    a per-channel affine (a BN with no conv to fold into),
+    x                  the identity,
+
+and Add, Sub and Mul by a per-channel constant (layer scale) combine terms linearly. Every
+such term is itself a conv of x: BN(x) is the 1×1 depthwise conv with weights s and bias t, x
+the one with weights 1. Convs that share stride add up into one conv, exactly:
+
+    Conv(x; W₁, b₁) + Conv(x; W₂, b₂) = Conv(x; W₁ ⊕ W₂, b₁ + b₂)
+
+when the kernels line up in the larger one (a k-wide kernel with begin pad p sits at offset
+j₀ = (P − p)/d in a K-wide kernel with begin pad P, and the end pads agree likewise), and a
+group-g kernel is a special case of a group-g' kernel when g' divides g (block-diagonal).
+Kernels and biases are summed in float64 and rounded once to the weight's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+
+import numpy as np
+import onnx
+
+from bnfold import affine
+from bnfold.graph import GraphIndex, NotConstant, is_onnx_op, node_label
+from bnfold.rules import Skip, check_inference_mode, read_batch_norm
+
+MAX_DEPTH = 32  # nested Add/Sub/Mul around one sum: real blocks need < 10; bounds the work per Add
+
+
+@dataclass
+class Term:
+    """A tensor affine in x, as Conv(x; kernel, bias) with this geometry (all float64)."""
+
+    kernel: np.ndarray  # [C_out, C_in / group, k…]
+    bias: np.ndarray  # [C_out]
+    group: int
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]  # ONNX order: begins, then ends
+    nodes: list  # the nodes this term replaces
+    branches: list[str]  # what was merged, for the report
+    convs: int  # how many Conv nodes it replaces
+    x: str = ""  # the tensor every branch reads
+    dtype: np.dtype | None = None  # the Conv weights' dtype (None: no conv among the branches yet)
+
+    @property
+    def in_channels(self) -> int:
+        return self.kernel.shape[1] * self.group
+
+
+@dataclass
+class Merge:
+    """A sum of branches merged into one Conv: the root Add/Sub node, turned into that Conv."""
+
+    conv: onnx.NodeProto
+    removed: list  # the nodes merged away (the branches' Conv/BN/Mul/Add/Sub)
+    branches: list[str]
+
+
+def merge_branches(index: GraphIndex, version: int) -> tuple[list[Merge], list[str]]:
+    """Merge every Add/Sub tree of branches affine in one tensor into one Conv. Trees are
+    tried from the graph's end, so the largest tree around a sum is merged, not a part of it.
+    Returns the merges and the names that may now be dead (for the sweep)."""
+    merges, maybe_dead, removed = [], [], set()
+    for node in reversed(index.live_nodes()):
+        if id(node) in removed or not (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")):
+            continue
+        term = _term(node.output[0], index, version, root=True)
+        if isinstance(term, Skip) or term.convs == 0 or len(term.branches) < 2:
+            continue
+        old_inputs = [n for old in term.nodes for n in old.input]
+        if not _replace(node, term, index):
+            continue
+        removed.update(id(old) for old in term.nodes)
+        maybe_dead += old_inputs + [n for old in term.nodes if old is not node for n in old.output]
+        merges.append(Merge(node, [old for old in term.nodes if old is not node], term.branches))
+    return merges, maybe_dead
+
+
+def _term(name: str, index: GraphIndex, version: int, root: bool = False, depth: int = 0) -> Term | Skip:
+    """`name` as a Term in some x (`.x`), or why it is not one."""
+    if depth > MAX_DEPTH:
+        return Skip(f"the sum nests more than {MAX_DEPTH} Add/Sub/Mul nodes")
+    node = index.producer(name)
+    if node is not None and not root and (len(index.readers(name)) != 1 or name in index.graph_outputs):
+        node = None  # read elsewhere too: it cannot disappear into the merge, so it is the x
+    if node is not None and (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")) and len(node.input) == 2:
+        left, right = (_term(n, index, version, depth=depth + 1) for n in node.input)
+        for side in (left, right):
+            if isinstance(side, Skip):
+                return side
+        if left.x != right.x:
+            return Skip(f"{node_label(node)} sums terms of different tensors ('{left.x}', '{right.x}')")
+        if is_onnx_op(node, "Sub"):
+            right.kernel, right.bias = -right.kernel, -right.bias
+        merged = _add(left, right)
+        if isinstance(merged, Skip):
+            return merged
+        merged.nodes.append(node)
+        return merged
+    if node is not None and is_onnx_op(node, "Mul") and len(node.input) == 2 and not root:
+        for position in (0, 1):
+            scale = _channel_constant(node.input[1 - position], index)
+            if scale is None:
+                continue
+            inner = _term(node.input[position], index, version, depth=depth + 1)
+            if isinstance(inner, Skip):
+                return inner
+            if inner.kernel.shape[0] == 0:  # x itself: the scale tells how many channels it has
+                inner = _identity(inner.x, scale.shape[0])
+            if scale.shape[0] not in (1, inner.kernel.shape[0]):
+                return Skip(f"{node_label(node)} scales {scale.shape[0]} channels of a {inner.kernel.shape[0]}-channel term")
+            inner.kernel = inner.kernel * scale.reshape((-1,) + (1,) * (inner.kernel.ndim - 1))
+            inner.bias = inner.bias * scale
+            inner.nodes.append(node)
+            return inner
+        return Skip(f"{node_label(node)} multiplies by no per-channel constant")
+    if node is not None and is_onnx_op(node, "Conv") and not root:
+        return _conv_term(node, index)
+    if node is not None and is_onnx_op(node, "BatchNormalization") and not root:
+        return _batch_norm_term(node, index, version)
+    return _identity(name)
+
+
+def _conv_term(conv: onnx.NodeProto, index: GraphIndex) -> Term | Skip:
+    attrs = {a.name: a for a in conv.attribute}
+    auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID"):
+        return Skip(f"{node_label(conv)} pads with auto_pad={auto_pad}")
+    try:
+        weight = index.constant_value(conv.input[1])
+        bias = index.constant_value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    except NotConstant as why:
+        return Skip(f"{node_label(conv)}'s parameters are not constant: {why}")
+    if weight.dtype not in (np.float16, np.float32, np.float64) or weight.ndim < 3:
+        return Skip(f"{node_label(conv)} has a {weight.dtype} weight of rank {weight.ndim}")
+    spatial = weight.ndim - 2
+    group = attrs["group"].i if "group" in attrs else 1
+    term = Term(
+        kernel=weight.astype(np.float64),
+        bias=np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1),
+        group=group,
+        strides=tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * spatial,
+        dilations=tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * spatial,
+        pads=tuple(attrs["pads"].ints) if "pads" in attrs and auto_pad == "NOTSET" else (0,) * (2 * spatial),
+        nodes=[conv], branches=[f"Conv '{conv.name or conv.output[0]}'"], convs=1, x=conv.input[0], dtype=weight.dtype,
+    )
+    return term
+
+
+def _batch_norm_term(bn: onnx.NodeProto, index: GraphIndex, version: int) -> Term | Skip:
+    blocked = check_inference_mode(bn, version, index)
+    if blocked:
+        return blocked
+    try:
+        channels = index.constant_value(bn.input[1]).shape[0]
+    except NotConstant as why:
+        return Skip(f"{node_label(bn)}'s scale is not constant: {why}")
+    scale_shift = read_batch_norm(bn, index, channels)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    scale, shift = scale_shift
+    term = _identity(bn.input[0], channels)
+    term.kernel = term.kernel * scale.reshape(-1, 1)
+    term.bias = shift
+    term.nodes, term.branches = [bn], [f"BatchNormalization '{bn.name or bn.output[0]}'"]
+    return term
+
+
+def _identity(x: str, channels: int | None = None) -> Term:
+    """x itself: a depthwise conv with weight 1, whose channel count and rank are fixed when it
+    meets a conv (`_add`); until then its kernel is [C, 1] with no spatial axes."""
+    return Term(
+        kernel=np.ones((channels or 0, 1)), bias=np.zeros(channels or 0), group=channels or 0,
+        strides=(), dilations=(), pads=(), nodes=[], branches=["identity"], convs=0, x=x,
+    )
+
+
+def _channel_constant(name: str, index: GraphIndex) -> np.ndarray | None:
+    try:
+        value = index.constant_value(name)
+    except NotConstant:
+        return None
+    if value.dtype not in (np.float16, np.float32, np.float64):
+        return None
+    squeezed = value.reshape(-1) if value.size == 1 else None
+    if squeezed is None and value.ndim >= 2 and all(d == 1 for d in value.shape[2:]) and value.shape[0] == 1:
+        squeezed = value.reshape(-1)  # [1, C, 1, …]
+    if squeezed is None and value.ndim >= 1 and all(d == 1 for d in value.shape[1:]):
+        squeezed = value.reshape(-1)  # [C, 1, …]: broadcasts over channels for a rank-(ndim+1) x
+    return None if squeezed is None else squeezed.astype(np.float64)
+
+
+def _add(a: Term, b: Term) -> Term | Skip:
+    """a + b as one Term, if their geometries line up (module docstring)."""
+    a, b = _shaped_alike(a, b), _shaped_alike(b, a)
+    for term in (a, b):
+        if isinstance(term, Skip):
+            return term
+    if a.kernel.shape[0] != b.kernel.shape[0] or a.in_channels != b.in_channels:
+        return Skip(
+            f"branches map {a.in_channels}→{a.kernel.shape[0]} and {b.in_channels}→{b.kernel.shape[0]} channels"
+        )
+    if a.strides != b.strides:
+        return Skip(f"branches have different strides ({list(a.strides)} and {list(b.strides)})")
+    spatial = a.kernel.ndim - 2
+    dilations, sizes, pads = [], [], [[0, 0] for _ in range(spatial)]
+    for axis in range(spatial):
+        ka, kb = a.kernel.shape[2 + axis], b.kernel.shape[2 + axis]
+        da, db = a.dilations[axis], b.dilations[axis]
+        if ka > 1 and kb > 1 and da != db:
+            return Skip(f"branches have different dilations ({list(a.dilations)} and {list(b.dilations)})")
+        dilations.append(da if ka > 1 else db)
+        sizes.append(max(ka, kb))
+        big = a if ka >= kb else b
+        pads[axis] = [big.pads[axis], big.pads[spatial + axis]]
+    group = gcd(a.group, b.group)
+    kernels = []
+    for term in (a, b):
+        kernel = _regroup(term.kernel, term.group, group)
+        offsets = []
+        for axis in range(spatial):
+            k, d = term.kernel.shape[2 + axis], dilations[axis]
+            begin = pads[axis][0] - term.pads[axis]
+            end = pads[axis][1] - term.pads[spatial + axis]
+            if begin % d or end % d or begin < 0 or end < 0 or begin // d + end // d != sizes[axis] - k:
+                return Skip(
+                    f"{' + '.join(term.branches)} (kernel {list(term.kernel.shape[2:])}, pads {list(term.pads)}) "
+                    f"does not line up in the {'×'.join(map(str, sizes))} kernel with pads "
+                    f"{[p[0] for p in pads] + [p[1] for p in pads]}"
+                )
+            offsets.append((begin // d, end // d))
+        kernels.append(np.pad(kernel, [(0, 0), (0, 0), *offsets]))
+    merged = Term(
+        kernel=kernels[0] + kernels[1], bias=a.bias + b.bias, group=group, strides=a.strides,
+        dilations=tuple(dilations), pads=tuple(p[0] for p in pads) + tuple(p[1] for p in pads),
+        nodes=a.nodes + b.nodes, branches=a.branches + b.branches, convs=a.convs + b.convs,
+        x=a.x, dtype=a.dtype or b.dtype,
+    )
+    return merged
+
+
+def _shaped_alike(term: Term, other: Term) -> Term | Skip:
+    """An identity or per-channel term gets the other term's rank and channels (1-wide kernel,
+    stride 1, no padding); other terms are returned as they are."""
+    if term.strides or not other.strides:
+        return term
+    channels = other.kernel.shape[0]
+    if other.in_channels != channels:
+        return Skip(f"an identity branch sits beside a {other.in_channels}→{channels}-channel conv")
+    if term.kernel.shape[0] not in (0, channels):
+        return Skip(f"a {term.kernel.shape[0]}-channel branch sits beside a {channels}-channel conv")
+    spatial = other.kernel.ndim - 2
+    values = term.kernel.reshape(-1) if term.kernel.size else np.ones(channels)
+    bias = term.bias if term.bias.size else np.zeros(channels)
+    shaped = Term(
+        kernel=values.reshape((channels, 1) + (1,) * spatial), bias=bias, group=channels,
+        strides=(1,) * spatial, dilations=(1,) * spatial, pads=(0,) * (2 * spatial),
+        nodes=term.nodes, branches=term.branches, convs=0, x=term.x, dtype=term.dtype,
+    )
+    if other.strides != shaped.strides:
+        return Skip(f"an identity branch sits beside a conv with strides {list(other.strides)}")
+    return shaped
+
+
+def _regroup(kernel: np.ndarray, group: int, target: int) -> np.ndarray:
+    """A group-`group` kernel as the equal group-`target` kernel (`target` divides `group`):
+    block-diagonal within each of the target's groups."""
+    if group == target:
+        return kernel
+    out_channels, in_per_group = kernel.shape[:2]
+    in_channels = in_per_group * group
+    result = np.zeros((out_channels, in_channels // target) + kernel.shape[2:])
+    out_per_group, out_per_target = out_channels // group, out_channels // target
+    for o in range(out_channels):
+        first_input = (o // out_per_group) * in_per_group  # of this output's group, among all inputs
+        offset = first_input - (o // out_per_target) * (in_channels // target)
+        result[o, offset : offset + in_per_group] = kernel[o]
+    return result
+
+
+def _replace(root: onnx.NodeProto, term: Term, index: GraphIndex) -> bool:
+    """Turn the root Add/Sub into the one Conv (in place: it keeps its output name and its
+    place in the graph's order, after x) and remove the other nodes; False if the merged
+    weights overflow the model's dtype."""
+    dtype = np.dtype(term.dtype)
+    weight = affine.cast_weights(term.kernel, dtype, axis=0)
+    with np.errstate(over="ignore"):
+        bias = term.bias.astype(dtype)
+    if not (np.isfinite(affine.float_operand(weight)).all() and np.isfinite(affine.float_operand(bias)).all()):
+        return False
+    first_conv = next(n for n in term.nodes if is_onnx_op(n, "Conv"))
+    base = first_conv.name or first_conv.output[0]
+    for old in term.nodes:
+        if old is not root:
+            index.remove_node(old)
+    index.set_input(root, 0, term.x)
+    index.set_input(root, 1, index.add_initializer(weight, f"{base}_reparam_W"))
+    index.set_input(root, 2, index.add_initializer(bias, f"{base}_reparam_B"))
+    root.op_type, root.domain, root.name = "Conv", "", index.fresh_name(f"{base}_reparam")
+    del root.attribute[:]
+    root.attribute.extend(
+        [
+            onnx.helper.make_attribute("kernel_shape", list(term.kernel.shape[2:])),
+            onnx.helper.make_attribute("strides", list(term.strides)),
+            onnx.helper.make_attribute("dilations", list(term.dilations)),
+            onnx.helper.make_attribute("pads", list(term.pads)),
+            onnx.helper.make_attribute("group", term.group),
+        ]
+    )
+    return True
