@@ -8,7 +8,10 @@ and the 100 MB one with external data. For each, in fresh processes, alternating
 times:
   floor   python -c 'onnx.load(m); onnx.save(m2)' (external data: loaded, saved as external)
   bnfold  bnfold optimize MODEL --no-verify -q
-and reports median wall time and peak memory (ru_maxrss of the child) and their ratios.
+and reports median wall time and peak memory (ru_maxrss of the child) and their ratios; a
+third command, bnfold with os.fsync stubbed out, shows what bnfold's durable commit costs
+(the floor never waits for the disk). Each run starts after os.sync(), so no run pays for
+writing back the previous one's files.
 Then: `bnfold verify` against a script that only creates the two onnxruntime sessions and runs
 them as often (the cost verification cannot avoid); `bnfold --help` start-up; and fold time
 against the number of Conv→BN pairs in a chain of tiny convs (it should grow linearly).
@@ -40,6 +43,11 @@ FLOOR_EXTERNAL = (
     "import onnx, sys, os; m = onnx.load(sys.argv[1]); "
     "onnx.save(m, sys.argv[2], save_as_external_data=True, location=os.path.basename(sys.argv[2]) + '.data')"
 )
+# bnfold with fsync turned off, only to show what the durable commit costs (bnfold always syncs).
+BNFOLD_NO_FSYNC = [
+    sys.executable, "-c",
+    "import os, sys; os.fsync = lambda fd: None; from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()",
+]
 # What `bnfold verify` cannot avoid: parse both files, build both sessions, run them as often.
 SESSIONS = """
 import sys, numpy as np, onnxruntime as ort
@@ -135,6 +143,7 @@ def run(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident MB of one child process (which must succeed). Call it
     through RUNNER: Linux carries a parent's peak into a forked child's ru_maxrss, so children
     must come from a small process, not from this one after it built a 500 MB model."""
+    os.sync()  # write back the previous run's files now, not while this one runs
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -174,8 +183,8 @@ def main() -> None:
           f"onnx {onnx.__version__}, {time.strftime('%Y-%m-%d')}")
 
     print("\n## optimize --no-verify against onnx.load + onnx.save (medians of fresh processes)\n")
-    print("| model | size | floor | bnfold | time ratio | floor peak | bnfold peak | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | size | floor | bnfold | time ratio | without fsync | floor peak | bnfold peak | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     models = []
     for size in (int(s) for s in args.sizes.split(",")):
         width = (size / 100) ** 0.5
@@ -196,11 +205,12 @@ def main() -> None:
             {
                 "floor": [sys.executable, "-c", floor, str(path), str(out.with_name(path.stem + ".floor.onnx"))],
                 "bnfold": [*BNFOLD, "optimize", str(path), "-o", str(out), "--no-verify", "-q"],
+                "no fsync": [*BNFOLD_NO_FSYNC, "optimize", str(path), "-o", str(out), "--no-verify", "-q"],
             },
             args.repeats,
         )
-        (ft, fm), (bt, bm) = result["floor"], result["bnfold"]
-        print(f"| {label} | {size / 1e6:.0f} MB | {ft:.2f} s | {bt:.2f} s | {bt / ft:.2f} | "
+        (ft, fm), (bt, bm), (nt, _) = result["floor"], result["bnfold"], result["no fsync"]
+        print(f"| {label} | {size / 1e6:.0f} MB | {ft:.2f} s | {bt:.2f} s | {bt / ft:.2f} | {nt / ft:.2f} | "
               f"{fm:.0f} MB | {bm:.0f} MB | {bm / fm:.2f} |", flush=True)
 
     print("\n## verify against the two onnxruntime sessions it runs (3 trials)\n")

@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from bnfold.errors import BnfoldError
-from bnfold.verification import DEFAULT_INT_RANGE, DEFAULT_PROVIDERS, generate_inputs, input_specs, load_session
+from bnfold.verification import (
+    DEFAULT_INT_RANGE,
+    DEFAULT_PROVIDERS,
+    generate_inputs,
+    input_specs,
+    load_session,
+    run_session,
+)
 
 
 @dataclass
@@ -103,6 +110,8 @@ def bench(
             report = BenchReport(str(paths["original"]), str(paths["folded"]), runs, inputs, notes=notes)
         progress(f"running both models {runs} times, graph optimizations {optimizations}")
         latencies: dict[str, list[float]] = {name: [] for name in paths}
+        for name, session in live.items():
+            run_session(session, feed, str(paths[name]))  # a failure is one clear line, not a traceback
         for i in range(warmup + runs):
             for name, session in live.items():
                 start = time.perf_counter()

@@ -207,9 +207,13 @@ def _fold_graph(
             )
         )
     if sums:
-        merges, dead = merge_branches(index, version)
+        merges, refusals, dead = merge_branches(index, version)
         maybe_dead += dead
         outcomes = _with_merges(outcomes, merges, prefix)
+        outcomes += [
+            FoldOutcome(prefix + (r.root.name or r.root.output[0]), r.root.output[0], op=BRANCH_MERGE, reason=r.reason)
+            for r in refusals
+        ]
     index.sweep(maybe_dead)
     index.commit()
     return outcomes, [n for n in maybe_dead if n and not index.defines(n)]

@@ -65,15 +65,30 @@ class Merge:
     branches: list[str]
 
 
-def merge_branches(index: GraphIndex, version: int) -> tuple[list[Merge], list[str]]:
+@dataclass(frozen=True)
+class Mismatch(Skip):
+    """Branches of one tensor, with at least one conv, that cannot be merged: reported (a sum of
+    different tensors, such as a ResNet shortcut, is no candidate and is not)."""
+
+
+@dataclass
+class Refusal:
+    root: onnx.NodeProto
+    reason: str
+
+
+def merge_branches(index: GraphIndex, version: int) -> tuple[list[Merge], list[Refusal], list[str]]:
     """Merge every Add/Sub tree of branches affine in one tensor into one Conv. Trees are
     tried from the graph's end, so the largest tree around a sum is merged, not a part of it.
-    Returns the merges and the names that may now be dead (for the sweep)."""
-    merges, maybe_dead, removed = [], [], set()
+    Returns the merges (in graph order), the refusals worth reporting (Mismatch), and the
+    names that may now be dead (for the sweep)."""
+    merges, refusals, maybe_dead, removed = [], [], [], set()
     for node in reversed(index.live_nodes()):
         if id(node) in removed or not (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")):
             continue
         term = _term(node.output[0], index, version, root=True)
+        if isinstance(term, Mismatch):
+            refusals.append(Refusal(node, term.reason))
         if isinstance(term, Skip) or term.convs == 0 or len(term.branches) < 2:
             continue
         old_inputs = [n for old in term.nodes for n in old.input]
@@ -82,7 +97,7 @@ def merge_branches(index: GraphIndex, version: int) -> tuple[list[Merge], list[s
         removed.update(id(old) for old in term.nodes)
         maybe_dead += old_inputs + [n for old in term.nodes if old is not node for n in old.output]
         merges.append(Merge(node, [old for old in term.nodes if old is not node], term.branches))
-    return merges, maybe_dead
+    return merges[::-1], refusals[::-1], maybe_dead
 
 
 def _term(name: str, index: GraphIndex, version: int, root: bool = False, depth: int = 0) -> Term | Skip:
@@ -107,22 +122,7 @@ def _term(name: str, index: GraphIndex, version: int, root: bool = False, depth:
         merged.nodes.append(node)
         return merged
     if node is not None and is_onnx_op(node, "Mul") and len(node.input) == 2 and not root:
-        for position in (0, 1):
-            scale = _channel_constant(node.input[1 - position], index)
-            if scale is None:
-                continue
-            inner = _term(node.input[position], index, version, depth=depth + 1)
-            if isinstance(inner, Skip):
-                return inner
-            if inner.kernel.shape[0] == 0:  # x itself: the scale tells how many channels it has
-                inner = _identity(inner.x, scale.shape[0])
-            if scale.shape[0] not in (1, inner.kernel.shape[0]):
-                return Skip(f"{node_label(node)} scales {scale.shape[0]} channels of a {inner.kernel.shape[0]}-channel term")
-            inner.kernel = inner.kernel * scale.reshape((-1,) + (1,) * (inner.kernel.ndim - 1))
-            inner.bias = inner.bias * scale
-            inner.nodes.append(node)
-            return inner
-        return Skip(f"{node_label(node)} multiplies by no per-channel constant")
+        return _scaled_term(node, index, version, depth)
     if node is not None and is_onnx_op(node, "Conv") and not root:
         return _conv_term(node, index)
     if node is not None and is_onnx_op(node, "BatchNormalization") and not root:
@@ -133,8 +133,6 @@ def _term(name: str, index: GraphIndex, version: int, root: bool = False, depth:
 def _conv_term(conv: onnx.NodeProto, index: GraphIndex) -> Term | Skip:
     attrs = {a.name: a for a in conv.attribute}
     auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
-    if auto_pad not in ("NOTSET", "VALID"):
-        return Skip(f"{node_label(conv)} pads with auto_pad={auto_pad}")
     try:
         weight = index.constant_value(conv.input[1])
         bias = index.constant_value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
@@ -143,17 +141,26 @@ def _conv_term(conv: onnx.NodeProto, index: GraphIndex) -> Term | Skip:
     if weight.dtype not in (np.float16, np.float32, np.float64) or weight.ndim < 3:
         return Skip(f"{node_label(conv)} has a {weight.dtype} weight of rank {weight.ndim}")
     spatial = weight.ndim - 2
-    group = attrs["group"].i if "group" in attrs else 1
-    term = Term(
+    strides = tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * spatial
+    dilations = tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * spatial
+    pads = tuple(attrs["pads"].ints) if "pads" in attrs else (0,) * (2 * spatial)
+    if auto_pad == "VALID":
+        pads = (0,) * (2 * spatial)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if any(s != 1 for s in strides):  # then the padding depends on the input's size
+            return Skip(f"{node_label(conv)} pads with auto_pad={auto_pad} at stride {list(strides)}")
+        totals = [d * (k - 1) for d, k in zip(dilations, weight.shape[2:])]
+        extra_at_end = auto_pad == "SAME_UPPER"  # ONNX Conv: SAME_UPPER puts the odd pad at the end
+        begins = [t // 2 if extra_at_end else t - t // 2 for t in totals]
+        pads = tuple(begins) + tuple(t - b for t, b in zip(totals, begins))
+    elif auto_pad != "NOTSET":
+        return Skip(f"{node_label(conv)} has auto_pad={auto_pad}")
+    return Term(
         kernel=weight.astype(np.float64),
         bias=np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1),
-        group=group,
-        strides=tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * spatial,
-        dilations=tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * spatial,
-        pads=tuple(attrs["pads"].ints) if "pads" in attrs and auto_pad == "NOTSET" else (0,) * (2 * spatial),
+        group=attrs["group"].i if "group" in attrs else 1, strides=strides, dilations=dilations, pads=pads,
         nodes=[conv], branches=[f"Conv '{conv.name or conv.output[0]}'"], convs=1, x=conv.input[0], dtype=weight.dtype,
     )
-    return term
 
 
 def _batch_norm_term(bn: onnx.NodeProto, index: GraphIndex, version: int) -> Term | Skip:
@@ -184,19 +191,32 @@ def _identity(x: str, channels: int | None = None) -> Term:
     )
 
 
-def _channel_constant(name: str, index: GraphIndex) -> np.ndarray | None:
-    try:
-        value = index.constant_value(name)
-    except NotConstant:
-        return None
-    if value.dtype not in (np.float16, np.float32, np.float64):
-        return None
-    squeezed = value.reshape(-1) if value.size == 1 else None
-    if squeezed is None and value.ndim >= 2 and all(d == 1 for d in value.shape[2:]) and value.shape[0] == 1:
-        squeezed = value.reshape(-1)  # [1, C, 1, …]
-    if squeezed is None and value.ndim >= 1 and all(d == 1 for d in value.shape[1:]):
-        squeezed = value.reshape(-1)  # [C, 1, …]: broadcasts over channels for a rank-(ndim+1) x
-    return None if squeezed is None else squeezed.astype(np.float64)
+def _scaled_term(mul: onnx.NodeProto, index: GraphIndex, version: int, depth: int) -> Term | Skip:
+    """A term times a per-channel constant (a layer scale)."""
+    for position in (0, 1):
+        data, constant = mul.input[position], mul.input[1 - position]
+        shape = index.shape(data)
+        try:
+            value = index.constant_value(constant)
+        except NotConstant:
+            continue
+        if shape is None or len(shape) < 3 or shape[1] is None or value.dtype not in (np.float16, np.float32, np.float64):
+            continue
+        scale = affine.channel_vector(value, len(shape), shape[1])
+        if scale is None:
+            return Skip(f"{node_label(mul)} multiplies by a constant that is not one value per channel")
+        inner = _term(data, index, version, depth=depth + 1)
+        if isinstance(inner, Skip):
+            return inner
+        if inner.kernel.shape[0] == 0:  # x itself: now its channel count is known
+            inner = _identity(inner.x, shape[1])
+        if inner.kernel.shape[0] != shape[1]:
+            return Skip(f"{node_label(mul)} scales {shape[1]} channels of a {inner.kernel.shape[0]}-channel term")
+        inner.kernel = inner.kernel * scale.reshape((-1,) + (1,) * (inner.kernel.ndim - 1))
+        inner.bias = inner.bias * scale
+        inner.nodes.append(mul)
+        return inner
+    return Skip(f"{node_label(mul)} multiplies by no per-channel constant")
 
 
 def _add(a: Term, b: Term) -> Term | Skip:
@@ -206,18 +226,18 @@ def _add(a: Term, b: Term) -> Term | Skip:
         if isinstance(term, Skip):
             return term
     if a.kernel.shape[0] != b.kernel.shape[0] or a.in_channels != b.in_channels:
-        return Skip(
+        return Mismatch(
             f"branches map {a.in_channels}→{a.kernel.shape[0]} and {b.in_channels}→{b.kernel.shape[0]} channels"
         )
     if a.strides != b.strides:
-        return Skip(f"branches have different strides ({list(a.strides)} and {list(b.strides)})")
+        return Mismatch(f"branches have different strides ({list(a.strides)} and {list(b.strides)})")
     spatial = a.kernel.ndim - 2
     dilations, sizes, pads = [], [], [[0, 0] for _ in range(spatial)]
     for axis in range(spatial):
         ka, kb = a.kernel.shape[2 + axis], b.kernel.shape[2 + axis]
         da, db = a.dilations[axis], b.dilations[axis]
         if ka > 1 and kb > 1 and da != db:
-            return Skip(f"branches have different dilations ({list(a.dilations)} and {list(b.dilations)})")
+            return Mismatch(f"branches have different dilations ({list(a.dilations)} and {list(b.dilations)})")
         dilations.append(da if ka > 1 else db)
         sizes.append(max(ka, kb))
         big = a if ka >= kb else b
@@ -232,7 +252,7 @@ def _add(a: Term, b: Term) -> Term | Skip:
             begin = pads[axis][0] - term.pads[axis]
             end = pads[axis][1] - term.pads[spatial + axis]
             if begin % d or end % d or begin < 0 or end < 0 or begin // d + end // d != sizes[axis] - k:
-                return Skip(
+                return Mismatch(
                     f"{' + '.join(term.branches)} (kernel {list(term.kernel.shape[2:])}, pads {list(term.pads)}) "
                     f"does not line up in the {'×'.join(map(str, sizes))} kernel with pads "
                     f"{[p[0] for p in pads] + [p[1] for p in pads]}"
@@ -255,9 +275,9 @@ def _shaped_alike(term: Term, other: Term) -> Term | Skip:
         return term
     channels = other.kernel.shape[0]
     if other.in_channels != channels:
-        return Skip(f"an identity branch sits beside a {other.in_channels}→{channels}-channel conv")
+        return Mismatch(f"an identity branch sits beside a {other.in_channels}→{channels}-channel conv")
     if term.kernel.shape[0] not in (0, channels):
-        return Skip(f"a {term.kernel.shape[0]}-channel branch sits beside a {channels}-channel conv")
+        return Mismatch(f"a {term.kernel.shape[0]}-channel branch sits beside a {channels}-channel conv")
     spatial = other.kernel.ndim - 2
     values = term.kernel.reshape(-1) if term.kernel.size else np.ones(channels)
     bias = term.bias if term.bias.size else np.zeros(channels)
@@ -267,7 +287,7 @@ def _shaped_alike(term: Term, other: Term) -> Term | Skip:
         nodes=term.nodes, branches=term.branches, convs=0, x=term.x, dtype=term.dtype,
     )
     if other.strides != shaped.strides:
-        return Skip(f"an identity branch sits beside a conv with strides {list(other.strides)}")
+        return Mismatch(f"an identity branch sits beside a conv with strides {list(other.strides)}")
     return shaped
 
 

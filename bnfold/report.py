@@ -65,7 +65,8 @@ class FoldReport:
 
     def summary(self) -> str:
         affines = f" and {len(self.channel_affines)} Mul/Add/Sub/Div" if self.channel_affines else ""
-        merges = f"; merged {len(self.branch_merges)} sums of branches" if self.branch_merges else ""
+        merged = sum(o.folded for o in self.branch_merges)
+        merges = f"; merged {merged} sums of branches" if merged else ""
         return (
             f"folded {self.folded} of {len(self.batch_norms)} BatchNormalization nodes{affines}{merges}"
             f" · {_megabytes(self.bytes_before)} → {_megabytes(self.bytes_after)}"
@@ -77,7 +78,7 @@ class FoldReport:
         rows = [("node", "result", "detail")]
         for o in self.outcomes:
             label = o.node if o.op == "BatchNormalization" else f"{o.node} ({o.op})"
-            if o.op == BRANCH_MERGE:
+            if o.op == BRANCH_MERGE and o.folded:
                 rows.append((label, "merged", f"{o.via} into {o.folded_into_op} {o.folded_into}"))
             elif o.folded:
                 where = "into the following" if o.forward else "into"
@@ -98,7 +99,7 @@ class FoldReport:
                 "folded": self.folded,
                 "skipped": self.skipped,
                 "channel_affines_folded": len(self.channel_affines),
-                "branch_merges": len(self.branch_merges),
+                "branch_merges": sum(o.folded for o in self.branch_merges),
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "seconds": round(self.seconds, 4),

@@ -234,7 +234,7 @@ def verify(
     references = []
     for t, feed in enumerate(feeds, 1):
         progress(f"trial {t} of {len(feeds)}")
-        want, got = (_run(s, feed, label) for s, label in zip(sessions, (report.reference, report.candidate)))
+        want, got = (run_session(s, feed, label) for s, label in zip(sessions, (report.reference, report.candidate)))
         references.append(want)
         for name, w, g in zip(output_names, want, got):
             comparisons.setdefault(name, []).append(compare(name, w, g, atol, rtol))
@@ -256,7 +256,7 @@ def _judge_by_noise(outputs, reference, feeds, references, providers) -> None:
         return
     noise: dict[str, float] = {}
     for feed, want in zip(feeds, references):
-        moved = _run(optimized, feed, "the optimized reference")
+        moved = run_session(optimized, feed, "the optimized reference")
         for o, w, m in zip(outputs, want, moved):
             if w.dtype.kind == "f" and m.shape == w.shape and m.dtype == w.dtype:
                 noise[o.name] = max(noise.get(o.name, 0.0), compare(o.name, w, m, 0.0, 0.0).needed_atol)
@@ -451,7 +451,7 @@ def _bfloat16_value(values: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx.TensorProto.BFLOAT16)
 
 
-def _run(session: ort.InferenceSession, feed: dict, label: str) -> list[np.ndarray]:
+def run_session(session: ort.InferenceSession, feed: dict, label: str) -> list[np.ndarray]:
     try:
         if any(isinstance(v, ort.OrtValue) for v in feed.values()):
             values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}

@@ -243,6 +243,168 @@ class RepVGGTiny(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
+# ---- the models' own re-parameterization (what their authors ship for deployment) --------------
+def fused(conv_bn_branch: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, bias) of conv → BN at inference."""
+    conv, bn = conv_bn_branch[0], conv_bn_branch[1]
+    return bn_fused(conv.weight, conv.bias, bn)
+
+
+def bn_fused(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    std = (bn.running_var + bn.eps).sqrt()
+    b = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    return weight * (bn.weight / std).reshape(-1, 1, 1, 1), bn.bias + (b - bn.running_mean) * bn.weight / std
+
+
+def identity_kernel(channels: int, groups: int, k: int) -> torch.Tensor:
+    """x itself as a k×k conv kernel of `groups` groups: 1 at the centre of each own channel."""
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, k, k)
+    for c in range(channels):
+        kernel[c, c % per_group, k // 2, k // 2] = 1
+    return kernel
+
+
+def padded(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    pad = (k - kernel.shape[-1]) // 2
+    return nn.functional.pad(kernel, [pad] * 4)
+
+
+def deploy_conv(kernel: torch.Tensor, bias: torch.Tensor, stride: int, groups: int) -> nn.Conv2d:
+    k = kernel.shape[-1]
+    conv = nn.Conv2d(kernel.shape[1] * groups, kernel.shape[0], k, stride, k // 2, groups=groups)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+    return conv
+
+
+class RepVGGGroupedBlock(RepVGGBlock):
+    """RepVGG with grouped 3×3 and 1×1 convs (RepVGG-B1g2 style), and RepVGG's own merge."""
+
+    def __init__(self, channels, stride=1, groups=2):
+        nn.Module.__init__(self)
+        self.stride, self.groups = stride, groups
+        self.dense = conv_bn(channels, channels, 3, stride, groups=groups, act=None)
+        self.pointwise = conv_bn(channels, channels, 1, stride, groups=groups, act=None)
+        self.identity = nn.BatchNorm2d(channels) if stride == 1 else None
+
+    def reparameterize(self) -> nn.Module:
+        kernel, bias = fused(self.dense)
+        k1, b1 = fused(self.pointwise)
+        kernel, bias = kernel + padded(k1, 3), bias + b1
+        if self.identity is not None:
+            ki, bi = bn_fused(identity_kernel(kernel.shape[0], self.groups, 3), None, self.identity)
+            kernel, bias = kernel + ki, bias + bi
+        return nn.Sequential(deploy_conv(kernel, bias, self.stride, self.groups), nn.ReLU())
+
+
+class RepVGGGrouped(RepVGGTiny):
+    def __init__(self, classes=10):
+        nn.Module.__init__(self)
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.blocks = nn.Sequential(*(RepVGGGroupedBlock(16, s) for s in (1, 2, 1)))
+        self.head = nn.Linear(16, classes)
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne's training form: `branches` parallel conv→BN, a 1×1 conv→BN "scale" branch
+    (k > 1 only) and a BN on x (stride 1 and cin == cout only), summed, then ReLU."""
+
+    def __init__(self, cin, cout, k, stride, groups, branches):
+        super().__init__()
+        self.k, self.stride, self.groups = k, stride, groups
+        self.convs = nn.ModuleList(conv_bn(cin, cout, k, stride, groups=groups, act=None) for _ in range(branches))
+        self.scale = conv_bn(cin, cout, 1, stride, groups=groups, act=None) if k > 1 else None
+        self.identity = nn.BatchNorm2d(cout) if stride == 1 and cin == cout else None
+
+    def forward(self, x):
+        y = sum(branch(x) for branch in self.convs)
+        if self.scale is not None:
+            y = y + self.scale(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return torch.relu(y)
+
+    def reparameterize(self) -> nn.Module:
+        parts = [fused(branch) for branch in self.convs]
+        if self.scale is not None:
+            k1, b1 = fused(self.scale)
+            parts.append((padded(k1, self.k), b1))
+        if self.identity is not None:
+            parts.append(bn_fused(identity_kernel(parts[0][0].shape[0], self.groups, self.k), None, self.identity))
+        kernel, bias = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return nn.Sequential(deploy_conv(kernel, bias, self.stride, self.groups), nn.ReLU())
+
+
+class MobileOneTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            MobileOneBlock(3, 16, 3, 2, 1, 2),  # stem: no identity (3 → 16 channels)
+            MobileOneBlock(16, 16, 3, 1, 16, 3),  # depthwise
+            MobileOneBlock(16, 32, 1, 1, 1, 3),  # pointwise, 16 → 32: no identity
+            MobileOneBlock(32, 32, 3, 2, 32, 3),  # depthwise, stride 2: no identity
+            MobileOneBlock(32, 32, 1, 1, 1, 3),  # pointwise with identity
+        )
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean(dim=(2, 3)))
+
+    def reparameterize(self) -> nn.Module:
+        deployed = copy.deepcopy(self)
+        deployed.blocks = nn.Sequential(*(block.reparameterize() for block in self.blocks))
+        return deployed
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer: x + γ·(mixer(x) − norm(x)), where mixer = BN(DWConv(x)) + BN(x)
+    and norm = BN(x), γ a per-channel layer scale."""
+
+    def __init__(self, dim, k=3):
+        super().__init__()
+        self.k = k
+        self.mixer = conv_bn(dim, dim, k, groups=dim, act=None)
+        self.mixer_skip = nn.BatchNorm2d(dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.layer_scale = nn.Parameter(0.1 + 0.05 * torch.randn(dim, 1, 1))
+
+    def forward(self, x):
+        return x + self.layer_scale * (self.mixer(x) + self.mixer_skip(x) - self.norm(x))
+
+    def reparameterize(self) -> nn.Module:
+        """FastViT's merge: w = I + γ·(w_mixer − w_norm), b = γ·(b_mixer − b_norm)."""
+        dim = self.layer_scale.shape[0]
+        identity = identity_kernel(dim, dim, self.k)
+        wm, bm = fused(self.mixer)
+        ws, bs = bn_fused(identity, None, self.mixer_skip)
+        wn, bn = bn_fused(identity, None, self.norm)
+        gamma = self.layer_scale.reshape(-1)
+        kernel = identity + gamma.reshape(-1, 1, 1, 1) * (wm + ws - wn)
+        return deploy_conv(kernel, gamma * (bm + bs - bn), 1, dim)
+
+
+class RepMixerTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.mix1 = RepMixer(16)
+        self.ffn = nn.Sequential(conv_bn(16, 32, 1), nn.Conv2d(32, 16, 1))
+        self.mix2 = RepMixer(16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.mix1(self.stem(x))
+        x = self.mix2(x + self.ffn(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+    def reparameterize(self) -> nn.Module:
+        deployed = copy.deepcopy(self)
+        deployed.mix1, deployed.mix2 = self.mix1.reparameterize(), self.mix2.reparameterize()
+        return deployed
+
+
 class Decoder(nn.Module):
     """A decoder: ConvTranspose-BN-ReLU upsampling, one of them grouped, then a 1×1 conv."""
 
@@ -360,7 +522,9 @@ def perturb_and_calibrate(model: nn.Module, make_batch, generator: torch.Generat
 
 
 def export(model: nn.Module, name: str, example: torch.Tensor, opset: int, dynamic_batch: bool,
-           reference: nn.Module | None = None, dynamo: bool = False) -> None:
+           reference: nn.Module | None = None, dynamo: bool = False, deployed: nn.Module | None = None) -> None:
+    """Export `model` with BN kept; `<name>.npz` gets the inputs and eval outputs, and with a
+    `deployed` form (the model's own re-parameterization) its outputs and Conv count too."""
     path = HERE / f"{name}.onnx"
     if dynamo:  # optimize=False keeps BN; one file, no external data
         torch.onnx.export(model, (example,), str(path), dynamo=True, optimize=False, external_data=False,
@@ -378,7 +542,12 @@ def export(model: nn.Module, name: str, example: torch.Tensor, opset: int, dynam
     assert bn_count == expected, f"{name}: exported {bn_count} BatchNormalization nodes, module has {expected}"
     with torch.no_grad():
         ref = (reference or model)(example.float() if reference is not None else example)
-    np.savez(HERE / f"{name}.npz", **{"in.input": example.numpy(), "out.output": ref.float().numpy()})
+    arrays = {"in.input": example.numpy(), "out.output": ref.float().numpy()}
+    if deployed is not None:
+        with torch.no_grad():
+            arrays["reparam.output"] = deployed(example).numpy()
+        arrays["reparam.convs"] = np.array(sum(isinstance(m, nn.Conv2d) for m in deployed.modules()))
+    np.savez(HERE / f"{name}.npz", **arrays)
     print(f"{name}.onnx: {path.stat().st_size / 1e3:.0f} kB, opset {opset}, {bn_count} BatchNormalization")
 
 
@@ -453,6 +622,16 @@ def main() -> None:
     tokens = TokenMLP()
     perturb_and_calibrate(tokens, lambda: torch.randn(8, 10, 16, generator=gen), gen)
     export(tokens, "token_mlp_batchnorm1d", torch.randn(2, 10, 16, generator=gen), 17, dynamic_batch=False)
+
+    # Re-parameterizable networks in their training form, with their own deployment merge.
+    for name, net in (("repvgg_grouped", RepVGGGrouped()), ("mobileone_tiny", MobileOneTiny()), ("repmixer_tiny", RepMixerTiny())):
+        perturb_and_calibrate(net, images(), gen)
+        if isinstance(net, RepVGGGrouped):
+            deployed = copy.deepcopy(net)
+            deployed.blocks = nn.Sequential(*(block.reparameterize() for block in net.blocks))
+        else:
+            deployed = net.reparameterize()
+        export(net, name, torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True, deployed=deployed.eval())
 
 
 if __name__ == "__main__":

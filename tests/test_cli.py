@@ -307,3 +307,35 @@ def test_a_fold_that_breaks_the_graph_is_exit_3_and_writes_nothing(model_path, m
     result = invoke("optimize", model_path, *flags)
     assert_one_line_error(result, EXIT_INTERNAL_ERROR, "fails onnx.checker although the input passes")
     assert sorted(p.name for p in model_path.parent.iterdir()) == [model_path.name]
+
+
+def test_no_reparam_keeps_the_branches_and_inspect_shows_the_merges(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "repvgg_tiny.onnx"
+    merged = json.loads(invoke("inspect", sample, "--json").stdout)
+    assert merged["summary"]["branch_merges"] == 4 and merged["summary"]["folded"] == 12
+    kept = json.loads(invoke("inspect", sample, "--no-reparam", "--json").stdout)
+    assert kept["summary"]["branch_merges"] == 0 and kept["summary"]["folded"] == 9
+    result = invoke("optimize", sample, "-o", tmp_path / "kept.onnx", "--no-reparam")
+    assert result.exit_code == 0, result.output
+    assert op_types(onnx.load(str(tmp_path / "kept.onnx"))).count("Conv") == 9
+
+
+def test_bench_times_both_models_in_both_settings():
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "repvgg_tiny.onnx"
+    result = invoke("bench", sample, "--runs", "3", "--warmup", "1", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    timings = {(t["model"], t["optimizations"]): t for t in report["timings"]}
+    assert set(timings) == {(m, o) for m in ("original", "folded") for o in ("disabled", "enabled")}
+    assert all(t["latency_ms"] > 0 and t["session_ms"] > 0 for t in timings.values())
+    assert report["inputs"] == [{"name": "input", "dtype": "float32", "shape": [1, 3, 32, 32]}]
+    assert "folded 12 of 12" in report["folded"]
+
+
+def test_bench_of_a_missing_model_is_exit_2(tmp_path):
+    assert_one_line_error(invoke("bench", tmp_path / "none.onnx"), 2, "no such file")
+
+
+def test_bench_with_an_input_shape_the_model_rejects_is_exit_2():
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "repvgg_tiny.onnx"
+    assert_one_line_error(invoke("bench", sample, "--input-shape", "input:1x3x64x64"), 2, "onnxruntime could not run")

@@ -39,6 +39,10 @@ EXPECTED = {
     "frozen_bn_backbone_dynamo": (0, 0, 6),
     "preact_input_bn_dynamo": (2, 1, 0),
     "token_mlp_batchnorm1d": (2, 2, 0),  # BatchNorm1d over tokens, via transpose and via reshape
+    # re-parameterizable networks: every BN folds or merges (tests/test_reparam.py has the rest)
+    "repvgg_grouped": (9, 9, 0),
+    "mobileone_tiny": (19, 19, 0),
+    "repmixer_tiny": (8, 8, 0),
 }
 
 
