@@ -99,7 +99,7 @@ def _parse(path: Path) -> tuple[onnx.ModelProto, set[int]]:
                 light = None
             else:
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                    light = _light_model(data, path.resolve().name)
+                    light = _light_model(data, path.resolve().name) if _is_utf8(path.resolve().name) else None
         model = onnx.ModelProto()
         if light is None:
             model = onnx.load(str(path), load_external_data=False)
@@ -115,6 +115,15 @@ def _parse(path: Path) -> tuple[onnx.ModelProto, set[int]]:
     if not _text_is_valid(model):
         raise BnfoldError(f"{path}: not a valid ONNX model (a name or text field is not UTF-8)")
     return model, in_file
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name can be an ONNX string (a Linux name may hold any bytes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # The protobuf wire format, as far as reading and writing a model needs it: a field is a varint

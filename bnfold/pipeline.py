@@ -93,6 +93,7 @@ def optimize(
     progress(f"writing {dst}")
     checked = None
     with StagedModel(model, dst, external=external, new_values=new_values, source_folder=folder) as staged:
+        new_values.clear()  # written: free the folded weights before onnxruntime loads both models
         if verify:
             progress("verifying the folded model against the original")
             checked = _verify(src, staged.path, verify_options or {}, progress)

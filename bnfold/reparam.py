@@ -37,9 +37,9 @@ MAX_DEPTH = 32  # nested Add/Sub/Mul around one sum: real blocks need < 10; boun
 
 @dataclass
 class Term:
-    """A tensor affine in x, as Conv(x; kernel, bias) with this geometry (all float64)."""
+    """A tensor affine in x, as Conv(x; kernel, bias) with this geometry (float64 once merged)."""
 
-    kernel: np.ndarray  # [C_out, C_in / group, k…]
+    kernel: np.ndarray  # [C_out, C_in / group, k…]; a Conv's own until it meets another term
     bias: np.ndarray  # [C_out]
     group: int
     strides: tuple[int, ...]
@@ -156,7 +156,7 @@ def _conv_term(conv: onnx.NodeProto, index: GraphIndex) -> Term | Skip:
     elif auto_pad != "NOTSET":
         return Skip(f"{node_label(conv)} has auto_pad={auto_pad}")
     return Term(
-        kernel=weight.astype(np.float64),
+        kernel=weight,  # float64 only once merging starts: most Convs before an Add merge with nothing
         bias=np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1),
         group=attrs["group"].i if "group" in attrs else 1, strides=strides, dilations=dilations, pads=pads,
         nodes=[conv], branches=[f"Conv '{conv.name or conv.output[0]}'"], convs=1, x=conv.input[0], dtype=weight.dtype,
@@ -245,7 +245,7 @@ def _add(a: Term, b: Term) -> Term | Skip:
     group = gcd(a.group, b.group)
     kernels = []
     for term in (a, b):
-        kernel = _regroup(term.kernel, term.group, group)
+        kernel = _regroup(term.kernel.astype(np.float64, copy=False), term.group, group)
         offsets = []
         for axis in range(spatial):
             k, d = term.kernel.shape[2 + axis], dilations[axis]

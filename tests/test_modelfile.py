@@ -158,3 +158,11 @@ def test_a_damaged_file_is_one_clear_error(tmp_path, damage):
     path.write_bytes(bytes(data))
     with pytest.raises(BnfoldError, match="damaged.onnx: not"):
         read_model(path)
+
+
+def test_a_model_file_whose_name_is_not_utf8_still_folds(tmp_path):
+    # Its tensors cannot be referenced by that name inside the model: it is parsed the usual way.
+    path = tmp_path / b"m\xff.onnx".decode("utf-8", "surrogateescape")
+    onnx.save(conv_bn_model(cin=64, cout=64), os.fsencode(path))
+    result = optimize(path, tmp_path / "out.onnx", verify=False)
+    assert result.written and result.report.folded == 1
