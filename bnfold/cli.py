@@ -26,12 +26,13 @@ from bnfold.errors import (
 EXIT_CODES = (
     "Exit codes: 0 success; 1 not equivalent (verify found a differing output; optimize wrote "
     "nothing); 2 could not run: missing file, not an ONNX model, invalid model, a model "
-    "onnxruntime cannot load, unwritable output, bad option; 3 internal error, a bug in bnfold "
+    "onnxruntime cannot load or run, unwritable output, bad option; 3 internal error, a bug in bnfold "
     "(nothing written)."
 )
 
 app = typer.Typer(
-    help="Fold BatchNormalization into the Conv before it in ONNX models, and prove the result.\n\n"
+    help="Fold BatchNormalization into the linear op next to it in ONNX models (and merge re-parameterizable "
+    "branches into one Conv), and prove the result.\n\n"
     "See the README for the tolerance policy behind verification.",
     epilog=EXIT_CODES,
     no_args_is_help=True,

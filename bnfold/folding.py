@@ -13,7 +13,7 @@ import onnx
 
 from bnfold.errors import BnfoldError, InternalError, first_line
 from bnfold.graph import ONNX_DOMAINS, GraphIndex, TensorLoader, all_names, named_subgraphs, store_new_values
-from bnfold import modelfile
+from bnfold import modelfile, wire
 from bnfold.modelfile import load_model, serialized_size
 from bnfold.reparam import Merge, merge_branches
 from bnfold.report import BRANCH_MERGE, FoldOutcome, FoldReport
@@ -75,7 +75,7 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, repa
 def fold_in_place(
     model: onnx.ModelProto,
     original: onnx.ModelProto | str,
-    load_tensor: TensorLoader = modelfile.read_tensor,
+    load_tensor: TensorLoader = wire.read_tensor,
     *,
     reparam: bool = True,
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
@@ -113,7 +113,7 @@ FOLD_KINDS = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS
 
 
 def fold_model_graph(
-    model: onnx.ModelProto, load_tensor: TensorLoader = modelfile.read_tensor, *, reparam: bool = True
+    model: onnx.ModelProto, load_tensor: TensorLoader = wire.read_tensor, *, reparam: bool = True
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
     Returns one outcome per BatchNormalization and runtime-statistics normalization, and one
@@ -149,7 +149,7 @@ def _fold_functions(model: onnx.ModelProto, reparam: bool) -> list[FoldOutcome]:
             [onnx.ValueInfoProto(name=name) for name in function.input],
             [onnx.ValueInfoProto(name=name) for name in function.output],
         )
-        scope = _Scope(max(model.ir_version, 4), opset, imports, set(all_names(body)), reparam, {}, modelfile.read_tensor)
+        scope = _Scope(max(model.ir_version, 4), opset, imports, set(all_names(body)), reparam, {}, wire.read_tensor)
         found, _ = _fold_graph(body, scope, parent=None, prefix=f"function {function.domain}.{function.name}/")
         if any(o.folded for o in found):
             store_new_values(body, scope.new_values)
@@ -269,10 +269,10 @@ def validate_skeleton(
     model: onnx.ModelProto, new_values: dict[str, np.ndarray], source_folder: Path | None, original: str
 ) -> None:
     """validate() for a folded model that is to be streamed to disk (modelfile.StagedModel): the
-    checker reads its skeleton (modelfile.write_skeleton), the graph whole but large tensors
+    checker reads its skeleton (wire.write_skeleton), the graph whole but large tensors
     without their data, so checking costs no second parse of the weights."""
     with tempfile.TemporaryDirectory(prefix="bnfold-check-") as folder:
-        validate(str(modelfile.write_skeleton(model, new_values, source_folder, Path(folder))), original)
+        validate(str(wire.write_skeleton(model, new_values, source_folder, Path(folder))), original)
 
 
 def _check_input(original: onnx.ModelProto | str) -> None:
