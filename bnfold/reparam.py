@@ -22,7 +22,7 @@ Kernels and biases are summed in float64 and rounded once to the weight's dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import gcd
 
 import numpy as np
@@ -183,12 +183,21 @@ def _batch_norm_term(bn: onnx.NodeProto, index: GraphIndex, version: int) -> Ter
 
 
 def _identity(x: str, channels: int | None = None) -> Term:
-    """x itself: a depthwise conv with weight 1, whose channel count and rank are fixed when it
-    meets a conv (`_add`); until then its kernel is [C, 1] with no spatial axes."""
+    """x itself: a per-channel term with weight 1 (kernel [C, 1], group C, no spatial axes yet).
+    Until its channel count is known it holds one coefficient for every channel (group 0);
+    `_with_channels` spreads it when it meets a BN, a conv or a layer scale."""
+    count = channels or 1
     return Term(
-        kernel=np.ones((channels or 0, 1)), bias=np.zeros(channels or 0), group=channels or 0,
+        kernel=np.ones((count, 1)), bias=np.zeros(count), group=channels or 0,
         strides=(), dilations=(), pads=(), nodes=[], branches=["identity"], convs=0, x=x,
     )
+
+
+def _with_channels(term: Term, channels: int) -> Term:
+    """A one-coefficient term (group 0, see _identity) as `channels` equal per-channel ones."""
+    if term.group != 0:
+        return term
+    return replace(term, kernel=np.repeat(term.kernel, channels, axis=0), bias=np.repeat(term.bias, channels), group=channels)
 
 
 def _scaled_term(mul: onnx.NodeProto, index: GraphIndex, version: int, depth: int) -> Term | Skip:
@@ -208,8 +217,7 @@ def _scaled_term(mul: onnx.NodeProto, index: GraphIndex, version: int, depth: in
         inner = _term(data, index, version, depth=depth + 1)
         if isinstance(inner, Skip):
             return inner
-        if inner.kernel.shape[0] == 0:  # x itself: now its channel count is known
-            inner = _identity(inner.x, shape[1])
+        inner = _with_channels(inner, shape[1])
         if inner.kernel.shape[0] != shape[1]:
             return Skip(f"{node_label(mul)} scales {shape[1]} channels of a {inner.kernel.shape[0]}-channel term")
         inner.kernel = inner.kernel * scale.reshape((-1,) + (1,) * (inner.kernel.ndim - 1))
@@ -269,20 +277,23 @@ def _add(a: Term, b: Term) -> Term | Skip:
 
 
 def _shaped_alike(term: Term, other: Term) -> Term | Skip:
-    """An identity or per-channel term gets the other term's rank and channels (1-wide kernel,
-    stride 1, no padding); other terms are returned as they are."""
-    if term.strides or not other.strides:
+    """A per-channel term (identity, BN) beside another term: it takes the other's channel count
+    if it had none yet, and beside a conv the conv's rank (1-wide kernel, stride 1, no padding).
+    A conv term is returned as it is."""
+    if term.strides:
         return term
+    if other.group != 0:
+        term = _with_channels(term, other.kernel.shape[0])
+    if not other.strides:
+        return term  # two per-channel terms add as they are
     channels = other.kernel.shape[0]
     if other.in_channels != channels:
         return Mismatch(f"an identity branch sits beside a {other.in_channels}→{channels}-channel conv")
-    if term.kernel.shape[0] not in (0, channels):
+    if term.kernel.shape[0] != channels:
         return Mismatch(f"a {term.kernel.shape[0]}-channel branch sits beside a {channels}-channel conv")
     spatial = other.kernel.ndim - 2
-    values = term.kernel.reshape(-1) if term.kernel.size else np.ones(channels)
-    bias = term.bias if term.bias.size else np.zeros(channels)
     shaped = Term(
-        kernel=values.reshape((channels, 1) + (1,) * spatial), bias=bias, group=channels,
+        kernel=term.kernel.reshape((channels, 1) + (1,) * spatial), bias=term.bias, group=channels,
         strides=(1,) * spatial, dilations=(1,) * spatial, pads=(0,) * (2 * spatial),
         nodes=term.nodes, branches=term.branches, convs=0, x=term.x, dtype=term.dtype,
     )

@@ -85,3 +85,52 @@ def assert_same_function_over_inputs(model: onnx.ModelProto, folded: onnx.ModelP
     want, got = np.concatenate(want), np.concatenate(got)
     drift = float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-30)
     assert drift <= RELATIVE_TOLERANCE[dtype], f"drift {drift:.3g} of output scale"
+
+
+# ---- re-parameterization: random sums of branches of one tensor --------------------------------
+@st.composite
+def branch_sums(draw):
+    """x → 2 to 4 branches (Conv of any kernel, group, dilation and padding that keeps the output
+    size; BN; x itself; some scaled by a layer scale, one maybe subtracted) → Add → Relu."""
+    from test_reparam import Graph
+
+    rank = draw(st.integers(1, 3))
+    channels = draw(st.sampled_from([2, 3, 4, 6]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    dilation = draw(st.integers(1, 2))
+    centred = draw(st.booleans())  # odd kernels padded evenly: then the branches always line up
+    g = Graph(channels, spatial=[draw(st.integers(5, 9)) for _ in range(rank)], seed=draw(st.integers(0, 2**31)))
+    kinds = ["conv"] + [draw(st.sampled_from(["conv", "conv", "bn", "identity"])) for _ in range(draw(st.integers(1, 3)))]
+    branches = []
+    for kind in kinds:
+        if kind == "conv" or stride != 1:
+            k = draw(st.sampled_from([1, 3, 5] if centred else [1, 2, 3, 5]))
+            total = dilation * (k - 1)  # pads that keep every branch's output the same size
+            begins = [total // 2 if centred else draw(st.integers(0, total)) for _ in range(rank)]
+            group = draw(st.sampled_from([d for d in range(1, channels + 1) if channels % d == 0]))
+            branch = g.conv(k=k, stride=stride, dilation=dilation, group=group, pads=begins + [total - b for b in begins])
+        else:
+            branch = g.bn() if kind == "bn" else "x"
+        if draw(st.integers(0, 3)) == 0:
+            branch = g.op("Mul", branch, g.const(g.rng.uniform(0.2, 1.5, (channels,) + (1,) * rank), "scale"))
+        branches.append(branch)
+    total = branches[0]
+    for branch in branches[1:]:
+        total = g.op(draw(st.sampled_from(["Add", "Add", "Sub"])), total, branch)
+    return g.model(total), centred
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(branch_sums())
+def test_random_branch_sums_merge_exactly_or_stay(drawn):
+    model, centred = drawn
+    merged, kept = bnfold.fold(model), bnfold.fold(model, reparam=False)
+    if centred:  # always mergeable: the whole sum becomes one Conv
+        assert op_types(merged.model) == ["Conv", "Relu"], merged.report.table()
+    if merged.model == kept.model:  # nothing merged: refusals, if any, carry their reason
+        assert not any(o.folded for o in merged.report.branch_merges)
+        assert all(o.reason for o in merged.report.branch_merges)
+        return
+    assert any(o.folded for o in merged.report.branch_merges)  # the whole sum or a part of it
+    assert_same_function_over_inputs(model, merged.model)
+    onnx.checker.check_model(merged.model, full_check=True)

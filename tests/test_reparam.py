@@ -244,3 +244,12 @@ def test_a_layer_scale_along_the_wrong_axis_is_refused():
     scale = g.const(g.rng.uniform(0.5, 1.5, (4, 1)), "s")
     model = g.model(g.op("Add", "x", g.op("Mul", g.conv(k=3), scale)))
     assert_not_merged(model)
+
+
+def test_a_subtracted_or_scaled_identity_keeps_its_sign_and_scale():
+    # Found by the property test: conv − x + conv lost the minus sign of x, whose channel count
+    # is only known once it meets a conv.
+    g = Graph()
+    gamma = g.const(g.rng.uniform(0.5, 1.5, (4, 1, 1)), "gamma")
+    y = g.op("Add", g.op("Sub", g.conv(k=1), "x"), g.op("Mul", "x", gamma))
+    assert_merged(g.model(g.op("Add", y, g.conv(k=3))))
