@@ -110,13 +110,18 @@ def main() -> None:
         model = onnx.load(str(path))
         ort_model = onnxruntime_folded(model)
         ours = bnfold.fold(model).model
+        folded_only = bnfold.fold(model, reparam=False).model  # for the weight ulps: same tensors as ort's
         exact = ReferenceEvaluator(widen_floats(model, onnx.TensorProto.DOUBLE))
         value = model.graph.input[0]
         shape = [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         rng = np.random.default_rng(0)
         inputs = [rng.normal(0.3, 1.5, shape).astype(dtype) for _ in range(args.samples)]
-        want = np.concatenate([exact.run(None, {value.name: x.astype(np.float64)})[0] for x in inputs])
+        try:
+            want = np.concatenate([exact.run(None, {value.name: x.astype(np.float64)})[0] for x in inputs])
+        except Exception as exc:  # onnx's reference evaluator has gaps (grouped ConvTranspose)
+            print(f"{path.stem:22} onnx's reference evaluator cannot run it: {str(exc).splitlines()[0][:60]}")
+            continue
         dev = []
         for candidate in (model, ort_model, ours):
             run = session(candidate)
@@ -124,9 +129,11 @@ def main() -> None:
             dev.append(relative_rms(got, want))
         counts = f"{batch_norms(model)}/{batch_norms(ort_model)}/{batch_norms(ours)}"
         exact_weights = exact_folded_weights(model)
+        folded_by_ort = batch_norms(ort_model) < batch_norms(model)
+        ort_ulps = weight_ulps(ort_model, exact_weights) if folded_by_ort else "n/a"  # nothing of its own to compare
         print(
             f"{path.stem:22} {counts:>24}  {dev[0]:9.2e} {dev[1]:9.2e} {dev[2]:9.2e}  {dev[2] / dev[1]:10.2f}"
-            f"  {weight_ulps(ort_model, exact_weights):>16} {weight_ulps(ours, exact_weights):>9}"
+            f"  {ort_ulps:>16} {weight_ulps(folded_only, exact_weights):>9}"
         )
         if dtype == np.float16:
             reference = np.load(path.with_suffix(".npz"))
