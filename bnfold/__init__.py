@@ -23,6 +23,8 @@ _EXPORTS = {
     "InternalError": "bnfold.errors",
     "verify": "bnfold.verification",
     "VerifyReport": "bnfold.verification",
+    "bench": "bnfold.benchmark",
+    "BenchReport": "bnfold.benchmark",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
