@@ -71,3 +71,16 @@ def test_16_bit_rounding_balances_each_channel(dtype, axis):
 
     assert (channel_sums(balanced) <= channel_sums(nearest) + 1e-15).all()
     assert channel_sums(balanced).mean() < 0.5 * channel_sums(nearest).mean()
+
+
+@pytest.mark.parametrize("axis, group", [(0, 1), (1, 1), (1, 2)])
+def test_float32_product_is_the_float64_product_rounded_once(axis, group):
+    # scale_weights(dtype=float32) multiplies in float64 and rounds in one pass, with no float64
+    # copy of the weight: the bits must be those of computing in float64 and casting after.
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
+    s = rng.normal(size=4 * group if axis == 1 else 8)
+    fused = scale_weights(w, s, axis=axis, group=group, dtype=np.float32)
+    two_step = scale_weights(w.astype(np.float64), s, axis=axis, group=group).astype(np.float32)
+    assert fused.dtype == np.float32
+    np.testing.assert_array_equal(fused.view(np.uint32), two_step.view(np.uint32))
