@@ -245,9 +245,7 @@ def bench(
         for path in (model, folded):
             if path is not None and not path.is_file():
                 raise BnfoldError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
-        session_options = _verify_options(1, 0, None, None, input_shape, "0:10", None, provider)
-        del session_options["trials"], session_options["seed"], session_options["atol"], session_options["rtol"]
-        del session_options["int_range"], session_options["inputs"]
+        session_options = {"input_shapes": _input_shapes(input_shape), **_providers(provider)}
         timing = {"runs": runs, "warmup": warmup, "progress": _progress(quiet), **session_options}
         if folded is not None:
             return benchmark.bench(model, folded, **timing)
@@ -265,6 +263,20 @@ def bench(
 
 def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider) -> dict:
     """The CLI's verification options as keyword arguments of bnfold.verify."""
+    shapes = _input_shapes(input_shape)
+    low, _, high = int_range.partition(":")
+    try:
+        int_bounds = (int(low), int(high))
+    except ValueError:
+        raise BnfoldError(f"--int-range {int_range!r}: expected LOW:HIGH such as 0:1000") from None
+    return {
+        "trials": trials, "seed": seed, "atol": atol, "rtol": rtol, "input_shapes": shapes,
+        "int_range": int_bounds, "inputs": list(inputs or []), **_providers(provider),
+    }
+
+
+def _input_shapes(input_shape: list[str] | None) -> dict[str, list[int]]:
+    """--input-shape NAME:DIMS values as {name: dims}."""
     shapes = {}
     for item in input_shape or []:
         name, _, dims = item.rpartition(":")  # input names may themselves contain ':'
@@ -274,18 +286,12 @@ def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, pr
             raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224") from None
         if not name or any(d < 0 for d in shapes[name]):
             raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224")
-    low, _, high = int_range.partition(":")
-    try:
-        int_bounds = (int(low), int(high))
-    except ValueError:
-        raise BnfoldError(f"--int-range {int_range!r}: expected LOW:HIGH such as 0:1000") from None
-    options = {
-        "trials": trials, "seed": seed, "atol": atol, "rtol": rtol, "input_shapes": shapes,
-        "int_range": int_bounds, "inputs": list(inputs or []),
-    }
-    if provider:
-        options["providers"] = list(provider)
-    return options
+    return shapes
+
+
+def _providers(provider: list[str] | None) -> dict:
+    """--provider as bnfold.verify's `providers` keyword, or nothing (its default)."""
+    return {"providers": list(provider)} if provider else {}
 
 
 def _guard(action: Callable[[], T]) -> T:
