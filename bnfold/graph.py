@@ -127,8 +127,8 @@ class GraphIndex:
 
         Tensors this pass creates hold no data in the GraphProto: their values wait in
         `new_values` (name → array, shared by the scopes), to be streamed to the output file or
-        stored with `store_values`. Copying them into the protobuf tree would double the memory
-        of every folded weight. `load_tensor` reads an initializer's values (it may be stored
+        put into the tree by `store_new_values`. Copying them into the tree while folding would
+        double the memory of every folded weight. `load_tensor` reads an initializer's values (it may be stored
         as external data that was not loaded)."""
         self.graph = graph
         self.new_values = {} if new_values is None else new_values
@@ -472,18 +472,13 @@ class GraphIndex:
         return reads
 
 
-def store_values(tensor: onnx.TensorProto, values: np.ndarray) -> None:
-    """Give a tensor of this pass (see GraphIndex.new_values) its data, in the protobuf tree."""
-    tensor.raw_data = values.tobytes()
-
-
 def store_new_values(graph: onnx.GraphProto, new_values: dict[str, np.ndarray], *, subgraphs_only: bool = False) -> None:
     """Store the pending values of the tensors in `graph` and its subgraphs (all of them, or
     only the subgraphs', whose tensors a streamed write does not reach)."""
     if not subgraphs_only:
         for tensor in graph.initializer:
             if tensor.name in new_values:
-                store_values(tensor, new_values.pop(tensor.name))
+                tensor.raw_data = new_values.pop(tensor.name).tobytes()
     for node in graph.node:
         for body in subgraphs(node):
             store_new_values(body, new_values)

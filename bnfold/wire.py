@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -228,13 +228,10 @@ class ModelWriter:
             )
         header = shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS)
         if self.data is not None and size >= EXTERNAL_THRESHOLD:
-            offset = self._data_offset()
             if payload is None:
-                self._copy_external(tensor)
+                self._append_data(header, size, lambda: self._copy_external(tensor))
             else:
-                self.data.write(payload)
-            self._point_to_data(header, offset, size)
-            self.offset += size
+                self._append_data(header, size, lambda: self.data.write(payload))
             self._write_tensor_bytes([header.SerializeToString()])
             return
         if payload is None:
@@ -245,29 +242,27 @@ class ModelWriter:
         length = sum(len(p) for p in parts)
         self._write_graph_chunk([_field_header(_GRAPH_INITIALIZER, length), *parts])
 
-    def _data_offset(self) -> int:
+    def _append_data(self, tensor: onnx.TensorProto, length: int, write: Callable[[], None]) -> None:
+        """Write `length` bytes (by calling `write`) at the next page boundary of the data file
+        and point `tensor` at them as its external data."""
         padding = -self.offset % ALIGNMENT
         self.data.write(b"\0" * padding)
         self.offset += padding
-        return self.offset
-
-    def _point_to_data(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
+        write()
         tensor.data_location = onnx.TensorProto.EXTERNAL
         del tensor.external_data[:]
-        for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(length))):
             tensor.external_data.add(key=key, value=value)
+        self.offset += length
 
     def _externalize_tensor(self, tensor: onnx.TensorProto) -> None:
         """Move a tensor held in the protobuf tree to the data file, if it is big enough."""
         raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
         if len(raw) < EXTERNAL_THRESHOLD:
             return
-        offset = self._data_offset()
-        self.data.write(raw)
         for field in _RAW_FIELDS:
             tensor.ClearField(field)
-        self._point_to_data(tensor, offset, len(raw))
-        self.offset += len(raw)
+        self._append_data(tensor, len(raw), lambda: self.data.write(raw))
 
     def _externalize_nested(self, graph: onnx.GraphProto) -> None:
         """Subgraph initializers (If/Loop/Scan bodies) go to the data file too."""
@@ -340,9 +335,14 @@ def read_tensor(tensor: onnx.TensorProto, folder: Path | None = None) -> np.ndar
             return values.reshape(tuple(tensor.dims))
     if not external:
         return numpy_helper.to_array(tensor)  # typed fields, strings, 4-bit types, a size mismatch
-    header = shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS)
-    header.raw_data = _external_bytes(tensor, folder)
-    return numpy_helper.to_array(header)
+    return numpy_helper.to_array(_inlined(tensor, folder))
+
+
+def _inlined(tensor: onnx.TensorProto, folder: Path) -> onnx.TensorProto:
+    """An external tensor as a new TensorProto holding its data (the model is not changed)."""
+    inlined = shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS)
+    inlined.raw_data = _external_bytes(tensor, folder)
+    return inlined
 
 
 _T = onnx.TensorProto
@@ -396,9 +396,7 @@ def write_skeleton(
             full.CopyFrom(tensor)
             full.raw_data = new_values[tensor.name].tobytes()
         elif tensor.data_location == onnx.TensorProto.EXTERNAL:
-            small = skeleton.graph.initializer.add()
-            small.CopyFrom(shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS))
-            small.raw_data = _external_bytes(tensor, source_folder)
+            skeleton.graph.initializer.append(_inlined(tensor, source_folder))
         else:
             skeleton.graph.initializer.append(tensor)
     with open(folder / "skeleton.data", "wb") as data:
