@@ -267,13 +267,12 @@ def _add(a: Term, b: Term) -> Term | Skip:
                 )
             offsets.append((begin // d, end // d))
         kernels.append(np.pad(kernel, [(0, 0), (0, 0), *offsets]))
-    merged = Term(
+    return Term(
         kernel=kernels[0] + kernels[1], bias=a.bias + b.bias, group=group, strides=a.strides,
         dilations=tuple(dilations), pads=tuple(p[0] for p in pads) + tuple(p[1] for p in pads),
         nodes=a.nodes + b.nodes, branches=a.branches + b.branches, convs=a.convs + b.convs,
         x=a.x, dtype=a.dtype or b.dtype,
     )
-    return merged
 
 
 def _shaped_alike(term: Term, other: Term) -> Term | Skip:
@@ -292,10 +291,9 @@ def _shaped_alike(term: Term, other: Term) -> Term | Skip:
     if term.kernel.shape[0] != channels:
         return Mismatch(f"a {term.kernel.shape[0]}-channel branch sits beside a {channels}-channel conv")
     spatial = other.kernel.ndim - 2
-    shaped = Term(
-        kernel=term.kernel.reshape((channels, 1) + (1,) * spatial), bias=term.bias, group=channels,
+    shaped = replace(
+        term, kernel=term.kernel.reshape((channels, 1) + (1,) * spatial), group=channels,
         strides=(1,) * spatial, dilations=(1,) * spatial, pads=(0,) * (2 * spatial),
-        nodes=term.nodes, branches=term.branches, convs=0, x=term.x, dtype=term.dtype,
     )
     if other.strides != shaped.strides:
         return Mismatch(f"an identity branch sits beside a conv with strides {list(other.strides)}")
