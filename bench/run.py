@@ -153,15 +153,20 @@ def run(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+def measured(command: list[str]) -> tuple[float, float]:
+    """run(command), started from RUNNER."""
+    return RUNNER.submit(run, command).result()
+
+
 def alternate(commands: dict[str, list[str]], repeats: int) -> dict[str, tuple[float, float]]:
     """Median (wall s, peak MB) per command, running them in turn `repeats` times after one
     untimed round (which warms the page cache and Python's bytecode cache)."""
     for command in commands.values():
-        RUNNER.submit(run, command).result()
+        measured(command)
     samples = {name: [] for name in commands}
     for _ in range(repeats):
         for name, command in commands.items():
-            samples[name].append(RUNNER.submit(run, command).result())
+            samples[name].append(measured(command))
     return {
         name: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
         for name, runs in samples.items()
@@ -230,8 +235,8 @@ def main() -> None:
     print(f"| peak memory | {sm:.0f} MB | {vm:.0f} MB | {vm / sm:.2f} |")
 
     print("\n## start-up\n")
-    help_time = statistics.median(RUNNER.submit(run, [*BNFOLD, "--help"]).result()[0] for _ in range(args.repeats))
-    bare = statistics.median(RUNNER.submit(run, [sys.executable, "-c", "pass"]).result()[0] for _ in range(args.repeats))
+    help_time = statistics.median(measured([*BNFOLD, "--help"])[0] for _ in range(args.repeats))
+    bare = statistics.median(measured([sys.executable, "-c", "pass"])[0] for _ in range(args.repeats))
     print(f"`bnfold --help`: {help_time:.2f} s (a bare `python -c pass`: {bare:.2f} s)")
 
     print("\n## fold time against Conv→BN pairs (`bnfold optimize --no-verify`, in process)\n")
