@@ -34,8 +34,9 @@ from onnx.reference import ReferenceEvaluator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # builders.widen_floats: the tests' exact widening
 
-import bnfold  # noqa: E402
 from builders import widen_floats  # noqa: E402
+
+import bnfold  # noqa: E402
 
 
 def session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, save: str | None = None):

@@ -63,7 +63,8 @@ def main() -> None:
                 findings.append((k, name, code, stderr.strip().splitlines()[-1:], left))
     print(f"{args.cases} cases (seed {args.seed}): exit codes {dict(sorted(counts.items()))}; {len(findings)} findings")
     for finding in findings:
-        print("  case %d (%s): exit %d, %s, left %s" % finding)
+        case, kind, code, what, left = finding
+        print(f"  case {case} ({kind}): exit {code}, {what}, left {left}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ the model size in free memory and 2× on disk.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -33,17 +33,26 @@ def build(side: int, path: Path) -> None:
         weight = rng.standard_normal((side, side), dtype=np.float32) * np.float32(1 / np.sqrt(side))  # stays float32
         inits.append(numpy_helper.from_array(weight, f"W{i}"))
         for key, values in (
-            ("gamma", rng.uniform(0.5, 1.5, side)), ("beta", rng.normal(0, 0.5, side)),
-            ("mean", rng.normal(0, 0.5, side)), ("var", rng.uniform(0.3, 2, side)),
+            ("gamma", rng.uniform(0.5, 1.5, side)),
+            ("beta", rng.normal(0, 0.5, side)),
+            ("mean", rng.normal(0, 0.5, side)),
+            ("var", rng.uniform(0.3, 2, side)),
         ):
             inits.append(numpy_helper.from_array(values.astype(np.float32), f"{key}{i}"))
         nodes += [
             helper.make_node("Gemm", [x, f"W{i}"], [f"g{i}"], name=f"gemm{i}"),
-            helper.make_node("BatchNormalization", [f"g{i}", f"gamma{i}", f"beta{i}", f"mean{i}", f"var{i}"], [f"y{i}"], name=f"bn{i}"),
+            helper.make_node(
+                "BatchNormalization",
+                [f"g{i}", f"gamma{i}", f"beta{i}", f"mean{i}", f"var{i}"],
+                [f"y{i}"],
+                name=f"bn{i}",
+            ),
         ]
         x = f"y{i}"
     graph = helper.make_graph(
-        nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+        nodes,
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, side])],
     )
     for tensor in inits:  # built in place: protobuf cannot copy a tensor into a tree past 2 GiB
@@ -82,16 +91,20 @@ def main() -> None:
         print(f"built {path.name}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
         wall, peak, _, _ = measured([sys.executable, "-m", "bnfold", "optimize", str(path), "--no-verify", "-q"])
         print(f"bnfold optimize --no-verify: {wall:.0f} s, peak {peak:.1f} GB")
-        wall, peak, code, stdout = measured([sys.executable, "-m", "bnfold", "optimize", str(path), "--json", "--trials", "1"])
+        wall, peak, code, stdout = measured(
+            [sys.executable, "-m", "bnfold", "optimize", str(path), "--json", "--trials", "1"]
+        )
         print(f"bnfold optimize (verified): exit {code}, {wall:.0f} s, peak {peak:.1f} GB")
         if code != 0:
             return
         result = subprocess.CompletedProcess([], code, stdout)
         report = json.loads(result.stdout)
         outputs = report["verification"]["outputs"]
-        print(f"folded {report['summary']['folded']} of {report['summary']['batch_normalization_nodes']}; "
-              f"equivalent: {report['verification']['equivalent']}; "
-              + ", ".join(f"{o['name']} needed atol {o['needed_atol']:.1e}" for o in outputs))
+        print(
+            f"folded {report['summary']['folded']} of {report['summary']['batch_normalization_nodes']}; "
+            f"equivalent: {report['verification']['equivalent']}; "
+            + ", ".join(f"{o['name']} needed atol {o['needed_atol']:.1e}" for o in outputs)
+        )
         for p in sorted(Path(tmp).iterdir()):
             print(f"  {p.name}: {p.stat().st_size / 1e9:.2f} GB")
 

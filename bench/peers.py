@@ -64,7 +64,11 @@ def run_onnxscript(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxscript.rewriter.rules.common import _fuse_batchnorm, _fuse_conv_affine
 
     optimized = onnxscript.optimizer.optimize(model)
-    rules = [*onnxscript.rewriter.rules.common.default_rules] if hasattr(onnxscript.rewriter.rules.common, "default_rules") else []
+    rules = (
+        [*onnxscript.rewriter.rules.common.default_rules]
+        if hasattr(onnxscript.rewriter.rules.common, "default_rules")
+        else []
+    )
     for module in (_fuse_batchnorm, _fuse_conv_affine):
         rules += [getattr(module, name) for name in dir(module) if name.endswith("_rule")]
     return onnxscript.rewriter.rewrite(optimized, pattern_rewrite_rules=rules)

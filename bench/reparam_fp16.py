@@ -19,14 +19,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' graph builders
 
-import bnfold  # noqa: E402
 from builders import random_inputs, run  # noqa: E402
 from test_reparam import Graph  # noqa: E402
+
+import bnfold  # noqa: E402
 
 
 def repvgg_block(dtype, seed: int):
     g = Graph(channels=16, spatial=(16, 16), dtype=dtype, seed=seed)
     return g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn()))
+
+
+def _deviation(got: np.ndarray, want: np.ndarray) -> float:
+    """Root-mean-square deviation relative to the reference's root mean square."""
+    got = got.astype(np.float64)
+    return float(np.sqrt(((got - want) ** 2).mean() / (want**2).mean()))
 
 
 def main() -> None:
@@ -39,11 +46,8 @@ def main() -> None:
         feeds = {k: v.astype(np.float16) for k, v in random_inputs(reference, seed).items()}
         want = run(reference, {k: v.astype(np.float32) for k, v in feeds.items()})[0].astype(np.float64)
 
-        def deviation(model) -> float:
-            got = run(model, feeds)[0].astype(np.float64)
-            return float(np.sqrt(((got - want) ** 2).mean() / (want**2).mean()))
-
-        rows.append([deviation(m) for m in (half, bnfold.fold(half, reparam=False).model, bnfold.fold(half).model)])
+        models = (half, bnfold.fold(half, reparam=False).model, bnfold.fold(half).model)
+        rows.append([_deviation(run(m, feeds)[0], want) for m in models])
     r = np.array(rows)
     print(f"{args.blocks} float16 RepVGG blocks, relative RMS deviation from float32 (mean):")
     print(f"  unfolded {r[:, 0].mean():.2e}   BN fold only {r[:, 1].mean():.2e}   merged {r[:, 2].mean():.2e}")

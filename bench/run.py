@@ -45,7 +45,8 @@ FLOOR_EXTERNAL = (
 )
 # bnfold with fsync turned off, only to show what the durable commit costs (bnfold always syncs).
 BNFOLD_NO_FSYNC = [
-    sys.executable, "-c",
+    sys.executable,
+    "-c",
     "import os, sys; os.fsync = lambda fd: None; from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()",
 ]
 # What `bnfold verify` cannot avoid: parse both files, build both sessions, run them as often.
@@ -76,12 +77,16 @@ class Builder:
 
     def conv_bn(self, x: str, cin: int, cout: int, k: int, stride: int = 1, relu: bool = True) -> str:
         fan_in = cin * k * k
-        w = self.tensor("W", self.rng.standard_normal((cout, cin, k, k), dtype=np.float32) * np.float32((2 / fan_in) ** 0.5))
+        w = self.tensor(
+            "W", self.rng.standard_normal((cout, cin, k, k), dtype=np.float32) * np.float32((2 / fan_in) ** 0.5)
+        )
         y = self.name("conv")
         self.nodes.append(helper.make_node("Conv", [x, w], [y], name=y, pads=[k // 2] * 4, strides=[stride] * 2))
         params = [
-            self.tensor("gamma", self.rng.uniform(0.5, 1.5, cout)), self.tensor("beta", self.rng.normal(0, 0.1, cout)),
-            self.tensor("mean", self.rng.normal(0, 0.1, cout)), self.tensor("var", self.rng.uniform(0.5, 2, cout)),
+            self.tensor("gamma", self.rng.uniform(0.5, 1.5, cout)),
+            self.tensor("beta", self.rng.normal(0, 0.1, cout)),
+            self.tensor("mean", self.rng.normal(0, 0.1, cout)),
+            self.tensor("var", self.rng.uniform(0.5, 2, cout)),
         ]
         z = self.name("bn")
         self.nodes.append(helper.make_node("BatchNormalization", [y, *params], [z], name=z))
@@ -98,8 +103,11 @@ class Builder:
 
     def model(self, x_shape, out: str, out_shape) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, "bench", [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], self.inits,
+            self.nodes,
+            "bench",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
+            self.inits,
         )
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -184,8 +192,10 @@ def main() -> None:
     RUNNER = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     folder = args.folder or Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"onnx {onnx.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"onnx {onnx.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
 
     print("\n## optimize --no-verify against onnx.load + onnx.save (medians of fresh processes)\n")
     print("| model | size | floor | bnfold | time ratio | without fsync | floor peak | bnfold peak | memory ratio |")
@@ -203,7 +213,9 @@ def main() -> None:
             if not external.exists():
                 external.parent.mkdir(exist_ok=True)
                 onnx.save(onnx.load(str(path)), str(external), save_as_external_data=True, location=data.name)
-            models.append(("ResNet-50, external data", external, FLOOR_EXTERNAL, external.stat().st_size + data.stat().st_size))
+            models.append(
+                ("ResNet-50, external data", external, FLOOR_EXTERNAL, external.stat().st_size + data.stat().st_size)
+            )
     for label, path, floor, size in models:
         out = path.with_name(path.stem + ".out.onnx")
         result = alternate(
@@ -215,8 +227,11 @@ def main() -> None:
             args.repeats,
         )
         (ft, fm), (bt, bm), (nt, _) = result["floor"], result["bnfold"], result["no fsync"]
-        print(f"| {label} | {size / 1e6:.0f} MB | {ft:.2f} s | {bt:.2f} s | {bt / ft:.2f} | {nt / ft:.2f} | "
-              f"{fm:.0f} MB | {bm:.0f} MB | {bm / fm:.2f} |", flush=True)
+        print(
+            f"| {label} | {size / 1e6:.0f} MB | {ft:.2f} s | {bt:.2f} s | {bt / ft:.2f} | {nt / ft:.2f} | "
+            f"{fm:.0f} MB | {bm:.0f} MB | {bm / fm:.2f} |",
+            flush=True,
+        )
 
     print("\n## verify against the two onnxruntime sessions it runs (3 trials)\n")
     path = models[0][1]

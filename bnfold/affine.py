@@ -125,11 +125,7 @@ def _balance_rounding(exact: np.ndarray, q: np.ndarray) -> np.ndarray:
     # The other neighbour of an element lies toward its exact value, i.e. against the total.
     alternative = _step(q, upward=total < 0)
     alternative_error = alternative.astype(np.float64) - exact
-    eligible = (
-        (np.sign(error) == np.sign(total))
-        & (q.astype(np.float64) != 0)
-        & np.isfinite(alternative_error)
-    )
+    eligible = (np.sign(error) == np.sign(total)) & (q.astype(np.float64) != 0) & np.isfinite(alternative_error)
     change = np.where(eligible, alternative_error - error, 0.0)
     order = np.argsort(np.where(eligible, -np.abs(error), np.inf), axis=1, kind="stable")
     running = total + np.cumsum(np.take_along_axis(change, order, axis=1), axis=1)

@@ -59,9 +59,18 @@ class BenchReport:
         rows = [("graph optimizations", "model", "session", "latency (median)", "p90", "vs original")]
         for t in self.timings:
             ratio = self.speedup(t.optimizations)
-            change = "" if t.model == "original" else f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+            change = (
+                "" if t.model == "original" else f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+            )
             rows.append(
-                (t.optimizations, t.model, f"{t.session_ms:.1f} ms", f"{t.latency_ms:.3f} ms", f"{t.latency_p90_ms:.3f} ms", change)
+                (
+                    t.optimizations,
+                    t.model,
+                    f"{t.session_ms:.1f} ms",
+                    f"{t.latency_ms:.3f} ms",
+                    f"{t.latency_p90_ms:.3f} ms",
+                    change,
+                )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -71,7 +80,10 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         return {
-            "original": self.original, "folded": self.folded, "runs": self.runs, "inputs": self.inputs,
+            "original": self.original,
+            "folded": self.folded,
+            "runs": self.runs,
+            "inputs": self.inputs,
             "timings": [t.to_dict() for t in self.timings],
             "speedup": {o: self.speedup(o) for o in ("disabled", "enabled")},
             "notes": self.notes,
@@ -106,7 +118,10 @@ def bench(
         if report is None:
             specs, notes = input_specs(live["original"], input_shapes or {})
             feed = generate_inputs(specs, np.random.default_rng(0), DEFAULT_INT_RANGE)
-            inputs = [{"name": n, "dtype": np.dtype(d).name if d != "bfloat16" else d, "shape": list(s)} for n, (d, s) in specs.items()]
+            inputs = [
+                {"name": n, "dtype": np.dtype(d).name if d != "bfloat16" else d, "shape": list(s)}
+                for n, (d, s) in specs.items()
+            ]
             report = BenchReport(str(paths["original"]), str(paths["folded"]), runs, inputs, notes=notes)
         progress(f"running both models {runs} times, graph optimizations {optimizations}")
         latencies: dict[str, list[float]] = {name: [] for name in paths}
@@ -122,7 +137,8 @@ def bench(
             times = latencies[name]
             report.timings.append(
                 Timing(
-                    name, optimizations,
+                    name,
+                    optimizations,
                     session_ms=1e3 * statistics.median(created[name]),
                     latency_ms=1e3 * statistics.median(times),
                     latency_p90_ms=1e3 * float(np.percentile(times, 90)),

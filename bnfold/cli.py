@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import List, Optional, TypeVar
+from typing import TypeVar
 
 import typer
 
@@ -56,26 +56,37 @@ RTOL_OPT = typer.Option(None, "--rtol", help="Allowed error as a fraction of eac
 SHAPE_OPT = typer.Option(
     None, "--input-shape", metavar="NAME:DIMS", help="Shape for an input, e.g. input:1x3x224x224 (repeatable)."
 )
-INT_RANGE_OPT = typer.Option("0:10", "--int-range", metavar="LOW:HIGH", help="Integer inputs are drawn from [LOW, HIGH).")
+INT_RANGE_OPT = typer.Option(
+    "0:10", "--int-range", metavar="LOW:HIGH", help="Integer inputs are drawn from [LOW, HIGH)."
+)
 INPUTS_OPT = typer.Option(
     None, "--inputs", help=".npz (arrays by input name) or onnx test-data folder; one trial each (repeatable)."
 )
 NO_REPARAM_OPT = typer.Option(
-    False, "--no-reparam", help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv."
+    False,
+    "--no-reparam",
+    help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv.",
 )
 PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution provider (repeatable). Default CPU.")
 
 
 @app.command(epilog=EXIT_CODES)
 def optimize(
-    models: List[Path] = typer.Argument(..., help="ONNX model files, or folders of them.", show_default=False),
-    output: Optional[Path] = typer.Option(
-        None, "--output", "-o",
-        help="Where to write: a file or a folder (a folder with several models). Default: beside each MODEL, with .folded.onnx.",
+    models: list[Path] = typer.Argument(..., help="ONNX model files, or folders of them.", show_default=False),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Where to write: a file or a folder (a folder with several models). "
+        "Default: beside each MODEL, with .folded.onnx.",
     ),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the equivalence check: no onnxruntime runs (onnx.checker still does)."),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", help="Skip the equivalence check: no onnxruntime runs (onnx.checker still does)."
+    ),
     external_data: str = typer.Option(
-        "auto", "--external-data", metavar="auto|always|never",
+        "auto",
+        "--external-data",
+        metavar="auto|always|never",
         help="Keep tensors in a data file beside the output: auto = when the input did or past 2 GiB.",
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Models processed in parallel."),
@@ -84,12 +95,12 @@ def optimize(
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
     seed: int = SEED_OPT,
-    atol: Optional[float] = ATOL_OPT,
-    rtol: Optional[float] = RTOL_OPT,
-    input_shape: Optional[List[str]] = SHAPE_OPT,
+    atol: float | None = ATOL_OPT,
+    rtol: float | None = RTOL_OPT,
+    input_shape: list[str] | None = SHAPE_OPT,
     int_range: str = INT_RANGE_OPT,
-    inputs: Optional[List[Path]] = INPUTS_OPT,
-    provider: Optional[List[str]] = PROVIDER_OPT,
+    inputs: list[Path] | None = INPUTS_OPT,
+    provider: list[str] | None = PROVIDER_OPT,
 ) -> None:
     """Fold every foldable BatchNormalization and write the folded model.
 
@@ -102,7 +113,9 @@ def optimize(
 
     def options() -> dict:
         return {
-            "verify": not no_verify, "external_data": external_data, "progress": _progress(quiet),
+            "verify": not no_verify,
+            "external_data": external_data,
+            "progress": _progress(quiet),
             "reparam": not no_reparam,
             "verify_options": _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider),
         }
@@ -182,12 +195,12 @@ def verify(
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
     seed: int = SEED_OPT,
-    atol: Optional[float] = ATOL_OPT,
-    rtol: Optional[float] = RTOL_OPT,
-    input_shape: Optional[List[str]] = SHAPE_OPT,
+    atol: float | None = ATOL_OPT,
+    rtol: float | None = RTOL_OPT,
+    input_shape: list[str] | None = SHAPE_OPT,
     int_range: str = INT_RANGE_OPT,
-    inputs: Optional[List[Path]] = INPUTS_OPT,
-    provider: Optional[List[str]] = PROVIDER_OPT,
+    inputs: list[Path] | None = INPUTS_OPT,
+    provider: list[str] | None = PROVIDER_OPT,
 ) -> None:
     """Run both models with onnxruntime (graph optimizations off) and compare every output.
 
@@ -225,13 +238,13 @@ def inspect(
 @app.command(epilog=EXIT_CODES)
 def bench(
     model: Path = MODEL_ARG,
-    folded: Optional[Path] = typer.Argument(
+    folded: Path | None = typer.Argument(
         None, help="The folded model. Default: fold MODEL now (verified) into a temporary folder.", show_default=False
     ),
     runs: int = typer.Option(20, "--runs", help="Timed runs per model and setting (median reported)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
-    input_shape: Optional[List[str]] = SHAPE_OPT,
-    provider: Optional[List[str]] = PROVIDER_OPT,
+    input_shape: list[str] | None = SHAPE_OPT,
+    provider: list[str] | None = PROVIDER_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
@@ -270,8 +283,14 @@ def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, pr
     except ValueError:
         raise BnfoldError(f"--int-range {int_range!r}: expected LOW:HIGH such as 0:1000") from None
     return {
-        "trials": trials, "seed": seed, "atol": atol, "rtol": rtol, "input_shapes": shapes,
-        "int_range": int_bounds, "inputs": list(inputs or []), **_providers(provider),
+        "trials": trials,
+        "seed": seed,
+        "atol": atol,
+        "rtol": rtol,
+        "input_shapes": shapes,
+        "int_range": int_bounds,
+        "inputs": list(inputs or []),
+        **_providers(provider),
     }
 
 

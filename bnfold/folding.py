@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from bnfold import modelfile, wire
 from bnfold.errors import BnfoldError, InternalError, first_line
 from bnfold.graph import ONNX_DOMAINS, GraphIndex, TensorLoader, all_names, named_subgraphs, store_new_values
-from bnfold import modelfile, wire
 from bnfold.modelfile import load_model, serialized_size
 from bnfold.reparam import Merge, merge_branches
 from bnfold.report import BRANCH_MERGE, FoldOutcome, FoldReport
@@ -104,8 +104,14 @@ class _Scope:
 
     def index(self, graph: onnx.GraphProto, parent: GraphIndex | None) -> GraphIndex:
         return GraphIndex(
-            graph, ir_version=self.ir_version, opset=self.opset, opset_imports=self.opset_imports,
-            parent=parent, names=self.names, new_values=self.new_values, load_tensor=self.load_tensor,
+            graph,
+            ir_version=self.ir_version,
+            opset=self.opset,
+            opset_imports=self.opset_imports,
+            parent=parent,
+            names=self.names,
+            new_values=self.new_values,
+            load_tensor=self.load_tensor,
         )
 
 
@@ -127,7 +133,9 @@ def fold_model_graph(
     opset = next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), None)
     if opset is None:
         raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
-    scope = _Scope(model.ir_version, opset, list(model.opset_import), set(all_names(model.graph)), reparam, {}, load_tensor)
+    scope = _Scope(
+        model.ir_version, opset, list(model.opset_import), set(all_names(model.graph)), reparam, {}, load_tensor
+    )
     graph_outcomes, _ = _fold_graph(model.graph, scope, parent=None, prefix="")
     store_new_values(model.graph, scope.new_values, subgraphs_only=True)
     return graph_outcomes + outcomes, scope.new_values
@@ -145,7 +153,8 @@ def _fold_functions(model: onnx.ModelProto, reparam: bool) -> list[FoldOutcome]:
         if opset is None:
             continue  # the body uses no ai.onnx op, so no BatchNormalization either
         body = onnx.helper.make_graph(
-            list(function.node), function.name,
+            list(function.node),
+            function.name,
             [onnx.ValueInfoProto(name=name) for name in function.input],
             [onnx.ValueInfoProto(name=name) for name in function.output],
         )
@@ -202,8 +211,13 @@ def _fold_graph(
         maybe_dead += plan.rewrite(index)
         outcomes.append(
             FoldOutcome(
-                name, output, op=node.op_type, folded_into=into, folded_into_op=into_op,
-                forward=plan.forward, via=plan.via,
+                name,
+                output,
+                op=node.op_type,
+                folded_into=into,
+                folded_into_op=into_op,
+                forward=plan.forward,
+                via=plan.via,
             )
         )
     if sums:
@@ -232,15 +246,22 @@ def _with_merges(outcomes: list[FoldOutcome], merges: list[Merge], prefix: str) 
         merge = merged_into.get(outcome.node)
         if merge is not None and outcome.op == "BatchNormalization":
             outcome = FoldOutcome(
-                outcome.node, outcome.output, folded_into=merge.conv.name, folded_into_op="Conv",
+                outcome.node,
+                outcome.output,
+                folded_into=merge.conv.name,
+                folded_into_op="Conv",
                 via="merged with the branches beside it",
             )
         result.append(outcome)
     for merge in merges:
         result.append(
             FoldOutcome(
-                prefix + merge.conv.name, merge.conv.output[0], op=BRANCH_MERGE, folded_into=merge.conv.name,
-                folded_into_op="Conv", via=f"{len(merge.branches)} branches ({', '.join(merge.branches)})",
+                prefix + merge.conv.name,
+                merge.conv.output[0],
+                op=BRANCH_MERGE,
+                folded_into=merge.conv.name,
+                folded_into_op="Conv",
+                via=f"{len(merge.branches)} branches ({', '.join(merge.branches)})",
             )
         )
     return result
@@ -260,9 +281,7 @@ def validate(candidate: onnx.ModelProto | str, original: onnx.ModelProto | str) 
         _check(candidate)
     except BnfoldError as folded_error:
         _check_input(original)
-        raise InternalError(
-            f"the folded model fails onnx.checker although the input passes: {folded_error}"
-        ) from None
+        raise InternalError(f"the folded model fails onnx.checker although the input passes: {folded_error}") from None
 
 
 def validate_skeleton(

@@ -23,9 +23,30 @@ ONNX_DOMAINS = ("", "ai.onnx")
 # conv bias as Expand(CastLike(0, x), Shape(W)); FrozenBatchNorm exports Sqrt/Reciprocal/Mul).
 PURE_OPS = frozenset(
     {
-        "Abs", "Add", "Cast", "CastLike", "Concat", "ConstantOfShape", "Div", "Exp", "Expand",
-        "Flatten", "Gather", "Log", "Mul", "Neg", "Pow", "Reciprocal", "Reshape", "Shape",
-        "Slice", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+        "Abs",
+        "Add",
+        "Cast",
+        "CastLike",
+        "Concat",
+        "ConstantOfShape",
+        "Div",
+        "Exp",
+        "Expand",
+        "Flatten",
+        "Gather",
+        "Log",
+        "Mul",
+        "Neg",
+        "Pow",
+        "Reciprocal",
+        "Reshape",
+        "Shape",
+        "Slice",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Transpose",
+        "Unsqueeze",
     }
 )
 MAX_EVALUATED_ELEMENTS = 1 << 24  # a constant subgraph larger than this is not evaluated
@@ -174,7 +195,9 @@ class GraphIndex:
 
     def defines(self, name: str) -> bool:
         """Whether `name` belongs to this scope (not read from an enclosing one)."""
-        return name in self._producer or name in self.initializers or name in self.graph_inputs or name in self._vanished
+        return (
+            name in self._producer or name in self.initializers or name in self.graph_inputs or name in self._vanished
+        )
 
     def is_used(self, name: str) -> bool:
         return bool(self._readers.get(name)) or name in self.graph_outputs
@@ -279,6 +302,7 @@ class GraphIndex:
         return needs, None
 
         # ---- edits ---------------------------------------------------------------------------
+
     def fresh_name(self, base: str) -> str:
         if self._names is None:
             self._names = set(all_names(self.graph))
@@ -302,9 +326,7 @@ class GraphIndex:
         self.initializers[name] = tensor
         if not self.inputs_override_initializers:  # a main graph before IR v4
             # Before IR v4 the checker requires every initializer to be a graph input too.
-            self.graph.input.append(
-                onnx.helper.make_tensor_value_info(name, tensor.data_type, values.shape)
-            )
+            self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, values.shape))
             self.graph_inputs.add(name)
         return name
 
@@ -353,9 +375,7 @@ class GraphIndex:
                     continue
                 self.remove_node(node)
                 pending.extend(node.input)
-            elif name in self.initializers and not (
-                name in self.graph_inputs and self.inputs_override_initializers
-            ):
+            elif name in self.initializers and not (name in self.graph_inputs and self.inputs_override_initializers):
                 self._removed_initializers.add(name)
                 self._vanished.add(name)
 
@@ -426,7 +446,9 @@ class GraphIndex:
             if small and tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.name not in self.new_values:
                 light.initializer.append(tensor)
             else:
-                light.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
+                light.initializer.append(
+                    onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+                )
         model = onnx.helper.make_model(light, opset_imports=self._opset_imports)
         try:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
@@ -472,7 +494,9 @@ class GraphIndex:
         return reads
 
 
-def store_new_values(graph: onnx.GraphProto, new_values: dict[str, np.ndarray], *, subgraphs_only: bool = False) -> None:
+def store_new_values(
+    graph: onnx.GraphProto, new_values: dict[str, np.ndarray], *, subgraphs_only: bool = False
+) -> None:
     """Store the pending values of the tensors in `graph` and its subgraphs (all of them, or
     only the subgraphs', whose tensors a streamed write does not reach)."""
     if not subgraphs_only:

@@ -176,7 +176,6 @@ def _external_locations(tensors) -> set[str]:
     return {entry.value for tensor in tensors for entry in tensor.external_data if entry.key == "location"}
 
 
-
 def _checked_locations(path: Path, tensors: list[onnx.TensorProto]) -> Path:
     """The model's folder, after every external-data location checked (module docstring)."""
     folder = path.resolve().parent
@@ -204,7 +203,9 @@ def _checked_locations(path: Path, tensors: list[onnx.TensorProto]) -> Path:
         try:
             end = int(info.get("offset") or 0) + int(info.get("length") or 0)
         except ValueError:
-            raise BnfoldError(f"{path}: tensor '{tensor.name}' has a malformed external-data offset or length") from None
+            raise BnfoldError(
+                f"{path}: tensor '{tensor.name}' has a malformed external-data offset or length"
+            ) from None
         if end > sizes[location]:
             raise BnfoldError(f"{path}: tensor '{tensor.name}' reaches past the end of {location!r}")
     return folder
@@ -238,6 +239,7 @@ def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None)
 
 
 SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB message limit, with room for the graph
+
 
 def serialized_size(model: onnx.ModelProto) -> int:
     """The model's size as one protobuf message. protobuf refuses to even compute it past
@@ -346,7 +348,6 @@ class StagedModel:
 def _sync(file) -> None:
     file.flush()
     os.fsync(file.fileno())
-
 
 
 def _bnfold_data_files(model_path: Path) -> set[Path]:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.folding import fold_in_place, validate_skeleton
 from bnfold.modelfile import SINGLE_FILE_LIMIT, SUFFIX, StagedModel, output_path, read_model
-from bnfold.wire import payload_bytes, read_tensor
 from bnfold.report import FoldReport
+from bnfold.wire import payload_bytes, read_tensor
 
 if TYPE_CHECKING:
     from bnfold.verification import VerifyReport

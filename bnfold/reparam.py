@@ -158,8 +158,15 @@ def _conv_term(conv: onnx.NodeProto, index: GraphIndex) -> Term | Skip:
     return Term(
         kernel=weight,  # float64 only once merging starts: most Convs before an Add merge with nothing
         bias=np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64).reshape(-1),
-        group=attrs["group"].i if "group" in attrs else 1, strides=strides, dilations=dilations, pads=pads,
-        nodes=[conv], branches=[f"Conv '{conv.name or conv.output[0]}'"], convs=1, x=conv.input[0], dtype=weight.dtype,
+        group=attrs["group"].i if "group" in attrs else 1,
+        strides=strides,
+        dilations=dilations,
+        pads=pads,
+        nodes=[conv],
+        branches=[f"Conv '{conv.name or conv.output[0]}'"],
+        convs=1,
+        x=conv.input[0],
+        dtype=weight.dtype,
     )
 
 
@@ -188,8 +195,16 @@ def _identity(x: str, channels: int | None = None) -> Term:
     `_with_channels` spreads it when it meets a BN, a conv or a layer scale."""
     count = channels or 1
     return Term(
-        kernel=np.ones((count, 1)), bias=np.zeros(count), group=channels or 0,
-        strides=(), dilations=(), pads=(), nodes=[], branches=["identity"], convs=0, x=x,
+        kernel=np.ones((count, 1)),
+        bias=np.zeros(count),
+        group=channels or 0,
+        strides=(),
+        dilations=(),
+        pads=(),
+        nodes=[],
+        branches=["identity"],
+        convs=0,
+        x=x,
     )
 
 
@@ -197,7 +212,9 @@ def _with_channels(term: Term, channels: int) -> Term:
     """A one-coefficient term (group 0, see _identity) as `channels` equal per-channel ones."""
     if term.group != 0:
         return term
-    return replace(term, kernel=np.repeat(term.kernel, channels, axis=0), bias=np.repeat(term.bias, channels), group=channels)
+    return replace(
+        term, kernel=np.repeat(term.kernel, channels, axis=0), bias=np.repeat(term.bias, channels), group=channels
+    )
 
 
 def _scaled_term(mul: onnx.NodeProto, index: GraphIndex, version: int, depth: int) -> Term | Skip:
@@ -209,7 +226,12 @@ def _scaled_term(mul: onnx.NodeProto, index: GraphIndex, version: int, depth: in
             value = index.constant_value(constant)
         except NotConstant:
             continue
-        if shape is None or len(shape) < 3 or shape[1] is None or value.dtype not in (np.float16, np.float32, np.float64):
+        if (
+            shape is None
+            or len(shape) < 3
+            or shape[1] is None
+            or value.dtype not in (np.float16, np.float32, np.float64)
+        ):
             continue
         scale = affine.channel_vector(value, len(shape), shape[1])
         if scale is None:
@@ -268,10 +290,17 @@ def _add(a: Term, b: Term) -> Term | Skip:
             offsets.append((begin // d, end // d))
         kernels.append(np.pad(kernel, [(0, 0), (0, 0), *offsets]))
     return Term(
-        kernel=kernels[0] + kernels[1], bias=a.bias + b.bias, group=group, strides=a.strides,
-        dilations=tuple(dilations), pads=tuple(p[0] for p in pads) + tuple(p[1] for p in pads),
-        nodes=a.nodes + b.nodes, branches=a.branches + b.branches, convs=a.convs + b.convs,
-        x=a.x, dtype=a.dtype or b.dtype,
+        kernel=kernels[0] + kernels[1],
+        bias=a.bias + b.bias,
+        group=group,
+        strides=a.strides,
+        dilations=tuple(dilations),
+        pads=tuple(p[0] for p in pads) + tuple(p[1] for p in pads),
+        nodes=a.nodes + b.nodes,
+        branches=a.branches + b.branches,
+        convs=a.convs + b.convs,
+        x=a.x,
+        dtype=a.dtype or b.dtype,
     )
 
 
@@ -292,8 +321,12 @@ def _shaped_alike(term: Term, other: Term) -> Term | Skip:
         return Mismatch(f"a {term.kernel.shape[0]}-channel branch sits beside a {channels}-channel conv")
     spatial = other.kernel.ndim - 2
     shaped = replace(
-        term, kernel=term.kernel.reshape((channels, 1) + (1,) * spatial), group=channels,
-        strides=(1,) * spatial, dilations=(1,) * spatial, pads=(0,) * (2 * spatial),
+        term,
+        kernel=term.kernel.reshape((channels, 1) + (1,) * spatial),
+        group=channels,
+        strides=(1,) * spatial,
+        dilations=(1,) * spatial,
+        pads=(0,) * (2 * spatial),
     )
     if other.strides != shaped.strides:
         return Mismatch(f"an identity branch sits beside a conv with strides {list(other.strides)}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-
 BRANCH_MERGE = "branch merge"  # FoldOutcome.op of a sum of branches merged into one Conv
 
 

@@ -168,7 +168,9 @@ def read_elementwise(
         return value
     vector = affine.channel_vector(value, rank, channels)
     if vector is None or not np.isfinite(vector).all():
-        return Skip(f"{node.op_type} operand '{other}' of shape {list(value.shape)} is not one finite value per channel")
+        return Skip(
+            f"{node.op_type} operand '{other}' of shape {list(value.shape)} is not one finite value per channel"
+        )
     ones, zeros = np.ones(channels), np.zeros(channels)
     if node.op_type == "Mul":
         return vector, zeros
@@ -326,7 +328,10 @@ class ConvRule(LinearRule):
         auto_pad = next((a.s.decode() for a in linear.attribute if a.name == "auto_pad"), "NOTSET")
         kernel = weight.shape[2:]
         if any(pads) or (auto_pad.startswith("SAME") and any(k > 1 for k in kernel)):
-            return Skip(f"{node_label(linear)} after it pads its input, and zero padding of a shifted input is not a shifted zero")
+            return Skip(
+                f"{node_label(linear)} after it pads its input, "
+                "and zero padding of a shifted input is not a shifted zero"
+            )
         channels = weight.shape[1] * group
         if bias is not None:
             bad = self.check_bias(bias, weight.shape[0])
@@ -535,9 +540,7 @@ def plan_backward(
     return (
         _call_site_attributes(source, producer, *passthrough)
         or _single_reader_skip(producer, first, index)
-        or rule.plan_backward(
-            source, data, producer, passthrough, index, read_affine
-        )
+        or rule.plan_backward(source, data, producer, passthrough, index, read_affine)
     )
 
 
@@ -602,7 +605,7 @@ def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, index: GraphIndex, o
         return scale_shift
     scale, shift = scale_shift
     parts, offset = [], 0
-    for data, producer, channels in producers:
+    for data, _producer, channels in producers:
         part_affine = (scale[offset : offset + channels], shift[offset : offset + channels])
         offset += channels
         part = plan_backward(bn, data, index, opset, lambda *args, p=part_affine: p, reader=concat)
@@ -689,7 +692,8 @@ def plan_channel_last(bn: onnx.NodeProto, index: GraphIndex) -> ChannelLastPlan 
         return None
     add = node
     matmul_position = next(
-        (i for i, name in enumerate(add.input) if (p := index.producer(name)) is not None and is_onnx_op(p, "MatMul")), None
+        (i for i, name in enumerate(add.input) if (p := index.producer(name)) is not None and is_onnx_op(p, "MatMul")),
+        None,
     )
     if matmul_position is None:
         return None

@@ -145,9 +145,15 @@ class VerifyReport:
                 result = o.reason or f"FAIL (atol {o.atol:.0e})"
             rows.append(
                 (
-                    o.name, o.dtype, "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs_error:.2e}",
-                    f"{o.rel_l2_error:.2e}", f"{o.cosine_similarity:.6f}", f"{o.mismatched}/{o.elements}",
-                    f"{o.needed_atol:.2e}", result,
+                    o.name,
+                    o.dtype,
+                    "x".join(map(str, o.shape)) or "scalar",
+                    f"{o.max_abs_error:.2e}",
+                    f"{o.rel_l2_error:.2e}",
+                    f"{o.cosine_similarity:.6f}",
+                    f"{o.mismatched}/{o.elements}",
+                    f"{o.needed_atol:.2e}",
+                    result,
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -384,11 +390,15 @@ def input_specs(session: ort.InferenceSession, shapes: dict[str, Sequence[int]])
     for value in session.get_inputs():
         dtype = ORT_TYPES.get(value.type)
         if dtype is None:
-            raise BnfoldError(f"input '{value.name}' has type {value.type}, which bnfold cannot generate; pass --inputs")
+            raise BnfoldError(
+                f"input '{value.name}' has type {value.type}, which bnfold cannot generate; pass --inputs"
+            )
         if value.name in shapes:
             shape = list(shapes[value.name])
             if value.shape is not None and len(shape) != len(value.shape):
-                raise BnfoldError(f"--input-shape {value.name}: rank {len(shape)}, the model declares rank {len(value.shape)}")
+                raise BnfoldError(
+                    f"--input-shape {value.name}: rank {len(shape)}, the model declares rank {len(value.shape)}"
+                )
         elif value.shape is None:
             raise BnfoldError(f"input '{value.name}' declares no shape; pass --input-shape {value.name}:DIMS")
         else:
@@ -412,7 +422,9 @@ def input_specs(session: ort.InferenceSession, shapes: dict[str, Sequence[int]])
 
 
 def _load_test_data_set(folder: Path, specs: dict) -> dict:
-    files = sorted(folder.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[1]) if p.stem.split("_")[1].isdigit() else 0)
+    files = sorted(
+        folder.glob("input_*.pb"), key=lambda p: int(p.stem.split("_")[1]) if p.stem.split("_")[1].isdigit() else 0
+    )
     if not files:
         raise BnfoldError(f"{folder}: no input_*.pb files")
     arrays = {}
@@ -454,7 +466,9 @@ def _bfloat16_value(values: np.ndarray) -> ort.OrtValue:
 def run_session(session: ort.InferenceSession, feed: dict, label: str) -> list[np.ndarray]:
     try:
         if any(isinstance(v, ort.OrtValue) for v in feed.values()):
-            values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()}
+            values = {
+                k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()
+            }
             return [v.numpy() for v in session.run_with_ort_values(None, values)]
         return session.run(None, feed)
     except Exception as exc:

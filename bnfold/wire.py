@@ -185,7 +185,9 @@ class ModelWriter:
     Every tensor's data is checked against its dims and type on the way (`payload_size`).
     """
 
-    def __init__(self, out, new_values: dict[str, np.ndarray], source_folder: Path | None, data=None, location: str = ""):
+    def __init__(
+        self, out, new_values: dict[str, np.ndarray], source_folder: Path | None, data=None, location: str = ""
+    ):
         self.out, self.data, self.location = out, data, location
         self.new_values, self.source_folder = new_values, source_folder
         self.offset = 0  # in the data file
@@ -223,9 +225,7 @@ class ModelWriter:
         expected = payload_size(tensor)
         size = _external_info(tensor)[2] if payload is None else len(payload)
         if expected is not None and size < expected:
-            raise BnfoldError(
-                f"tensor '{tensor.name}' holds {size} bytes of data; its dims and type need {expected}"
-            )
+            raise BnfoldError(f"tensor '{tensor.name}' holds {size} bytes of data; its dims and type need {expected}")
         header = shell(tensor, _RAW_FIELDS | _EXTERNAL_FIELDS)
         if self.data is not None and size >= EXTERNAL_THRESHOLD:
             if payload is None:
@@ -257,7 +257,11 @@ class ModelWriter:
 
     def _externalize_tensor(self, tensor: onnx.TensorProto) -> None:
         """Move a tensor held in the protobuf tree to the data file, if it is big enough."""
-        raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        raw = (
+            tensor.raw_data
+            if tensor.HasField("raw_data")
+            else numpy_helper.from_array(numpy_helper.to_array(tensor)).raw_data
+        )
         if len(raw) < EXTERNAL_THRESHOLD:
             return
         for field in _RAW_FIELDS:
@@ -269,7 +273,10 @@ class ModelWriter:
         for node in graph.node:
             for body in subgraphs(node):
                 for tensor in initializers(body):
-                    if tensor.data_type != onnx.TensorProto.STRING and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    if (
+                        tensor.data_type != onnx.TensorProto.STRING
+                        and tensor.data_location != onnx.TensorProto.EXTERNAL
+                    ):
                         self._externalize_tensor(tensor)
 
     def _copy_external(self, tensor: onnx.TensorProto) -> None:
@@ -282,7 +289,6 @@ class ModelWriter:
                 if sent == 0:
                     raise BnfoldError(f"tensor '{tensor.name}': its external data ends early")
                 copied += sent
-
 
 
 # ---- tensor data -------------------------------------------------------------------------------
@@ -347,10 +353,18 @@ def _inlined(tensor: onnx.TensorProto, folder: Path) -> onnx.TensorProto:
 
 _T = onnx.TensorProto
 _PLAIN_DTYPES = {  # ONNX types whose raw data is exactly numpy's little-endian layout
-    _T.FLOAT: np.dtype(np.float32), _T.DOUBLE: np.dtype(np.float64), _T.FLOAT16: np.dtype(np.float16),
-    _T.INT8: np.dtype(np.int8), _T.INT16: np.dtype(np.int16), _T.INT32: np.dtype(np.int32), _T.INT64: np.dtype(np.int64),
-    _T.UINT8: np.dtype(np.uint8), _T.UINT16: np.dtype(np.uint16), _T.UINT32: np.dtype(np.uint32),
-    _T.UINT64: np.dtype(np.uint64), _T.BOOL: np.dtype(np.bool_),
+    _T.FLOAT: np.dtype(np.float32),
+    _T.DOUBLE: np.dtype(np.float64),
+    _T.FLOAT16: np.dtype(np.float16),
+    _T.INT8: np.dtype(np.int8),
+    _T.INT16: np.dtype(np.int16),
+    _T.INT32: np.dtype(np.int32),
+    _T.INT64: np.dtype(np.int64),
+    _T.UINT8: np.dtype(np.uint8),
+    _T.UINT16: np.dtype(np.uint16),
+    _T.UINT32: np.dtype(np.uint32),
+    _T.UINT64: np.dtype(np.uint64),
+    _T.BOOL: np.dtype(np.bool_),
 }
 
 
@@ -437,4 +451,3 @@ def initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     for node in graph.node:
         for sub in subgraphs(node):
             yield from initializers(sub)
-

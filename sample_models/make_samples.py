@@ -411,7 +411,9 @@ class Decoder(nn.Module):
     def __init__(self):
         super().__init__()
         self.up1 = nn.Sequential(nn.ConvTranspose2d(32, 16, 4, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.up2 = nn.Sequential(nn.ConvTranspose2d(16, 16, 3, 2, 1, output_padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU())
+        self.up2 = nn.Sequential(
+            nn.ConvTranspose2d(16, 16, 3, 2, 1, output_padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU()
+        )
         self.out = nn.Conv2d(16, 3, 1)
 
     def forward(self, z):
@@ -424,8 +426,12 @@ class MLPHead(nn.Module):
     def __init__(self, features=64, hidden=48, classes=10):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
         )
         self.head = nn.Linear(hidden, classes)
 
@@ -440,8 +446,12 @@ class FrozenBatchNorm2d(nn.Module):
     def __init__(self, channels, eps=1e-5):
         super().__init__()
         self.eps = eps
-        for name, value in (("weight", torch.ones(channels)), ("bias", torch.zeros(channels)),
-                            ("running_mean", torch.zeros(channels)), ("running_var", torch.ones(channels))):
+        for name, value in (
+            ("weight", torch.ones(channels)),
+            ("bias", torch.zeros(channels)),
+            ("running_mean", torch.zeros(channels)),
+            ("running_var", torch.ones(channels)),
+        ):
             self.register_buffer(name, value)
 
     def forward(self, x):
@@ -521,18 +531,41 @@ def perturb_and_calibrate(model: nn.Module, make_batch, generator: torch.Generat
     model.eval()
 
 
-def export(model: nn.Module, name: str, example: torch.Tensor, opset: int, dynamic_batch: bool,
-           reference: nn.Module | None = None, dynamo: bool = False, deployed: nn.Module | None = None) -> None:
+def export(
+    model: nn.Module,
+    name: str,
+    example: torch.Tensor,
+    opset: int,
+    dynamic_batch: bool,
+    reference: nn.Module | None = None,
+    dynamo: bool = False,
+    deployed: nn.Module | None = None,
+) -> None:
     """Export `model` with BN kept; `<name>.npz` gets the inputs and eval outputs, and with a
     `deployed` form (the model's own re-parameterization) its outputs and Conv count too."""
     path = HERE / f"{name}.onnx"
     if dynamo:  # optimize=False keeps BN; one file, no external data
-        torch.onnx.export(model, (example,), str(path), dynamo=True, optimize=False, external_data=False,
-                          input_names=["input"], output_names=["output"], opset_version=opset)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            optimize=False,
+            external_data=False,
+            input_names=["input"],
+            output_names=["output"],
+            opset_version=opset,
+        )
     else:
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, do_constant_folding=False, opset_version=opset,
-            input_names=["input"], output_names=["output"],
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            do_constant_folding=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
         )
     onnx_model = onnx.load(str(path))
@@ -624,7 +657,11 @@ def main() -> None:
     export(tokens, "token_mlp_batchnorm1d", torch.randn(2, 10, 16, generator=gen), 17, dynamic_batch=False)
 
     # Re-parameterizable networks in their training form, with their own deployment merge.
-    for name, net in (("repvgg_grouped", RepVGGGrouped()), ("mobileone_tiny", MobileOneTiny()), ("repmixer_tiny", RepMixerTiny())):
+    for name, net in (
+        ("repvgg_grouped", RepVGGGrouped()),
+        ("mobileone_tiny", MobileOneTiny()),
+        ("repmixer_tiny", RepMixerTiny()),
+    ):
         perturb_and_calibrate(net, images(), gen)
         if isinstance(net, RepVGGGrouped):
             deployed = copy.deepcopy(net)

@@ -137,8 +137,10 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 def widen_floats(model: onnx.ModelProto, to: int = TensorProto.FLOAT) -> onnx.ModelProto:
     """The same model with every narrower float tensor and type widened to `to` (exactly:
     float16 and bfloat16 fit in float32, float32 in float64)."""
-    narrow = {TensorProto.FLOAT: {TensorProto.FLOAT16, TensorProto.BFLOAT16},
-              TensorProto.DOUBLE: {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT}}[to]
+    narrow = {
+        TensorProto.FLOAT: {TensorProto.FLOAT16, TensorProto.BFLOAT16},
+        TensorProto.DOUBLE: {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT},
+    }[to]
     wide_dtype = helper.tensor_dtype_to_np_dtype(to)
     wide = onnx.ModelProto()
     wide.CopyFrom(model)
@@ -182,9 +184,11 @@ def linear_bn_model(
         inits.append(numpy_helper.from_array(np.asarray(bias).astype(dtype), "B"))
         inputs.append("B")
     graph = helper.make_graph(
-        [helper.make_node(op, inputs, ["lin_out"], name="linear", **(attrs or {}))], "probe",
+        [helper.make_node(op, inputs, ["lin_out"], name="linear", **(attrs or {}))],
+        "probe",
         [helper.make_tensor_value_info("x", elem, x_shape)],
-        [helper.make_tensor_value_info("lin_out", elem, None)], inits,
+        [helper.make_tensor_value_info("lin_out", elem, None)],
+        inits,
     )
     probe = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
     out_shape = [d.dim_value for d in probe.graph.output[0].type.tensor_type.shape.dim]
@@ -194,7 +198,9 @@ def linear_bn_model(
         graph.initializer.append(numpy_helper.from_array(np.asarray(params[key]).astype(dtype), key))
     bn_attrs = {} if epsilon is None else {"epsilon": epsilon}
     graph.node.append(
-        helper.make_node("BatchNormalization", ["lin_out", "gamma", "beta", "mean", "var"], ["y"], name="bn", **bn_attrs)
+        helper.make_node(
+            "BatchNormalization", ["lin_out", "gamma", "beta", "mean", "var"], ["y"], name="bn", **bn_attrs
+        )
     )
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info("y", elem, out_shape))

@@ -65,6 +65,7 @@ def test_16_bit_rounding_balances_each_channel(dtype, axis):
     assert (np.abs(balanced.astype(np.float64) - exact) < ulp).all()
     moved = balanced != nearest
     assert 0 < moved.sum() < 0.1 * exact.size
+
     # ...and each channel's rounding errors sum no further from zero than nearest rounding's.
     def channel_sums(q):
         return np.abs(np.moveaxis(q.astype(np.float64) - exact, axis, 0).reshape(16, -1).sum(axis=1))

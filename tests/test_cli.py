@@ -12,11 +12,11 @@ from pathlib import Path
 import onnx
 import pytest
 import typer
+from builders import conv_bn_model, op_types
 from typer.testing import CliRunner
 
 from bnfold.cli import _guard, app
 from bnfold.errors import EXIT_INTERNAL_ERROR
-from builders import conv_bn_model, op_types
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_tiny.onnx"
 runner = CliRunner()
@@ -81,7 +81,10 @@ def test_external_data_in_gives_external_data_out(tmp_path):
 def test_external_data_modes(tmp_path):
     model = onnx.load(str(SAMPLE))
     onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
-    assert invoke("optimize", tmp_path / "ext.onnx", "-o", tmp_path / "one.onnx", "--external-data", "never").exit_code == 0
+    assert (
+        invoke("optimize", tmp_path / "ext.onnx", "-o", tmp_path / "one.onnx", "--external-data", "never").exit_code
+        == 0
+    )
     assert not any(name.startswith("one.onnx") for name in external_files(tmp_path))
     single = tmp_path / "single.onnx"
     shutil.copy(SAMPLE, single)
@@ -132,11 +135,15 @@ def test_skips_are_reported_with_their_reason(tmp_path):
             "folded_into_op": None,
             "forward": False,
             "via": None,
-            "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; nor forward: it feeds Relu '/Relu', not a Conv or Gemm",
+            "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; "
+            "nor forward: it feeds Relu '/Relu', not a Conv or Gemm",
             "status": "skipped",
         }
     ]
-    assert "skipped  Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; nor forward: it feeds Relu '/Relu', not a Conv or Gemm" in result.stderr
+    assert (
+        "skipped  Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; "
+        "nor forward: it feeds Relu '/Relu', not a Conv or Gemm" in result.stderr
+    )
 
 
 def test_inspect_writes_nothing(model_path):
@@ -253,7 +260,11 @@ def test_a_folder_of_models_one_failure_does_not_stop_the_rest(tmp_path, jobs):
     assert result.exit_code == 2, result.output  # the most severe of 0, 0, 2
     report = json.loads(result.stdout)
     assert report["summary"] == {"models": 3, "written": 2, "failed": 1}
-    assert [(Path(m["input"]).name, m["exit_code"]) for m in report["models"]] == [("a.onnx", 0), ("b.onnx", 0), ("c.onnx", 2)]
+    assert [(Path(m["input"]).name, m["exit_code"]) for m in report["models"]] == [
+        ("a.onnx", 0),
+        ("b.onnx", 0),
+        ("c.onnx", 2),
+    ]
     assert "not a readable ONNX model" in report["models"][2]["error"]
     assert sorted(p.name for p in out.iterdir()) == ["a.folded.onnx", "b.folded.onnx"]
     assert "FAIL  " in result.stderr and "3 models: 2 written, 1 failed" in result.stderr
@@ -265,7 +276,9 @@ def test_several_files_and_a_file_as_output_folder(tmp_path):
     result = invoke("optimize", folder / "a.onnx", folder / "b.onnx", "-q")
     assert result.exit_code == 0 and result.stderr == ""
     assert (folder / "a.folded.onnx").exists() and (folder / "b.folded.onnx").exists()
-    assert_one_line_error(invoke("optimize", folder / "a.onnx", folder / "b.onnx", "-o", folder / "a.onnx"), 2, "-o must name a folder")
+    assert_one_line_error(
+        invoke("optimize", folder / "a.onnx", folder / "b.onnx", "-o", folder / "a.onnx"), 2, "-o must name a folder"
+    )
 
 
 def test_help_documents_exit_codes():

@@ -7,9 +7,6 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
-
-import bnfold
 from builders import (
     assert_same_function,
     conv_bn_model,
@@ -18,6 +15,9 @@ from builders import (
     run,
     widen_floats,
 )
+from onnx import helper, numpy_helper
+
+import bnfold
 
 
 def fold_and_check(model: onnx.ModelProto, feeds=None) -> onnx.ModelProto:
@@ -164,7 +164,9 @@ def test_one_initializer_shared_by_two_batch_norms():
     model = conv_bn_model()
     graph = model.graph
     # a second Conv → BN branch whose BN reads the very same parameter initializers
-    graph.initializer.append(numpy_helper.from_array(np.random.default_rng(7).normal(0, 0.5, (6, 4, 3, 3)).astype(np.float32), "W2"))
+    graph.initializer.append(
+        numpy_helper.from_array(np.random.default_rng(7).normal(0, 0.5, (6, 4, 3, 3)).astype(np.float32), "W2")
+    )
     graph.node.extend(
         [
             helper.make_node("Conv", ["x", "W2"], ["c2"], name="conv2"),
@@ -180,11 +182,18 @@ def test_chained_batch_norms_both_fold():
     model = conv_bn_model()
     graph = model.graph
     rng = np.random.default_rng(5)
-    for key, value in {"g2": rng.uniform(0.5, 1.5, 6), "b2": rng.normal(0, 1, 6), "m2": rng.normal(0, 1, 6), "v2": rng.uniform(0.5, 2, 6)}.items():
+    for key, value in {
+        "g2": rng.uniform(0.5, 1.5, 6),
+        "b2": rng.normal(0, 1, 6),
+        "m2": rng.normal(0, 1, 6),
+        "v2": rng.uniform(0.5, 2, 6),
+    }.items():
         graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), key))
     relu = graph.node[2]
     relu.input[0] = "bn2_out"
-    graph.node.insert(2, helper.make_node("BatchNormalization", ["bn_out", "g2", "b2", "m2", "v2"], ["bn2_out"], name="bn2"))
+    graph.node.insert(
+        2, helper.make_node("BatchNormalization", ["bn_out", "g2", "b2", "m2", "v2"], ["bn2_out"], name="bn2")
+    )
     folded = fold_and_check(model)
     assert op_types(folded) == ["Conv", "Relu"]
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from builders import assert_refused, assert_same_function, bn_parameters, conv_bn_model, linear_bn_model, op_types
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from builders import assert_refused, assert_same_function, bn_parameters, conv_bn_model, linear_bn_model, op_types
 
 
 def assert_folds(model: onnx.ModelProto, remaining: list[str]) -> bnfold.FoldResult:
@@ -47,12 +47,16 @@ def test_conv_transpose_any_rank_and_group(rank, group, bias):
 def test_conv_transpose_with_dilations_and_pads():
     weight = np.random.default_rng(9).normal(0, 0.5, (4, 6, 3, 3))
     attrs = {"dilations": [2, 1], "pads": [1, 0, 2, 1], "strides": [1, 2]}
-    assert_folds(linear_bn_model("ConvTranspose", weight=weight, bias=None, x_shape=[1, 4, 6, 7], attrs=attrs), ["ConvTranspose"])
+    assert_folds(
+        linear_bn_model("ConvTranspose", weight=weight, bias=None, x_shape=[1, 4, 6, 7], attrs=attrs), ["ConvTranspose"]
+    )
 
 
 # ---- Gemm → BN (Linear + BatchNorm1d) -----------------------------------------------------------
 @pytest.mark.parametrize("trans_b", [0, 1])
-@pytest.mark.parametrize("bias_shape", [None, [6], [1, 6], [3, 6], [3, 1], []], ids=["no-C", "N", "1xN", "MxN", "Mx1", "scalar"])
+@pytest.mark.parametrize(
+    "bias_shape", [None, [6], [1, 6], [3, 6], [3, 1], []], ids=["no-C", "N", "1xN", "MxN", "Mx1", "scalar"]
+)
 def test_gemm_respects_trans_b_alpha_beta_and_broadcast_c(trans_b, bias_shape):
     rng = np.random.default_rng(4)
     weight = rng.normal(0, 0.5, (6, 5) if trans_b else (5, 6))
@@ -101,7 +105,9 @@ def test_dropout_in_training_mode_blocks_a_fold():
     model.graph.initializer.extend(
         [numpy_helper.from_array(np.float32(0.5), "ratio"), numpy_helper.from_array(np.array(True), "training")]
     )
-    insert_between_conv_and_bn(model, helper.make_node("Dropout", ["?", "ratio", "training"], ["drop_out"], name="drop"))
+    insert_between_conv_and_bn(
+        model, helper.make_node("Dropout", ["?", "ratio", "training"], ["drop_out"], name="drop")
+    )
     assert_refused(model, "its input comes from Dropout 'drop'")
 
 
@@ -117,8 +123,10 @@ def conv_then(ops: list[tuple[str, str, np.ndarray]], *, data_first: bool = True
     """x → Conv (no bias) → op(·, constant) → … → y."""
     rng = np.random.default_rng(1)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "W"], ["t0"], name="conv")], "affine",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7])], [],
+        [helper.make_node("Conv", ["x", "W"], ["t0"], name="conv")],
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7])],
+        [],
         [numpy_helper.from_array(rng.normal(0, 0.5, (6, 4, 3, 3)).astype(np.float32), "W")],
     )
     for i, (op, name, value) in enumerate(ops, start=1):
@@ -144,7 +152,7 @@ PER_CHANNEL = np.random.default_rng(2).uniform(0.5, 1.5, (6, 1, 1))
 def test_per_channel_affine_chains_fold(ops):
     result = assert_folds(conv_then(ops), ["Conv"])
     assert [o.op for o in result.report.channel_affines] == [op for op, _, _ in ops]
-    assert "and %d Mul/Add/Sub/Div" % len(ops) in result.report.summary()
+    assert f"and {len(ops)} Mul/Add/Sub/Div" in result.report.summary()
 
 
 def test_constant_minus_tensor_folds_with_a_negative_scale():
@@ -226,8 +234,10 @@ def bn_then(op: str, weight: np.ndarray, *, x_shape, bias=None, attrs=None) -> o
             helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
             helper.make_node(op, inputs, ["y"], name="linear", **(attrs or {})),
         ],
-        "forward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+        "forward",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     inferred = onnx.shape_inference.infer_shapes(model).graph.output[0]
@@ -240,7 +250,9 @@ def bn_then(op: str, weight: np.ndarray, *, x_shape, bias=None, attrs=None) -> o
 def test_batch_norm_before_an_unpadded_conv_folds_forward(group, bias):
     rng = np.random.default_rng(group)
     weight = rng.normal(0, 0.5, (8, 8 // group, 3, 3))
-    model = bn_then("Conv", weight, x_shape=[2, 8, 7, 7], bias=rng.normal(size=8) if bias else None, attrs={"group": group})
+    model = bn_then(
+        "Conv", weight, x_shape=[2, 8, 7, 7], bias=rng.normal(size=8) if bias else None, attrs={"group": group}
+    )
     result = assert_folds(model, ["Conv"])
     assert result.report.outcomes[0].forward and result.report.outcomes[0].folded_into == "linear"
     assert "into the following Conv linear" in result.report.table()
@@ -253,7 +265,12 @@ def test_batch_norm_before_a_padded_conv_is_refused(attrs):
 
 
 def test_a_padded_1x1_same_conv_pads_nothing_and_folds():
-    model = bn_then("Conv", np.random.default_rng(0).normal(size=(4, 4, 1, 1)), x_shape=[1, 4, 6, 6], attrs={"auto_pad": "SAME_UPPER"})
+    model = bn_then(
+        "Conv",
+        np.random.default_rng(0).normal(size=(4, 4, 1, 1)),
+        x_shape=[1, 4, 6, 6],
+        attrs={"auto_pad": "SAME_UPPER"},
+    )
     assert_folds(model, ["Conv"])
 
 
@@ -291,11 +308,16 @@ def matmul_model(x_shape: list[int], *, bias: bool) -> onnx.ModelProto:
     if bias:
         inits.append(numpy_helper.from_array(rng.normal(0, 0.5, 6).astype(np.float32), "bias"))
         nodes.append(helper.make_node("Add", ["mm_out", "bias"], ["add_out"], name="add"))
-    nodes.append(helper.make_node("BatchNormalization", [nodes[-1].output[0], "gamma", "beta", "mean", "var"], ["y"], name="bn"))
+    nodes.append(
+        helper.make_node("BatchNormalization", [nodes[-1].output[0], "gamma", "beta", "mean", "var"], ["y"], name="bn")
+    )
     out_shape = x_shape[:-1] + [6]
     graph = helper.make_graph(
-        nodes, "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits,
+        nodes,
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -330,8 +352,16 @@ def concat_bn_model(
     inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
     nodes, outputs = [], []
     for name, channels, kernel, group in branches:
-        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (channels, 4 // group, kernel, kernel)).astype(np.float32), f"W_{name}"))
-        nodes.append(helper.make_node("Conv", ["x", f"W_{name}"], [f"{name}_out"], name=name, pads=[kernel // 2] * 4, group=group))
+        inits.append(
+            numpy_helper.from_array(
+                rng.normal(0, 0.5, (channels, 4 // group, kernel, kernel)).astype(np.float32), f"W_{name}"
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "Conv", ["x", f"W_{name}"], [f"{name}_out"], name=name, pads=[kernel // 2] * 4, group=group
+            )
+        )
         outputs.append(f"{name}_out")
     if pool_branch:
         nodes[0] = helper.make_node("MaxPool", ["x"], ["c1_out"], name="pool", kernel_shape=[1, 1])
@@ -339,8 +369,11 @@ def concat_bn_model(
     nodes.append(helper.make_node("Concat", outputs, ["cat"], name="cat", axis=axis))
     nodes.append(helper.make_node("BatchNormalization", ["cat", "gamma", "beta", "mean", "var"], ["y"], name="bn"))
     graph = helper.make_graph(
-        nodes, "concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+        nodes,
+        "concat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
     )
     graph.output[0].CopyFrom(onnx.shape_inference.infer_shapes(helper.make_model(graph)).graph.output[0])
     if extra_reader:
@@ -361,7 +394,10 @@ def test_batch_norm_after_concat_splits_into_each_conv(axis):
     "kwargs, reason",
     [
         ({"pool_branch": True}, "BatchNormalization after Concat: input MaxPool 'pool' is not a linear op"),
-        ({"extra_reader": "c3_out"}, "BatchNormalization after Concat: Conv 'c3' output 'c3_out' is also a graph output"),
+        (
+            {"extra_reader": "c3_out"},
+            "BatchNormalization after Concat: Conv 'c3' output 'c3_out' is also a graph output",
+        ),
         ({"extra_reader": "cat"}, "BatchNormalization after Concat: Concat 'cat' output 'cat' is also a graph output"),
     ],
     ids=["non-linear-input", "branch-read-elsewhere", "concat-read-elsewhere"],
@@ -416,14 +452,30 @@ def token_model(kind: str, *, bias: bool = True) -> onnx.ModelProto:
         nodes.append(helper.make_node("Add", ["mm", "bias"], ["biased"], name="add"))
         last = "biased"
     into, back = {
-        "reshape": (helper.make_node("Reshape", [last, "flat"], ["bn_in"], name="to_2d"), helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back")),
-        "flatten": (helper.make_node("Flatten", [last], ["bn_in"], name="to_2d", axis=2), helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back")),
-        "transpose": (helper.make_node("Transpose", [last], ["bn_in"], name="to_ncl", perm=[0, 2, 1]), helper.make_node("Transpose", ["bn_out"], ["y"], name="back", perm=[0, 2, 1])),
+        "reshape": (
+            helper.make_node("Reshape", [last, "flat"], ["bn_in"], name="to_2d"),
+            helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back"),
+        ),
+        "flatten": (
+            helper.make_node("Flatten", [last], ["bn_in"], name="to_2d", axis=2),
+            helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back"),
+        ),
+        "transpose": (
+            helper.make_node("Transpose", [last], ["bn_in"], name="to_ncl", perm=[0, 2, 1]),
+            helper.make_node("Transpose", ["bn_out"], ["y"], name="back", perm=[0, 2, 1]),
+        ),
     }[kind]
-    nodes += [into, helper.make_node("BatchNormalization", ["bn_in", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"), back]
+    nodes += [
+        into,
+        helper.make_node("BatchNormalization", ["bn_in", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+        back,
+    ]
     graph = helper.make_graph(
-        nodes, "tokens", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 6])], inits,
+        nodes,
+        "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 6])],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -465,10 +517,17 @@ def add_chain_model(depth: int, *, cycle: bool = False) -> onnx.ModelProto:
         nodes[1].input[0] = previous
     nodes.append(helper.make_node("Add", ["c", previous], ["y"], name="final"))
     graph = helper.make_graph(
-        nodes, "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]), helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2, 2])],
+        nodes,
+        "chain",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2, 2]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
-        [numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "W"), numpy_helper.from_array(np.float32(1), "one")],
+        [
+            numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "W"),
+            numpy_helper.from_array(np.float32(1), "one"),
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 

@@ -7,15 +7,14 @@ import stat
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 import onnx
+import pytest
+from builders import conv_bn_model
 from onnx import numpy_helper
 
 from bnfold import fold, optimize
 from bnfold.errors import BnfoldError
 from bnfold.modelfile import StagedModel, _parse, output_path, read_model
-from builders import conv_bn_model
 
 
 def write(dest, *, external: bool = False):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import onnx
+from builders import assert_same_function, conv_bn_model, op_types
 from onnx import TensorProto, helper
 
 import bnfold
-from builders import assert_same_function, conv_bn_model, op_types
 
 
 def decorated_model() -> onnx.ModelProto:
@@ -23,7 +23,11 @@ def decorated_model() -> onnx.ModelProto:
     )
     # a model-local function, called by an untouched node
     double = helper.make_function(
-        "local", "Double", ["t"], ["u"], [helper.make_node("Add", ["t", "t"], ["u"])],
+        "local",
+        "Double",
+        ["t"],
+        ["u"],
+        [helper.make_node("Add", ["t", "t"], ["u"])],
         [helper.make_opsetid("", 15)],
     )
     model.functions.append(double)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from builders import RELATIVE_TOLERANCE, linear_bn_model, op_types, random_inputs, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bnfold
-from builders import RELATIVE_TOLERANCE, linear_bn_model, op_types, random_inputs, run
 
 
 @st.composite
@@ -55,7 +55,9 @@ def linear_bn_graphs(draw):
         "var": rng.uniform(low_var, 3, channels),
     }
     epsilon = draw(st.sampled_from([None, 1e-5, 1e-3, 0.1]))
-    return linear_bn_model(op, weight=weight, bias=b, x_shape=x_shape, attrs=attrs, dtype=dtype, bn_params=params, epsilon=epsilon)
+    return linear_bn_model(
+        op, weight=weight, bias=b, x_shape=x_shape, attrs=attrs, dtype=dtype, bn_params=params, epsilon=epsilon
+    )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -100,7 +102,9 @@ def branch_sums(draw):
     dilation = draw(st.integers(1, 2))
     centred = draw(st.booleans())  # odd kernels padded evenly: then the branches always line up
     g = Graph(channels, spatial=[draw(st.integers(5, 9)) for _ in range(rank)], seed=draw(st.integers(0, 2**31)))
-    kinds = ["conv"] + [draw(st.sampled_from(["conv", "conv", "bn", "identity"])) for _ in range(draw(st.integers(1, 3)))]
+    kinds = ["conv"] + [
+        draw(st.sampled_from(["conv", "conv", "bn", "identity"])) for _ in range(draw(st.integers(1, 3)))
+    ]
     branches = []
     for kind in kinds:
         if kind == "conv" or stride != 1:
@@ -108,7 +112,9 @@ def branch_sums(draw):
             total = dilation * (k - 1)  # pads that keep every branch's output the same size
             begins = [total // 2 if centred else draw(st.integers(0, total)) for _ in range(rank)]
             group = draw(st.sampled_from([d for d in range(1, channels + 1) if channels % d == 0]))
-            branch = g.conv(k=k, stride=stride, dilation=dilation, group=group, pads=begins + [total - b for b in begins])
+            branch = g.conv(
+                k=k, stride=stride, dilation=dilation, group=group, pads=begins + [total - b for b in begins]
+            )
         else:
             branch = g.bn() if kind == "bn" else "x"
         if draw(st.integers(0, 3)) == 0:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
-import bnfold
 from builders import assert_refused as refused
 from builders import conv_bn_model
+from onnx import TensorProto, helper, numpy_helper
 
 
 def assert_refused(model: onnx.ModelProto, reason: str, *, check: bool = True) -> None:
@@ -72,11 +70,15 @@ def test_conv_output_is_a_graph_output():
 def test_conv_output_read_inside_a_subgraph():
     model = conv_bn_model()
     branch = helper.make_graph(
-        [helper.make_node("Identity", ["conv_out"], ["branch_out"])], "branch", [],
+        [helper.make_node("Identity", ["conv_out"], ["branch_out"])],
+        "branch",
+        [],
         [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [2, 6, 5, 5])],
     )
     model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
-    model.graph.node.append(helper.make_node("If", ["cond"], ["picked"], name="if", then_branch=branch, else_branch=branch))
+    model.graph.node.append(
+        helper.make_node("If", ["cond"], ["picked"], name="if", then_branch=branch, else_branch=branch)
+    )
     model.graph.output.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, [2, 6, 5, 5]))
     assert_refused(model, "output also feeds If 'if'")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import assert_same_function, bn_parameters, op_types, run
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from builders import assert_same_function, bn_parameters, op_types, run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -83,8 +83,15 @@ class Graph:
             attrs["pads"] = pads
         self.nodes.append(
             helper.make_node(
-                "Conv", [x, self.const(weight, "W"), self.const(self.rng.normal(0, 0.2, cout), "B")], [out], name=out,
-                kernel_shape=list(ks), strides=[stride] * len(ks), dilations=[dilation] * len(ks), group=group, **attrs,
+                "Conv",
+                [x, self.const(weight, "W"), self.const(self.rng.normal(0, 0.2, cout), "B")],
+                [out],
+                name=out,
+                kernel_shape=list(ks),
+                strides=[stride] * len(ks),
+                dilations=[dilation] * len(ks),
+                group=group,
+                **attrs,
             )
         )
         return self.bn(out, cout) if bn else out
@@ -112,9 +119,11 @@ class Graph:
         relu = self._name("relu")
         self.nodes.append(helper.make_node("Relu", [y], [relu], name=relu))
         graph = helper.make_graph(
-            self.nodes, "branches",
+            self.nodes,
+            "branches",
             [helper.make_tensor_value_info("x", elem, [1, in_channels or self.channels, *self.spatial])],
-            [helper.make_tensor_value_info(relu, elem, None)], self.inits,
+            [helper.make_tensor_value_info(relu, elem, None)],
+            self.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         return onnx.shape_inference.infer_shapes(model, strict_mode=True)

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import assert_same_function, op_types, run
 
 import bnfold
-from builders import assert_same_function, op_types, run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -86,7 +86,10 @@ def test_conv_output_with_two_readers_is_skipped_with_its_reason():
     model, _, _ = load("shared_conv_output")
     (skipped,) = [o for o in bnfold.fold(model).report.outcomes if not o.folded]
     assert skipped.node == "/bn/BatchNormalization"
-    assert skipped.reason == "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; nor forward: it feeds Relu '/Relu', not a Conv or Gemm"
+    assert (
+        skipped.reason == "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; "
+        "nor forward: it feeds Relu '/Relu', not a Conv or Gemm"
+    )
 
 
 def test_identity_branch_batch_norms_are_explained_without_reparameterization():

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from builders import assert_refused, assert_same_function, bn_parameters
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from builders import assert_refused, assert_same_function, bn_parameters
 
 
 def conv_bn_nodes(x: str, out: str, prefix: str) -> list[onnx.NodeProto]:
     return [
         helper.make_node("Conv", [x, f"{prefix}W"], [f"{prefix}c"], name=f"{prefix}conv", pads=[1, 1, 1, 1]),
         helper.make_node(
-            "BatchNormalization", [f"{prefix}c", f"{prefix}g", f"{prefix}b", f"{prefix}m", f"{prefix}v"], [out], name=f"{prefix}bn"
+            "BatchNormalization",
+            [f"{prefix}c", f"{prefix}g", f"{prefix}b", f"{prefix}m", f"{prefix}v"],
+            [out],
+            name=f"{prefix}bn",
         ),
     ]
 
@@ -23,7 +26,10 @@ def parameters(prefix: str, seed: int) -> list[onnx.TensorProto]:
     rng = np.random.default_rng(seed)
     params = bn_parameters(rng, 4)
     tensors = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), f"{prefix}W")]
-    tensors += [numpy_helper.from_array(params[k].astype(np.float32), f"{prefix}{k[0]}") for k in ("gamma", "beta", "mean", "var")]
+    tensors += [
+        numpy_helper.from_array(params[k].astype(np.float32), f"{prefix}{k[0]}")
+        for k in ("gamma", "beta", "mean", "var")
+    ]
     return tensors
 
 
@@ -80,7 +86,8 @@ def loop_model(state_is_parameter: bool = False) -> onnx.ModelProto:
         [helper.make_node("Loop", loop_inputs, loop_outputs, name="loop", body=body)],
         "loop_model",
         [value("x")],
-        [value("y")] + ([helper.make_tensor_value_info("mean_final", TensorProto.FLOAT, [4])] if state_is_parameter else []),
+        [value("y")]
+        + ([helper.make_tensor_value_info("mean_final", TensorProto.FLOAT, [4])] if state_is_parameter else []),
         [numpy_helper.from_array(np.array(2, np.int64), "trips")]
         + ([numpy_helper.from_array(np.zeros(4, np.float32), "mean0")] if state_is_parameter else []),
     )
@@ -99,7 +106,9 @@ def test_fold_inside_a_loop_body():
 
 def test_loop_state_is_not_a_constant():
     result = assert_refused(loop_model(state_is_parameter=True))
-    assert result.report.outcomes[0].reason.startswith("BatchNormalization mean is not constant: 'l_m' is a graph input;")
+    assert result.report.outcomes[0].reason.startswith(
+        "BatchNormalization mean is not constant: 'l_m' is a graph input;"
+    )
 
 
 def function_model(epsilon_from_caller: bool = False) -> onnx.ModelProto:
@@ -111,14 +120,22 @@ def function_model(epsilon_from_caller: bool = False) -> onnx.ModelProto:
         eps = helper.make_attribute_ref("epsilon", onnx.AttributeProto.FLOAT)
         body[-1].attribute.append(eps)
     function = helper.make_function(
-        "local", "ConvBN", ["x_in"], ["y_out"], body, [helper.make_opsetid("", 17)],
+        "local",
+        "ConvBN",
+        ["x_in"],
+        ["y_out"],
+        body,
+        [helper.make_opsetid("", 17)],
         attributes=["epsilon"] if epsilon_from_caller else [],
     )
     if epsilon_from_caller:
         bn_attrs["epsilon"] = 1e-3
     value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4, 6, 6])  # noqa: E731
     graph = helper.make_graph(
-        [helper.make_node("ConvBN", ["x"], ["y"], name="call", domain="local", **bn_attrs)], "calls", [value("x")], [value("y")]
+        [helper.make_node("ConvBN", ["x"], ["y"], name="call", domain="local", **bn_attrs)],
+        "calls",
+        [value("x")],
+        [value("y")],
     )
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[function]
@@ -138,4 +155,6 @@ def test_fold_inside_a_model_local_function():
 
 def test_an_attribute_bound_by_the_caller_blocks_the_fold():
     result = assert_refused(function_model(epsilon_from_caller=True))
-    assert result.report.outcomes[0].reason.startswith("BatchNormalization 'f_bn' takes attribute 'epsilon' from the function's caller;")
+    assert result.report.outcomes[0].reason.startswith(
+        "BatchNormalization 'f_bn' takes attribute 'epsilon' from the function's caller;"
+    )

@@ -129,7 +129,6 @@ def test_mutated_model_files_exit_0_or_2_and_never_leave_a_partial_output(seed, 
 def big_model(path: Path) -> None:
     """A Conv → BN model with ~37 MB of weights: long enough to write that a kill can land in it."""
     import numpy as np
-
     from builders import linear_bn_model
 
     weight = np.random.default_rng(0).normal(0, 0.1, (1024, 1024, 3, 3)).astype(np.float32)
@@ -144,7 +143,9 @@ def run_and_kill(args: list[str], folder: Path, *, when_temp_appears: bool, dela
     import sys
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "bnfold", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bnfold", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     start = time.monotonic()
     while process.poll() is None:
         temporary = any(p.name.endswith(".tmp") for p in folder.iterdir())
@@ -233,8 +234,12 @@ def test_deeply_nested_subgraphs_are_exit_0_or_2_without_a_traceback(tmp_path):
         node = helper.make_node("If", ["cond"], ["v"], then_branch=body, else_branch=leaf)
         body = helper.make_graph([node], f"level{depth}", [], [value])
     graph = helper.make_graph(
-        body.node, "nested",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        body.node,
+        "nested",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
         [value],
     )
     path = tmp_path / "nested.onnx"

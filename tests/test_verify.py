@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import conv_bn_model
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -17,7 +18,6 @@ import bnfold.affine
 import bnfold.rules
 from bnfold.cli import app
 from bnfold.verification import compare
-from builders import conv_bn_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 runner = CliRunner()
@@ -95,7 +95,9 @@ def multi_io_model() -> onnx.ModelProto:
     """Conv→BN on an image, an embedding lookup on int64 token ids, a bool mask: two outputs."""
     model = conv_bn_model()
     graph = model.graph
-    graph.initializer.append(numpy_helper.from_array(np.random.default_rng(2).normal(size=(10, 4)).astype(np.float32), "table"))
+    graph.initializer.append(
+        numpy_helper.from_array(np.random.default_rng(2).normal(size=(10, 4)).astype(np.float32), "table")
+    )
     graph.input.extend(
         [
             helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"]),
@@ -109,7 +111,9 @@ def multi_io_model() -> onnx.ModelProto:
             helper.make_node("Where", ["mask3", "embedded", "zero"], ["masked"], name="where"),
         ]
     )
-    graph.initializer.extend([numpy_helper.from_array(np.array([2], np.int64), "axis"), numpy_helper.from_array(np.float32(0), "zero")])
+    graph.initializer.extend(
+        [numpy_helper.from_array(np.array([2], np.int64), "axis"), numpy_helper.from_array(np.float32(0), "zero")]
+    )
     graph.output.append(helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["batch", "seq", 4]))
     return model
 
@@ -167,18 +171,26 @@ def test_bfloat16_inputs_are_generated(tmp_path):
 
 # ---- seeded mutations: real folding bugs must fail --------------------------------------------
 def mutate(monkeypatch, mistake: str) -> None:
-    fold_scale_shift, fold_bias, scale_weights = bnfold.affine.fold_scale_shift, bnfold.affine.fold_bias, bnfold.affine.scale_weights
+    fold_scale_shift, fold_bias, scale_weights = (
+        bnfold.affine.fold_scale_shift,
+        bnfold.affine.fold_bias,
+        bnfold.affine.scale_weights,
+    )
     if mistake == "epsilon 1e-3 for 1e-5":
         monkeypatch.setattr(bnfold.rules, "_epsilon", lambda bn: 1e-3)
     elif mistake == "beta dropped":
-        monkeypatch.setattr(bnfold.affine, "fold_scale_shift", lambda g, b, m, v, e: fold_scale_shift(g, 0 * b, m, v, e))
+        monkeypatch.setattr(
+            bnfold.affine, "fold_scale_shift", lambda g, b, m, v, e: fold_scale_shift(g, 0 * b, m, v, e)
+        )
     elif mistake == "conv bias dropped":
         monkeypatch.setattr(bnfold.affine, "fold_bias", lambda b, s, t: fold_bias(None, s, t))
     elif mistake == "scale on the wrong axis":
+
         def wrong_axis(w, s, axis=0, group=1, dtype=np.float64):
             if w.shape[1] == len(s):
                 return scale_weights(w, s, axis=1, dtype=dtype)
             return scale_weights(w, s, axis, group, dtype)
+
         monkeypatch.setattr(bnfold.affine, "scale_weights", wrong_axis)
 
 
@@ -285,7 +297,11 @@ def cancelling_model() -> onnx.ModelProto:
     model = conv_bn_model(seed=21)
     rng = np.random.default_rng(21)
     offsets = rng.normal(0, 1, 6)
-    for name, values in (("B", 1e4 + offsets), ("mean", 1e4 + offsets + rng.normal(0, 0.1, 6)), ("var", np.full(6, 0.5))):
+    for name, values in (
+        ("B", 1e4 + offsets),
+        ("mean", 1e4 + offsets + rng.normal(0, 0.1, 6)),
+        ("var", np.full(6, 0.5)),
+    ):
         tensor = next(t for t in model.graph.initializer if t.name == name)
         tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
     return model
