@@ -21,8 +21,8 @@ _EXPORTS = {
     "OptimizeResult": "bnfold.pipeline",
     "BnfoldError": "bnfold.errors",
     "InternalError": "bnfold.errors",
-    "verify": "bnfold.verification",
-    "VerifyReport": "bnfold.verification",
+    "verify": "bnfold.verification.verify",
+    "VerifyReport": "bnfold.verification.report",
     "bench": "bnfold.benchmark",
     "BenchReport": "bnfold.benchmark",
 }

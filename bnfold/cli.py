@@ -206,7 +206,7 @@ def verify(
 
     Exit 0 when every output matches within the tolerance policy, 1 when one does not.
     """
-    from bnfold.verification import verify as run_verify
+    from bnfold.verification.verify import verify as run_verify
 
     def run():
         for path in (reference, candidate):

@@ -17,7 +17,7 @@ from bnfold.report import FoldReport
 from bnfold.wire import payload_bytes, read_tensor
 
 if TYPE_CHECKING:
-    from bnfold.verification import VerifyReport
+    from bnfold.verification.report import VerifyReport
 
 
 @dataclass
@@ -100,7 +100,7 @@ def optimize(
 
 
 def _verify(src: Path, folded: Path, options: dict, progress) -> VerifyReport:
-    from bnfold.verification import ModelLoadError, verify
+    from bnfold.verification.verify import ModelLoadError, verify
 
     try:
         return verify(src, folded, progress=progress, locations_checked=True, **options)

@@ -17,7 +17,7 @@ import bnfold
 import bnfold.affine
 import bnfold.rules
 from bnfold.cli import app
-from bnfold.verification import compare
+from bnfold.verification.tolerance import compare
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 runner = CliRunner()

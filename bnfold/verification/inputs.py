@@ -1,0 +1,167 @@
+"""What both models are fed: inputs generated from the reference's signature, or loaded from
+.npz files and onnx test-data folders. Pure numpy and onnx; the signature comes from the
+runtime (`runtime.input_declarations`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfold.errors import BnfoldError, first_line
+
+DEFAULT_TRIALS = 3
+DEFAULT_INT_RANGE = (0, 10)
+SYMBOLIC_BATCH = 1  # a symbolic first dimension (the batch)
+SYMBOLIC_OTHER = 16  # any other symbolic dimension
+MAX_INPUT_BYTES = 1 << 30  # per trial; more is refused rather than allocated
+
+# onnxruntime's input type strings → numpy dtypes bnfold can generate
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input as declared: its name, onnxruntime type string and shape (None: unknown;
+    a dimension may be a symbol or None)."""
+
+    name: str
+    type: str
+    shape: list | None
+
+
+def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]]) -> tuple[dict, list[str]]:
+    """name → (dtype, concrete shape) for every input, and notes on the dimensions chosen."""
+    unknown = set(shapes) - {value.name for value in declared}
+    if unknown:
+        raise BnfoldError(f"--input-shape names no input of the model: {', '.join(sorted(unknown))}")
+    specs, notes, symbols = {}, [], {}
+    for value in declared:
+        dtype = ORT_TYPES.get(value.type)
+        if dtype is None:
+            raise BnfoldError(
+                f"input '{value.name}' has type {value.type}, which bnfold cannot generate; pass --inputs"
+            )
+        if value.name in shapes:
+            shape = list(shapes[value.name])
+            if value.shape is not None and len(shape) != len(value.shape):
+                raise BnfoldError(
+                    f"--input-shape {value.name}: rank {len(shape)}, the model declares rank {len(value.shape)}"
+                )
+        elif value.shape is None:
+            raise BnfoldError(f"input '{value.name}' declares no shape; pass --input-shape {value.name}:DIMS")
+        else:
+            shape = []
+            for axis, dim in enumerate(value.shape):
+                if isinstance(dim, int) and dim >= 0:
+                    shape.append(dim)
+                    continue
+                default = SYMBOLIC_BATCH if axis == 0 else SYMBOLIC_OTHER
+                size = symbols.setdefault(dim, default) if dim else default  # one symbol, one size
+                notes.append(f"note: input '{value.name}' axis {axis} is {dim or 'unknown'!s}: used {size}")
+                shape.append(size)
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        if itemsize * int(np.prod(shape, dtype=np.float64)) > MAX_INPUT_BYTES:
+            raise BnfoldError(
+                f"input '{value.name}' of shape {shape} needs more than {MAX_INPUT_BYTES >> 30} GiB; "
+                "pass a smaller --input-shape"
+            )
+        specs[value.name] = (dtype, tuple(shape))
+    return specs, sorted(set(notes), key=notes.index)
+
+
+def generate_inputs(specs: dict, rng: np.random.Generator, int_range: tuple[int, int]) -> dict:
+    """Standard normal floats (not zeros: they would hide a dropped scale), integers uniform in
+    int_range (token ids, indices), random booleans."""
+    feed = {}
+    for name, (dtype, shape) in specs.items():
+        if dtype == "bfloat16":
+            feed[name] = rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+        elif np.dtype(dtype).kind == "f":
+            feed[name] = rng.standard_normal(shape).astype(dtype)
+        elif np.dtype(dtype).kind == "b":
+            feed[name] = rng.random(shape) < 0.5
+        else:
+            info = np.iinfo(dtype)
+            low, high = max(int_range[0], info.min), min(int_range[1], info.max + 1)
+            feed[name] = rng.integers(low, high, shape, dtype=dtype)
+    return feed
+
+
+def describe_inputs(specs: dict) -> list[dict]:
+    """The generated inputs, for the report."""
+    return [
+        {"name": n, "dtype": str(np.dtype(d) if d != "bfloat16" else d), "shape": list(s), "source": "generated"}
+        for n, (d, s) in specs.items()
+    ]
+
+
+def load_input_sets(path: Path, specs: dict) -> list[dict]:
+    """Input sets from an .npz (arrays by input name) or an onnx test-data folder: a folder of
+    `input_K.pb` files, or a model folder of `test_data_set_N` folders. Pickles are refused."""
+    if path.is_dir():
+        sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir()) or [path]
+        return [_load_test_data_set(folder, specs) for folder in sets]
+    if not path.is_file():
+        raise BnfoldError(f"{path}: no such input file or folder")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:
+        raise BnfoldError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
+    return [_check_feed(arrays, specs, path)]
+
+
+def _load_test_data_set(folder: Path, specs: dict) -> dict:
+    def position(file: Path) -> int:
+        number = file.stem.split("_")[1]
+        return int(number) if number.isdigit() else 0
+
+    files = sorted(folder.glob("input_*.pb"), key=position)
+    if not files:
+        raise BnfoldError(f"{folder}: no input_*.pb files")
+    arrays = {}
+    for index, file in enumerate(files):
+        tensor = onnx.TensorProto()
+        try:
+            tensor.ParseFromString(file.read_bytes())
+            value = numpy_helper.to_array(tensor)
+        except Exception as exc:
+            raise BnfoldError(f"{file}: not a TensorProto ({first_line(exc)})") from None
+        name = tensor.name or (list(specs)[index] if index < len(specs) else f"input_{index}")
+        arrays[name] = value
+    return _check_feed(arrays, specs, folder)
+
+
+def _check_feed(arrays: dict, specs: dict, source: Path) -> dict:
+    missing = [n for n in specs if n not in arrays]
+    if missing:
+        raise BnfoldError(f"{source}: no array for input '{missing[0]}'")
+    feed = {}
+    for name, (dtype, _) in specs.items():
+        array = arrays[name]
+        if dtype == "bfloat16":
+            array = array.astype(np.float32).astype(ml_dtypes.bfloat16)
+        elif array.dtype != np.dtype(dtype):
+            raise BnfoldError(f"{source}: input '{name}' is {array.dtype}, the model takes {np.dtype(dtype)}")
+        feed[name] = array
+    return feed

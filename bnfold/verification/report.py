@@ -1,0 +1,65 @@
+"""The verdict of `verify`: per output, the worst trial's figures; as a table and as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from bnfold.verification.tolerance import NOISE_FACTOR, OutputComparison
+
+
+@dataclass
+class VerifyReport:
+    reference: str
+    candidate: str
+    equivalent: bool = True
+    trials: int = 0
+    seed: int = 0
+    providers: list[str] = field(default_factory=list)
+    inputs: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    outputs: list[OutputComparison] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[OutputComparison]:
+        return [o for o in self.outputs if not o.passed]
+
+    def summary(self) -> str:
+        if self.equivalent:
+            verdict = f"equivalent: all {len(self.outputs)} outputs match"
+        else:
+            verdict = f"NOT equivalent: {len(self.failed)} of {len(self.outputs)} outputs differ"
+        return f"{verdict} over {self.trials} trials (seed {self.seed}) · {self.seconds:.2f} s"
+
+    def table(self) -> str:
+        rows = [("output", "dtype", "shape", "max abs", "rel L2", "cosine", "mismatched", "needed atol", "result")]
+        for o in self.outputs:
+            rows.append(
+                (
+                    o.name,
+                    o.dtype,
+                    "x".join(map(str, o.shape)) or "scalar",
+                    f"{o.max_abs_error:.2e}",
+                    f"{o.rel_l2_error:.2e}",
+                    f"{o.cosine_similarity:.6f}",
+                    f"{o.mismatched}/{o.elements}",
+                    f"{o.needed_atol:.2e}",
+                    _result(o),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+        return "\n".join([*self.notes, *lines, self.summary()])
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["seconds"] = round(self.seconds, 4)
+        return data
+
+
+def _result(o: OutputComparison) -> str:
+    if o.passed and o.noise is not None:
+        return f"ok: within {NOISE_FACTOR:.0f}× this model's float32 noise {o.noise:.1e}"
+    if o.passed:
+        return f"ok (atol {o.atol:.0e})"
+    return o.reason or f"FAIL (atol {o.atol:.0e})"
