@@ -13,8 +13,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "fold": "bnfold.folding",
-    "FoldResult": "bnfold.folding",
+    "fold": "bnfold.pipeline",
+    "FoldResult": "bnfold.pipeline",
     "FoldReport": "bnfold.report",
     "FoldOutcome": "bnfold.report",
     "optimize": "bnfold.pipeline",

@@ -137,13 +137,13 @@ def optimize(
 
 
 def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
-    from bnfold import pipeline
+    from bnfold import batch
 
-    paths = _guard(lambda: pipeline.model_files(models))
+    paths = _guard(lambda: batch.model_files(models))
     bar = _ProgressBar(len(paths), enabled=not quiet and sys.stderr.isatty())
     batch_options = _guard(options)
     del batch_options["progress"]  # per-model stages would garble the bar (and cannot be pickled)
-    items = _guard(lambda: pipeline.optimize_many(paths, output, jobs=jobs, on_done=bar.advance, **batch_options))
+    items = _guard(lambda: batch.optimize_many(paths, output, jobs=jobs, on_done=bar.advance, **batch_options))
     bar.close()
     written = sum(item.exit_code == 0 for item in items)
     if not quiet:
@@ -228,7 +228,7 @@ def inspect(
     model: Path = MODEL_ARG, no_reparam: bool = NO_REPARAM_OPT, json_report: bool = JSON_OPT, quiet: bool = QUIET_OPT
 ) -> None:
     """Report what optimize would fold and skip, and why, without writing anything."""
-    from bnfold.folding import fold
+    from bnfold.pipeline import fold
 
     result = _guard(lambda: fold(model, reparam=not no_reparam))
     data = {"input": str(model), "output": None, "written": False, **result.report.to_dict()}

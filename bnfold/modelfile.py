@@ -25,7 +25,7 @@ import onnx
 
 from bnfold import wire
 from bnfold.errors import BnfoldError, first_line
-from bnfold.graph import subgraphs
+from bnfold.graph.protos import subgraphs
 
 SUFFIX = ".folded.onnx"
 

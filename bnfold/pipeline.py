@@ -1,4 +1,6 @@
-"""`bnfold optimize` as a library call: fold a model file, prove the result, write it."""
+"""The library's two pipelines: `fold` (a model in memory) and `optimize` (a model file to a
+model file, proven before it is written). Both run load → index → fold → validate; optimize
+then verifies and writes."""
 
 from __future__ import annotations
 
@@ -10,14 +12,77 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import onnx
+
+from bnfold import modelfile, wire
+from bnfold.checker import check_input, validate, validate_skeleton
 from bnfold.errors import BnfoldError, InternalError
-from bnfold.folding import fold_in_place, validate_skeleton
-from bnfold.modelfile import SINGLE_FILE_LIMIT, SUFFIX, StagedModel, output_path, read_model
-from bnfold.report import FoldReport
+from bnfold.folding.walk import fold_model_graph
+from bnfold.graph.tensors import TensorReader, store_pending
+from bnfold.modelfile import SINGLE_FILE_LIMIT, StagedModel, load_model, output_path, read_model, serialized_size
+from bnfold.report import FoldOutcome, FoldReport
 from bnfold.wire import payload_bytes, read_tensor
 
 if TYPE_CHECKING:
     from bnfold.verification.report import VerifyReport
+
+
+@dataclass
+class FoldResult:
+    """The folded model and the record of what was folded and what was not, and why."""
+
+    model: onnx.ModelProto
+    report: FoldReport
+
+
+def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, reparam: bool = True) -> FoldResult:
+    """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
+    op next to it; see the README's "What is folded" for the patterns and their preconditions.
+
+    With `reparam`, sums of parallel branches affine in one tensor are then merged into one
+    Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks).
+
+    `model` is a ModelProto (never modified: the fold works on a copy) or a path. With `check`,
+    the result must pass `onnx.checker` (full check) or this raises: BnfoldError when the input
+    itself is invalid, InternalError when the fold broke a valid model.
+    """
+    start = time.perf_counter()
+    if isinstance(model, (str, os.PathLike)):
+        original: onnx.ModelProto | str = str(model)
+        folded = load_model(model)  # a fresh copy that only we hold
+    elif isinstance(model, onnx.ModelProto):
+        original = model
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
+    else:
+        raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
+    report = FoldReport(bytes_before=serialized_size(folded))
+    report.outcomes, pending = fold_in_place(folded, original, wire.read_tensor, reparam=reparam)
+    store_pending(folded.graph, pending)
+    report.bytes_after = serialized_size(folded)
+    if check:
+        if report.bytes_after > modelfile.SINGLE_FILE_LIMIT:
+            raise BnfoldError(
+                "the folded model is over 2 GiB, and onnx.checker reads such a model only from disk: "
+                "`bnfold optimize` checks it there (fold(..., check=False) skips the check)"
+            )
+        validate(folded, original)
+    report.seconds = time.perf_counter() - start
+    return FoldResult(folded, report)
+
+
+def fold_in_place(
+    model: onnx.ModelProto, original: onnx.ModelProto | str, read_tensor: TensorReader, *, reparam: bool = True
+) -> tuple[list[FoldOutcome], dict]:
+    """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
+    model can break what any valid one guarantees (an unknown data type, a dangling name)."""
+    try:
+        return fold_model_graph(model, read_tensor, reparam=reparam)
+    except (BnfoldError, InternalError):
+        raise
+    except Exception:
+        check_input(original)
+        raise
 
 
 @dataclass
@@ -62,7 +127,7 @@ def optimize(
 
     The model is parsed once; tensors in an input data file are read only when folded and are
     otherwise copied file to file; the output is streamed (modelfile.StagedModel) and checked
-    by its skeleton (folding.validate_skeleton). So the cost is close to reading and writing
+    by its skeleton (checker.validate_skeleton). So the cost is close to reading and writing
     the file (bench/run.py measures it).
     """
     start = time.perf_counter()
@@ -108,81 +173,3 @@ def _verify(src: Path, folded: Path, options: dict, progress) -> VerifyReport:
         if isinstance(exc, ModelLoadError) and exc.role == "candidate":
             raise InternalError(f"the folded model does not load although the input does: {exc}") from None
         raise BnfoldError(f"cannot verify: {exc} (--no-verify skips verification)") from None
-
-
-@dataclass
-class BatchItem:
-    """One model of a batch: its result, or the error that stopped it, with its exit code."""
-
-    input: Path
-    exit_code: int
-    result: OptimizeResult | None = None
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        data = self.result.to_dict() if self.result else {"input": str(self.input), "written": False}
-        return {**data, "exit_code": self.exit_code, "error": self.error}
-
-
-def model_files(paths: list[Path]) -> list[Path]:
-    """The models to fold: files as given, and the `*.onnx` files in a folder (not earlier
-    `*.folded.onnx` outputs), in a stable order."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found += sorted(p for p in path.glob("*.onnx") if p.is_file() and not p.name.endswith(SUFFIX))
-        else:
-            found.append(path)
-    if not found:
-        raise BnfoldError(f"no .onnx files in {', '.join(map(str, paths))}")
-    return found
-
-
-def optimize_many(
-    paths: list[Path],
-    output_folder: Path | None,
-    *,
-    jobs: int = 1,
-    on_done: Callable[[BatchItem], None] = lambda item: None,
-    **options: Any,
-) -> list[BatchItem]:
-    """optimize() for each model, `jobs` at a time in separate processes; one model's failure
-    does not stop the others. Results come back in input order."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    if jobs < 1:
-        raise BnfoldError("--jobs must be at least 1")
-    if output_folder is not None:
-        if output_folder.exists() and not output_folder.is_dir():
-            raise BnfoldError(f"{output_folder}: with several models, -o must name a folder")
-        output_folder.mkdir(parents=True, exist_ok=True)
-    tasks = [(path, output_folder, options) for path in paths]
-    items: dict[Path, BatchItem] = {}
-    if jobs == 1:
-        for task in tasks:
-            items[task[0]] = item = _optimize_one(task)
-            on_done(item)
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for item in pool.map(_optimize_one, tasks):
-                items[item.input] = item
-                on_done(item)
-    return [items[path] for path in paths]
-
-
-def _optimize_one(task) -> BatchItem:
-    """One model of a batch, with every failure turned into its exit code (a worker process
-    must return, not raise)."""
-    import traceback
-
-    from bnfold.errors import EXIT_INTERNAL_ERROR, EXIT_NOT_EQUIVALENT, EXIT_OK, EXIT_USER_ERROR
-
-    path, output_folder, options = task
-    try:
-        result = optimize(path, output_folder, **options)
-    except BnfoldError as exc:
-        return BatchItem(path, EXIT_USER_ERROR, error=str(exc))
-    except Exception as exc:  # InternalError and any bug: report it, keep the batch going
-        detail = str(exc) if isinstance(exc, InternalError) else traceback.format_exc()
-        return BatchItem(path, EXIT_INTERNAL_ERROR, error=f"internal error, please report: {detail}")
-    return BatchItem(path, EXIT_OK if result.written else EXIT_NOT_EQUIVALENT, result=result)

@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
-from bnfold.graph import subgraphs
+from bnfold.graph.protos import subgraphs
 
 EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
 ALIGNMENT = 4096  # external tensors start at page boundaries, so they can be memory-mapped

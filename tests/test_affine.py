@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bnfold.affine import cast_weights, fold_bias, fold_scale_shift, scale_weights
+from bnfold.folding.affine import cast_weights, fold_bias, fold_scale_shift, scale_weights
 
 
 def test_scale_shift_is_the_batch_norm_formula():

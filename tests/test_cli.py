@@ -314,7 +314,7 @@ def test_help_and_inspect_do_not_import_onnxruntime():
 def test_a_fold_that_breaks_the_graph_is_exit_3_and_writes_nothing(model_path, monkeypatch, flags):
     # A seeded bnfold bug: the Conv no longer takes over the BatchNormalization's output name,
     # so the Relu reads a tensor nothing produces. The checker (on the skeleton) must catch it.
-    from bnfold.graph import GraphIndex
+    from bnfold.graph.index import GraphIndex
 
     monkeypatch.setattr(GraphIndex, "set_output", lambda self, node, position, name: None)
     result = invoke("optimize", model_path, *flags)

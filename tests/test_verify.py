@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 import bnfold
-import bnfold.affine
-import bnfold.rules
+import bnfold.folding.affine
+import bnfold.folding.sources
 from bnfold.cli import app
 from bnfold.verification.tolerance import compare
 
@@ -172,18 +172,18 @@ def test_bfloat16_inputs_are_generated(tmp_path):
 # ---- seeded mutations: real folding bugs must fail --------------------------------------------
 def mutate(monkeypatch, mistake: str) -> None:
     fold_scale_shift, fold_bias, scale_weights = (
-        bnfold.affine.fold_scale_shift,
-        bnfold.affine.fold_bias,
-        bnfold.affine.scale_weights,
+        bnfold.folding.affine.fold_scale_shift,
+        bnfold.folding.affine.fold_bias,
+        bnfold.folding.affine.scale_weights,
     )
     if mistake == "epsilon 1e-3 for 1e-5":
-        monkeypatch.setattr(bnfold.rules, "_epsilon", lambda bn: 1e-3)
+        monkeypatch.setattr(bnfold.folding.sources, "epsilon", lambda bn: 1e-3)
     elif mistake == "beta dropped":
         monkeypatch.setattr(
-            bnfold.affine, "fold_scale_shift", lambda g, b, m, v, e: fold_scale_shift(g, 0 * b, m, v, e)
+            bnfold.folding.affine, "fold_scale_shift", lambda g, b, m, v, e: fold_scale_shift(g, 0 * b, m, v, e)
         )
     elif mistake == "conv bias dropped":
-        monkeypatch.setattr(bnfold.affine, "fold_bias", lambda b, s, t: fold_bias(None, s, t))
+        monkeypatch.setattr(bnfold.folding.affine, "fold_bias", lambda b, s, t: fold_bias(None, s, t))
     elif mistake == "scale on the wrong axis":
 
         def wrong_axis(w, s, axis=0, group=1, dtype=np.float64):
@@ -191,7 +191,7 @@ def mutate(monkeypatch, mistake: str) -> None:
                 return scale_weights(w, s, axis=1, dtype=dtype)
             return scale_weights(w, s, axis, group, dtype)
 
-        monkeypatch.setattr(bnfold.affine, "scale_weights", wrong_axis)
+        monkeypatch.setattr(bnfold.folding.affine, "scale_weights", wrong_axis)
 
 
 def one_bias_off(model: onnx.ModelProto) -> None:
@@ -232,7 +232,7 @@ def test_seeded_folding_mistakes_are_not_equivalent(mistake, sample, monkeypatch
 def test_optimize_writes_nothing_when_verification_fails(monkeypatch, tmp_path):
     model = tmp_path / "net.onnx"
     shutil.copy(SAMPLES / "resnet_tiny.onnx", model)
-    monkeypatch.setattr(bnfold.rules, "_epsilon", lambda bn: 1e-3)
+    monkeypatch.setattr(bnfold.folding.sources, "epsilon", lambda bn: 1e-3)
     result = invoke("optimize", model, "--json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)

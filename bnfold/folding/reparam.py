@@ -28,9 +28,12 @@ from math import gcd
 import numpy as np
 import onnx
 
-from bnfold import affine
-from bnfold.graph import GraphIndex, NotConstant, is_onnx_op, node_label
-from bnfold.rules import Skip, check_inference_mode, read_batch_norm
+from bnfold.folding import affine
+from bnfold.folding.plan import Skip
+from bnfold.folding.sources import check_inference_mode, read_batch_norm
+from bnfold.graph.constants import NotConstant
+from bnfold.graph.context import GraphContext
+from bnfold.graph.protos import is_onnx_op, node_label
 
 MAX_DEPTH = 32  # nested Add/Sub/Mul around one sum: real blocks need < 10; bounds the work per Add
 
@@ -77,38 +80,35 @@ class Refusal:
     reason: str
 
 
-def merge_branches(index: GraphIndex, version: int) -> tuple[list[Merge], list[Refusal], list[str]]:
+def merge_branches(ctx: GraphContext, version: int) -> tuple[list[Merge], list[Refusal]]:
     """Merge every Add/Sub tree of branches affine in one tensor into one Conv. Trees are
     tried from the graph's end, so the largest tree around a sum is merged, not a part of it.
-    Returns the merges (in graph order), the refusals worth reporting (Mismatch), and the
-    names that may now be dead (for the sweep)."""
-    merges, refusals, maybe_dead, removed = [], [], [], set()
-    for node in reversed(index.live_nodes()):
+    Returns the merges (in graph order) and the refusals worth reporting (Mismatch)."""
+    merges, refusals, removed = [], [], set()
+    for node in reversed(ctx.index.live_nodes()):
         if id(node) in removed or not (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")):
             continue
-        term = _term(node.output[0], index, version, root=True)
+        term = _term(node.output[0], ctx, version, root=True)
         if isinstance(term, Mismatch):
             refusals.append(Refusal(node, term.reason))
         if isinstance(term, Skip) or term.convs == 0 or len(term.branches) < 2:
             continue
-        old_inputs = [n for old in term.nodes for n in old.input]
-        if not _replace(node, term, index):
+        if not _replace(node, term, ctx):
             continue
         removed.update(id(old) for old in term.nodes)
-        maybe_dead += old_inputs + [n for old in term.nodes if old is not node for n in old.output]
         merges.append(Merge(node, [old for old in term.nodes if old is not node], term.branches))
-    return merges[::-1], refusals[::-1], maybe_dead
+    return merges[::-1], refusals[::-1]
 
 
-def _term(name: str, index: GraphIndex, version: int, root: bool = False, depth: int = 0) -> Term | Skip:
+def _term(name: str, ctx: GraphContext, version: int, root: bool = False, depth: int = 0) -> Term | Skip:
     """`name` as a Term in some x (`.x`), or why it is not one."""
     if depth > MAX_DEPTH:
         return Skip(f"the sum nests more than {MAX_DEPTH} Add/Sub/Mul nodes")
-    node = index.producer(name)
-    if node is not None and not root and (len(index.readers(name)) != 1 or name in index.graph_outputs):
+    node = ctx.index.producer(name)
+    if node is not None and not root and (len(ctx.index.readers(name)) != 1 or name in ctx.index.graph_outputs):
         node = None  # read elsewhere too: it cannot disappear into the merge, so it is the x
     if node is not None and (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")) and len(node.input) == 2:
-        left, right = (_term(n, index, version, depth=depth + 1) for n in node.input)
+        left, right = (_term(n, ctx, version, depth=depth + 1) for n in node.input)
         for side in (left, right):
             if isinstance(side, Skip):
                 return side
@@ -122,20 +122,20 @@ def _term(name: str, index: GraphIndex, version: int, root: bool = False, depth:
         merged.nodes.append(node)
         return merged
     if node is not None and is_onnx_op(node, "Mul") and len(node.input) == 2 and not root:
-        return _scaled_term(node, index, version, depth)
+        return _scaled_term(node, ctx, version, depth)
     if node is not None and is_onnx_op(node, "Conv") and not root:
-        return _conv_term(node, index)
+        return _conv_term(node, ctx)
     if node is not None and is_onnx_op(node, "BatchNormalization") and not root:
-        return _batch_norm_term(node, index, version)
+        return _batch_norm_term(node, ctx, version)
     return _identity(name)
 
 
-def _conv_term(conv: onnx.NodeProto, index: GraphIndex) -> Term | Skip:
+def _conv_term(conv: onnx.NodeProto, ctx: GraphContext) -> Term | Skip:
     attrs = {a.name: a for a in conv.attribute}
     auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
     try:
-        weight = index.constant_value(conv.input[1])
-        bias = index.constant_value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        weight = ctx.constant(conv.input[1])
+        bias = ctx.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
     except NotConstant as why:
         return Skip(f"{node_label(conv)}'s parameters are not constant: {why}")
     if weight.dtype not in (np.float16, np.float32, np.float64) or weight.ndim < 3:
@@ -170,15 +170,15 @@ def _conv_term(conv: onnx.NodeProto, index: GraphIndex) -> Term | Skip:
     )
 
 
-def _batch_norm_term(bn: onnx.NodeProto, index: GraphIndex, version: int) -> Term | Skip:
-    blocked = check_inference_mode(bn, version, index)
+def _batch_norm_term(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Term | Skip:
+    blocked = check_inference_mode(bn, version, ctx)
     if blocked:
         return blocked
     try:
-        channels = index.constant_value(bn.input[1]).shape[0]
+        channels = ctx.constant(bn.input[1]).shape[0]
     except NotConstant as why:
         return Skip(f"{node_label(bn)}'s scale is not constant: {why}")
-    scale_shift = read_batch_norm(bn, index, channels)
+    scale_shift = read_batch_norm(bn, ctx, channels)
     if isinstance(scale_shift, Skip):
         return scale_shift
     scale, shift = scale_shift
@@ -217,13 +217,13 @@ def _with_channels(term: Term, channels: int) -> Term:
     )
 
 
-def _scaled_term(mul: onnx.NodeProto, index: GraphIndex, version: int, depth: int) -> Term | Skip:
+def _scaled_term(mul: onnx.NodeProto, ctx: GraphContext, version: int, depth: int) -> Term | Skip:
     """A term times a per-channel constant (a layer scale)."""
     for position in (0, 1):
         data, constant = mul.input[position], mul.input[1 - position]
-        shape = index.shape(data)
+        shape = ctx.shapes.shape(data)
         try:
-            value = index.constant_value(constant)
+            value = ctx.constant(constant)
         except NotConstant:
             continue
         if (
@@ -236,7 +236,7 @@ def _scaled_term(mul: onnx.NodeProto, index: GraphIndex, version: int, depth: in
         scale = affine.channel_vector(value, len(shape), shape[1])
         if scale is None:
             return Skip(f"{node_label(mul)} multiplies by a constant that is not one value per channel")
-        inner = _term(data, index, version, depth=depth + 1)
+        inner = _term(data, ctx, version, depth=depth + 1)
         if isinstance(inner, Skip):
             return inner
         inner = _with_channels(inner, shape[1])
@@ -349,7 +349,7 @@ def _regroup(kernel: np.ndarray, group: int, target: int) -> np.ndarray:
     return result
 
 
-def _replace(root: onnx.NodeProto, term: Term, index: GraphIndex) -> bool:
+def _replace(root: onnx.NodeProto, term: Term, ctx: GraphContext) -> bool:
     """Turn the root Add/Sub into the one Conv (in place: it keeps its output name and its
     place in the graph's order, after x) and remove the other nodes; False if the merged
     weights overflow the model's dtype."""
@@ -363,11 +363,11 @@ def _replace(root: onnx.NodeProto, term: Term, index: GraphIndex) -> bool:
     base = first_conv.name or first_conv.output[0]
     for old in term.nodes:
         if old is not root:
-            index.remove_node(old)
-    index.set_input(root, 0, term.x)
-    index.set_input(root, 1, index.add_initializer(weight, f"{base}_reparam_W"))
-    index.set_input(root, 2, index.add_initializer(bias, f"{base}_reparam_B"))
-    root.op_type, root.domain, root.name = "Conv", "", index.fresh_name(f"{base}_reparam")
+            ctx.index.remove_node(old)
+    ctx.index.set_input(root, 0, term.x)
+    ctx.index.set_input(root, 1, ctx.add_initializer(weight, f"{base}_reparam_W"))
+    ctx.index.set_input(root, 2, ctx.add_initializer(bias, f"{base}_reparam_B"))
+    root.op_type, root.domain, root.name = "Conv", "", ctx.fresh_name(f"{base}_reparam")
     del root.attribute[:]
     root.attribute.extend(
         [

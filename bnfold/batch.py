@@ -1,0 +1,90 @@
+"""`bnfold optimize` over several models: files and folders, in parallel processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bnfold.errors import BnfoldError, InternalError
+from bnfold.modelfile import SUFFIX
+from bnfold.pipeline import OptimizeResult, optimize
+
+
+@dataclass
+class BatchItem:
+    """One model of a batch: its result, or the error that stopped it, with its exit code."""
+
+    input: Path
+    exit_code: int
+    result: OptimizeResult | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        data = self.result.to_dict() if self.result else {"input": str(self.input), "written": False}
+        return {**data, "exit_code": self.exit_code, "error": self.error}
+
+
+def model_files(paths: list[Path]) -> list[Path]:
+    """The models to fold: files as given, and the `*.onnx` files in a folder (not earlier
+    `*.folded.onnx` outputs), in a stable order."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.glob("*.onnx") if p.is_file() and not p.name.endswith(SUFFIX))
+        else:
+            found.append(path)
+    if not found:
+        raise BnfoldError(f"no .onnx files in {', '.join(map(str, paths))}")
+    return found
+
+
+def optimize_many(
+    paths: list[Path],
+    output_folder: Path | None,
+    *,
+    jobs: int = 1,
+    on_done: Callable[[BatchItem], None] = lambda item: None,
+    **options: Any,
+) -> list[BatchItem]:
+    """optimize() for each model, `jobs` at a time in separate processes; one model's failure
+    does not stop the others. Results come back in input order."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    if jobs < 1:
+        raise BnfoldError("--jobs must be at least 1")
+    if output_folder is not None:
+        if output_folder.exists() and not output_folder.is_dir():
+            raise BnfoldError(f"{output_folder}: with several models, -o must name a folder")
+        output_folder.mkdir(parents=True, exist_ok=True)
+    tasks = [(path, output_folder, options) for path in paths]
+    items: dict[Path, BatchItem] = {}
+    if jobs == 1:
+        for task in tasks:
+            items[task[0]] = item = _optimize_one(task)
+            on_done(item)
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for item in pool.map(_optimize_one, tasks):
+                items[item.input] = item
+                on_done(item)
+    return [items[path] for path in paths]
+
+
+def _optimize_one(task) -> BatchItem:
+    """One model of a batch, with every failure turned into its exit code (a worker process
+    must return, not raise)."""
+    import traceback
+
+    from bnfold.errors import EXIT_INTERNAL_ERROR, EXIT_NOT_EQUIVALENT, EXIT_OK, EXIT_USER_ERROR
+
+    path, output_folder, options = task
+    try:
+        result = optimize(path, output_folder, **options)
+    except BnfoldError as exc:
+        return BatchItem(path, EXIT_USER_ERROR, error=str(exc))
+    except Exception as exc:  # InternalError and any bug: report it, keep the batch going
+        detail = str(exc) if isinstance(exc, InternalError) else traceback.format_exc()
+        return BatchItem(path, EXIT_INTERNAL_ERROR, error=f"internal error, please report: {detail}")
+    return BatchItem(path, EXIT_OK if result.written else EXIT_NOT_EQUIVALENT, result=result)

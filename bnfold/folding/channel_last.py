@@ -1,0 +1,124 @@
+"""A BatchNormalization over the last axis of a token Linear (MatMul + bias Add), reached
+through shape-only ops: BatchNorm1d over tokens, exported as Reshape/Transpose → BN → back.
+
+    BN(reshape(MatMul(x, B) + c)) → reshape(MatMul(x, B') + c'),  B' = B·s on its N axis,
+    c' = c·s + t,
+
+when the shape ops carry the MatMul's last axis whole to the BN's channel axis. The fold is the
+MatMul layout's own (linear.fold_output_affine); the last shape op takes over the BN's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold.folding.checks import call_site_attributes, single_reader
+from bnfold.folding.linear import LINEAR_OPS, fold_output_affine, folded_name
+from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.sources import float_constant, read_batch_norm
+from bnfold.graph.context import GraphContext
+from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, is_onnx_op, node_label
+
+SHAPE_OPS = ("Reshape", "Flatten", "Transpose")
+MATMUL = LINEAR_OPS["MatMul"]
+
+
+@dataclass(frozen=True)
+class ChannelLastPlan(Plan):
+    source: onnx.NodeProto  # the BN
+    matmul: onnx.NodeProto
+    add: onnx.NodeProto
+    bias_position: int  # which input of the Add is the bias
+    shape_ops: tuple[onnx.NodeProto, ...]  # from the BN's input back towards the Add
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def linears(self):
+        return (self.matmul,)
+
+    @property
+    def via(self) -> str:
+        return "through " + ", ".join(node_label(n) for n in reversed(self.shape_ops))
+
+    def rewrite(self, ctx: GraphContext) -> None:
+        old_weight, old_bias = self.matmul.input[1], self.add.input[self.bias_position]
+        ctx.index.set_input(self.matmul, 1, ctx.add_initializer(self.weight, folded_name(old_weight)))
+        ctx.index.set_input(self.add, self.bias_position, ctx.add_initializer(self.bias, folded_name(old_bias)))
+        ctx.index.remove_node(self.source)
+        ctx.index.set_output(self.shape_ops[0], 0, self.source.output[0])
+
+
+def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | None:
+    """None when the BN is not behind shape-only ops at all (another mechanism decides it)."""
+    # match: walk back through shape ops to the axis the BN's channels come from
+    node, reader, axis, shape_ops = ctx.index.producer(bn.input[0]), bn, 1, []
+    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in SHAPE_OPS:
+        blocked = call_site_attributes(node) or single_reader(node, reader, ctx)
+        if blocked:
+            return blocked
+        axis = _axis_before(node, axis, ctx)
+        if axis is None:
+            return Skip(f"{node_label(node)} between it and the linear op does not carry the channel axis over whole")
+        shape_ops.append(node)
+        reader, node = node, ctx.index.producer(node.input[0])
+    if not shape_ops:
+        return None
+    rank = ctx.shapes.rank(shape_ops[-1].input[0])
+    if node is None or rank is None or axis != rank - 1:
+        return None
+    if is_onnx_op(node, "MatMul"):
+        return Skip(f"{node_label(node)} has no bias Add after it to absorb the BN's shift")
+    if not is_onnx_op(node, "Add"):
+        return None
+    add = node
+    position = next((i for i, name in enumerate(add.input) if is_onnx_op(_producer(ctx, name), "MatMul")), None)
+    if position is None:
+        return None
+    matmul = ctx.index.producer(add.input[position])
+    # checks
+    blocked = (
+        call_site_attributes(bn, add, matmul) or single_reader(add, reader, ctx) or single_reader(matmul, add, ctx)
+    )
+    if blocked:
+        return blocked
+    weight = float_constant(ctx, matmul.input[1], "MatMul B")
+    if isinstance(weight, Skip):
+        return weight
+    if weight.ndim != 2:
+        return Skip(f"MatMul B has rank {weight.ndim}, not 2")
+    bias = float_constant(ctx, add.input[1 - position], "Add bias")
+    if isinstance(bias, Skip):
+        return bias
+    channels = weight.shape[1]
+    if bias.ndim > rank or any(d != 1 for d in bias.shape[:-1]) or (bias.ndim and bias.shape[-1] not in (1, channels)):
+        return Skip(f"Add bias of shape {list(bias.shape)} is not one value per channel")
+    scale_shift = read_batch_norm(bn, ctx, channels)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    # build
+    folded = fold_output_affine(MATMUL, matmul, weight, bias.reshape(-1), scale_shift)
+    if isinstance(folded, Skip):
+        return folded
+    new_weight, new_bias = folded
+    new_bias = new_bias.reshape((1,) * max(bias.ndim - 1, 0) + (channels,))
+    return ChannelLastPlan(bn, matmul, add, 1 - position, tuple(shape_ops), new_weight, new_bias)
+
+
+def _producer(ctx: GraphContext, name: str) -> onnx.NodeProto:
+    return ctx.index.producer(name) or onnx.NodeProto()
+
+
+def _axis_before(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
+    """Which input axis becomes output `axis` of a shape-only op, if it passes through whole."""
+    if node.op_type == "Transpose":
+        rank = ctx.shapes.rank(node.input[0])
+        perm = ints_attr(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
+        return perm[axis] if perm is not None and axis < len(perm) else None
+    before, after = ctx.shapes.shape(node.input[0]), ctx.shapes.shape(node.output[0])
+    if before is None or after is None or axis != len(after) - 1:
+        return None  # Reshape/Flatten: only a last axis that stays the last axis, whole
+    return len(before) - 1 if before[-1] is not None and before[-1] == after[-1] else None

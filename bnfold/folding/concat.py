@@ -1,0 +1,85 @@
+"""A BatchNormalization after a channel Concat, split into one backward fold per Concat input:
+
+    BN(Concat_axis1(y_1, …, y_k)) = Concat(BN_1(y_1), …, BN_k(y_k))
+
+with BN_j the slice of the BN's parameters for y_j's channels; each BN_j folds into y_j's linear
+producer, and the Concat takes over the BN's output name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from bnfold.folding.backward import BackwardPlan, plan_backward
+from bnfold.folding.checks import call_site_attributes, single_reader
+from bnfold.folding.linear import give_parameters, linear_op
+from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.sources import ChannelAffine, KnownAffine, read_batch_norm
+from bnfold.graph.context import GraphContext
+from bnfold.graph.protos import int_attr, node_label
+
+
+@dataclass(frozen=True)
+class ConcatPlan(Plan):
+    source: onnx.NodeProto  # the BN
+    concat: onnx.NodeProto
+    parts: tuple[BackwardPlan, ...]
+
+    @property
+    def linears(self):
+        return tuple(part.linear for part in self.parts)
+
+    @property
+    def via(self) -> str:
+        return f"split at {node_label(self.concat)}"
+
+    def rewrite(self, ctx: GraphContext) -> None:
+        for part in self.parts:
+            give_parameters(ctx, part.op, part.linear, self.source, part.weight, part.bias)
+        ctx.index.remove_node(self.source)
+        ctx.index.set_output(self.concat, 0, self.source.output[0])
+
+
+def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, ctx: GraphContext) -> ConcatPlan | Skip:
+    # checks on the Concat
+    bound = call_site_attributes(bn, concat)
+    if bound:
+        return bound
+    axis = int_attr(concat, "axis", 0)
+    if axis < 0:
+        rank = ctx.shapes.rank(concat.output[0])
+        axis = axis + rank if rank is not None else axis
+    if axis != 1:
+        return Skip(f"its input comes from {node_label(concat)} along axis {axis}, not the channel axis")
+    failed = single_reader(concat, bn, ctx)
+    if failed:
+        return Skip(f"BatchNormalization after Concat: {failed.reason}")
+    if len(set(concat.input)) != len(concat.input):
+        return Skip(f"BatchNormalization after Concat: {node_label(concat)} repeats an input")
+    # every input from a linear op, whose channel counts split the BN
+    channels = []
+    for data in concat.input:
+        producer = ctx.index.producer(data)
+        op = linear_op(producer)
+        if op is None:
+            what = node_label(producer) if producer is not None else f"'{data}'"
+            return Skip(f"BatchNormalization after Concat: input {what} is not a linear op")
+        params = op.check_node(producer, ctx) or op.parameters(producer, ctx)
+        if isinstance(params, Skip):
+            return Skip(f"BatchNormalization after Concat: {params.reason}")
+        channels.append(op.output_channels(params[0], producer))
+    whole = read_batch_norm(bn, ctx, sum(channels))
+    if isinstance(whole, Skip):
+        return whole
+    # build: one backward fold per input, with its slice of the BN
+    parts, offset = [], 0
+    for data, count in zip(concat.input, channels):
+        piece = ChannelAffine(whole.scale[offset : offset + count], whole.shift[offset : offset + count])
+        offset += count
+        part = plan_backward(KnownAffine(bn, data, piece), ctx, reader=concat)
+        if isinstance(part, Skip):
+            return Skip(f"BatchNormalization after Concat: {part.reason}")
+        parts.append(part)
+    return ConcatPlan(bn, concat, tuple(parts))

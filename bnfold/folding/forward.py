@@ -1,0 +1,111 @@
+"""A BatchNormalization whose producer cannot absorb it folds into the one op it feeds:
+linear(BN(x)) → linear'(x) (pre-activation networks, a BN on the network's input).
+
+Exact only when the linear op does not pad: a padded border reads 0, and 0 is not s·0 + t.
+Conv and Gemm take it (affine.fold_input_affine): W'[o, i] = W[o, i]·s_i, b'_o = b_o + Σ W[o, i]·t_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold.folding import affine
+from bnfold.folding.checks import call_site_attributes
+from bnfold.folding.linear import LinearOp, cast_folded, give_parameters, linear_op
+from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.sources import read_batch_norm
+from bnfold.graph.context import GraphContext
+from bnfold.graph.protos import float_attr, int_attr, ints_attr, node_label
+
+FORWARD_OPS = ("Conv", "Gemm")
+
+
+@dataclass(frozen=True)
+class ForwardPlan(Plan):
+    source: onnx.NodeProto  # the BN
+    op: LinearOp
+    linear: onnx.NodeProto
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def linears(self):
+        return (self.linear,)
+
+    @property
+    def forward(self) -> bool:
+        return True
+
+    def rewrite(self, ctx: GraphContext) -> None:
+        give_parameters(ctx, self.op, self.linear, self.source, self.weight, self.bias)
+        ctx.index.remove_node(self.source)
+        ctx.index.set_input(self.linear, 0, self.source.input[0])
+
+
+def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
+    """Fold `bn` into the one Conv or Gemm that reads it as its data input."""
+    out = bn.output[0]
+    readers = ctx.index.readers(out)
+    if out in ctx.index.graph_outputs:
+        return Skip("its output is a graph output")
+    if len(readers) != 1:
+        return Skip(f"it feeds {len(readers)} nodes")
+    consumer = readers[0]
+    op = linear_op(consumer)
+    if op is None or op.op_type not in FORWARD_OPS:
+        after = ctx.index.readers(consumer.output[0]) if consumer.output else ()
+        if len(after) == 1 and after[0].op_type in FORWARD_OPS:
+            return Skip(f"{node_label(consumer)} stands between it and {node_label(after[0])}")
+        return Skip(f"it feeds {node_label(consumer)}, not a Conv or Gemm")
+    if list(consumer.input).count(out) != 1 or consumer.input[0] != out:
+        return Skip(f"{node_label(consumer)} after it reads it as a parameter")
+    bound = call_site_attributes(bn, consumer)
+    if bound:
+        return bound
+    if op.op_type == "Gemm" and int_attr(consumer, "transA", 0):
+        return Skip(f"{node_label(consumer)} after it transposes its input (transA=1)")
+    params = op.parameters(consumer, ctx)
+    if isinstance(params, Skip):
+        return params
+    build = _into_conv if op.op_type == "Conv" else _into_gemm
+    folded = build(bn, consumer, op, *params, ctx)
+    if isinstance(folded, Skip):
+        return folded
+    return ForwardPlan(bn, op, consumer, *folded)
+
+
+def _into_conv(bn, conv, op, weight, bias, ctx):
+    group = int_attr(conv, "group", 1)
+    pads = ints_attr(conv, "pads") or []
+    auto_pad = next((a.s.decode() for a in conv.attribute if a.name == "auto_pad"), "NOTSET")
+    if any(pads) or (auto_pad.startswith("SAME") and any(k > 1 for k in weight.shape[2:])):
+        return Skip(
+            f"{node_label(conv)} after it pads its input, and zero padding of a shifted input is not a shifted zero"
+        )
+    if bias is not None and (bad := op.check_bias(bias, weight.shape[0])):
+        return bad
+    scale_shift = read_batch_norm(bn, ctx, weight.shape[1] * group)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    new_weight, new_bias = affine.fold_input_affine(weight, bias, *scale_shift, group=group)
+    return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv))
+
+
+def _into_gemm(bn, gemm, op, weight, bias, ctx):
+    axis = op.weight_axis(gemm)  # the N axis; K is the other one
+    if bias is not None:
+        if bad := op.check_bias(bias, weight.shape[axis]):
+            return bad
+        bias = bias.astype(np.float64) * op.bias_scale(gemm)
+    scale_shift = read_batch_norm(bn, ctx, weight.shape[1 - axis])
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    # In [N, K] layout B is a k-less conv weight: output n reads input channel k.
+    n_by_k = weight if axis == 0 else weight.T
+    folded, shift_term = affine.fold_input_affine(n_by_k, None, *scale_shift)
+    new_weight = folded if axis == 0 else folded.T
+    new_bias = float_attr(gemm, "alpha", 1.0) * shift_term + (0.0 if bias is None else bias)
+    return cast_folded(weight.dtype, new_weight, new_bias, axis)
