@@ -22,7 +22,6 @@ For each model in sample_models/:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # builders.widen_floats: the tests' exact widening
 
 from builders import widen_floats  # noqa: E402
 
@@ -62,18 +60,26 @@ def relative_rms(got: np.ndarray, want: np.ndarray) -> float:
 
 def exact_folded_weights(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.dtype]]:
     """Conv name → (W·s in float64, W's dtype), for every Conv that bnfold's rules fold."""
-    from bnfold.affine import scale_weights
-    from bnfold.graph import GraphIndex
-    from bnfold.rules import FoldPlan, batch_norm_version, plan_batch_norm, read_batch_norm
+    from bnfold.folding.affine import scale_weights
+    from bnfold.folding.backward import BackwardPlan
+    from bnfold.folding.planner import plan_batch_norm
+    from bnfold.folding.sources import batch_norm_version, read_batch_norm
+    from bnfold.graph.context import GraphContext, ModelScope
+    from bnfold.graph.protos import all_names
+    from bnfold.graph.tensors import Names, TensorStore
+    from bnfold.io.tensors import read_tensor
 
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    index = GraphIndex(model.graph, ir_version=model.ir_version, opset=opset)
+    scope = ModelScope(
+        model.ir_version, opset, list(model.opset_import), Names(all_names(model.graph)), TensorStore(read_tensor)
+    )
+    ctx = GraphContext.build(model.graph, scope)
     exact = {}
     for bn in (n for n in model.graph.node if n.op_type == "BatchNormalization"):
-        plan = plan_batch_norm(bn, index, batch_norm_version(opset), opset)
-        if isinstance(plan, FoldPlan) and not plan.forward:
-            weight = index.constant_value(plan.linear.input[1])
-            scale, _ = read_batch_norm(bn, index, weight.shape[0])
+        plan = plan_batch_norm(bn, ctx, batch_norm_version(opset))
+        if isinstance(plan, BackwardPlan):
+            weight = ctx.constant(plan.linear.input[1])
+            scale, _ = read_batch_norm(bn, ctx, weight.shape[0])
             exact[plan.linear.name] = (scale_weights(weight, scale), weight.dtype)
     return exact
 

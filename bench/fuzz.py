@@ -2,7 +2,7 @@
 
     python bench/fuzz.py [--cases N] [--seed S] [--jobs J]
 
-Every case mutates one sample model (tests/fuzzing.py: bit flips, truncation, inserted,
+Every case mutates one sample model (bnfold.testing.mutate: bit flips, truncation, inserted,
 deleted and swapped bytes) and runs the real CLI on it. Exit 0 (folded), 2 (not a usable
 model) and 1 (a valid model whose fold verification found not equivalent, e.g. a float16 model
 whose own arithmetic overflows after a flipped exponent bit) are verdicts. A case is a finding
@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # fuzzing.mutate: the mutations the tests use
+from bnfold.testing import mutate
 
-from fuzzing import mutate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_case(data: bytes) -> tuple[int, str, list[str]]:

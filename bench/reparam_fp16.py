@@ -12,21 +12,15 @@ BN, 16 channels, 16×16), in float16, the relative RMS deviation from the same b
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' graph builders
-
-from builders import random_inputs, run  # noqa: E402
-from test_reparam import Graph  # noqa: E402
-
-import bnfold  # noqa: E402
+import bnfold
+from bnfold.testing import BranchGraph, random_inputs, run
 
 
 def repvgg_block(dtype, seed: int):
-    g = Graph(channels=16, spatial=(16, 16), dtype=dtype, seed=seed)
+    g = BranchGraph(channels=16, spatial=(16, 16), dtype=dtype, seed=seed)
     return g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn()))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError, InternalError
-from bnfold.modelfile import SUFFIX
+from bnfold.io.output import SUFFIX
 from bnfold.pipeline import OptimizeResult, optimize
 
 

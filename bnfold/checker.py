@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnfold import wire
 from bnfold.errors import BnfoldError, InternalError, first_line
+from bnfold.io.source import ModelSource
+from bnfold.io.writer import write_skeleton
 
 
 def validate(candidate: onnx.ModelProto | str, original: onnx.ModelProto | str) -> None:
@@ -25,13 +26,13 @@ def validate(candidate: onnx.ModelProto | str, original: onnx.ModelProto | str) 
 
 
 def validate_skeleton(
-    model: onnx.ModelProto, new_values: dict[str, np.ndarray], source_folder: Path | None, original: str
+    model: onnx.ModelProto, pending: dict[str, np.ndarray], source: ModelSource | None, original: str
 ) -> None:
-    """validate() for a folded model that is to be streamed to disk (modelfile.StagedModel): the
-    checker reads its skeleton (wire.write_skeleton), the graph whole but large tensors
-    without their data, so checking costs no second parse of the weights."""
+    """validate() for a folded model that is to be streamed to disk (bnfold.io.output): the
+    checker reads its skeleton (bnfold.io.writer.write_skeleton), the graph whole but large
+    tensors without their data, so checking costs no second parse of the weights."""
     with tempfile.TemporaryDirectory(prefix="bnfold-check-") as folder:
-        validate(str(wire.write_skeleton(model, new_values, source_folder, Path(folder))), original)
+        validate(str(write_skeleton(model, pending, source, Path(folder))), original)
 
 
 def check_input(original: onnx.ModelProto | str) -> None:

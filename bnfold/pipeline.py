@@ -8,20 +8,20 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from bnfold import modelfile, wire
 from bnfold.checker import check_input, validate, validate_skeleton
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.folding.walk import fold_model_graph
 from bnfold.graph.tensors import TensorReader, store_pending
-from bnfold.modelfile import SINGLE_FILE_LIMIT, StagedModel, load_model, output_path, read_model, serialized_size
+from bnfold.io import output as io_output
+from bnfold.io.output import StagedModel, output_path, serialized_size
+from bnfold.io.source import ModelSource, load_model
+from bnfold.io.tensors import payload_bytes, read_tensor
 from bnfold.report import FoldOutcome, FoldReport
-from bnfold.wire import payload_bytes, read_tensor
 
 if TYPE_CHECKING:
     from bnfold.verification.report import VerifyReport
@@ -57,11 +57,11 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, repa
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=serialized_size(folded))
-    report.outcomes, pending = fold_in_place(folded, original, wire.read_tensor, reparam=reparam)
+    report.outcomes, pending = fold_in_place(folded, original, read_tensor, reparam=reparam)
     store_pending(folded.graph, pending)
     report.bytes_after = serialized_size(folded)
     if check:
-        if report.bytes_after > modelfile.SINGLE_FILE_LIMIT:
+        if report.bytes_after > io_output.SINGLE_FILE_LIMIT:
             raise BnfoldError(
                 "the folded model is over 2 GiB, and onnx.checker reads such a model only from disk: "
                 "`bnfold optimize` checks it there (fold(..., check=False) skips the check)"
@@ -123,10 +123,10 @@ def optimize(
     `verify_options`, on the staged files). `external_data`: "auto" keeps tensors in a data
     file when the input did or when one file cannot hold the model, "always", or "never". The
     write is atomic and never targets the input. `reparam`: merge sums of parallel branches
-    (bnfold.reparam) too.
+    (bnfold.folding.reparam) too.
 
-    The model is parsed once; tensors in an input data file are read only when folded and are
-    otherwise copied file to file; the output is streamed (modelfile.StagedModel) and checked
+    The model is parsed once (bnfold.io.source); large tensors are read only when folded and
+    are otherwise copied file to file; the output is streamed (bnfold.io.output) and checked
     by its skeleton (checker.validate_skeleton). So the cost is close to reading and writing
     the file (bench/run.py measures it).
     """
@@ -136,22 +136,22 @@ def optimize(
     src = Path(model_path)
     dst = output_path(src, output)  # refuse a bad destination before doing any work
     progress(f"folding {src}")
-    model, data_files = read_model(src, load_external=False)
-    folder = src.resolve().parent  # where the tensors left in files are read from
-    report = FoldReport(bytes_before=sum(f.stat().st_size for f in (src, *data_files)))
+    source = ModelSource.open(src)
+    model = source.model
+    report = FoldReport(bytes_before=source.bytes_on_disk)
     payload_before = payload_bytes(model.graph)
-    report.outcomes, new_values = fold_in_place(model, str(src), partial(read_tensor, folder=folder), reparam=reparam)
+    report.outcomes, pending = fold_in_place(model, str(src), source.read, reparam=reparam)
     # The tensor data dominates the size; from dims, without serializing anything.
-    too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > SINGLE_FILE_LIMIT
+    too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
     if external_data == "never" and too_big:
         raise BnfoldError("the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto")
-    external = external_data == "always" or (external_data == "auto" and (bool(data_files) or too_big))
+    external = external_data == "always" or (external_data == "auto" and (bool(source.data_files) or too_big))
     progress("checking the folded model")
-    validate_skeleton(model, new_values, folder, str(src))
+    validate_skeleton(model, pending, source, str(src))
     progress(f"writing {dst}")
     checked = None
-    with StagedModel(model, dst, external=external, new_values=new_values, source_folder=folder) as staged:
-        new_values.clear()  # written: free the folded weights before onnxruntime loads both models
+    with StagedModel(model, dst, external=external, pending=pending, source=source) as staged:
+        pending.clear()  # written: free the folded weights before onnxruntime loads both models
         if verify:
             progress("verifying the folded model against the original")
             checked = _verify(src, staged.path, verify_options or {}, progress)

@@ -1,16 +1,14 @@
-"""Tiny ONNX models for tests, and a real onnxruntime runner with graph optimizations disabled.
-
-onnxruntime folds Conv+BN itself at its default level; with it on, a comparison would measure
-bnfold against onnxruntime's fold, not against the original model.
-"""
+"""Tiny ONNX models for tests, and the assertions every fold test makes: structure, numbers
+(onnxruntime with graph optimizations disabled, bnfold.testing.run) and the checker."""
 
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.testing import bn_parameters, random_inputs, run, widen_floats  # noqa: F401 (shared with bench/)
 
 ONNX_TYPE = {
     np.dtype(np.float16): TensorProto.FLOAT16,
@@ -21,7 +19,7 @@ ONNX_TYPE = {
 
 # How far a folded model may drift from the original, as a fraction of the output's largest
 # magnitude. A fold reorders rounding: in float32 the drift seen is ~1e-7 of the output scale
-# (tests/README.md); real folding mistakes (ε 1e-3 for 1e-5, a dropped β, a wrong axis) move it
+# (BENCHMARKS.md); real folding mistakes (ε 1e-3 for 1e-5, a dropped β, a wrong axis) move it
 # by 1e-4 and more. float16 keeps ~3 significant digits per rounding and a fold re-rounds each
 # weight, so its bound is set by float16's own precision, not by bnfold.
 RELATIVE_TOLERANCE = {
@@ -29,16 +27,6 @@ RELATIVE_TOLERANCE = {
     np.dtype(np.float32): 1e-5,
     np.dtype(np.float16): 5e-3,
 }
-
-
-def bn_parameters(rng: np.random.Generator, channels: int) -> dict[str, np.ndarray]:
-    """Trained-looking statistics: γ and var away from 1, β and mean away from 0."""
-    return {
-        "gamma": rng.uniform(0.5, 1.5, channels),
-        "beta": rng.normal(0, 0.5, channels),
-        "mean": rng.normal(0, 0.5, channels),
-        "var": rng.uniform(0.3, 2.0, channels),
-    }
 
 
 def conv_bn_model(
@@ -92,29 +80,6 @@ def conv_bn_model(
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
 
 
-def random_inputs(model: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
-    """Inputs for every non-initializer graph input with a static shape."""
-    rng = np.random.default_rng(seed)
-    initializers = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        tensor_type = value.type.tensor_type
-        shape = [d.dim_value for d in tensor_type.shape.dim]
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        feeds[value.name] = rng.normal(0.3, 1.5, shape).astype(dtype)
-    return feeds
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
 def assert_same_function(original: onnx.ModelProto, folded: onnx.ModelProto, feeds=None) -> float:
     """Both models, run by onnxruntime, agree within the dtype's tolerance; returns the drift
     as a fraction of the output scale."""
@@ -132,32 +97,6 @@ def assert_same_function(original: onnx.ModelProto, folded: onnx.ModelProto, fee
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
-
-
-def widen_floats(model: onnx.ModelProto, to: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    """The same model with every narrower float tensor and type widened to `to` (exactly:
-    float16 and bfloat16 fit in float32, float32 in float64)."""
-    narrow = {
-        TensorProto.FLOAT: {TensorProto.FLOAT16, TensorProto.BFLOAT16},
-        TensorProto.DOUBLE: {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT},
-    }[to]
-    wide_dtype = helper.tensor_dtype_to_np_dtype(to)
-    wide = onnx.ModelProto()
-    wide.CopyFrom(model)
-    graph = wide.graph
-    for tensor in graph.initializer:
-        if tensor.data_type in narrow:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(wide_dtype), tensor.name))
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.type.tensor_type.elem_type in narrow:
-            value.type.tensor_type.elem_type = to
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.name == "value" and attr.t.data_type in narrow:
-                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(wide_dtype)))
-            if attr.name == "to" and attr.i in narrow:
-                attr.i = to
-    return wide
 
 
 def linear_bn_model(

@@ -343,11 +343,17 @@ MIXED_KERNELS = (("c1", 4, 1, 1), ("c3", 6, 3, 1), ("c5", 2, 5, 2))  # name, cha
 
 
 def concat_bn_model(
-    *, axis: int = 1, extra_reader: str | None = None, pool_branch: bool = False, branches=MIXED_KERNELS
+    *,
+    axis: int = 1,
+    extra_reader: str | None = None,
+    pool_branch: bool = False,
+    branches=MIXED_KERNELS,
+    repeat: bool = False,
 ) -> onnx.ModelProto:
-    """x → {Conv 1×1 (4 ch), Conv 3×3 padded (6 ch), Conv 5×5 padded, grouped (2 ch)} → Concat → BN → y."""
+    """x → {Conv 1×1 (4 ch), Conv 3×3 padded (6 ch), Conv 5×5 padded, grouped (2 ch)} → Concat → BN → y.
+    With `repeat`, the Concat takes each branch twice."""
     rng = np.random.default_rng(12)
-    bn_channels = sum(b[1] for b in branches) if axis in (1, -3) else branches[0][1]
+    bn_channels = sum(b[1] for b in branches) * (1 + repeat) if axis in (1, -3) else branches[0][1]
     params = bn_parameters(rng, bn_channels)
     inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
     nodes, outputs = [], []
@@ -366,6 +372,8 @@ def concat_bn_model(
     if pool_branch:
         nodes[0] = helper.make_node("MaxPool", ["x"], ["c1_out"], name="pool", kernel_shape=[1, 1])
         inits = [t for t in inits if t.name != "W_c1"]
+    if repeat:
+        outputs = outputs * 2
     nodes.append(helper.make_node("Concat", outputs, ["cat"], name="cat", axis=axis))
     nodes.append(helper.make_node("BatchNormalization", ["cat", "gamma", "beta", "mean", "var"], ["y"], name="bn"))
     graph = helper.make_graph(
@@ -399,8 +407,13 @@ def test_batch_norm_after_concat_splits_into_each_conv(axis):
             "BatchNormalization after Concat: Conv 'c3' output 'c3_out' is also a graph output",
         ),
         ({"extra_reader": "cat"}, "BatchNormalization after Concat: Concat 'cat' output 'cat' is also a graph output"),
+        # One conv cannot take two different slices of the BN: folding both would keep only the last.
+        (
+            {"branches": MIXED_KERNELS[1:2], "repeat": True},
+            "BatchNormalization after Concat: Concat 'cat' repeats an input",
+        ),
     ],
-    ids=["non-linear-input", "branch-read-elsewhere", "concat-read-elsewhere"],
+    ids=["non-linear-input", "branch-read-elsewhere", "concat-read-elsewhere", "repeated-input"],
 )
 def test_batch_norm_after_concat_refusals(kwargs, reason):
     assert_refused(concat_bn_model(**kwargs), reason)

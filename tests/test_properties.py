@@ -94,14 +94,14 @@ def assert_same_function_over_inputs(model: onnx.ModelProto, folded: onnx.ModelP
 def branch_sums(draw):
     """x → 2 to 4 branches (Conv of any kernel, group, dilation and padding that keeps the output
     size; BN; x itself; some scaled by a layer scale, one maybe subtracted) → Add → Relu."""
-    from test_reparam import Graph
+    from bnfold.testing import BranchGraph
 
     rank = draw(st.integers(1, 3))
     channels = draw(st.sampled_from([2, 3, 4, 6]))
     stride = draw(st.sampled_from([1, 1, 2]))
     dilation = draw(st.integers(1, 2))
     centred = draw(st.booleans())  # odd kernels padded evenly: then the branches always line up
-    g = Graph(channels, spatial=[draw(st.integers(5, 9)) for _ in range(rank)], seed=draw(st.integers(0, 2**31)))
+    g = BranchGraph(channels, spatial=[draw(st.integers(5, 9)) for _ in range(rank)], seed=draw(st.integers(0, 2**31)))
     kinds = ["conv"] + [
         draw(st.sampled_from(["conv", "conv", "bn", "identity"])) for _ in range(draw(st.integers(1, 3)))
     ]

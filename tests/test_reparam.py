@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import assert_same_function, bn_parameters, op_types, run
-from onnx import TensorProto, helper, numpy_helper
+from builders import assert_same_function, op_types, run
+from onnx import TensorProto, helper
 
 import bnfold
+from bnfold.testing import BranchGraph
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -55,80 +56,6 @@ def test_no_reparam_keeps_the_branches(name):
 
 
 # ---- tiny graphs: every geometry the merge claims to handle exactly ----------------------------
-class Graph:
-    """x → branches → Add chain → y, built in a few lines."""
-
-    def __init__(self, channels: int = 4, spatial=(9, 9), dtype=np.float32, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-        self.channels, self.spatial, self.dtype = channels, tuple(spatial), dtype
-        self.nodes, self.inits, self.count = [], [], 0
-
-    def _name(self, base):
-        self.count += 1
-        return f"{base}{self.count}"
-
-    def const(self, values, base="c"):
-        name = self._name(base)
-        self.inits.append(numpy_helper.from_array(np.asarray(values).astype(self.dtype), name))
-        return name
-
-    def conv(self, x="x", cout=None, k=3, stride=1, dilation=1, pads=None, group=1, bn=True, cin=None, **attrs):
-        cin, cout = cin or self.channels, cout or self.channels
-        ks = (k,) * len(self.spatial) if isinstance(k, int) else tuple(k)
-        weight = self.rng.normal(0, 0.4, (cout, cin // group, *ks))
-        out = self._name("conv")
-        if pads is None and "auto_pad" not in attrs:
-            pads = [dilation * (kk // 2) for kk in ks] * 2
-        if pads is not None:
-            attrs["pads"] = pads
-        self.nodes.append(
-            helper.make_node(
-                "Conv",
-                [x, self.const(weight, "W"), self.const(self.rng.normal(0, 0.2, cout), "B")],
-                [out],
-                name=out,
-                kernel_shape=list(ks),
-                strides=[stride] * len(ks),
-                dilations=[dilation] * len(ks),
-                group=group,
-                **attrs,
-            )
-        )
-        return self.bn(out, cout) if bn else out
-
-    def bn(self, x="x", channels=None):
-        params = bn_parameters(self.rng, channels or self.channels)
-        out = self._name("bn")
-        names = [self.const(params[k], k) for k in ("gamma", "beta", "mean", "var")]
-        self.nodes.append(helper.make_node("BatchNormalization", [x, *names], [out], name=out))
-        return out
-
-    def op(self, op_type, a, b):
-        out = self._name(op_type.lower())
-        self.nodes.append(helper.make_node(op_type, [a, b], [out], name=out))
-        return out
-
-    def sum(self, *terms):
-        total = terms[0]
-        for term in terms[1:]:
-            total = self.op("Add", total, term)
-        return total
-
-    def model(self, y, out_channels=None, in_channels=None, opset=17):
-        elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}[self.dtype]
-        relu = self._name("relu")
-        self.nodes.append(helper.make_node("Relu", [y], [relu], name=relu))
-        graph = helper.make_graph(
-            self.nodes,
-            "branches",
-            [helper.make_tensor_value_info("x", elem, [1, in_channels or self.channels, *self.spatial])],
-            [helper.make_tensor_value_info(relu, elem, None)],
-            self.inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True)
-
-
 def assert_merged(model: onnx.ModelProto, convs: int = 1) -> onnx.ModelProto:
     result = bnfold.fold(model)
     folded = result.model
@@ -150,7 +77,7 @@ def assert_not_merged(model: onnx.ModelProto, reason: str | None = None) -> None
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_repvgg_block(stride):
-    g = Graph()
+    g = BranchGraph()
     branches = [g.conv(k=3, stride=stride), g.conv(k=1, stride=stride)]
     if stride == 1:
         branches.append(g.bn())  # the identity branch exists only at stride 1
@@ -159,19 +86,19 @@ def test_repvgg_block(stride):
 
 @pytest.mark.parametrize("group", [1, 2, 4], ids=["dense", "grouped", "depthwise"])
 def test_mobileone_block(group):
-    g = Graph()
+    g = BranchGraph()
     branches = [g.conv(k=3, group=group) for _ in range(3)] + [g.conv(k=1, group=group), g.bn()]
     assert_merged(g.model(g.sum(*branches)))
 
 
 def test_pointwise_mobileone_block_with_identity():
-    g = Graph()
+    g = BranchGraph()
     assert_merged(g.model(g.sum(g.conv(k=1), g.conv(k=1), g.conv(k=1), g.bn())))
 
 
 def test_repmixer():
     # x + γ·(BN(DWConv(x)) − BN(x)), γ a [C, 1, 1] layer scale
-    g = Graph()
+    g = BranchGraph()
     gamma = g.const(g.rng.uniform(0.05, 0.3, (4, 1, 1)), "gamma")
     mixed = g.op("Mul", gamma, g.op("Sub", g.conv(k=3, group=4), g.bn()))
     assert_merged(g.model(g.op("Add", "x", mixed)))
@@ -179,36 +106,36 @@ def test_repmixer():
 
 @pytest.mark.parametrize("spatial", [(11,), (9, 9), (5, 6, 7)], ids=["1d", "2d", "3d"])
 def test_every_rank(spatial):
-    g = Graph(spatial=spatial)
+    g = BranchGraph(spatial=spatial)
     assert_merged(g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn(), "x")))
 
 
 def test_larger_kernels_and_dilation():
-    g = Graph(spatial=(13, 13))
+    g = BranchGraph(spatial=(13, 13))
     branches = [g.conv(k=5, dilation=2), g.conv(k=3, dilation=2), g.conv(k=1), g.bn()]
     assert_merged(g.model(g.sum(*branches)))
 
 
 def test_an_off_centre_kernel_that_lines_up():
     # A 1×1 branch beside a 3×3 padded only at the end: the 1×1 sits in the kernel's corner.
-    g = Graph()
+    g = BranchGraph()
     assert_merged(g.model(g.sum(g.conv(k=3, pads=[0, 0, 2, 2]), g.conv(k=1))))
 
 
 def test_same_padding_at_stride_1():
-    g = Graph()
+    g = BranchGraph()
     branches = [g.conv(k=3, auto_pad="SAME_UPPER"), g.conv(k=2, auto_pad="SAME_LOWER"), g.bn()]
     assert_merged(g.model(g.sum(*branches)))
 
 
 def test_float16():
-    g = Graph(dtype=np.float16)
+    g = BranchGraph(dtype=np.float16)
     folded = assert_merged(g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn())))
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.FLOAT16}
 
 
 def test_a_branch_also_read_elsewhere_stays():
-    g = Graph()
+    g = BranchGraph()
     shared = g.conv(k=1)
     y = g.sum(g.conv(k=3), shared)
     model = g.model(g.op("Mul", y, shared))  # the 1×1 branch also feeds the Mul
@@ -218,28 +145,28 @@ def test_a_branch_also_read_elsewhere_stays():
 
 def test_branches_with_different_strides_are_refused():
     # Same output size (4×4 from 8×8), different strides: no one conv computes both.
-    g = Graph(spatial=(8, 8))
+    g = BranchGraph(spatial=(8, 8))
     model = g.model(g.sum(g.conv(k=1, stride=2, pads=[0, 0, 0, 0]), g.conv(k=3, dilation=2, pads=[0, 0, 0, 0])))
     assert_not_merged(model, "branches have different strides")
 
 
 def test_branches_that_do_not_line_up_are_refused():
     # Two 3×3 convs padded at opposite ends: one is shifted by two pixels against the other.
-    g = Graph()
+    g = BranchGraph()
     model = g.model(g.sum(g.conv(k=3, pads=[0, 0, 2, 2]), g.conv(k=3, pads=[2, 2, 0, 0])))
     assert_not_merged(model, "does not line up")
 
 
 def test_an_identity_branch_with_a_channel_change_is_refused():
     # x has 1 channel and broadcasts against the 4-channel conv: not a per-channel identity.
-    g = Graph()
+    g = BranchGraph()
     model = g.model(g.sum(g.conv(k=3, cin=1), "x"), in_channels=1)
     assert_not_merged(model, "identity branch sits beside a 1→4-channel conv")
 
 
 def test_a_sum_of_different_tensors_is_no_candidate():
     # A ResNet shortcut: conv(relu(x)) + x. Nothing to merge and nothing to report.
-    g = Graph()
+    g = BranchGraph()
     relu = g._name("r")
     g.nodes.append(helper.make_node("Relu", ["x"], [relu], name=relu))
     model = g.model(g.sum(g.conv(relu, k=3), "x"))
@@ -249,7 +176,7 @@ def test_a_sum_of_different_tensors_is_no_candidate():
 
 def test_a_layer_scale_along_the_wrong_axis_is_refused():
     # [C, 1] broadcasts against [N, C, H, W] along H, not along the channels.
-    g = Graph(spatial=(4, 4))
+    g = BranchGraph(spatial=(4, 4))
     scale = g.const(g.rng.uniform(0.5, 1.5, (4, 1)), "s")
     model = g.model(g.op("Add", "x", g.op("Mul", g.conv(k=3), scale)))
     assert_not_merged(model)
@@ -258,7 +185,7 @@ def test_a_layer_scale_along_the_wrong_axis_is_refused():
 def test_a_subtracted_or_scaled_identity_keeps_its_sign_and_scale():
     # Found by the property test: conv − x + conv lost the minus sign of x, whose channel count
     # is only known once it meets a conv.
-    g = Graph()
+    g = BranchGraph()
     gamma = g.const(g.rng.uniform(0.5, 1.5, (4, 1, 1)), "gamma")
     y = g.op("Add", g.op("Sub", g.conv(k=1), "x"), g.op("Mul", "x", gamma))
     assert_merged(g.model(g.op("Add", y, g.conv(k=3))))

@@ -31,7 +31,7 @@ def external_model(folder: Path, location: str = "weights.bin") -> Path:
     return path
 
 
-def assert_refused(args, message: str, folder: Path) -> None:
+def assert_cli_refuses(args, message: str, folder: Path) -> None:
     before = sorted(p.name for p in folder.iterdir())
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 2, result.output
@@ -60,7 +60,7 @@ def test_external_data_inside_the_folder_is_read(tmp_path):
 def test_escaping_locations_are_refused(tmp_path, location, message):
     path = external_model(tmp_path, location)
     for command in (["optimize", path], ["verify", path, path], ["inspect", path]):
-        assert_refused(command, message, tmp_path)
+        assert_cli_refuses(command, message, tmp_path)
 
 
 def test_a_symlink_leading_out_of_the_folder_is_refused(tmp_path):
@@ -72,7 +72,7 @@ def test_a_symlink_leading_out_of_the_folder_is_refused(tmp_path):
     (inside / "weights.bin").rename(outside / "weights.bin")
     (inside / "weights.bin").symlink_to(outside / "weights.bin")
     for command in (["optimize", path], ["verify", path, path]):
-        assert_refused(command, "leads outside the model's folder", inside)
+        assert_cli_refuses(command, "leads outside the model's folder", inside)
 
 
 def test_a_hard_link_is_refused(tmp_path):
@@ -80,16 +80,16 @@ def test_a_hard_link_is_refused(tmp_path):
     inside.mkdir()
     path = external_model(inside)
     os.link(inside / "weights.bin", tmp_path / "second_name.bin")
-    assert_refused(["optimize", path], "is a hard link", inside)
+    assert_cli_refuses(["optimize", path], "is a hard link", inside)
 
 
 def test_missing_or_short_data_files_are_exit_2(tmp_path):
     path = external_model(tmp_path)
     data = tmp_path / "weights.bin"
     data.write_bytes(data.read_bytes()[:100])
-    assert_refused(["optimize", path], "reaches past the end of 'weights.bin'", tmp_path)
+    assert_cli_refuses(["optimize", path], "reaches past the end of 'weights.bin'", tmp_path)
     data.unlink()
-    assert_refused(["optimize", path], "external data file 'weights.bin' is missing", tmp_path)
+    assert_cli_refuses(["optimize", path], "external data file 'weights.bin' is missing", tmp_path)
 
 
 # ---- fuzzing: broken and hostile files -----------------------------------------------------------
@@ -102,7 +102,8 @@ def test_mutated_model_files_exit_0_or_2_and_never_leave_a_partial_output(seed, 
     bytes): exit 0 with a valid model written, or exit 2 (or 1: a valid but numerically broken
     model whose fold does not verify) with one line and nothing written."""
     import numpy as np
-    from fuzzing import mutate
+
+    from bnfold.testing import mutate
 
     rng = np.random.default_rng([2026, seed])
     for case in range(60):
@@ -197,7 +198,7 @@ def test_a_protobuf_of_another_message_is_exit_2(tmp_path):
 
     path = tmp_path / "tensor.onnx"
     path.write_bytes(numpy_helper.from_array(np.arange(1000, dtype=np.float32), "t").SerializeToString())
-    assert_refused(["optimize", path], "not", tmp_path)
+    assert_cli_refuses(["optimize", path], "not", tmp_path)
 
 
 def test_a_graph_with_a_cycle_is_exit_2(tmp_path):
@@ -207,7 +208,7 @@ def test_a_graph_with_a_cycle_is_exit_2(tmp_path):
     model.graph.node[0].input[0] = "y"  # the conv reads the relu's output
     path = tmp_path / "cycle.onnx"
     onnx.save(model, str(path))
-    assert_refused(["optimize", path], "the input is not a valid ONNX model", tmp_path)
+    assert_cli_refuses(["optimize", path], "the input is not a valid ONNX model", tmp_path)
 
 
 def test_an_absurd_declared_input_shape_is_exit_2(tmp_path):
@@ -218,7 +219,7 @@ def test_an_absurd_declared_input_shape_is_exit_2(tmp_path):
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 10**9
     path = tmp_path / "huge.onnx"
     onnx.save(model, str(path))
-    assert_refused(["optimize", path], "needs more than 1 GiB", tmp_path)
+    assert_cli_refuses(["optimize", path], "needs more than 1 GiB", tmp_path)
 
 
 def test_deeply_nested_subgraphs_are_exit_0_or_2_without_a_traceback(tmp_path):
@@ -263,9 +264,9 @@ def test_a_symlink_at_the_destination_is_replaced_not_followed(tmp_path):
 
 def test_a_model_too_big_to_check_in_memory_is_a_clear_error_for_inspect(monkeypatch, tmp_path):
     # Past 2 GiB onnx.checker needs the model on disk; the limit is lowered to test the path.
-    import bnfold.modelfile
+    import bnfold.io.output
 
-    monkeypatch.setattr(bnfold.modelfile, "SINGLE_FILE_LIMIT", 1000)
+    monkeypatch.setattr(bnfold.io.output, "SINGLE_FILE_LIMIT", 1000)
     result = runner.invoke(app, ["inspect", str(SAMPLE)])
     assert result.exit_code == 2
     assert "over 2 GiB, and onnx.checker reads such a model only from disk" in result.stderr

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.modelfile import check_external_data
+from bnfold.io.source import check_external_data
 from bnfold.verification.inputs import InputSpec
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)

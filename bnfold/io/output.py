@@ -1,0 +1,191 @@
+"""Where the folded model goes, and writing it all-or-nothing: staged under temporary names
+in the destination folder, checked, then committed with one rename."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.io.containment import external_locations, external_tensors
+from bnfold.io.source import ModelSource
+from bnfold.io.tensors import initializers
+from bnfold.io.writer import ModelWriter
+
+SUFFIX = ".folded.onnx"
+
+
+def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None) -> Path:
+    """Where the folded model goes: `-o` as given (a folder gets `<name>.folded.onnx` inside
+    it), else beside the input. Refuses any path that is the input itself."""
+    src = Path(model_path)
+    stem = src.name[: -len(".onnx")] if src.name.endswith(".onnx") else src.name
+    if output is None:
+        dst = src.with_name(stem + SUFFIX)
+    else:
+        dst = Path(output)
+        if dst.is_dir():
+            dst = dst / (stem + SUFFIX)
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise BnfoldError(f"{dst}: refusing to overwrite the input model; choose another -o")
+    return dst
+
+
+SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB message limit, with room for the graph
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's size as one protobuf message. protobuf refuses to even compute it past
+    2 GiB; then the tensor bytes, which dominate it, stand in (and are past the limit too)."""
+    try:
+        return model.ByteSize()
+    except Exception:
+        return sum(len(t.raw_data) for t in initializers(model.graph))
+
+
+class StagedModel:
+    """A model written under temporary names in its destination folder, to be checked and then
+    committed with one rename.
+
+    The model is streamed to disk, never serialized whole (`ModelWriter`): the new tensors'
+    data comes straight from their arrays (`pending`, see bnfold.graph.tensors), stubs' bytes
+    are copied file to file from where the `source` found them, the rest are written one at a
+    time. This is what keeps a fold as cheap as reading and writing the file, and works
+    past protobuf's 2 GiB limit for one message.
+
+    With external data, the tensors go to `<output name>.<8 hex>.data`: a new file every time,
+    so nothing is ever appended to or overwritten in a data file another model may read. It is
+    written under a temporary name and renamed into place before the model is; the model's
+    rename is the commit. So at every moment the output path holds the previous model (with
+    its own data file intact) or the new one (with its data complete); after the commit the
+    previous output's bnfold-named data file is removed. Used as a context manager, anything
+    not committed is removed on exit.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        dest: Path,
+        *,
+        external: bool,
+        pending: dict[str, np.ndarray] | None = None,
+        source: ModelSource | None = None,
+    ):
+        self.dest = dest
+        self.data_path: Path | None = None
+        self._committed = False
+        self.path = self._temporary(".tmp")
+        try:
+            if external:
+                self.data_path = dest.with_name(f"{dest.name}.{secrets.token_hex(4)}.data")
+                staging = self._temporary(".data.tmp")
+                try:
+                    with open(self.path, "wb") as out, open(staging, "wb") as data:
+                        ModelWriter(out, pending or {}, source, data, self.data_path.name).write(model)
+                        _sync(data)
+                        _sync(out)
+                    os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+                    os.replace(staging, self.data_path)
+                except BaseException:
+                    _unlink(staging)
+                    raise
+            else:
+                with open(self.path, "wb") as out:
+                    ModelWriter(out, pending or {}, source).write(model)
+                    _sync(out)
+                if self.path.stat().st_size > SINGLE_FILE_LIMIT:
+                    raise BnfoldError(
+                        "the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto"
+                    )
+            self.bytes = self.path.stat().st_size + (self.data_path.stat().st_size if self.data_path else 0)
+        except OSError as exc:
+            self.discard()
+            raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> None:
+        previous = _bnfold_data_files(self.dest)
+        os.chmod(self.path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        try:
+            os.replace(self.path, self.dest)
+        except OSError as exc:
+            raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
+        self._committed = True
+        _fsync_directory(self.dest.parent)
+        for old in previous - {self.data_path}:
+            _unlink(old)
+
+    def discard(self) -> None:
+        if not self._committed:
+            _unlink(self.path)
+            if self.data_path is not None:
+                _unlink(self.data_path)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+    def _temporary(self, suffix: str) -> Path:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=suffix, dir=self.dest.parent)
+        except OSError as exc:
+            raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
+        os.close(fd)
+        return Path(name)
+
+
+def _sync(file) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _bnfold_data_files(model_path: Path) -> set[Path]:
+    """The data files bnfold wrote for an existing output: named `<name>.<8 hex>.data`."""
+    candidates = set(model_path.parent.glob(glob.escape(model_path.name) + ".*.data"))
+    if not candidates or not model_path.is_file():
+        return set()  # nothing to clean up: no need to parse the previous output
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:
+        return set()
+    pattern = re.compile(re.escape(model_path.name) + r"\.[0-9a-f]{8}\.data")
+    locations = external_locations(external_tensors(model))
+    return {model_path.with_name(loc) for loc in locations if pattern.fullmatch(loc)}
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable; not every platform or file system allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
