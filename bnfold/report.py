@@ -50,7 +50,7 @@ class FoldReport:
 
     @property
     def branch_merges(self) -> list[FoldOutcome]:
-        """Sums of parallel branches merged into one Conv (bnfold.reparam), one per sum."""
+        """Sums of parallel branches merged into one Conv (bnfold.folding.reparam), one per sum."""
         return [o for o in self.outcomes if o.op == BRANCH_MERGE]
 
     @property

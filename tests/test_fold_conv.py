@@ -119,7 +119,7 @@ def test_float16_folds_in_float64_and_stays_float16(seed):
     folded = fold_and_check(model)
     assert {t.data_type for t in folded.graph.initializer} == {onnx.TensorProto.FLOAT16}
     # The fold deviates from the float32 original by no more than 1.3× the unfolded float16
-    # model's own deviation (the bound; measured at ~1.0× on the sample models).
+    # model's own deviation (a margin over the ~1.0× measured on the sample models, BENCHMARKS.md).
     feeds = random_inputs(model)
     reference = run(original32, {k: v.astype(np.float32) for k, v in feeds.items()})[0]
     unfolded_error = np.abs(run(model, feeds)[0].astype(np.float64) - reference).mean()

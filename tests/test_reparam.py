@@ -1,4 +1,4 @@
-"""Structural re-parameterization (bnfold.reparam): sums of branches of one tensor become one Conv.
+"""Structural re-parameterization (bnfold.folding.reparam): sums of branches of one tensor become one Conv.
 
 Each merge is checked by structure (the branches and their BNs are gone, one Conv is left), by
 numbers (onnxruntime, graph optimizations off, against the unmerged model) and by onnx.checker.
