@@ -20,7 +20,7 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.verification import runtime
-from bnfold.verification.inputs import DEFAULT_INT_RANGE, generate_inputs, input_specs
+from bnfold.verification.inputs import DEFAULT_INT_RANGE, generate_inputs, input_specs, shape_notes
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, load_session, run_session
 
 
@@ -111,8 +111,11 @@ def bench(
                 live[name] = load_session(path, name, providers, optimize=optimizations == "enabled")
                 created[name].append(time.perf_counter() - start)
         if report is None:
-            specs, notes = input_specs(runtime.input_declarations(live["original"]), input_shapes or {})
-            feed = runtime.ort_feed(generate_inputs(specs, np.random.default_rng(0), DEFAULT_INT_RANGE))
+            declared = runtime.input_declarations(live["original"])
+            specs = input_specs(declared, input_shapes or {})
+            generated = generate_inputs(specs, np.random.default_rng(0), DEFAULT_INT_RANGE)
+            notes = shape_notes(declared, [generated], input_shapes or {})
+            feed = runtime.ort_feed(generated)
             inputs = [
                 {"name": n, "dtype": np.dtype(d).name if d != "bfloat16" else d, "shape": list(s)}
                 for n, (d, s) in specs.items()

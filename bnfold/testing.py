@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bnfold.verification.precision import widen_floats  # noqa: F401 (part of this module's kit)
+
 
 def bn_parameters(rng: np.random.Generator, channels: int) -> dict[str, np.ndarray]:
     """Trained-looking statistics: γ and var away from 1, β and mean away from 0."""
@@ -45,32 +47,6 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
     from bnfold.verification.runtime import make_session
 
     return make_session(model).run(None, feeds)
-
-
-def widen_floats(model: onnx.ModelProto, to: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    """The same model with every narrower float tensor and type widened to `to` (exactly:
-    float16 and bfloat16 fit in float32, float32 in float64)."""
-    narrow = {
-        TensorProto.FLOAT: {TensorProto.FLOAT16, TensorProto.BFLOAT16},
-        TensorProto.DOUBLE: {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT},
-    }[to]
-    wide_dtype = helper.tensor_dtype_to_np_dtype(to)
-    wide = onnx.ModelProto()
-    wide.CopyFrom(model)
-    graph = wide.graph
-    for tensor in graph.initializer:
-        if tensor.data_type in narrow:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(wide_dtype), tensor.name))
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.type.tensor_type.elem_type in narrow:
-            value.type.tensor_type.elem_type = to
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.name == "value" and attr.t.data_type in narrow:
-                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(wide_dtype)))
-            if attr.name == "to" and attr.i in narrow:
-                attr.i = to
-    return wide
 
 
 class BranchGraph:

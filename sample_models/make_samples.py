@@ -1,7 +1,13 @@
 """Regenerate the sample models: small real PyTorch networks exported to ONNX with BN kept.
 
-    pip install torch==2.13.0 onnx onnxscript   # onnxscript: the dynamo exporter
-    python sample_models/make_samples.py
+    pip install torch==2.13.0 onnx onnxscript onnxconverter-common
+    python sample_models/make_samples.py            # everything
+    python sample_models/make_samples.py float16    # only the float16 conversions of the exports
+
+onnxscript is the dynamo exporter's; onnxconverter-common makes the `*_fp16io` samples: float32
+exports converted the way GPU deployments are (`convert_float_to_float16(keep_io_types=True)`:
+float16 weights and arithmetic inside, float32 inputs and outputs); their `.npz` is the float32
+network's.
 
 Only this script needs torch; the tests read the .onnx and .npz files it writes.
 
@@ -670,6 +676,26 @@ def main() -> None:
             deployed = net.reparameterize()
         export(net, name, torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True, deployed=deployed.eval())
 
+    convert_float16_io()
+
+
+FLOAT16_IO = ("resnet_tiny", "mobilenet_tiny", "efficientnet_tiny", "inception_tiny")
+
+
+def convert_float16_io() -> None:
+    """`<name>_fp16io.onnx` for the FLOAT16_IO exports, with the float32 network's `.npz`."""
+    from onnxconverter_common import float16
+
+    for name in FLOAT16_IO:
+        model = float16.convert_float_to_float16(onnx.load(str(HERE / f"{name}.onnx")), keep_io_types=True)
+        onnx.checker.check_model(model, full_check=True)
+        path = HERE / f"{name}_fp16io.onnx"
+        onnx.save(model, str(path))
+        (HERE / f"{name}_fp16io.npz").write_bytes((HERE / f"{name}.npz").read_bytes())
+        print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB, float16 inside, float32 inputs and outputs")
+
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    convert_float16_io() if sys.argv[1:] == ["float16"] else main()

@@ -29,6 +29,11 @@ EXPECTED = {
     "inception_tiny": (13, 13, 0),
     "repvgg_tiny": (12, 12, 0),  # the identity-branch BNs merge with the conv branches beside them
     "resnet_tiny_fp16": (9, 9, 0),
+    # onnxconverter-common, keep_io_types=True: float16 inside, float32 inputs and outputs
+    "resnet_tiny_fp16io": (9, 9, 0),
+    "mobilenet_tiny_fp16io": (11, 11, 0),
+    "efficientnet_tiny_fp16io": (11, 11, 0),
+    "inception_tiny_fp16io": (13, 13, 0),
     "decoder_convtranspose": (2, 2, 0),  # ConvTranspose, one of them grouped
     "mlp_batchnorm1d": (2, 2, 0),  # Linear → BatchNorm1d: a Gemm, and a bias-less Linear's MatMul
     "frozen_bn_backbone": (0, 0, 6),  # FrozenBatchNorm2d: x·scale + shift, computed constants
@@ -66,7 +71,7 @@ def test_every_sample_is_listed():
     assert {p.stem for p in SAMPLES.glob("*.onnx")} == set(EXPECTED)
 
 
-@pytest.mark.parametrize("name", [n for n in EXPECTED if not n.endswith("fp16")])
+@pytest.mark.parametrize("name", [n for n in EXPECTED if "fp16" not in n])
 def test_float32_sample_folds_and_matches_pytorch(name):
     model, feeds, torch_output = load(name)
     total, folded_count, affines = EXPECTED[name]

@@ -123,7 +123,7 @@ def test_multi_input_multi_output_with_integer_and_bool_inputs(tmp_path):
     folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
     report = bnfold.verify(original, folded)
     assert report.equivalent and [o.name for o in report.outputs] == ["y", "masked"]
-    assert "note: input 'tokens' axis 0 is batch: used 1" in report.notes
+    assert "note: input 'tokens' axis 0 is batch: used 1 and 2" in report.notes
     assert "note: input 'tokens' axis 1 is seq: used 16" in report.notes
     # symbols shared between inputs get one size, so the mask lines up with the tokens
     assert {i["name"]: i["shape"] for i in report.inputs}["mask"] == [1, 16]
@@ -246,8 +246,12 @@ def test_models_with_different_outputs_are_not_equivalent(tmp_path):
     other = conv_bn_model()
     other.graph.output[0].name = "renamed"
     other.graph.node[2].output[0] = "renamed"
-    result = invoke("verify", a, save(other, tmp_path / "b.onnx"))
-    assert result.exit_code == 1 and "the models' outputs differ" in result.stderr
+    result = invoke("verify", a, save(other, tmp_path / "b.onnx"), "--json")
+    assert result.exit_code == 1
+    outputs = {o["name"]: o for o in json.loads(result.stdout)["outputs"]}
+    assert outputs["y"]["reason"] == "missing from the candidate" and outputs["y"]["max_abs_error"] is None
+    assert outputs["renamed"]["reason"] == "only in the candidate"
+    assert "missing from the candidate" in result.stderr
 
 
 # ---- could not run: exit 2, one line ------------------------------------------------------------
@@ -331,3 +335,50 @@ def test_a_real_mistake_in_a_noisy_model_still_fails(monkeypatch, tmp_path):
     broken = save(bnfold.fold(original).model, tmp_path / "broken.onnx")
     report = bnfold.verify(original, broken)
     assert not report.equivalent and report.outputs[0].noise is not None
+
+
+# ---- the precision an output is computed in --------------------------------------------------------
+FLOAT16_INSIDE = ["resnet_tiny_fp16io", "mobilenet_tiny_fp16io", "efficientnet_tiny_fp16io", "inception_tiny_fp16io"]
+
+
+@pytest.mark.parametrize("name", FLOAT16_INSIDE)
+def test_float16_models_with_float32_outputs_are_judged_as_float16(name, tmp_path):
+    # onnxconverter-common's keep_io_types=True: float16 inside, float32 at the edges.
+    result = invoke("optimize", SAMPLES / f"{name}.onnx", "-o", tmp_path / "out.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["summary"]["folded"] == report["summary"]["batch_normalization_nodes"] > 0
+    (output,) = report["verification"]["outputs"]
+    assert output["dtype"] == "float32" and output["precision"] == "float16" and output["passed"]
+    linear = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in onnx.load(str(SAMPLES / f"{name}.onnx")).graph.node)
+    note = f"note: output 'output' is judged as float16: float16 inside: {linear} of {linear} linear ops"
+    assert any(n.startswith(note) for n in report["verification"]["notes"]), report["verification"]["notes"]
+
+
+@pytest.mark.parametrize(
+    "mistake, sample",
+    [
+        ("beta dropped", "resnet_tiny_fp16io"),
+        ("beta dropped", "mobilenet_tiny_fp16io"),
+        ("beta dropped", "efficientnet_tiny_fp16io"),
+        ("scale on the wrong axis", "resnet_tiny_fp16io"),
+        ("scale on the wrong axis", "efficientnet_tiny_fp16io"),  # (the others have no square convs)
+    ],
+)
+def test_seeded_mistakes_in_float16_models_still_fail(mistake, sample, monkeypatch, tmp_path):
+    model = tmp_path / "net.onnx"
+    shutil.copy(SAMPLES / f"{sample}.onnx", model)
+    mutate(monkeypatch, mistake)
+    result = invoke("optimize", model, "--json")
+    assert result.exit_code == 1, result.output
+    (output,) = json.loads(result.stdout)["verification"]["outputs"]
+    assert output["precision"] == "float16" and not output["passed"]
+
+
+def test_an_output_with_one_huge_element_does_not_hide_errors_elsewhere():
+    want = np.random.default_rng(3).normal(0, 1, 101).astype(np.float32)
+    want[50] = 1e6
+    got = want + np.float32(10)
+    got[50] = want[50]
+    result = compare("y", want, got)
+    assert not result.passed and result.mismatched == 100 and result.scale < 5

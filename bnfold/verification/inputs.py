@@ -17,7 +17,8 @@ from bnfold.errors import BnfoldError, first_line
 
 DEFAULT_TRIALS = 3
 DEFAULT_INT_RANGE = (0, 10)
-SYMBOLIC_BATCH = 1  # a symbolic first dimension (the batch)
+SYMBOLIC_BATCH = (1, 2)  # a symbolic first dimension (the batch), by trial: a rewrite that only works
+# at batch 1 shows at batch 2
 SYMBOLIC_OTHER = 16  # any other symbolic dimension
 MAX_INPUT_BYTES = 1 << 30  # per trial; more is refused rather than allocated
 
@@ -49,12 +50,13 @@ class InputSpec:
     shape: list | None
 
 
-def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]]) -> tuple[dict, list[str]]:
-    """name → (dtype, concrete shape) for every input, and notes on the dimensions chosen."""
+def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]], trial: int = 0) -> dict:
+    """name → (dtype, concrete shape) for every input, for trial number `trial`: a symbolic
+    first dimension alternates between the SYMBOLIC_BATCH sizes."""
     unknown = set(shapes) - {value.name for value in declared}
     if unknown:
         raise BnfoldError(f"--input-shape names no input of the model: {', '.join(sorted(unknown))}")
-    specs, notes, symbols = {}, [], {}
+    specs, symbols = {}, {}
     for value in declared:
         dtype = ORT_TYPES.get(value.type)
         if dtype is None:
@@ -75,18 +77,35 @@ def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]]) -> 
                 if isinstance(dim, int) and dim >= 0:
                     shape.append(dim)
                     continue
-                default = SYMBOLIC_BATCH if axis == 0 else SYMBOLIC_OTHER
-                size = symbols.setdefault(dim, default) if dim else default  # one symbol, one size
-                notes.append(f"note: input '{value.name}' axis {axis} is {dim or 'unknown'!s}: used {size}")
-                shape.append(size)
+                default = SYMBOLIC_BATCH[trial % len(SYMBOLIC_BATCH)] if axis == 0 else SYMBOLIC_OTHER
+                shape.append(symbols.setdefault(dim, default) if dim else default)  # one symbol, one size
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
-        if itemsize * int(np.prod(shape, dtype=np.float64)) > MAX_INPUT_BYTES:
+        largest = [max(d, *SYMBOLIC_BATCH) if a == 0 and _symbolic(value, a) else d for a, d in enumerate(shape)]
+        if itemsize * int(np.prod(largest, dtype=np.float64)) > MAX_INPUT_BYTES:
             raise BnfoldError(
                 f"input '{value.name}' of shape {shape} needs more than {MAX_INPUT_BYTES >> 30} GiB; "
                 "pass a smaller --input-shape"
             )
         specs[value.name] = (dtype, tuple(shape))
-    return specs, sorted(set(notes), key=notes.index)
+    return specs
+
+
+def _symbolic(value: InputSpec, axis: int) -> bool:
+    return value.shape is not None and not (isinstance(value.shape[axis], int) and value.shape[axis] >= 0)
+
+
+def shape_notes(declared: list[InputSpec], feeds: list[dict], shapes: dict[str, Sequence[int]]) -> list[str]:
+    """What each symbolic dimension was in the trials actually run."""
+    notes = []
+    for value in declared:
+        if value.name in shapes or value.shape is None:
+            continue
+        for axis, dim in enumerate(value.shape):
+            if _symbolic(value, axis):
+                sizes = sorted({int(np.shape(feed[value.name])[axis]) for feed in feeds if value.name in feed})
+                used = " and ".join(map(str, sizes))
+                notes.append(f"note: input '{value.name}' axis {axis} is {dim or 'unknown'!s}: used {used}")
+    return notes
 
 
 def generate_inputs(specs: dict, rng: np.random.Generator, int_range: tuple[int, int]) -> dict:

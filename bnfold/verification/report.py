@@ -39,11 +39,11 @@ class VerifyReport:
                     o.name,
                     o.dtype,
                     "x".join(map(str, o.shape)) or "scalar",
-                    f"{o.max_abs_error:.2e}",
-                    f"{o.rel_l2_error:.2e}",
-                    f"{o.cosine_similarity:.6f}",
-                    f"{o.mismatched}/{o.elements}",
-                    f"{o.needed_atol:.2e}",
+                    _figure(o.max_abs_error, ".2e"),
+                    _figure(o.rel_l2_error, ".2e"),
+                    _figure(o.cosine_similarity, ".6f"),
+                    f"{o.mismatched}/{o.elements}" if o.max_abs_error is not None else "-",
+                    _figure(o.needed_atol, ".2e"),
                     _result(o),
                 )
             )
@@ -57,9 +57,16 @@ class VerifyReport:
         return data
 
 
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _result(o: OutputComparison) -> str:
     if o.passed and o.noise is not None:
-        return f"ok: within {NOISE_FACTOR:.0f}× this model's float32 noise {o.noise:.1e}"
+        return f"ok: within {NOISE_FACTOR:.0f}× this model's {o.precision} noise {o.noise:.1e}"
+    if o.precision == "quantized" and not o.reason:
+        verdict = "ok" if o.passed else "FAIL"
+        return f"{verdict}: {o.mismatched} elements off the grid's step, at most {o.steps:.0f} steps"
     if o.passed:
-        return f"ok (atol {o.atol:.0e})"
+        return f"ok (atol {o.atol:.0e}, {o.precision})" if o.precision != o.dtype else f"ok (atol {o.atol:.0e})"
     return o.reason or f"FAIL (atol {o.atol:.0e})"

@@ -92,6 +92,12 @@ def run_session(session: ort.InferenceSession, feed: dict, label: str) -> list[n
         raise BnfoldError(f"onnxruntime could not run {label}: {first_line(exc)}") from None
 
 
+def run_named(session: ort.InferenceSession, feed: dict, label: str) -> dict:
+    """run_session, with each output by its name."""
+    names = [value.name for value in session.get_outputs()]
+    return dict(zip(names, run_session(session, feed, label)))
+
+
 def ort_feed(feed: dict) -> dict:
     """A feed as onnxruntime takes it: bfloat16 arrays as OrtValues of the ONNX type."""
     return {k: _bfloat16_value(v) if v.dtype == ml_dtypes.bfloat16 else v for k, v in feed.items()}

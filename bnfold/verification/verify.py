@@ -1,4 +1,4 @@
-"""`bnfold verify`: run two models on the same inputs and compare every output."""
+"""`bnfold verify`: run two models on the same inputs and compare every output, by name."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from bnfold.verification.inputs import (
     generate_inputs,
     input_specs,
     load_input_sets,
+    shape_notes,
 )
 from bnfold.verification.noise import judge_by_noise
+from bnfold.verification.precision import output_precisions
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
-from bnfold.verification.tolerance import OutputComparison, compare, worst
+from bnfold.verification.tolerance import OutputComparison, Precision, compare, judge, unmatched
 
 __all__ = ["ModelLoadError", "VerifyReport", "verify"]
 
@@ -42,14 +44,16 @@ def verify(
     progress: Callable[[str], None] = lambda stage: None,
     locations_checked: bool = False,
 ) -> VerifyReport:
-    """Run both models on the same inputs and compare every output under the tolerance policy
-    (`bnfold.verification.tolerance`).
+    """Run both models on the same inputs and compare every output, paired by name, under the
+    tolerance policy (`bnfold.verification.tolerance`) for the precision each output is
+    computed in (`bnfold.verification.precision`).
 
     `inputs` are .npz files (arrays by input name) or onnx test-data folders; each is one trial.
-    Without them, `trials` input sets are generated from `seed`. Raises BnfoldError when the
-    comparison cannot run; a difference is reported, not raised. Model files' external-data
-    locations are checked before onnxruntime reads them, unless the caller has done that
-    (`locations_checked`: optimize read the input and wrote the candidate itself).
+    Without them, `trials` input sets are generated from `seed`, a symbolic batch dimension
+    alternating between 1 and 2. Raises BnfoldError when the comparison cannot run; a
+    difference is reported, not raised. Model files' external-data locations are checked before
+    onnxruntime reads them, unless the caller has done that (`locations_checked`: optimize read
+    the input and wrote the candidate itself).
     """
     start = time.perf_counter()
     if trials < 1:
@@ -65,43 +69,104 @@ def verify(
         runtime.load_session(m, role, providers, check_locations=not locations_checked)
         for m, role in ((reference, "reference"), (candidate, "candidate"))
     ]
-    if any(kind == "tensor(bfloat16)" for _, kind in runtime.signature(sessions[0], "outputs")):
-        raise BnfoldError("the model has bfloat16 outputs, which onnxruntime's Python API cannot return")
-    difference = _signature_difference(*sessions)
-    if difference:
-        report.equivalent, report.notes = False, [difference]
+    inputs_differ = _inputs_difference(*sessions)
+    if inputs_differ:
+        report.equivalent, report.notes = False, [inputs_differ]
         report.seconds = time.perf_counter() - start
         return report
-    specs, report.notes = input_specs(runtime.input_declarations(sessions[0]), input_shapes or {})
+    compared, unpaired = _pair_outputs(*sessions)
+    precisions = _precisions(reference, compared)
+    report.notes = [
+        f"note: output '{n}' is judged as {p.dtype}: {p.why}" for n, p in precisions.items() if p.why != p.dtype
+    ]
+    declared = runtime.input_declarations(sessions[0])
+    feeds = _feeds(declared, inputs, trials, seed, input_shapes or {}, int_range)
+    report.notes = shape_notes(declared, feeds, input_shapes or {}) + report.notes
     if inputs:
-        feeds = [feed for path in inputs for feed in load_input_sets(Path(path), specs)]
-        report.inputs = [{"name": n, "source": ", ".join(map(str, inputs))} for n in specs]
+        report.inputs = [{"name": v.name, "source": ", ".join(map(str, inputs))} for v in declared]
     else:
-        feeds = [generate_inputs(specs, np.random.default_rng([seed, t]), int_range) for t in range(trials)]
-        report.inputs = describe_inputs(specs)
+        report.inputs = describe_inputs(input_specs(declared, input_shapes or {}))
     report.trials = len(feeds)
     comparisons: dict[str, list[OutputComparison]] = {}
-    output_names = [name for name, _ in runtime.signature(sessions[0], "outputs")]
     references = []
     for t, feed in enumerate(feeds, 1):
         progress(f"trial {t} of {len(feeds)}")
-        labels = (report.reference, report.candidate)
-        want, got = (runtime.run_session(s, feed, label) for s, label in zip(sessions, labels))
+        want = runtime.run_named(sessions[0], feed, report.reference)
+        got = runtime.run_named(sessions[1], feed, report.candidate)
         references.append(want)
-        for name, w, g in zip(output_names, want, got):
-            comparisons.setdefault(name, []).append(compare(name, w, g, atol, rtol))
-    report.outputs = [worst(trial_results) for trial_results in comparisons.values()]
+        for name in compared:
+            for result in _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name)):
+                comparisons.setdefault(result.name, []).append(result)
+    report.outputs = [judge(trial_results) for trial_results in comparisons.values()] + unpaired
     if not all(o.passed for o in report.outputs) and atol is None:
-        progress("measuring the reference's own float32 noise")
-        judge_by_noise(report.outputs, reference, feeds, references, providers)
+        progress("measuring the reference's own noise")
+        judge_by_noise(report.outputs, reference, feeds, references, providers, precisions)
     report.equivalent = all(o.passed for o in report.outputs)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _signature_difference(reference, candidate) -> str:
-    for kind in ("inputs", "outputs"):
-        ref, cand = runtime.signature(reference, kind), runtime.signature(candidate, kind)
-        if sorted(ref) != sorted(cand):
-            return f"the models' {kind} differ: reference {ref}, candidate {cand}"
+def _feeds(declared, inputs, trials, seed, shapes, int_range) -> list[dict]:
+    if inputs:
+        specs = input_specs(declared, shapes)
+        return [feed for path in inputs for feed in load_input_sets(Path(path), specs)]
+    return [
+        generate_inputs(input_specs(declared, shapes, trial=t), np.random.default_rng([seed, t]), int_range)
+        for t in range(trials)
+    ]
+
+
+def _inputs_difference(reference, candidate) -> str:
+    ref, cand = runtime.signature(reference, "inputs"), runtime.signature(candidate, "inputs")
+    if sorted(ref) != sorted(cand):
+        return f"the models' inputs differ: reference {ref}, candidate {cand}"
     return ""
+
+
+def _pair_outputs(reference, candidate) -> tuple[list[str], list[OutputComparison]]:
+    """The output names both models have with one type, and a failed comparison for every other
+    name: missing from the candidate, only in the candidate, or declared with another type."""
+    ref, cand = dict(runtime.signature(reference, "outputs")), dict(runtime.signature(candidate, "outputs"))
+    compared, unpaired = [], []
+    for name, kind in ref.items():
+        if name not in cand:
+            unpaired.append(unmatched(name, "missing from the candidate", kind))
+        elif cand[name] != kind:
+            unpaired.append(unmatched(name, f"the candidate declares {cand[name]}, the reference {kind}", kind))
+        elif kind.startswith("map(") or "bfloat16" in kind:
+            what = "a map" if kind.startswith("map(") else "bfloat16, which onnxruntime's Python API cannot return"
+            raise BnfoldError(f"output '{name}' is {what}: bnfold cannot compare it")
+        else:
+            compared.append(name)
+    unpaired += [unmatched(name, "only in the candidate", kind) for name, kind in cand.items() if name not in ref]
+    return compared, unpaired
+
+
+def _precisions(reference, names: list[str]) -> dict[str, Precision]:
+    """The precision each compared output is computed in, read from the reference's graph."""
+    if isinstance(reference, onnx.ModelProto):
+        structure = reference
+    else:
+        from bnfold.io.source import parse
+
+        structure = parse(Path(reference))[0]
+    found = output_precisions(structure)
+    return {name: found[name] for name in names if name in found}
+
+
+def _compare_value(name, want, got, atol, rtol, precision) -> list[OutputComparison]:
+    """One output of one trial: a tensor, a sequence of tensors (element by element, as
+    `name[i]`) or an optional that may be absent."""
+    if want is None or got is None:
+        if want is None and got is None:
+            return [OutputComparison(name, "", [], elements=0)]
+        return [unmatched(name, f"absent in the {'reference' if want is None else 'candidate'} only")]
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            count = len(got) if isinstance(got, list) else "no"
+            return [unmatched(name, f"the candidate gives {count} elements, the reference {len(want)}")]
+        results = []
+        for i, (w, g) in enumerate(zip(want, got)):
+            results += _compare_value(f"{name}[{i}]", w, g, atol, rtol, precision)
+        return results
+    return [compare(name, np.asarray(want), np.asarray(got), atol, rtol, precision)]
