@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import conv_bn_model
+from builders import bn_parameters, conv_bn_model
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -382,3 +382,112 @@ def test_an_output_with_one_huge_element_does_not_hide_errors_elsewhere():
     got[50] = want[50]
     result = compare("y", want, got)
     assert not result.passed and result.mismatched == 100 and result.scale < 5
+
+
+def qdq_model(layers: int = 6) -> onnx.ModelProto:
+    """Conv → BN → Relu layers with QuantizeLinear/DequantizeLinear activations (float weights,
+    as a model quantized for activations only): every output lies on a grid of step 0.05."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def constant(name, values):
+        inits.append(numpy_helper.from_array(np.asarray(values), name))
+        return name
+
+    def qdq(x, i):
+        scale, zero = constant(f"s{i}", np.float32(0.05)), constant(f"z{i}", np.int8(0))
+        nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero], [f"q{i}"], name=f"quantize{i}"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"q{i}", scale, zero], [f"dq{i}"]))
+        return f"dq{i}"
+
+    h, cin = qdq("input", 0), 3
+    for i in range(layers):
+        w = constant(f"W{i}", (rng.normal(0, 1, (8, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32))
+        params = [constant(f"{k}{i}", v.astype(np.float32)) for k, v in bn_parameters(rng, 8).items()]
+        nodes.append(helper.make_node("Conv", [h, w], [f"conv{i}"], pads=[1] * 4))
+        nodes.append(helper.make_node("BatchNormalization", [f"conv{i}", *params], [f"bn{i}"], name=f"bn{i}"))
+        nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"]))
+        h, cin = qdq(f"relu{i}", i + 1), 8
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, 8, 16, 16])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("trials", [3, 10, 30])
+def test_a_correct_fold_of_a_quantized_model_passes_at_any_number_of_trials(trials, tmp_path):
+    # At 30 trials the fold flips a few elements across a rounding boundary: one step each.
+    original = save(qdq_model(), tmp_path / "qdq.onnx")
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    report = bnfold.verify(original, folded, trials=trials)
+    (output,) = report.outputs
+    assert report.equivalent and output.precision == "quantized" and round(output.steps) <= 1
+    assert "on the grid of QuantizeLinear 'quantize6' (step 0.05)" in "\n".join(report.notes)
+
+
+@pytest.mark.parametrize("mistake", ["beta dropped", "epsilon 1e-3 for 1e-5"])
+def test_a_folding_mistake_in_a_quantized_model_fails(mistake, monkeypatch, tmp_path):
+    original = save(qdq_model(), tmp_path / "qdq.onnx")
+    mutate(monkeypatch, mistake)
+    broken = save(bnfold.fold(original).model, tmp_path / "broken.onnx")
+    for trials in (3, 30):
+        assert not bnfold.verify(original, broken, trials=trials).equivalent
+
+
+def two_outputs(first: str, second: str, swap: bool = False) -> onnx.ModelProto:
+    """Outputs A and B, one Relu(x) and one Neg(x), listed in either order."""
+    nodes = [helper.make_node("Relu", ["x"], [first]), helper.make_node("Neg", ["x"], [second])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("A", "B")]
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], outputs[::-1] if swap else outputs
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_outputs_are_paired_by_name_not_by_position(tmp_path):
+    reference = save(two_outputs("A", "B"), tmp_path / "ref.onnx")
+    listed_otherwise = save(two_outputs("A", "B", swap=True), tmp_path / "same.onnx")
+    assert bnfold.verify(reference, listed_otherwise).equivalent
+    functions_swapped = save(two_outputs("B", "A", swap=True), tmp_path / "swapped.onnx")
+    report = bnfold.verify(reference, functions_swapped)
+    assert not report.equivalent and {o.name for o in report.failed} == {"A", "B"}
+
+
+def sequence_model(negate: bool = False) -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Neg" if negate else "Identity", ["x"], ["a"]),
+        helper.make_node("Relu", ["x"], ["b"]),
+        helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]),
+    ]
+    output = helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], [output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_sequence_outputs_are_compared_element_by_element(tmp_path):
+    reference = save(sequence_model(), tmp_path / "ref.onnx")
+    report = bnfold.verify(reference, save(sequence_model(), tmp_path / "same.onnx"))
+    assert report.equivalent and [o.name for o in report.outputs] == ["seq[0]", "seq[1]"]
+    result = invoke("verify", reference, save(sequence_model(negate=True), tmp_path / "neg.onnx"))
+    assert result.exit_code == 1 and "seq[0]" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_map_output_is_one_line_and_exit_2(tmp_path):
+    nodes = [helper.make_node("ZipMap", ["x"], ["m"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])]
+    graph = helper.make_graph(
+        nodes,
+        "map",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_value_info("m", helper.make_sequence_type_proto(helper.make_map_type_proto(7, helper.make_tensor_type_proto(1, []))))],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    path = save(model, tmp_path / "map.onnx")
+    result = invoke("verify", path, path)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "is a sequence of maps: bnfold cannot compare it" in result.stderr

@@ -133,8 +133,9 @@ def _pair_outputs(reference, candidate) -> tuple[list[str], list[OutputCompariso
             unpaired.append(unmatched(name, "missing from the candidate", kind))
         elif cand[name] != kind:
             unpaired.append(unmatched(name, f"the candidate declares {cand[name]}, the reference {kind}", kind))
-        elif kind.startswith("map(") or "bfloat16" in kind:
-            what = "a map" if kind.startswith("map(") else "bfloat16, which onnxruntime's Python API cannot return"
+        elif "map(" in kind or "bfloat16" in kind:
+            what = "a map" if kind.startswith("map(") else "a sequence of maps" if "map(" in kind else ""
+            what = what or "bfloat16, which onnxruntime's Python API cannot return"
             raise BnfoldError(f"output '{name}' is {what}: bnfold cannot compare it")
         else:
             compared.append(name)
@@ -161,6 +162,8 @@ def _compare_value(name, want, got, atol, rtol, precision) -> list[OutputCompari
         if want is None and got is None:
             return [OutputComparison(name, "", [], elements=0)]
         return [unmatched(name, f"absent in the {'reference' if want is None else 'candidate'} only")]
+    if isinstance(want, dict) or isinstance(got, dict):
+        raise BnfoldError(f"output '{name}' holds a map: bnfold cannot compare it")
     if isinstance(want, list):
         if not isinstance(got, list) or len(got) != len(want):
             count = len(got) if isinstance(got, list) else "no"
