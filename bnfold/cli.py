@@ -124,8 +124,10 @@ def optimize(
         result = _guard(lambda: pipeline.optimize(models[0], output, **options()))
         if not quiet:
             _say(result.report.table())
-            if result.verification:
+            if result.verification is not None:
                 _say(result.verification.table())
+        elif result.verification is not None and not result.verification.equivalent:
+            _say(result.verification.table(failed_only=True))
         if json_report:
             print(json.dumps(result.to_dict(), indent=2))
         if not result.written:
@@ -201,8 +203,21 @@ def verify(
     int_range: str = INT_RANGE_OPT,
     inputs: list[Path] | None = INPUTS_OPT,
     provider: list[str] | None = PROVIDER_OPT,
+    localize: bool = typer.Option(
+        False,
+        "--localize",
+        help="When an output differs, find the first intermediate tensor both models share that does.",
+    ),
+    save_inputs: Path | None = typer.Option(
+        None,
+        "--save-inputs",
+        help="Save the inputs run to this new folder (onnx test-data layout; replay with --inputs).",
+    ),
+    save_outputs: Path | None = typer.Option(
+        None, "--save-outputs", help="Save both models' outputs to this new folder (onnx test-data layout)."
+    ),
 ) -> None:
-    """Run both models with onnxruntime (graph optimizations off) and compare every output.
+    """Run both models with onnxruntime (graph optimizations off) and compare every output, by name.
 
     Exit 0 when every output matches within the tolerance policy, 1 when one does not.
     """
@@ -215,10 +230,13 @@ def verify(
             if not path.exists():
                 raise BnfoldError(f"{path}: no such file")
         options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider)
-        return run_verify(reference, candidate, progress=_progress(quiet), **options)
+        saving = {"save_inputs": save_inputs, "save_outputs": save_outputs}
+        return run_verify(reference, candidate, progress=_progress(quiet), localize=localize, **saving, **options)
 
     report = _guard(run)
     _render(report.to_dict(), report, json_report, quiet)
+    if quiet and not report.equivalent:
+        _say(report.table(failed_only=True))
     if not report.equivalent:
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
 

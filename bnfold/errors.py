@@ -17,6 +17,13 @@ class InternalError(Exception):
     """bnfold produced something it must not hand over (a bug); nothing was written."""
 
 
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """An exception's whole message on one line (onnxruntime puts the detail that matters, such
+    as "index: 2 Got: 64 Expected: 32", on its second line), cut at `limit` characters."""
+    text = " ".join((str(exc).strip() or type(exc).__name__).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message: what a one-line error report shows."""
     text = str(exc).strip() or type(exc).__name__

@@ -99,7 +99,7 @@ class OptimizeResult:
             "output": str(self.output),
             "written": self.written,
             **self.report.to_dict(),
-            "verification": self.verification.to_dict() if self.verification else None,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
         }
 
 
@@ -156,6 +156,7 @@ def optimize(
             progress("verifying the folded model against the original")
             checked = _verify(src, staged.path, verify_options or {}, progress)
             checked.candidate = str(dst)
+            _name_the_fold(checked, report)
         written = checked is None or checked.equivalent
         if written:
             staged.commit()
@@ -168,8 +169,19 @@ def _verify(src: Path, folded: Path, options: dict, progress) -> VerifyReport:
     from bnfold.verification.verify import ModelLoadError, verify
 
     try:
-        return verify(src, folded, progress=progress, locations_checked=True, **options)
+        return verify(src, folded, progress=progress, locations_checked=True, localize=True, **options)
     except BnfoldError as exc:
         if isinstance(exc, ModelLoadError) and exc.role == "candidate":
             raise InternalError(f"the folded model does not load although the input does: {exc}") from None
         raise BnfoldError(f"cannot verify: {exc} (--no-verify skips verification)") from None
+
+
+def _name_the_fold(checked: VerifyReport, report: FoldReport) -> None:
+    """Name the fold that made the node where the folded model first diverges: the linear op
+    that absorbed a BN took over the BN's output name, so the divergent tensor names it."""
+    divergence = checked.first_divergence
+    if divergence is None:
+        return
+    made = next((o for o in report.outcomes if o.folded and o.output == divergence.tensor), None)
+    if made is not None:
+        divergence.fold = f"{made.op} '{made.node}'"

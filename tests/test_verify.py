@@ -442,9 +442,8 @@ def two_outputs(first: str, second: str, swap: bool = False) -> onnx.ModelProto:
     """Outputs A and B, one Relu(x) and one Neg(x), listed in either order."""
     nodes = [helper.make_node("Relu", ["x"], [first]), helper.make_node("Neg", ["x"], [second])]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("A", "B")]
-    graph = helper.make_graph(
-        nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], outputs[::-1] if swap else outputs
-    )
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph(nodes, "two", [x], outputs[::-1] if swap else outputs)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -478,16 +477,109 @@ def test_sequence_outputs_are_compared_element_by_element(tmp_path):
 
 def test_a_map_output_is_one_line_and_exit_2(tmp_path):
     nodes = [helper.make_node("ZipMap", ["x"], ["m"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])]
+    probabilities = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
     graph = helper.make_graph(
         nodes,
         "map",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-        [helper.make_value_info("m", helper.make_sequence_type_proto(helper.make_map_type_proto(7, helper.make_tensor_type_proto(1, []))))],
+        [helper.make_value_info("m", helper.make_sequence_type_proto(probabilities))],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
     path = save(model, tmp_path / "map.onnx")
     result = invoke("verify", path, path)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "is a sequence of maps: bnfold cannot compare it" in result.stderr
+
+
+# ---- localization: which fold broke it -------------------------------------------------------------
+def break_the_fifth_fold(monkeypatch) -> None:
+    """One fold (the fifth BN, in graph order) gets a bias 1.0 off; the others stay right."""
+    original, calls = bnfold.folding.affine.fold_bias, []
+
+    def fifth_wrong(bias, scale, shift):
+        calls.append(1)
+        folded = original(bias, scale, shift)
+        return folded + 1.0 if len(calls) == 5 else folded
+
+    monkeypatch.setattr(bnfold.folding.affine, "fold_bias", fifth_wrong)
+
+
+def test_optimize_names_the_fold_that_broke_the_model(monkeypatch, tmp_path):
+    model = tmp_path / "net.onnx"
+    shutil.copy(SAMPLES / "resnet_tiny.onnx", model)  # 9 BNs
+    break_the_fifth_fold(monkeypatch)
+    result = invoke("optimize", model, "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    fifth = report["batch_normalizations"][4]
+    divergence = report["verification"]["first_divergence"]
+    assert divergence["tensor"] == fifth["output"]
+    assert divergence["fold"] == f"BatchNormalization '{fifth['node']}'"
+    assert divergence["candidate_node"] == f"Conv '{fifth['folded_into']}'"
+    assert f"first divergence at '{fifth['output']}'" in result.stderr
+
+
+def test_verify_localize_finds_the_first_tensor_that_differs(monkeypatch, tmp_path):
+    original = SAMPLES / "mobilenet_tiny.onnx"  # 11 BNs, depthwise
+    with monkeypatch.context() as patch:
+        break_the_fifth_fold(patch)
+        broken = save(bnfold.fold(original).model, tmp_path / "broken.onnx")
+    fifth = bnfold.fold(original).report.batch_norms[4]
+    report = bnfold.verify(original, broken, localize=True)
+    assert not report and report.first_divergence.tensor == fifth.output
+    assert report.first_divergence.reference_node == f"BatchNormalization '{fifth.node}'"
+    quiet = invoke("verify", original, broken, "--localize", "-q")  # -q still shows what failed
+    assert quiet.exit_code == 1 and f"first divergence at '{fifth.output}'" in quiet.stderr
+    assert "output" in quiet.stderr and "NOT equivalent" in quiet.stderr
+    assert bnfold.verify(original, broken).first_divergence is None  # only when asked
+
+
+def test_a_report_is_true_when_equivalent(tmp_path):
+    original = SAMPLES / "resnet_tiny.onnx"
+    assert bnfold.verify(original, original)
+
+
+# ---- evidence: what was run can be saved and replayed --------------------------------------------
+def test_saved_inputs_replay_the_same_verdict(monkeypatch, tmp_path):
+    original = SAMPLES / "resnet_tiny.onnx"
+    with monkeypatch.context() as patch:
+        break_the_fifth_fold(patch)
+        broken = save(bnfold.fold(original).model, tmp_path / "broken.onnx")
+    first = bnfold.verify(original, broken, save_inputs=tmp_path / "in", save_outputs=tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == [f"test_data_set_{t}" for t in range(3)]
+    assert (tmp_path / "out" / "candidate" / "test_data_set_2" / "output_0.pb").is_file()
+    replay = bnfold.verify(original, broken, inputs=[tmp_path / "in"])
+    assert replay.trials == 3 and not replay
+    assert [o.needed_atol for o in replay.outputs] == [o.needed_atol for o in first.outputs]
+    assert "note: input 'input' axis 0 is batch: used 1 and 2" in replay.notes  # the shapes run
+    expected = onnx.TensorProto()
+    expected.ParseFromString((tmp_path / "out" / "test_data_set_1" / "output_0.pb").read_bytes())
+    assert expected.name == "output" and list(expected.dims) == [2, 10]
+
+
+def test_saving_never_writes_into_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    sample = SAMPLES / "resnet_tiny.onnx"
+    result = invoke("verify", sample, sample, "--save-inputs", tmp_path / "busy")
+    assert result.exit_code == 2 and "exists and is not an empty folder" in result.stderr
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+
+
+def test_inputs_that_name_no_model_input_say_what_they_hold(tmp_path):
+    np.savez(tmp_path / "data.npz", image=np.zeros((1, 3, 32, 32), np.float32))
+    sample = SAMPLES / "resnet_tiny.onnx"
+    result = invoke("verify", sample, sample, "--inputs", tmp_path / "data.npz")
+    assert result.exit_code == 2
+    assert "no array for input 'input' (found 'image'; the model takes 'input')" in result.stderr
+
+
+def test_onnxruntimes_whole_message_is_kept(tmp_path):
+    np.savez(tmp_path / "data.npz", input=np.zeros((1, 3, 64, 64), np.float32))
+    model = conv_bn_model()  # a static 1x2x6x6 input (or so): 64x64 is refused at run time
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 32
+    path = save(model, tmp_path / "static.onnx")
+    np.savez(tmp_path / "wrong.npz", **{model.graph.input[0].name: np.zeros((1, 2, 64, 6), np.float32)})
+    result = invoke("verify", path, path, "--inputs", tmp_path / "wrong.npz")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "Got: 64 Expected: 32" in result.stderr

@@ -174,7 +174,9 @@ def _load_test_data_set(folder: Path, specs: dict) -> dict:
 def _check_feed(arrays: dict, specs: dict, source: Path) -> dict:
     missing = [n for n in specs if n not in arrays]
     if missing:
-        raise BnfoldError(f"{source}: no array for input '{missing[0]}'")
+        found = ", ".join(f"'{k}'" for k in arrays) or "none"
+        wanted = ", ".join(f"'{n}'" for n in specs)
+        raise BnfoldError(f"{source}: no array for input '{missing[0]}' (found {found}; the model takes {wanted})")
     feed = {}
     for name, (dtype, _) in specs.items():
         array = arrays[name]

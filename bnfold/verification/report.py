@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from bnfold.verification.localize import Divergence
 from bnfold.verification.tolerance import NOISE_FACTOR, OutputComparison
 
 
@@ -18,7 +19,12 @@ class VerifyReport:
     inputs: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     outputs: list[OutputComparison] = field(default_factory=list)
+    first_divergence: Divergence | None = None  # with localization, when an output failed
     seconds: float = 0.0
+
+    def __bool__(self) -> bool:
+        """The verdict: `if bnfold.verify(a, b):` reads as "if they are equivalent"."""
+        return self.equivalent
 
     @property
     def failed(self) -> list[OutputComparison]:
@@ -31,9 +37,10 @@ class VerifyReport:
             verdict = f"NOT equivalent: {len(self.failed)} of {len(self.outputs)} outputs differ"
         return f"{verdict} over {self.trials} trials (seed {self.seed}) · {self.seconds:.2f} s"
 
-    def table(self) -> str:
+    def table(self, failed_only: bool = False) -> str:
+        """Notes, one row per output (or per failing output), the first divergence, the verdict."""
         rows = [("output", "dtype", "shape", "max abs", "rel L2", "cosine", "mismatched", "needed atol", "result")]
-        for o in self.outputs:
+        for o in self.failed if failed_only else self.outputs:
             rows.append(
                 (
                     o.name,
@@ -49,10 +56,13 @@ class VerifyReport:
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
-        return "\n".join([*self.notes, *lines, self.summary()])
+        divergence = [self.first_divergence.describe()] if self.first_divergence else []
+        notes = [] if failed_only else self.notes
+        return "\n".join([*notes, *lines, *divergence, self.summary()])
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = asdict(replace(self, first_divergence=None))  # the divergence has a shape of its own
+        data["first_divergence"] = self.first_divergence.to_dict() if self.first_divergence else None
         data["seconds"] = round(self.seconds, 4)
         return data
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bnfold.errors import BnfoldError, first_line
+from bnfold.errors import BnfoldError, one_line
 from bnfold.io.source import check_external_data
 from bnfold.verification.inputs import InputSpec
 
@@ -64,7 +64,7 @@ def load_session(
     try:
         return make_session(model, providers=providers, optimize=optimize)
     except Exception as exc:
-        raise ModelLoadError(role, f"onnxruntime cannot load {describe(model)}: {first_line(exc)}") from None
+        raise ModelLoadError(role, f"onnxruntime cannot load {describe(model)}: {one_line(exc)}") from None
 
 
 def signature(session: ort.InferenceSession, kind: str) -> list[tuple[str, str]]:
@@ -89,7 +89,7 @@ def run_session(session: ort.InferenceSession, feed: dict, label: str) -> list[n
             return [v.numpy() for v in session.run_with_ort_values(None, values)]
         return session.run(None, feed)
     except Exception as exc:
-        raise BnfoldError(f"onnxruntime could not run {label}: {first_line(exc)}") from None
+        raise BnfoldError(f"onnxruntime could not run {label}: {one_line(exc)}") from None
 
 
 def run_named(session: ort.InferenceSession, feed: dict, label: str) -> dict:

@@ -11,6 +11,7 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.verification import runtime
+from bnfold.verification.evidence import claim_folder, save_trials
 from bnfold.verification.inputs import (
     DEFAULT_INT_RANGE,
     DEFAULT_TRIALS,
@@ -20,6 +21,7 @@ from bnfold.verification.inputs import (
     load_input_sets,
     shape_notes,
 )
+from bnfold.verification.localize import first_divergence
 from bnfold.verification.noise import judge_by_noise
 from bnfold.verification.precision import output_precisions
 from bnfold.verification.report import VerifyReport
@@ -43,6 +45,9 @@ def verify(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     progress: Callable[[str], None] = lambda stage: None,
     locations_checked: bool = False,
+    localize: bool = False,
+    save_inputs: str | Path | None = None,
+    save_outputs: str | Path | None = None,
 ) -> VerifyReport:
     """Run both models on the same inputs and compare every output, paired by name, under the
     tolerance policy (`bnfold.verification.tolerance`) for the precision each output is
@@ -53,7 +58,10 @@ def verify(
     alternating between 1 and 2. Raises BnfoldError when the comparison cannot run; a
     difference is reported, not raised. Model files' external-data locations are checked before
     onnxruntime reads them, unless the caller has done that (`locations_checked`: optimize read
-    the input and wrote the candidate itself).
+    the input and wrote the candidate itself). With `localize`, a failure is traced to the first
+    intermediate tensor both models share that differs (`report.first_divergence`).
+    `save_inputs` and `save_outputs` name new folders for what was run, in onnx's test-data
+    layout (`bnfold.verification.evidence`); the candidate's outputs go to `candidate/` inside.
     """
     start = time.perf_counter()
     if trials < 1:
@@ -61,6 +69,7 @@ def verify(
     if int_range[0] >= int_range[1]:
         raise BnfoldError(f"--int-range {int_range[0]}:{int_range[1]} is empty")
     runtime.check_providers(providers)
+    folders = {kind: claim_folder(Path(f)) for kind, f in (("inputs", save_inputs), ("outputs", save_outputs)) if f}
     report = VerifyReport(
         runtime.describe(reference), runtime.describe(candidate), seed=seed, providers=list(providers)
     )
@@ -88,22 +97,41 @@ def verify(
         report.inputs = describe_inputs(input_specs(declared, input_shapes or {}))
     report.trials = len(feeds)
     comparisons: dict[str, list[OutputComparison]] = {}
-    references = []
+    references, candidates = [], []
     for t, feed in enumerate(feeds, 1):
         progress(f"trial {t} of {len(feeds)}")
         want = runtime.run_named(sessions[0], feed, report.reference)
         got = runtime.run_named(sessions[1], feed, report.candidate)
         references.append(want)
+        if "outputs" in folders:
+            candidates.append(got)
         for name in compared:
             for result in _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name)):
                 comparisons.setdefault(result.name, []).append(result)
     report.outputs = [judge(trial_results) for trial_results in comparisons.values()] + unpaired
+    if "inputs" in folders:
+        save_trials(folders["inputs"], feeds, "input")
+    if "outputs" in folders:
+        save_trials(folders["outputs"], references, "output")
+        save_trials(claim_folder(folders["outputs"] / "candidate"), candidates, "output")
     if not all(o.passed for o in report.outputs) and atol is None:
         progress("measuring the reference's own noise")
         judge_by_noise(report.outputs, reference, feeds, references, providers, precisions)
     report.equivalent = all(o.passed for o in report.outputs)
+    if localize and report.failed:
+        progress("looking for the first tensor that differs")
+        feed = feeds[_first_failing_trial(report.failed, comparisons)]
+        report.first_divergence = first_divergence(reference, candidate, feed, providers, atol, rtol)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _first_failing_trial(failed: list[OutputComparison], comparisons: dict) -> int:
+    """The first trial in which an output that failed overall failed."""
+    trials = [
+        next((t for t, result in enumerate(comparisons.get(o.name, [])) if not result.passed), None) for o in failed
+    ]
+    return min((t for t in trials if t is not None), default=0)
 
 
 def _feeds(declared, inputs, trials, seed, shapes, int_range) -> list[dict]:
