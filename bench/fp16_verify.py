@@ -161,15 +161,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temporary:
         folder = args.folder or Path(temporary)
         folder.mkdir(parents=True, exist_ok=True)
+        print("| network | fold | exit | output |")
+        print("|---|---|---|---|")
         for name, make in networks().items():
             fp32, fp16, example = build(name, make, folder)
             for mistake in (None, *MISTAKES):
                 report = optimize(fp16, folder / f"{name}_fp16.folded.onnx", MISTAKES.get(mistake))
                 verification = report.get("verification") or {}
                 outputs = verification.get("outputs", [])
-                detail = "; ".join(f"needed atol {o['needed_atol']:.2e} (atol {o['atol']:.0e})" for o in outputs)
-                notes = " ".join(n for n in verification.get("notes", []) if "judged as" in n)
-                print(f"{name:14} {mistake or 'correct fold':13} exit {report['exit_code']}  {detail}  {notes}")
+                detail = "; ".join(
+                    f"needed atol {o['needed_atol']:.2e}, {o['precision']} atol {o['atol']:.0e}, "
+                    f"noise {o['noise'] or 0:.2e}"
+                    for o in outputs
+                )
+                print(f"| {name} | {mistake or 'correct fold'} | {report['exit_code']} | {detail} |")
 
 
 if __name__ == "__main__":

@@ -74,40 +74,35 @@ def verify(
         runtime.describe(reference), runtime.describe(candidate), seed=seed, providers=list(providers)
     )
     progress("loading both models in onnxruntime")
-    sessions = [
-        runtime.load_session(m, role, providers, check_locations=not locations_checked)
-        for m, role in ((reference, "reference"), (candidate, "candidate"))
-    ]
-    inputs_differ = _inputs_difference(*sessions)
-    if inputs_differ:
-        report.equivalent, report.notes = False, [inputs_differ]
-        report.seconds = time.perf_counter() - start
-        return report
-    compared, unpaired = _pair_outputs(*sessions)
-    precisions = _precisions(reference, compared)
-    report.notes = [
-        f"note: output '{n}' is judged as {p.dtype}: {p.why}" for n, p in precisions.items() if p.why != p.dtype
-    ]
-    declared = runtime.input_declarations(sessions[0])
-    feeds = _feeds(declared, inputs, trials, seed, input_shapes or {}, int_range)
-    report.notes = shape_notes(declared, feeds, input_shapes or {}) + report.notes
-    if inputs:
-        report.inputs = [{"name": v.name, "source": ", ".join(map(str, inputs))} for v in declared]
-    else:
-        report.inputs = describe_inputs(input_specs(declared, input_shapes or {}))
-    report.trials = len(feeds)
-    comparisons: dict[str, list[OutputComparison]] = {}
-    references, candidates = [], []
-    for t, feed in enumerate(feeds, 1):
-        progress(f"trial {t} of {len(feeds)}")
-        want = runtime.run_named(sessions[0], feed, report.reference)
-        got = runtime.run_named(sessions[1], feed, report.candidate)
-        references.append(want)
-        if "outputs" in folders:
-            candidates.append(got)
-        for name in compared:
-            for result in _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name)):
-                comparisons.setdefault(result.name, []).append(result)
+    with runtime.SessionPair((reference, candidate), providers, check_locations=not locations_checked) as pair:
+        inputs_differ = _inputs_difference(*pair.sessions)
+        if inputs_differ:
+            report.equivalent, report.notes = False, [inputs_differ]
+            report.seconds = time.perf_counter() - start
+            return report
+        compared, unpaired = _pair_outputs(*pair.sessions)
+        precisions = _precisions(reference, compared)
+        declared = runtime.input_declarations(pair.sessions[0])
+        feeds = _feeds(declared, inputs, trials, seed, input_shapes or {}, int_range)
+        report.notes = shape_notes(declared, feeds, input_shapes or {}) + [
+            f"note: output '{n}' is judged as {p.dtype}: {p.why}" for n, p in precisions.items() if p.why != p.dtype
+        ]
+        if inputs:
+            report.inputs = [{"name": v.name, "source": ", ".join(map(str, inputs))} for v in declared]
+        else:
+            report.inputs = describe_inputs(input_specs(declared, input_shapes or {}))
+        report.trials = len(feeds)
+        comparisons: dict[str, list[OutputComparison]] = {}
+        references, candidates = [], []
+        for t, feed in enumerate(feeds, 1):
+            progress(f"trial {t} of {len(feeds)}")
+            want, got = pair.run(feed, (report.reference, report.candidate))
+            references.append(want)
+            if "outputs" in folders:
+                candidates.append(got)
+            for name in compared:
+                for result in _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name)):
+                    comparisons.setdefault(result.name, []).append(result)
     report.outputs = [judge(trial_results) for trial_results in comparisons.values()] + unpaired
     if "inputs" in folders:
         save_trials(folders["inputs"], feeds, "input")
