@@ -9,8 +9,17 @@ Attributes are imported on first use, so `import bnfold` (and the CLI's start-up
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what type checkers see; at run time each name is imported on first use
+    from bnfold.benchmark import BenchReport, bench
+    from bnfold.errors import BnfoldError, InternalError
+    from bnfold.pipeline import FoldResult, OptimizeResult, fold, optimize
+    from bnfold.report import FoldOutcome, FoldReport
+    from bnfold.verification.report import VerifyReport
+    from bnfold.verification.verify import verify
 
 _EXPORTS = {
     "fold": "bnfold.pipeline",
@@ -27,7 +36,11 @@ _EXPORTS = {
     "BenchReport": "bnfold.benchmark",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [  # spelled out, so that linters and type checkers read it
+    "fold", "FoldResult", "FoldReport", "FoldOutcome", "optimize", "OptimizeResult", "BnfoldError",
+    "InternalError", "verify", "VerifyReport", "bench", "BenchReport", "__version__",
+]  # fmt: skip
+assert set(__all__) == {*_EXPORTS, "__version__"}
 
 
 def __getattr__(name: str):

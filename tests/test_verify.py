@@ -583,3 +583,42 @@ def test_onnxruntimes_whole_message_is_kept(tmp_path):
     result = invoke("verify", path, path, "--inputs", tmp_path / "wrong.npz")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "Got: 64 Expected: 32" in result.stderr
+
+
+def test_a_rewrite_that_only_holds_at_batch_1_is_caught(tmp_path):
+    def model(batch_mean: bool) -> onnx.ModelProto:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+        if batch_mean:  # the mean over the batch: the row itself at batch 1, not at batch 2
+            nodes = [
+                helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+                helper.make_node("Shape", ["x"], ["s"]),
+                helper.make_node("Expand", ["m", "s"], ["e"]),
+                helper.make_node("Relu", ["e"], ["y"]),
+            ]
+        else:
+            nodes = [helper.make_node("Relu", ["x"], ["y"])]
+        graph = helper.make_graph(nodes, "batch", [x], [y])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    reference, candidate = save(model(False), tmp_path / "r.onnx"), save(model(True), tmp_path / "c.onnx")
+    assert bnfold.verify(reference, candidate, trials=1)  # batch 1 alone cannot tell them apart
+    assert not bnfold.verify(reference, candidate, trials=2)
+
+
+def test_a_mixed_precision_output_is_judged_by_its_narrowest_path():
+    from bnfold.verification.precision import output_precisions
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    nodes = [
+        helper.make_node("Cast", ["x"], ["half"], to=TensorProto.FLOAT16),
+        helper.make_node("Relu", ["half"], ["r"]),
+        helper.make_node("Cast", ["r"], ["narrow"], to=TensorProto.FLOAT),
+        helper.make_node("Sigmoid", ["x"], ["wide"]),
+        helper.make_node("Add", ["narrow", "wide"], ["both"]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("wide", "both")]
+    model = helper.make_model(helper.make_graph(nodes, "mixed", [x], outputs))
+    precisions = output_precisions(model)
+    assert precisions["wide"].dtype == "float32" and precisions["both"].dtype == "float16"
+    assert precisions["both"].why == "float16 inside: a float16 tensor lies on its path"
