@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,10 @@ def optimize_many(
     if output_folder is not None:
         if output_folder.exists() and not output_folder.is_dir():
             raise BnfoldError(f"{output_folder}: with several models, -o must name a folder")
+        if not output_folder.exists() and output_folder.suffix == ".onnx":
+            raise BnfoldError(f"{output_folder}: with several models, -o names a folder, not a model file")
         output_folder.mkdir(parents=True, exist_ok=True)
+    _refuse_shared_outputs(paths, output_folder)
     tasks = [(path, output_folder, options) for path in paths]
     items: dict[Path, BatchItem] = {}
     if jobs == 1:
@@ -70,6 +74,18 @@ def optimize_many(
                 items[item.input] = item
                 on_done(item)
     return [items[path] for path in paths]
+
+
+def _refuse_shared_outputs(paths: list[Path], output_folder: Path | None) -> None:
+    """Two models of one batch may not write one output (`a/m.onnx b/m.onnx -o out`)."""
+    writers: dict[str, Path] = {}
+    for path in paths:
+        stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+        folder = output_folder if output_folder is not None else path.parent
+        target = os.path.normcase(os.path.abspath(folder / (stem + SUFFIX)))
+        if target in writers:
+            raise BnfoldError(f"{path} and {writers[target]} would both be written to {target}; fold them separately")
+        writers[target] = path
 
 
 def _optimize_one(task) -> BatchItem:

@@ -73,7 +73,7 @@ PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution prov
 @app.command(epilog=EXIT_CODES)
 def optimize(
     models: list[Path] = typer.Argument(..., help="ONNX model files, or folders of them.", show_default=False),
-    output: Path | None = typer.Option(
+    output: str | None = typer.Option(  # a str: a trailing "/" (a new folder) must survive
         None,
         "--output",
         "-o",
@@ -145,7 +145,8 @@ def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
     bar = _ProgressBar(len(paths), enabled=not quiet and sys.stderr.isatty())
     batch_options = _guard(options)
     del batch_options["progress"]  # per-model stages would garble the bar (and cannot be pickled)
-    items = _guard(lambda: batch.optimize_many(paths, output, jobs=jobs, on_done=bar.advance, **batch_options))
+    folder = Path(output) if output is not None else None
+    items = _guard(lambda: batch.optimize_many(paths, folder, jobs=jobs, on_done=bar.advance, **batch_options))
     bar.close()
     written = sum(item.exit_code == 0 for item in items)
     if not quiet:

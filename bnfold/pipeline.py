@@ -18,7 +18,7 @@ from bnfold.errors import BnfoldError, InternalError
 from bnfold.folding.walk import fold_model_graph
 from bnfold.graph.tensors import TensorReader, store_pending
 from bnfold.io import output as io_output
-from bnfold.io.output import StagedModel, output_path, serialized_size
+from bnfold.io.output import StagedModel, output_path, refuse_input_data, serialized_size
 from bnfold.io.source import ModelSource, load_model
 from bnfold.io.tensors import payload_bytes, read_tensor
 from bnfold.report import FoldOutcome, FoldReport
@@ -137,6 +137,7 @@ def optimize(
     dst = output_path(src, output)  # refuse a bad destination before doing any work
     progress(f"folding {src}")
     source = ModelSource.open(src)
+    refuse_input_data(dst, source.data_files)
     model = source.model
     report = FoldReport(bytes_before=source.bytes_on_disk)
     payload_before = payload_bytes(model.graph)
@@ -159,7 +160,7 @@ def optimize(
             _name_the_fold(checked, report)
         written = checked is None or checked.equivalent
         if written:
-            staged.commit()
+            staged.commit(keep=source.data_files)
         report.bytes_after = staged.bytes
     report.seconds = time.perf_counter() - start  # the whole run, as the user waited
     return OptimizeResult(src, dst, written, report, checked)

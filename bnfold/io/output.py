@@ -7,6 +7,7 @@ import glob
 import os
 import re
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,19 +24,49 @@ SUFFIX = ".folded.onnx"
 
 
 def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None) -> Path:
-    """Where the folded model goes: `-o` as given (a folder gets `<name>.folded.onnx` inside
-    it), else beside the input. Refuses any path that is the input itself."""
+    """Where the folded model goes: `-o` as given (a folder, or a name ending in `/`, gets
+    `<name>.folded.onnx` inside it, created if need be), else beside the input. Refuses a path
+    that is the input itself, or anything but a regular file (or a link to one)."""
     src = Path(model_path)
     stem = src.name[: -len(".onnx")] if src.name.endswith(".onnx") else src.name
     if output is None:
         dst = src.with_name(stem + SUFFIX)
     else:
         dst = Path(output)
+        if str(output).endswith(("/", os.sep)) and not dst.is_dir():
+            try:
+                dst.mkdir(parents=True)
+            except OSError as exc:
+                raise BnfoldError(f"{dst}: cannot create the folder ({exc.strerror or exc})") from None
         if dst.is_dir():
             dst = dst / (stem + SUFFIX)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise BnfoldError(f"{dst}: refusing to overwrite the input model; choose another -o")
+    refuse_unless_replaceable(dst)
     return dst
+
+
+def refuse_unless_replaceable(dst: Path) -> None:
+    """bnfold replaces an existing output by renaming a new file over it: fine for a regular
+    file or a link to one, never for a device, a FIFO or a socket (as root, `-o /dev/null` would
+    otherwise replace the system's device node)."""
+    try:
+        status = os.stat(dst)  # through a link: what it points to
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BnfoldError(f"{dst}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise BnfoldError(f"{dst}: exists and is not a regular file; refusing to replace it")
+
+
+def refuse_input_data(dst: Path, data_files: list[Path]) -> None:
+    """The output may not be one of the files the input reads its tensors from."""
+    if not dst.exists():
+        return
+    for data in data_files:
+        if data.exists() and os.path.samefile(dst, data):
+            raise BnfoldError(f"{dst}: is the input's external data file; choose another -o")
 
 
 SINGLE_FILE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB message limit, with room for the graph
@@ -112,8 +143,11 @@ class StagedModel:
             self.discard()
             raise
 
-    def commit(self) -> None:
-        previous = _bnfold_data_files(self.dest)
+    def commit(self, keep: list[Path] = ()) -> None:
+        """Rename the staged model over the destination; then remove the data file the previous
+        output there used, unless it is one of `keep` (the files the input was read from: a copy
+        of a previous output reads the same data file)."""
+        previous = {old for old in _bnfold_data_files(self.dest) if not _any_same(old, keep)}
         os.chmod(self.path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         try:
             os.replace(self.path, self.dest)
@@ -143,6 +177,10 @@ class StagedModel:
             raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
         os.close(fd)
         return Path(name)
+
+
+def _any_same(path: Path, others) -> bool:
+    return any(other.exists() and path.exists() and os.path.samefile(path, other) for other in others)
 
 
 def _sync(file) -> None:
