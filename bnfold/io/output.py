@@ -92,10 +92,13 @@ class StagedModel:
     past protobuf's 2 GiB limit for one message.
 
     With external data, the tensors go to `<output name>.<8 hex>.data`: a new file every time,
-    so nothing is ever appended to or overwritten in a data file another model may read. It is
-    written under a temporary name and renamed into place before the model is; the model's
-    rename is the commit. So at every moment the output path holds the previous model (with
-    its own data file intact) or the new one (with its data complete); after the commit the
+    so nothing is ever appended to or overwritten in a data file another model may read. Until
+    the commit it is a hidden `.<output name>.<8 hex>.tmp` beside the hidden staged model, which
+    names it (so the staged model can be verified); the two names have one length, and the commit
+    writes the model again with the final name in place of the hidden one, renames the data file
+    into place, then the model: the model's rename is the commit. So at every moment the output
+    path holds the previous model (with its own data file intact) or the new one (with its data
+    complete), and a run killed before the commit leaves no visible file; after the commit the
     previous output's bnfold-named data file is removed. Used as a context manager, anything
     not committed is removed on exit.
     """
@@ -110,23 +113,20 @@ class StagedModel:
         source: ModelSource | None = None,
     ):
         self.dest = dest
-        self.data_path: Path | None = None
+        self.data_path: Path | None = None  # the data file's name once committed
+        self._hidden_data: Path | None = None  # …and until then
         self._committed = False
         self.path = self._temporary(".tmp")
         try:
             if external:
-                self.data_path = dest.with_name(f"{dest.name}.{secrets.token_hex(4)}.data")
-                staging = self._temporary(".data.tmp")
-                try:
-                    with open(self.path, "wb") as out, open(staging, "wb") as data:
-                        ModelWriter(out, pending or {}, source, data, self.data_path.name).write(model)
-                        _sync(data)
-                        _sync(out)
-                    os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-                    os.replace(staging, self.data_path)
-                except BaseException:
-                    _unlink(staging)
-                    raise
+                token = secrets.token_hex(4)
+                self.data_path = dest.with_name(f"{dest.name}.{token}.data")
+                self._hidden_data = dest.with_name(f".{dest.name}.{token}.tmp")
+                with open(self.path, "wb") as out, open(self._hidden_data, "xb") as data:
+                    ModelWriter(out, pending or {}, source, data, self._hidden_data.name).write(model)
+                    _sync(data)
+                    _sync(out)
+                os.chmod(self._hidden_data, 0o666 & ~_umask())
             else:
                 with open(self.path, "wb") as out:
                     ModelWriter(out, pending or {}, source).write(model)
@@ -135,7 +135,7 @@ class StagedModel:
                     raise BnfoldError(
                         "the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto"
                     )
-            self.bytes = self.path.stat().st_size + (self.data_path.stat().st_size if self.data_path else 0)
+            self.bytes = self.path.stat().st_size + (self._hidden_data.stat().st_size if self._hidden_data else 0)
         except OSError as exc:
             self.discard()
             raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
@@ -150,6 +150,8 @@ class StagedModel:
         previous = {old for old in _bnfold_data_files(self.dest) if not _any_same(old, keep)}
         os.chmod(self.path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         try:
+            if self._hidden_data is not None:
+                self._name_the_data_file()
             os.replace(self.path, self.dest)
         except OSError as exc:
             raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
@@ -158,11 +160,36 @@ class StagedModel:
         for old in previous - {self.data_path}:
             _unlink(old)
 
+    def _name_the_data_file(self) -> None:
+        """The staged model again, naming the data file by its final name (one length: every
+        offset in the file stays), then the data file renamed to that name."""
+        hidden, final = self._hidden_data.name.encode(), self.data_path.name.encode()
+        staged = self.path.read_bytes()  # with external data the model file holds only the structure
+        if not staged.count(hidden):  # every tensor was too small for the data file
+            _unlink(self._hidden_data)
+            self._hidden_data = self.data_path = None
+            return
+        renamed = self._temporary(".tmp")
+        try:
+            with open(renamed, "wb") as out:
+                out.write(staged.replace(hidden, final))
+                _sync(out)
+            os.chmod(renamed, 0o666 & ~_umask())
+            os.replace(renamed, self.path)
+        except BaseException:
+            _unlink(renamed)
+            raise
+        os.replace(self._hidden_data, self.data_path)
+        self._hidden_data = None
+
     def discard(self) -> None:
-        if not self._committed:
-            _unlink(self.path)
-            if self.data_path is not None:
-                _unlink(self.data_path)
+        if self._committed:
+            return
+        _unlink(self.path)
+        if self._hidden_data is not None:
+            _unlink(self._hidden_data)
+        elif self.data_path is not None:
+            _unlink(self.data_path)  # renamed into place, but the model never was
 
     def __enter__(self) -> StagedModel:
         return self
