@@ -35,6 +35,15 @@ def validate_skeleton(
         validate(str(write_skeleton(model, pending, source, Path(folder))), original)
 
 
+def validate_input_skeleton(model: onnx.ModelProto, source: ModelSource, original: str) -> None:
+    """check_input() for a model opened for folding, on its skeleton (no tensor data read).
+    Run before folding: a model the checker refuses may be read one way by onnxruntime and
+    another by any folder (two tensors of one name, an attribute given twice), so it is never
+    folded, whatever the fold would have left."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-check-") as folder:
+        check_input(str(write_skeleton(model, {}, source, Path(folder))))
+
+
 def check_input(original: onnx.ModelProto | str) -> None:
     """Raise BnfoldError if the input model fails the checker."""
     try:

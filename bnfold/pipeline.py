@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from bnfold.checker import check_input, validate, validate_skeleton
+from bnfold.checker import check_input, validate, validate_input_skeleton, validate_skeleton
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.folding.walk import fold_model_graph
 from bnfold.graph.tensors import TensorReader, store_pending
@@ -57,6 +57,8 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, repa
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=serialized_size(folded))
+    if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
+        check_input(original)  # before folding: see checker.validate_input_skeleton
     report.outcomes, pending = fold_in_place(folded, original, read_tensor, reparam=reparam)
     store_pending(folded.graph, pending)
     report.bytes_after = serialized_size(folded)
@@ -139,6 +141,7 @@ def optimize(
     source = ModelSource.open(src)
     refuse_input_data(dst, source.data_files)
     model = source.model
+    validate_input_skeleton(model, source, str(src))
     report = FoldReport(bytes_before=source.bytes_on_disk)
     payload_before = payload_bytes(model.graph)
     report.outcomes, pending = fold_in_place(model, str(src), source.read, reparam=reparam)

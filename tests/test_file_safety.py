@@ -94,3 +94,54 @@ def test_several_models_into_a_new_onnx_name_is_refused(tmp_path):
     result = bnfold("optimize", tmp_path / "one.onnx", tmp_path / "two.onnx", "-o", tmp_path / "new.onnx")
     one_line_error(result, "with several models, -o names a folder, not a model file")
     assert not (tmp_path / "new.onnx").exists()
+
+
+def test_a_run_killed_during_verification_leaves_no_visible_file(tmp_path):
+    # The process dies the moment verification starts: the staged model and its data exist.
+    shutil.copy(SAMPLE, tmp_path / "model.onnx")
+    script = (
+        "import os, signal, sys; import bnfold.pipeline as p; "
+        "p._verify = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+        "from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()"
+    )
+    command = [sys.executable, "-c", script, "optimize", str(tmp_path / "model.onnx"), "--external-data", "always"]
+    assert subprocess.run(command, capture_output=True).returncode == -9
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["model.onnx"]
+
+
+# ---- never fold what onnxruntime reads differently -------------------------------------------------
+def conv_bn(tmp_path: Path, damage: str) -> Path:
+    from builders import conv_bn_model
+    from onnx import numpy_helper
+
+    model = conv_bn_model()
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    if damage == "two initializers named W":
+        twin = numpy_helper.from_array(numpy_helper.to_array(weight) * 3, "W")
+        model.graph.initializer.append(twin)
+    elif damage == "an initializer and a Constant named W":
+        constant = onnx.helper.make_node(
+            "Constant", [], ["W"], value=numpy_helper.from_array(numpy_helper.to_array(weight) * 3)
+        )
+        model.graph.node.insert(0, constant)
+    else:  # epsilon given twice
+        bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+        bn.attribute.extend([onnx.helper.make_attribute("epsilon", 1e-3), onnx.helper.make_attribute("epsilon", 0.1)])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("two initializers named W", "two initializers are named 'W'"),
+        ("an initializer and a Constant named W", "single static assignment"),
+        ("epsilon twice", "Attribute 'epsilon' appeared multiple times"),
+    ],
+)
+def test_a_model_the_checker_refuses_is_never_folded_even_without_verification(damage, message, tmp_path):
+    path = conv_bn(tmp_path, damage)
+    result = bnfold("optimize", path, "--no-verify")
+    one_line_error(result, message)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
