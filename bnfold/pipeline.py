@@ -138,33 +138,35 @@ def optimize(
     src = Path(model_path)
     dst = output_path(src, output)  # refuse a bad destination before doing any work
     progress(f"folding {src}")
-    source = ModelSource.open(src)
-    refuse_input_data(dst, source.data_files)
-    model = source.model
-    validate_input_skeleton(model, source, str(src))
-    report = FoldReport(bytes_before=source.bytes_on_disk)
-    payload_before = payload_bytes(model.graph)
-    report.outcomes, pending = fold_in_place(model, str(src), source.read, reparam=reparam)
-    # The tensor data dominates the size; from dims, without serializing anything.
-    too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
-    if external_data == "never" and too_big:
-        raise BnfoldError("the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto")
-    external = external_data == "always" or (external_data == "auto" and (bool(source.data_files) or too_big))
-    progress("checking the folded model")
-    validate_skeleton(model, pending, source, str(src))
-    progress(f"writing {dst}")
-    checked = None
-    with StagedModel(model, dst, external=external, pending=pending, source=source) as staged:
-        pending.clear()  # written: free the folded weights before onnxruntime loads both models
-        if verify:
-            progress("verifying the folded model against the original")
-            checked = _verify(src, staged.path, verify_options or {}, progress)
-            checked.candidate = str(dst)
-            _name_the_fold(checked, report)
-        written = checked is None or checked.equivalent
-        if written:
-            staged.commit(keep=source.data_files)
-        report.bytes_after = staged.bytes
+    with ModelSource.open(src) as source:
+        refuse_input_data(dst, source.data_files)
+        model = source.model
+        validate_input_skeleton(model, source, str(src))
+        report = FoldReport(bytes_before=source.bytes_on_disk)
+        payload_before = payload_bytes(model.graph)
+        report.outcomes, pending = fold_in_place(model, str(src), source.read, reparam=reparam)
+        # The tensor data dominates the size; from dims, without serializing anything.
+        too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
+        if external_data == "never" and too_big:
+            raise BnfoldError(
+                "the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto"
+            )
+        external = external_data == "always" or (external_data == "auto" and (bool(source.data_files) or too_big))
+        progress("checking the folded model")
+        validate_skeleton(model, pending, source, str(src))
+        progress(f"writing {dst}")
+        checked = None
+        with StagedModel(model, dst, external=external, pending=pending, source=source) as staged:
+            pending.clear()  # written: free the folded weights before onnxruntime loads both models
+            if verify:
+                progress("verifying the folded model against the original")
+                checked = _verify(src, staged.path, verify_options or {}, progress)
+                checked.candidate = str(dst)
+                _name_the_fold(checked, report)
+            written = checked is None or checked.equivalent
+            if written:
+                staged.commit(keep=source.data_files)
+            report.bytes_after = staged.bytes
     report.seconds = time.perf_counter() - start  # the whole run, as the user waited
     return OptimizeResult(src, dst, written, report, checked)
 

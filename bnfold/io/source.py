@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -22,39 +23,42 @@ import onnx
 
 from bnfold.errors import BnfoldError, first_line
 from bnfold.io import wire
-from bnfold.io.containment import checked_locations, external_locations, external_tensors
-from bnfold.io.tensors import EXTERNAL_FIELDS, Span, external_info, read_tensor
+from bnfold.io.containment import DataFile, external_fields, external_tensors, open_locations
+from bnfold.io.tensors import EXTERNAL_FIELDS, Span, external_length, read_tensor
 
 
 class ModelSource:
-    def __init__(self, path: Path, model: onnx.ModelProto, spans: dict, data_files: list[Path]):
+    def __init__(self, path: Path, model: onnx.ModelProto, spans: dict, files: list[DataFile]):
         self.path = path
         self.model = model
-        self.data_files = data_files  # the external data files the model reads
+        self.data_files = [f.path for f in files[1:]]  # the external data files the model reads
+        self._files = files  # the model file, then its data files: open, read through these only
         self._spans = spans  # stub name → (the stub, where its bytes lie)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> ModelSource:
         """Parse a model file for folding, or raise BnfoldError saying why it is not one."""
         path = Path(path)
-        model, left = parse(path)
-        initializers = model.graph.initializer
-        _refuse_repeated_names(path, initializers)
-        itself = path.resolve()
-        spans = {initializers[i].name: (initializers[i], Span(itself, *where)) for i, where in left.items()}
-        data_files: list[Path] = []
-        external = list(external_tensors(model))
-        if external:
-            folder = checked_locations(path, external)
-            data_files = sorted(folder / location for location in external_locations(external))
-            for tensor in initializers:
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    location, offset, length = external_info(tensor)
-                    for field in EXTERNAL_FIELDS:
-                        tensor.ClearField(field)
-                    spans[tensor.name] = (tensor, Span(folder / location, offset, length))
-            _load_external(path, external_tensors(model))  # subgraphs' and Constants' own: few, small
-        return cls(path, model, spans, data_files)
+        model, left, itself = parse(path, keep_open=True)
+        files = [itself]
+        try:
+            initializers = model.graph.initializer
+            _refuse_repeated_names(path, initializers)
+            spans = {initializers[i].name: (initializers[i], Span(itself, *where)) for i, where in left.items()}
+            main = [t for t in initializers if t.data_location == onnx.TensorProto.EXTERNAL]
+            nested = list(external_tensors(model, main_initializers=False))
+            opened = open_locations(path, main + nested) if main or nested else {}
+            files += opened.values()
+            for tensor in main:  # stubs, read on demand
+                spans[tensor.name] = (tensor, _span(path, tensor, opened))
+                _inline(tensor, None)
+            for tensor in nested:  # subgraphs' and Constants' own: few and small, into the tree
+                _inline(tensor, _span(path, tensor, opened).read(tensor.name))
+        except BaseException:
+            for file in files:
+                file.close()
+            raise
+        return cls(path, model, spans, files)
 
     def span(self, tensor: onnx.TensorProto) -> Span | None:
         """Where a stub's bytes lie; None for a tensor that holds its own data (or is new)."""
@@ -67,47 +71,76 @@ class ModelSource:
 
     @property
     def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in (self.path, *self.data_files))
+        return sum(f.size for f in self._files)
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+
+    def __enter__(self) -> ModelSource:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Parse an ONNX file with all its data in the tree, or raise BnfoldError saying why it is
     not one."""
-    source = ModelSource.open(path)
-    for stub, span in source._spans.values():
-        stub.raw_data = span.read(stub.name)
-    return source.model
+    with ModelSource.open(path) as source:
+        for stub, span in source._spans.values():
+            stub.raw_data = span.read(stub.name)
+        return source.model
 
 
 def check_external_data(path: str | os.PathLike) -> None:
     """Refuse a model file whose external data would be read from outside its folder."""
     path = Path(path)
     external = list(external_tensors(parse(path)[0]))  # cheap: large raw data is not read
-    if external:
-        checked_locations(path, external)
+    for file in (open_locations(path, external) if external else {}).values():
+        file.close()
 
 
-def parse(path: Path) -> tuple[onnx.ModelProto, dict[int, tuple[int, int]]]:
+def parse(path: Path, *, keep_open: bool = False):
     """Parse a model file, leaving the raw data of its large main-graph initializers in the
-    file: they come back as stubs, with where their bytes lie by initializer position."""
-    if not path.exists():
-        raise BnfoldError(f"{path}: no such file")
-    if path.is_dir():
-        raise BnfoldError(f"{path}: is a directory, not an ONNX model")
+    file: they come back as stubs, with where their bytes lie by initializer position. With
+    `keep_open`, also the open model file (a DataFile) those positions refer to."""
     try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                light = None
-            else:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                    light = wire.light_model(data)
-        model = onnx.ModelProto()
-        if light is None:
-            model = onnx.load(str(path), load_external_data=False)
-            left: dict[int, tuple[int, int]] = {}
-        else:
-            serialized, left = light
-            model.ParseFromString(serialized)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
+    except FileNotFoundError:
+        raise BnfoldError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BnfoldError(f"{path}: is a directory, not an ONNX model") from None
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    itself = DataFile(path, fd, os.fstat(fd).st_size)
+    try:
+        model, left = _parse_open(path, itself)
+    except BaseException:
+        itself.close()
+        raise
+    if not keep_open:
+        itself.close()
+        return model, left
+    return model, left, itself
+
+
+def _parse_open(path: Path, itself: DataFile) -> tuple[onnx.ModelProto, dict]:
+    kind = os.fstat(itself.fd).st_mode
+    if stat.S_ISDIR(kind):
+        raise BnfoldError(f"{path}: is a directory, not an ONNX model")
+    if not stat.S_ISREG(kind):
+        raise BnfoldError(f"{path}: is not a regular file (a FIFO, a device or a socket), not an ONNX model")
+    try:
+        model, left = onnx.ModelProto(), {}
+        if itself.size:
+            with mmap.mmap(itself.fd, 0, access=mmap.ACCESS_READ) as data:
+                light = wire.light_model(data)
+                if light is None:
+                    model.ParseFromString(bytes(data))  # protobuf's own parser, and its error
+                else:
+                    serialized, left = light
+                    model.ParseFromString(serialized)
     except Exception as exc:  # protobuf DecodeError, I/O, recursion limits: all the user's file
         raise BnfoldError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     # An empty or foreign file can parse as an empty ModelProto; that is no model either.
@@ -118,6 +151,23 @@ def parse(path: Path) -> tuple[onnx.ModelProto, dict[int, tuple[int, int]]]:
     return model, left
 
 
+def _inline(tensor: onnx.TensorProto, data: bytes | None) -> None:
+    """The tensor without its external-data fields, holding `data` (None: a stub)."""
+    for field in EXTERNAL_FIELDS:
+        tensor.ClearField(field)
+    if data is not None:
+        tensor.raw_data = data
+
+
+def _span(path: Path, tensor: onnx.TensorProto, opened: dict[str, DataFile]) -> Span:
+    fields = external_fields(path, tensor)
+    file = opened[fields["location"]]
+    length = external_length(tensor, fields["length"])
+    if fields["offset"] + length > file.size:
+        raise BnfoldError(f"{path}: tensor '{tensor.name}' reaches past the end of {fields['location']!r}")
+    return Span(file, fields["offset"], length)
+
+
 def _refuse_repeated_names(path: Path, initializers) -> None:
     """Two initializers of one name: onnx.checker refuses the model, and which one a runtime
     reads is its own choice (onnxruntime: the last), so no fold could be trusted."""
@@ -126,16 +176,6 @@ def _refuse_repeated_names(path: Path, initializers) -> None:
         if tensor.name in seen:
             raise BnfoldError(f"{path}: two initializers are named '{tensor.name}'; refused")
         seen.add(tensor.name)
-
-
-def _load_external(path: Path, tensors) -> None:
-    try:
-        for tensor in tensors:
-            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(path.resolve().parent))
-            tensor.ClearField("data_location")  # unset is DEFAULT
-            del tensor.external_data[:]
-    except Exception as exc:
-        raise BnfoldError(f"{path}: cannot read its external data ({first_line(exc)})") from None
 
 
 def _text_is_valid(model: onnx.ModelProto) -> bool:

@@ -7,7 +7,6 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,6 +14,7 @@ from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError
 from bnfold.graph.protos import subgraphs
+from bnfold.io.containment import DataFile
 from bnfold.io.wire import shell
 
 RAW_FIELDS = {"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"}
@@ -44,42 +44,49 @@ _BITS = {
 
 @dataclass(frozen=True)
 class Span:
-    """Where a tensor's raw bytes lie: `length` bytes at `offset` in the file at `path`."""
+    """Where a tensor's raw bytes lie: `length` bytes at `offset` in an open, vetted file
+    (bnfold.io.containment.DataFile): every read goes through that handle."""
 
-    path: Path
+    file: DataFile
     offset: int
     length: int
 
     def read(self, name: str) -> bytes:
-        with open(self.path, "rb") as source:
-            source.seek(self.offset)
-            data = source.read(self.length)
+        data = os.pread(self.file.fd, self.length, self.offset)
         if len(data) != self.length:
             raise BnfoldError(f"tensor '{name}': its external data ends early")
         return data
 
+    def read_into(self, buffer, name: str) -> None:
+        """Fill a writable buffer of `length` bytes (no intermediate copy)."""
+        done = 0
+        view = memoryview(buffer).cast("B")
+        while done < self.length:
+            got = os.preadv(self.file.fd, [view[done:]], self.offset + done)
+            if got == 0:
+                raise BnfoldError(f"tensor '{name}': its external data ends early")
+            done += got
+
     def copy_to(self, target, name: str) -> None:
         """Append the bytes to the open file `target`, in the kernel where it can."""
-        with open(self.path, "rb") as source:
-            target.flush()
-            copied = 0
-            while copied < self.length:
-                sent = _copy_range(source, target, self.offset + copied, self.length - copied)
-                if sent == 0:
-                    raise BnfoldError(f"tensor '{name}': its external data ends early")
-                copied += sent
+        target.flush()
+        copied = 0
+        while copied < self.length:
+            sent = _copy_range(self.file.fd, target, self.offset + copied, self.length - copied)
+            if sent == 0:
+                raise BnfoldError(f"tensor '{name}': its external data ends early")
+            copied += sent
 
 
-def _copy_range(source, target, offset: int, length: int) -> int:
+def _copy_range(source: int, target, offset: int, length: int) -> int:
     """Copy bytes between files in the kernel where it can (no trip through Python objects)."""
     chunk = min(length, 1 << 30)
     if hasattr(os, "copy_file_range"):
         try:
-            return os.copy_file_range(source.fileno(), target.fileno(), chunk, offset)
+            return os.copy_file_range(source, target.fileno(), chunk, offset)
         except OSError:
             pass  # another file system, or not supported here: copy through a buffer
-    source.seek(offset)
-    data = source.read(min(chunk, 1 << 24))
+    data = os.pread(source, min(chunk, 1 << 24), offset)
     target.write(data)
     target.flush()
     return len(data)
@@ -119,17 +126,14 @@ def initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             yield from initializers(sub)
 
 
-def external_info(tensor: onnx.TensorProto) -> tuple[str, int, int]:
-    """(location, offset, length) of an external tensor (containment checked the location)."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    offset = int(info.get("offset") or 0)
-    length = info.get("length")
-    if length is None:
-        expected = payload_size(tensor)
-        if expected is None:
-            raise BnfoldError(f"tensor '{tensor.name}' stores external data without a length")
-        length = expected
-    return info["location"], offset, int(length)
+def external_length(tensor: onnx.TensorProto, length: int | None) -> int:
+    """An external tensor's length in bytes: as given, else what its dims and type need."""
+    if length is not None:
+        return length
+    expected = payload_size(tensor)
+    if expected is None:
+        raise BnfoldError(f"tensor '{tensor.name}' stores external data without a length")
+    return expected
 
 
 def read_tensor(tensor: onnx.TensorProto, span: Span | None = None) -> np.ndarray:
@@ -137,12 +141,15 @@ def read_tensor(tensor: onnx.TensorProto, span: Span | None = None) -> np.ndarra
     numpy's own types come straight from the bytes, with one copy at most."""
     dtype = PLAIN_DTYPES.get(tensor.data_type) if sys.byteorder == "little" else None
     if dtype is not None and (span is not None or tensor.HasField("raw_data")):
-        if span is not None:
-            values = np.fromfile(span.path, dtype=dtype, count=span.length // dtype.itemsize, offset=span.offset)
-        else:
-            values = np.frombuffer(tensor.raw_data, dtype=dtype)
-        if values.size == elements(tensor):
+        if span is not None and span.length == elements(tensor) * dtype.itemsize:
+            values = np.empty(elements(tensor), dtype=dtype)
+            span.read_into(values, tensor.name)
+            values.flags.writeable = False
             return values.reshape(tuple(tensor.dims))
+        if span is None:
+            values = np.frombuffer(tensor.raw_data, dtype=dtype)
+            if values.size == elements(tensor):
+                return values.reshape(tuple(tensor.dims))
     if span is None:
         return numpy_helper.to_array(tensor)  # typed fields, strings, 4-bit types, a size mismatch
     return numpy_helper.to_array(inlined(tensor, span))
