@@ -145,3 +145,112 @@ def test_a_model_the_checker_refuses_is_never_folded_even_without_verification(d
     result = bnfold("optimize", path, "--no-verify")
     one_line_error(result, message)
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+# ---- containment: checked and read through one handle ----------------------------------------------
+def external(folder: Path, location: str = "weights.bin") -> Path:
+    path = folder / "model.onnx"
+    onnx.save(onnx.load(str(SAMPLE)), str(path), save_as_external_data=True, location=location, size_threshold=0)
+    return path
+
+
+def test_a_data_file_swapped_after_the_check_is_not_read(tmp_path):
+    from bnfold.io.source import ModelSource
+
+    (tmp_path / "model").mkdir()
+    path = external(tmp_path / "model")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"S" * (tmp_path / "model" / "weights.bin").stat().st_size)
+    with ModelSource.open(path) as source:
+        os.replace(tmp_path / "model" / "weights.bin", tmp_path / "model" / "moved.bin")
+        (tmp_path / "model" / "weights.bin").symlink_to(secret)  # swapped in after the check
+        weight = next(t for t in source.model.graph.initializer if len(t.dims) == 4)
+        values = source.read(weight)
+    assert b"SSSS" not in values.tobytes()
+    original = onnx.load(str(SAMPLE))
+    want = next(t for t in original.graph.initializer if t.name == weight.name)
+    assert values.tobytes() == onnx.numpy_helper.to_array(want).tobytes()
+
+
+def test_a_repeated_external_data_key_is_refused(tmp_path):
+    path = external(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.initializer[0].external_data.add(key="location", value="../outside.bin")
+    path.write_bytes(model.SerializeToString())
+    one_line_error(bnfold("optimize", path, "--no-verify"), "gives its external-data key 'location' twice")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("location", "weights\0.bin", "a NUL character"),
+        ("offset", "-8", "a negative external-data offset or length"),
+        ("length", "-4", "a negative external-data offset or length"),
+    ],
+)
+def test_malformed_external_data_is_one_line(key, value, message, tmp_path):
+    path = external(tmp_path)
+    model = onnx.load(str(path), load_external_data=False)
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    entry = next((e for e in weight.external_data if e.key == key), None) or weight.external_data.add(key=key)
+    entry.value = value
+    path.write_bytes(model.SerializeToString())
+    result = bnfold("optimize", path, "--no-verify")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_hugging_face_hub_cache_layout_folds(tmp_path):
+    # models--org--name/snapshots/<rev>/{model.onnx, weights.bin} are links into blobs/
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    built = tmp_path / "build"
+    built.mkdir()
+    external(built)
+    for name, blob in (("model.onnx", "1f2e"), ("weights.bin", "9a8b")):
+        (built / name).rename(repo / "blobs" / blob)
+        (repo / "snapshots" / "abc123" / name).symlink_to(Path("..") / ".." / "blobs" / blob)
+    result = bnfold("optimize", repo / "snapshots" / "abc123" / "model.onnx", "-o", tmp_path / "out.onnx", "-q")
+    assert result.returncode == 0, result.stderr
+    assert loads(tmp_path / "out.onnx")
+
+
+def test_a_link_planted_beside_a_model_still_leads_nowhere(tmp_path):
+    (tmp_path / "model").mkdir()
+    path = external(tmp_path / "model")
+    (tmp_path / "model" / "weights.bin").rename(tmp_path / "elsewhere.bin")
+    (tmp_path / "model" / "weights.bin").symlink_to(tmp_path / "elsewhere.bin")
+    one_line_error(bnfold("optimize", path, "--no-verify"), "leads outside the model's folder")
+
+
+def test_a_fifo_given_as_the_model_is_one_line_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "model.onnx")
+    one_line_error(bnfold("optimize", tmp_path / "model.onnx"), "is not a regular file")
+
+
+# ---- one line, not a traceback -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("four bytes too many", "holds 868 bytes of data; its dims [6, 4, 3, 3] and type need 864"),
+        ("dims of 2^45 bytes", "and type need 35184372088832"),
+        ("dims past int64", "and type need"),
+        ("a negative dimension", "has a negative dimension"),
+    ],
+)
+def test_a_tensor_whose_data_does_not_fit_its_dims_is_one_line(damage, message, tmp_path):
+    from builders import conv_bn_model
+
+    model = conv_bn_model()
+    weight = next(t for t in model.graph.initializer if t.name == "W")  # the folded weight
+    if damage == "four bytes too many":
+        weight.raw_data += b"\0\0\0\0"
+    else:
+        dims = {"dims of 2^45 bytes": [1 << 43], "dims past int64": [1 << 40, 1 << 40], "a negative dimension": [-1]}
+        del weight.dims[:]
+        weight.dims.extend(dims[damage])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    for command in (["optimize", path, "--no-verify"], ["inspect", path]):
+        result = bnfold(*command)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

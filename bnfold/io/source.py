@@ -24,7 +24,7 @@ import onnx
 from bnfold.errors import BnfoldError, first_line
 from bnfold.io import wire
 from bnfold.io.containment import DataFile, external_fields, external_tensors, open_locations
-from bnfold.io.tensors import EXTERNAL_FIELDS, Span, external_length, read_tensor
+from bnfold.io.tensors import EXTERNAL_FIELDS, Span, external_length, payload_size, read_tensor
 
 
 class ModelSource:
@@ -54,6 +54,8 @@ class ModelSource:
                 _inline(tensor, None)
             for tensor in nested:  # subgraphs' and Constants' own: few and small, into the tree
                 _inline(tensor, _span(path, tensor, opened).read(tensor.name))
+            for tensor in initializers:
+                _refuse_wrong_size(path, tensor, spans.get(tensor.name, (None, None))[1])
         except BaseException:
             for file in files:
                 file.close()
@@ -149,6 +151,22 @@ def _parse_open(path: Path, itself: DataFile) -> tuple[onnx.ModelProto, dict]:
     if not _text_is_valid(model):
         raise BnfoldError(f"{path}: not a valid ONNX model (a name or text field is not UTF-8)")
     return model, left
+
+
+def _refuse_wrong_size(path: Path, tensor: onnx.TensorProto, span: Span | None) -> None:
+    """An initializer's raw data must be exactly what its dims and type need: onnxruntime
+    refuses anything else, and a size that is off would be read differently by every reader."""
+    if any(d < 0 for d in tensor.dims):
+        raise BnfoldError(f"{path}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+    if span is None and not tensor.HasField("raw_data"):
+        return  # typed fields (float_data, …) or no data: numpy_helper checks those
+    size = span.length if span is not None else len(tensor.raw_data)
+    expected = payload_size(tensor)
+    if expected is not None and size != expected:
+        raise BnfoldError(
+            f"{path}: tensor '{tensor.name}' holds {size} bytes of data; its dims {list(tensor.dims)} "
+            f"and type need {expected}"
+        )
 
 
 def _inline(tensor: onnx.TensorProto, data: bytes | None) -> None:
