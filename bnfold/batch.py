@@ -28,12 +28,13 @@ class BatchItem:
 
 
 def model_files(paths: list[Path]) -> list[Path]:
-    """The models to fold: files as given, and the `*.onnx` files in a folder (not earlier
-    `*.folded.onnx` outputs), in a stable order."""
+    """The models to fold: files as given, and the `*.onnx` entries in a folder (not earlier
+    `*.folded.onnx` outputs), in a stable order. A FIFO or a dangling link named `*.onnx` is
+    listed too, so that it gets its own line (and exit 2) instead of vanishing."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.glob("*.onnx") if p.is_file() and not p.name.endswith(SUFFIX))
+            found += sorted(p for p in path.glob("*.onnx") if not p.is_dir() and not p.name.endswith(SUFFIX))
         else:
             found.append(path)
     if not found:
@@ -51,8 +52,6 @@ def optimize_many(
 ) -> list[BatchItem]:
     """optimize() for each model, `jobs` at a time in separate processes; one model's failure
     does not stop the others. Results come back in input order."""
-    from concurrent.futures import ProcessPoolExecutor
-
     if jobs < 1:
         raise BnfoldError("--jobs must be at least 1")
     if output_folder is not None:
@@ -68,12 +67,37 @@ def optimize_many(
         for task in tasks:
             items[task[0]] = item = _optimize_one(task)
             on_done(item)
-    else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for item in pool.map(_optimize_one, tasks):
-                items[item.input] = item
-                on_done(item)
+        return [items[path] for path in paths]
+    broken = _in_processes(tasks, jobs, items, on_done)
+    for task in broken:  # a worker died (the OOM killer, a native crash): each alone, to tell which
+        _in_processes([task], 1, items, on_done, died=True)
     return [items[path] for path in paths]
+
+
+def _in_processes(tasks, jobs: int, items: dict, on_done, died: bool = False) -> list:
+    """Run `tasks` in `jobs` worker processes, each item reported as it finishes. Returns the
+    tasks lost to a worker that died; with `died`, such a task is reported as exit 3."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bnfold.errors import EXIT_INTERNAL_ERROR
+
+    broken = []
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_optimize_one, task): task for task in tasks}
+        for future in as_completed(futures):
+            task = futures[future]
+            try:
+                item = future.result()
+            except BrokenProcessPool:
+                if not died:
+                    broken.append(task)
+                    continue
+                reason = "its worker process died (killed, perhaps out of memory, or a crash in native code)"
+                item = BatchItem(task[0], EXIT_INTERNAL_ERROR, error=reason)
+            items[item.input] = item
+            on_done(item)
+    return broken
 
 
 def _refuse_shared_outputs(paths: list[Path], output_folder: Path | None) -> None:

@@ -146,18 +146,17 @@ def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
     batch_options = _guard(options)
     del batch_options["progress"]  # per-model stages would garble the bar (and cannot be pickled)
     folder = Path(output) if output is not None else None
-    items = _guard(lambda: batch.optimize_many(paths, folder, jobs=jobs, on_done=bar.advance, **batch_options))
-    bar.close()
+
+    def done(item) -> None:  # each model's line as it finishes, above the bar
+        bar.clear()
+        if not quiet:
+            _say(_batch_line(item))
+        bar.advance()
+
+    items = _guard(lambda: batch.optimize_many(paths, folder, jobs=jobs, on_done=done, **batch_options))
+    bar.clear()
     written = sum(item.exit_code == 0 for item in items)
     if not quiet:
-        for item in items:
-            if item.result is not None and item.result.written:
-                report = item.result.report
-                _say(f"ok    {item.input} → {item.result.output} (folded {report.folded} of {len(report.batch_norms)})")
-            elif item.result is not None:
-                _say(f"FAIL  {item.input}: the folded model is not equivalent; nothing written")
-            else:
-                _say(f"FAIL  {item.input}: {item.error}")
         _say(f"{len(items)} models: {written} written, {len(items) - written} failed")
     if json_report:
         summary = {"models": len(items), "written": written, "failed": len(items) - written}
@@ -167,6 +166,15 @@ def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
         raise typer.Exit(worst)
 
 
+def _batch_line(item) -> str:
+    if item.result is not None and item.result.written:
+        report = item.result.report
+        return f"ok    {item.input} → {item.result.output} (folded {report.folded} of {len(report.batch_norms)})"
+    if item.result is not None:
+        return f"FAIL  {item.input}: the folded model is not equivalent; nothing written"
+    return f"FAIL  {item.input}: {item.error}"
+
+
 class _ProgressBar:
     """`[#####-----] 5/10` on stderr, redrawn in place: only on a terminal, never with --quiet."""
 
@@ -174,11 +182,11 @@ class _ProgressBar:
         self.total, self.done, self.enabled = total, 0, enabled
         self._draw()
 
-    def advance(self, item) -> None:
+    def advance(self) -> None:
         self.done += 1
         self._draw()
 
-    def close(self) -> None:
+    def clear(self) -> None:
         if self.enabled:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()

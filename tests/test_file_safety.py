@@ -254,3 +254,57 @@ def test_a_tensor_whose_data_does_not_fit_its_dims_is_one_line(damage, message, 
     for command in (["optimize", path, "--no-verify"], ["inspect", path]):
         result = bnfold(*command)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# ---- batches ------------------------------------------------------------------------------------------
+def test_a_worker_that_dies_costs_only_its_own_model(tmp_path):
+    # With --jobs 2 the worker folding b.onnx is killed (as the OOM killer would); a and c are
+    # still written, each model gets its line, and b's is exit 3.
+    for name in ("a", "b", "c"):
+        shutil.copy(SAMPLE, tmp_path / f"{name}.onnx")
+    script = (
+        "import os, signal, sys; import bnfold.batch as b; real = b.optimize\n"
+        "def dying(path, *a, **k):\n"
+        "    if path.name == 'b.onnx': os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(path, *a, **k)\n"
+        "b.optimize = dying\n"
+        "from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()"
+    )
+    command = [sys.executable, "-c", script, "optimize", str(tmp_path), "-o", str(tmp_path / "out"), "--jobs", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.folded.onnx", "c.folded.onnx"]
+    assert "FAIL  " + str(tmp_path / "b.onnx") + ": its worker process died" in result.stderr
+    assert "3 models: 2 written, 1 failed" in result.stderr
+
+
+def test_a_fifo_or_dangling_link_in_a_folder_gets_its_own_line(tmp_path):
+    shutil.copy(SAMPLE, tmp_path / "good.onnx")
+    os.mkfifo(tmp_path / "pipe.onnx")
+    (tmp_path / "gone.onnx").symlink_to(tmp_path / "nowhere.onnx")
+    result = bnfold("optimize", tmp_path, "-o", tmp_path / "out", "--no-verify")
+    assert result.returncode == 2
+    assert f"FAIL  {tmp_path / 'pipe.onnx'}: " in result.stderr and "not a regular file" in result.stderr
+    assert f"FAIL  {tmp_path / 'gone.onnx'}: " in result.stderr and "no such file" in result.stderr
+    assert (tmp_path / "out" / "good.folded.onnx").is_file()
+
+
+def test_each_models_line_appears_as_it_finishes_without_a_terminal(tmp_path):
+    for name in ("a", "b"):
+        shutil.copy(SAMPLE, tmp_path / f"{name}.onnx")
+    flag = tmp_path / "go"
+    script = (
+        "import sys, time; from pathlib import Path; import bnfold.batch as b; real = b.optimize\n"
+        "def waiting(path, *a, **k):\n"
+        f"    while path.name == 'b.onnx' and not Path({str(flag)!r}).exists(): time.sleep(0.05)\n"
+        "    return real(path, *a, **k)\n"
+        "b.optimize = waiting\n"
+        "from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()"
+    )
+    command = [sys.executable, "-c", script, "optimize", str(tmp_path), "-o", str(tmp_path / "out"), "--no-verify"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    first = process.stderr.readline()  # printed while b.onnx is still waiting
+    assert first.startswith("ok    ") and "a.onnx" in first
+    flag.touch()
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 0 and "b.onnx" in rest
