@@ -308,3 +308,54 @@ def test_each_models_line_appears_as_it_finishes_without_a_terminal(tmp_path):
     flag.touch()
     rest = process.stderr.read()
     assert process.wait(timeout=120) == 0 and "b.onnx" in rest
+
+
+# ---- resources ----------------------------------------------------------------------------------------
+def test_a_constant_too_large_to_evaluate_is_refused_before_it_is_computed(tmp_path):
+    # BN's scale is Add([N,1], [1,N]) reduced back: a 130 kB model whose constant would be N².
+    import tracemalloc
+
+    import numpy as np
+    from builders import conv_bn_model
+    from onnx import helper, numpy_helper
+
+    import bnfold
+
+    n = 16384
+    model = conv_bn_model()
+    bn = next(x for x in model.graph.node if x.op_type == "BatchNormalization")
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ones((n, 1), np.float32), "column"),
+            numpy_helper.from_array(np.ones((1, n), np.float32), "row"),
+        ]
+    )
+    model.graph.node.insert(0, helper.make_node("Add", ["column", "row"], ["square"]))
+    model.graph.node.insert(1, helper.make_node("Slice", ["square", "zero", "six"], ["scale_sliced"]))
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([6], np.int64), "six"),
+        ]
+    )
+    bn.input[1] = "scale_sliced"
+    tracemalloc.start()
+    result = bnfold.fold(model, check=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    (outcome,) = result.report.batch_norms
+    assert not outcome.folded and f"would be a constant of {n * n} elements" in outcome.reason
+    assert peak < 50e6  # the square (1 GiB) was never allocated
+
+
+def test_the_input_cap_bounds_all_inputs_of_a_trial_together(tmp_path):
+    # Three float32 inputs of 400 MB each: each alone is under 1 GiB, together they are not.
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [100, 1000, 1000]) for n in "abc"]
+    nodes = [helper.make_node("Sum", ["a", "b", "c"], ["y"])]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [100, 1000, 1000])
+    model = helper.make_model(helper.make_graph(nodes, "big", inputs, [y]), opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "big.onnx"
+    onnx.save(model, str(path))
+    one_line_error(bnfold("verify", path, path), "one trial's inputs together need more than 1 GiB")

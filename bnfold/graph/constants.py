@@ -141,10 +141,9 @@ class Constants:
                 values.append(np.zeros(0, dtype=self._dtype(input_name)))
             else:
                 values.append(self.value(input_name))
-        if node.op_type in ("Expand", "ConstantOfShape"):
-            requested = np.prod(values[-1 if node.op_type == "Expand" else 0], dtype=np.float64)
-            if requested > MAX_EVALUATED_ELEMENTS:
-                raise NotConstant(f"'{name}' would be a constant of {requested:.0f} elements")
+        requested = _result_elements(node, values)
+        if requested > MAX_EVALUATED_ELEMENTS:  # bounded before anything is computed
+            raise NotConstant(f"'{name}' would be a constant of {requested:.0f} elements")
         try:
             feeds = {n: v for n, v in zip(node.input, values) if n}
             outputs = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
@@ -166,6 +165,33 @@ class Constants:
     def _static_shape(self, name: str) -> tuple[int, ...]:
         declared = self.shapes.declared_shape(name)
         return declared if declared is not None else self.value(name).shape
+
+
+BROADCASTING = ("Add", "Sub", "Mul", "Div", "Pow")
+
+
+def _result_elements(node: onnx.NodeProto, values: list) -> float:
+    """An upper bound on how many elements `node` computes from `values` (its inputs), known
+    before computing them: broadcasting ops give the broadcast shape, Expand its shape input
+    broadcast with its data, ConstantOfShape its shape, Concat the sum, Gather the indices times
+    a slice; every other pure op gives at most as many elements as its inputs hold."""
+    shapes = [np.shape(v) for v in values if v is not None]
+    sizes = [float(np.prod(s, dtype=np.float64)) for s in shapes]
+    try:
+        if node.op_type in BROADCASTING:
+            return float(np.prod(np.broadcast_shapes(*shapes), dtype=np.float64))
+        if node.op_type == "Expand":
+            target = tuple(int(d) for d in np.asarray(values[1]).reshape(-1))
+            return float(np.prod(np.broadcast_shapes(shapes[0], target), dtype=np.float64))
+        if node.op_type == "ConstantOfShape":
+            return float(np.prod(np.asarray(values[0], dtype=np.float64)))
+        if node.op_type == "Concat":
+            return sum(sizes)
+        if node.op_type == "Gather":
+            return sizes[0] * max(sizes[1], 1.0)
+    except ValueError:  # shapes that do not broadcast: the evaluator will say so
+        return max(sizes, default=0.0)
+    return max(sizes, default=0.0)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray:

@@ -20,7 +20,7 @@ DEFAULT_INT_RANGE = (0, 10)
 SYMBOLIC_BATCH = (1, 2)  # a symbolic first dimension (the batch), by trial: a rewrite that only works
 # at batch 1 shows at batch 2
 SYMBOLIC_OTHER = 16  # any other symbolic dimension
-MAX_INPUT_BYTES = 1 << 30  # per trial; more is refused rather than allocated
+MAX_INPUT_BYTES = 1 << 30  # all inputs of one trial together; more is refused rather than allocated
 
 # onnxruntime's input type strings → numpy dtypes bnfold can generate
 ORT_TYPES = {
@@ -56,7 +56,7 @@ def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]], tri
     unknown = set(shapes) - {value.name for value in declared}
     if unknown:
         raise BnfoldError(f"--input-shape names no input of the model: {', '.join(sorted(unknown))}")
-    specs, symbols = {}, {}
+    specs, symbols, total = {}, {}, 0
     for value in declared:
         dtype = ORT_TYPES.get(value.type)
         if dtype is None:
@@ -81,10 +81,11 @@ def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]], tri
                 shape.append(symbols.setdefault(dim, default) if dim else default)  # one symbol, one size
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         largest = [max(d, *SYMBOLIC_BATCH) if a == 0 and _symbolic(value, a) else d for a, d in enumerate(shape)]
-        if itemsize * int(np.prod(largest, dtype=np.float64)) > MAX_INPUT_BYTES:
+        total += itemsize * float(np.prod(largest, dtype=np.float64))
+        if total > MAX_INPUT_BYTES:
             raise BnfoldError(
-                f"input '{value.name}' of shape {shape} needs more than {MAX_INPUT_BYTES >> 30} GiB; "
-                "pass a smaller --input-shape"
+                f"input '{value.name}' of shape {shape}: one trial's inputs together need more than "
+                f"{MAX_INPUT_BYTES >> 30} GiB; pass a smaller --input-shape"
             )
         specs[value.name] = (dtype, tuple(shape))
     return specs
@@ -110,15 +111,18 @@ def shape_notes(declared: list[InputSpec], feeds: list[dict], shapes: dict[str, 
 
 def generate_inputs(specs: dict, rng: np.random.Generator, int_range: tuple[int, int]) -> dict:
     """Standard normal floats (not zeros: they would hide a dropped scale), integers uniform in
-    int_range (token ids, indices), random booleans."""
+    int_range (token ids, indices), random booleans. Generated in their own width (float32 and
+    float64 directly, 16-bit floats through float32, booleans through bytes), so a trial never
+    holds more than its inputs and one input's float32 copy."""
     feed = {}
     for name, (dtype, shape) in specs.items():
         if dtype == "bfloat16":
-            feed[name] = rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+            feed[name] = rng.standard_normal(shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
         elif np.dtype(dtype).kind == "f":
-            feed[name] = rng.standard_normal(shape).astype(dtype)
+            wide = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+            feed[name] = rng.standard_normal(shape, dtype=wide).astype(dtype, copy=False)
         elif np.dtype(dtype).kind == "b":
-            feed[name] = rng.random(shape) < 0.5
+            feed[name] = rng.integers(0, 2, shape, dtype=np.uint8).view(np.bool_)
         else:
             info = np.iinfo(dtype)
             low, high = max(int_range[0], info.min), min(int_range[1], info.max + 1)
