@@ -149,13 +149,25 @@ def resnet50(width: float) -> onnx.ModelProto:
     return b.model([1, 3, 224, 224], out, [1, 1000])
 
 
-def conv_chain(pairs: int) -> onnx.ModelProto:
-    """`pairs` Conv(4→4, 1×1)→BN→ReLU in a row: many nodes, tiny tensors."""
+def conv_chain(pairs: int, shared: bool = False) -> onnx.ModelProto:
+    """`pairs` Conv(4→4, 1×1)→BN→ReLU in a row: many nodes, tiny tensors. With `shared`, every
+    pair reads the same weight and BN parameters (as initializer de-duplication leaves them):
+    every fold's new tensors then come from one base name."""
     b = Builder()
     x = "input"
     for _ in range(pairs):
         x = b.conv_bn(x, 4, 4, 1)
-    return b.model([1, 4, 8, 8], x, [1, 4, 8, 8])
+    model = b.model([1, 4, 8, 8], x, [1, 4, 8, 8])
+    if shared:
+        first = {node.op_type: list(node.input) for node in reversed(model.graph.node)}
+        for node in model.graph.node:
+            if node.op_type in ("Conv", "BatchNormalization"):
+                node.input[1:] = first[node.op_type][1:]
+        used = {name for node in model.graph.node for name in node.input}
+        kept = [tensor for tensor in model.graph.initializer if tensor.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return model
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -279,17 +291,24 @@ def main() -> None:
     print("|---|---|---|---|")
     from bnfold import optimize
 
-    for pairs in (int(p) for p in args.chain.split(",")):
-        path = folder / f"chain_{pairs}.onnx"
-        onnx.save(conv_chain(pairs), str(path))
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            result = optimize(path, folder / f"chain_{pairs}.out.onnx", verify=False)
-            times.append(time.perf_counter() - start)
-            assert result.report.folded == pairs
-        best = min(times)
-        print(f"| {pairs} | {3 * pairs} | {best:.2f} s | {1e3 * best / pairs:.2f} ms |", flush=True)
+    for shared in (False, True):
+        if shared:
+            print(
+                "\nThe same, every pair reading one weight and one set of BN parameters (fresh names from one base):\n"
+            )
+            print("| pairs | nodes | fold + check + write | per pair |")
+            print("|---|---|---|---|")
+        for pairs in (int(p) for p in args.chain.split(",")):
+            path = folder / f"chain_{pairs}{'_shared' if shared else ''}.onnx"
+            onnx.save(conv_chain(pairs, shared), str(path))
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                result = optimize(path, path.with_suffix(".out.onnx"), verify=False)
+                times.append(time.perf_counter() - start)
+                assert result.report.folded == pairs
+            best = min(times)
+            print(f"| {pairs} | {3 * pairs} | {best:.2f} s | {1e3 * best / pairs:.2f} ms |", flush=True)
     if args.folder is None:
         shutil.rmtree(folder)
 

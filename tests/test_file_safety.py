@@ -359,3 +359,11 @@ def test_the_input_cap_bounds_all_inputs_of_a_trial_together(tmp_path):
     path = tmp_path / "big.onnx"
     onnx.save(model, str(path))
     one_line_error(bnfold("verify", path, path), "one trial's inputs together need more than 1 GiB")
+
+
+def test_fresh_names_from_one_base_are_the_first_free_ones():
+    from bnfold.graph.tensors import Names
+
+    names = Names(["W_bnfold", "W_bnfold_2", "B"])
+    assert [names.fresh("W_bnfold") for _ in range(3)] == ["W_bnfold_1", "W_bnfold_3", "W_bnfold_4"]
+    assert names.fresh("B") == "B_1" and names.fresh("new") == "new"
