@@ -66,6 +66,7 @@ class Merge:
     conv: onnx.NodeProto
     removed: list  # the nodes merged away (the branches' Conv/BN/Mul/Add/Sub)
     branches: list[str]
+    root_name: str = ""  # the root Add/Sub's name (or output) before it became the Conv
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,12 @@ def merge_branches(ctx: GraphContext, version: int) -> tuple[list[Merge], list[R
             refusals.append(Refusal(node, term.reason))
         if isinstance(term, Skip) or term.convs == 0 or len(term.branches) < 2:
             continue
+        root_name = node.name or node.output[0]
         if not _replace(node, term, ctx):
+            refusals.append(Refusal(node, f"the merged weights overflow {np.dtype(term.dtype)}"))
             continue
         removed.update(id(old) for old in term.nodes)
-        merges.append(Merge(node, [old for old in term.nodes if old is not node], term.branches))
+        merges.append(Merge(node, [old for old in term.nodes if old is not node], term.branches, root_name))
     return merges[::-1], refusals[::-1]
 
 

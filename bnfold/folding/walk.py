@@ -26,6 +26,10 @@ from bnfold.graph.tensors import Names, TensorReader, TensorStore, store_pending
 from bnfold.report import BRANCH_MERGE, FoldOutcome
 
 FOLD_KINDS = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS)
+# Folding and merging run to a fixed point: a merge makes a Conv that a BN after the sum folds
+# into, a fold makes a Conv that joins a sum. Each round that changes the graph removes nodes;
+# the cap keeps the cost linear in the graph's size on adversarial graphs.
+MAX_ROUNDS = 8
 
 
 def fold_model_graph(
@@ -102,18 +106,22 @@ def _fold_graph(
         return outcomes
     ctx = ctx or GraphContext.build(graph, scope, parent)
     version = batch_norm_version(scope.opset)
-    for node in candidates:
-        outcome = _fold_node(node, ctx, version, prefix)
-        if outcome is not None:
-            outcomes.append(outcome)
-    if sums:
-        merges, refusals = merge_branches(ctx, version)
-        outcomes = _with_merges(outcomes, merges, prefix)
-        outcomes += [
-            FoldOutcome(_name(prefix, r.root), r.root.output[0], op=BRANCH_MERGE, reason=r.reason) for r in refusals
-        ]
-    ctx.finish()
-    return outcomes
+    found: dict[tuple[str, str], FoldOutcome] = {}  # by (op, node): a later round's outcome replaces
+    for _ in range(MAX_ROUNDS):
+        folded = 0
+        for node in [n for n in ctx.index.live_nodes() if n.domain in ONNX_DOMAINS and n.op_type in FOLD_KINDS]:
+            outcome = _fold_node(node, ctx, version, prefix)
+            if outcome is not None:
+                folded += outcome.folded
+                found[(outcome.op, outcome.node)] = outcome
+        merges = []
+        if sums:
+            merges, refusals = merge_branches(ctx, version)
+            _record_merges(found, merges, refusals, prefix)
+        ctx.finish()
+        if not folded and not merges:
+            break
+    return outcomes + list(found.values())
 
 
 def _fold_node(node: onnx.NodeProto, ctx: GraphContext, version: int, prefix: str) -> FoldOutcome | None:
@@ -143,35 +151,30 @@ def _name(prefix: str, node: onnx.NodeProto) -> str:
     return prefix + (node.name or node.output[0])
 
 
-def _with_merges(outcomes: list[FoldOutcome], merges: list[Merge], prefix: str) -> list[FoldOutcome]:
-    """The outcomes with each merged BatchNormalization shown as folded into the merged Conv,
-    and one outcome per merge."""
-    merged_into = {}
+def _record_merges(found: dict, merges: list[Merge], refusals: list, prefix: str) -> None:
+    """Each merged BatchNormalization shown as folded into the merged Conv, one outcome per
+    merge (replacing an earlier round's refusal of that sum), one per refusal."""
     for merge in merges:
         for node in merge.removed:
-            if node.op_type == "BatchNormalization":
-                merged_into[_name(prefix, node)] = merge
-    result = []
-    for outcome in outcomes:
-        merge = merged_into.get(outcome.node)
-        if merge is not None and outcome.op == "BatchNormalization":
-            outcome = FoldOutcome(
-                outcome.node,
-                outcome.output,
-                folded_into=merge.conv.name,
-                folded_into_op="Conv",
-                via="merged with the branches beside it",
-            )
-        result.append(outcome)
+            key = ("BatchNormalization", _name(prefix, node))
+            if node.op_type == "BatchNormalization" and key in found:
+                found[key] = FoldOutcome(
+                    found[key].node,
+                    found[key].output,
+                    folded_into=merge.conv.name,
+                    folded_into_op="Conv",
+                    via="merged with the branches beside it",
+                )
     for merge in merges:
-        result.append(
-            FoldOutcome(
-                prefix + merge.conv.name,
-                merge.conv.output[0],
-                op=BRANCH_MERGE,
-                folded_into=merge.conv.name,
-                folded_into_op="Conv",
-                via=f"{len(merge.branches)} branches ({', '.join(merge.branches)})",
-            )
+        found.pop((BRANCH_MERGE, prefix + merge.root_name), None)
+        found[(BRANCH_MERGE, prefix + merge.conv.name)] = FoldOutcome(
+            prefix + merge.conv.name,
+            merge.conv.output[0],
+            op=BRANCH_MERGE,
+            folded_into=merge.conv.name,
+            folded_into_op="Conv",
+            via=f"{len(merge.branches)} branches ({', '.join(merge.branches)})",
         )
-    return result
+    for refusal in refusals:
+        name = _name(prefix, refusal.root)
+        found[(BRANCH_MERGE, name)] = FoldOutcome(name, refusal.root.output[0], op=BRANCH_MERGE, reason=refusal.reason)
