@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import assert_same_function, op_types, run
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
 from bnfold.testing import BranchGraph
@@ -189,3 +189,50 @@ def test_a_subtracted_or_scaled_identity_keeps_its_sign_and_scale():
     gamma = g.const(g.rng.uniform(0.5, 1.5, (4, 1, 1)), "gamma")
     y = g.op("Add", g.op("Sub", g.conv(k=1), "x"), g.op("Mul", "x", gamma))
     assert_merged(g.model(g.op("Add", y, g.conv(k=3))))
+
+
+# ---- to a fixed point: merges that make folds possible, constants in the sum --------------------
+def test_a_bn_after_the_branch_sum_folds_once_the_sum_is_one_conv():
+    # RepViT: BN(conv3x3(x) + conv1x1(x) + x). The BN folds only after the merge.
+    g = BranchGraph()
+    total = g.sum(g.conv(k=3, bn=False), g.conv(k=1, bn=False), "x")
+    model = g.model(g.bn(total))
+    result = bnfold.fold(model)
+    (bn,) = result.report.batch_norms
+    assert bn.folded and bn.folded_into.endswith("_reparam"), result.report.table()
+    assert_merged(model)
+
+
+@pytest.mark.parametrize("form", ["initializer", "Constant", "Cast of a scalar", "per channel"])
+def test_a_constant_leaf_in_the_sum_is_a_bias_term(form):
+    # FastViT MobileOne with a 1×1 kernel: `scale_out = 0; out = scale_out + identity(x)` exports
+    # as Add(BN(x), 0); then + conv(x). The constant used to stop the merge.
+    g = BranchGraph()
+    if form == "initializer":
+        zero = g.const(0.0, "zero")
+    elif form == "Constant":
+        zero = "zero"
+        g.nodes.append(
+            helper.make_node("Constant", [], [zero], value=numpy_helper.from_array(np.array(0.0, np.float32)))
+        )
+    elif form == "Cast of a scalar":
+        zero = "zero_cast"
+        g.inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero_int"))
+        g.nodes.append(helper.make_node("Cast", ["zero_int"], [zero], to=TensorProto.FLOAT))
+    else:
+        zero = g.const(g.rng.normal(0, 0.3, (1, 4, 1, 1)), "offsets")
+    assert_merged(g.model(g.sum(g.conv(k=1), g.op("Add", g.bn(), zero))))
+
+
+def test_a_constant_that_is_not_one_value_per_channel_stops_the_merge():
+    g = BranchGraph()
+    plane = g.const(g.rng.normal(0, 0.3, (1, 1, 9, 9)), "plane")  # varies over space: not a bias
+    assert_not_merged(g.model(g.sum(g.conv(k=1), g.op("Add", g.bn(), plane))))
+
+
+def test_merged_weights_that_overflow_are_reported():
+    g = BranchGraph(dtype=np.float16)
+    big = g.const(np.full((4, 1, 1), 6e4), "gamma")  # a layer scale that pushes the kernel past 65504
+    model = g.model(g.sum(g.conv(k=1), g.op("Mul", big, g.conv(k=3))))
+    reasons = [o.reason for o in bnfold.fold(model).report.branch_merges]
+    assert any("the merged weights overflow float16" in (r or "") for r in reasons), reasons

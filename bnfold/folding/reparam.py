@@ -111,17 +111,18 @@ def _term(name: str, ctx: GraphContext, version: int, root: bool = False, depth:
     if node is not None and not root and (len(ctx.index.readers(name)) != 1 or name in ctx.index.graph_outputs):
         node = None  # read elsewhere too: it cannot disappear into the merge, so it is the x
     if node is not None and (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")) and len(node.input) == 2:
-        left, right = (_term(n, ctx, version, depth=depth + 1) for n in node.input)
+        left, right = (_constant_term(n, node, ctx) or _term(n, ctx, version, depth=depth + 1) for n in node.input)
         for side in (left, right):
             if isinstance(side, Skip):
                 return side
-        if left.x != right.x:
+        if left.x and right.x and left.x != right.x:
             return Skip(f"{node_label(node)} sums terms of different tensors ('{left.x}', '{right.x}')")
         if is_onnx_op(node, "Sub"):
             right.kernel, right.bias = -right.kernel, -right.bias
         merged = _add(left, right)
         if isinstance(merged, Skip):
             return merged
+        merged.x = left.x or right.x  # a constant term is affine in any x
         merged.nodes.append(node)
         return merged
     if node is not None and is_onnx_op(node, "Mul") and len(node.input) == 2 and not root:
@@ -141,8 +142,10 @@ def _conv_term(conv: onnx.NodeProto, ctx: GraphContext) -> Term | Skip:
         bias = ctx.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
     except NotConstant as why:
         return Skip(f"{node_label(conv)}'s parameters are not constant: {why}")
-    if weight.dtype not in (np.float16, np.float32, np.float64) or weight.ndim < 3:
-        return Skip(f"{node_label(conv)} has a {weight.dtype} weight of rank {weight.ndim}")
+    if weight.ndim < 3:
+        return Skip(f"{node_label(conv)} has a weight of rank {weight.ndim}")
+    if weight.dtype not in (np.float16, np.float32, np.float64):  # reported, so a bfloat16 model says why
+        return Mismatch(f"{node_label(conv)} has a {weight.dtype} weight: branches are merged for float16, 32 and 64")
     spatial = weight.ndim - 2
     strides = tuple(attrs["strides"].ints) if "strides" in attrs else (1,) * spatial
     dilations = tuple(attrs["dilations"].ints) if "dilations" in attrs else (1,) * spatial
@@ -190,6 +193,28 @@ def _batch_norm_term(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Ter
     term.bias = shift
     term.nodes, term.branches = [bn], [f"BatchNormalization '{bn.name or bn.output[0]}'"]
     return term
+
+
+def _constant_term(name: str, add: onnx.NodeProto, ctx: GraphContext) -> Term | None:
+    """A constant leaf of the sum, scalar or one value per channel: a bias term, affine in any x
+    with weight 0 (FastViT's `scale_out = 0` beside an identity BN; a Cast of a scalar in the
+    dynamo export). None when `name` is no such constant."""
+    if ctx.constants.why_not(name) is not None:
+        return None
+    shape = ctx.shapes.shape(add.output[0])
+    if shape is None or len(shape) < 3 or shape[1] is None:
+        return None
+    value = ctx.constant(name)
+    if value.dtype not in (np.float16, np.float32, np.float64):
+        return None
+    vector = affine.channel_vector(value, len(shape), shape[1])
+    if vector is None or not np.isfinite(vector).all():
+        return None
+    channels = shape[1]
+    return Term(
+        kernel=np.zeros((channels, 1)), bias=vector, group=channels, strides=(), dilations=(), pads=(),
+        nodes=[], branches=["a constant"], convs=0, x="",
+    )  # fmt: skip
 
 
 def _identity(x: str, channels: int | None = None) -> Term:
