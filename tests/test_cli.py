@@ -136,13 +136,13 @@ def test_skips_are_reported_with_their_reason(tmp_path):
             "forward": False,
             "via": None,
             "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; "
-            "nor forward: it feeds Relu '/Relu', not a Conv or Gemm",
+            "nor forward: it feeds Relu '/Relu', not a Conv, ConvTranspose, Gemm or MatMul",
             "status": "skipped",
         }
     ]
     assert (
         "skipped  Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; "
-        "nor forward: it feeds Relu '/Relu', not a Conv or Gemm" in result.stderr
+        "nor forward: it feeds Relu '/Relu', not a Conv, ConvTranspose, Gemm or MatMul" in result.stderr
     )
 
 

@@ -502,8 +502,23 @@ def test_batch_norm_over_tokens_folds_into_the_linear(kind):
     assert outcome.folded_into_op == "MatMul" and outcome.via.startswith("through ")
 
 
-def test_batch_norm_over_tokens_without_a_bias_add_is_refused():
-    assert_refused(token_model("reshape", bias=False), "MatMul 'mm' has no bias Add after it to absorb the BN's shift")
+@pytest.mark.parametrize("kind", ["reshape", "flatten", "transpose"])
+def test_batch_norm_over_tokens_after_a_bias_less_linear_leaves_its_shift_as_an_add(kind):
+    # LeViT: Linear(bias=False) → BatchNorm1d over tokens. The scale goes into B; the BN node
+    # becomes the Add of its shift, in its place, per channel on its own axis 1.
+    model = token_model(kind, bias=False)
+    into, back = (n.op_type for n in model.graph.node if n.op_type in ("Reshape", "Flatten", "Transpose"))
+    result = assert_folds(model, ["MatMul", into, "Add", back])
+    (outcome,) = result.report.outcomes
+    assert outcome.folded_into_op == "MatMul" and outcome.via.endswith("its shift is a new Add")
+    shift = next(t for t in result.model.graph.initializer if t.name == "beta_bnfold")
+    assert list(shift.dims) == ([6] if kind != "transpose" else [6, 1])
+
+
+def test_batch_norm_over_tokens_after_a_linear_read_elsewhere_is_refused():
+    model = token_model("reshape", bias=False)
+    model.graph.output.append(helper.make_tensor_value_info("mm", TensorProto.FLOAT, [2, 5, 6]))
+    assert_refused(model, "MatMul 'mm' output 'mm' is also a graph output")
 
 
 def test_a_reshape_that_splits_the_channel_axis_is_refused():
@@ -555,3 +570,68 @@ def test_a_long_non_constant_chain_is_walked_once_without_deep_recursion():
 def test_a_cycle_does_not_hang_the_constant_walk():
     result = bnfold.fold(add_chain_model(5, cycle=True), check=False)
     assert result.report.outcomes == []
+
+
+# ---- forward folds into MatMul and ConvTranspose --------------------------------------------------
+def bn_before(op: str, *, rank: int = 2, **attrs) -> onnx.ModelProto:
+    """x → BN (6 channels) → MatMul (B [6, 4]) or ConvTranspose (W [6, 4/g, 3, 3]) → y."""
+    rng = np.random.default_rng(17)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    bn = helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn")
+    if op == "MatMul":
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (6, 4)).astype(np.float32), "B"))
+        linear = helper.make_node("MatMul", ["bn_out", "B"], ["y"], name="mm")
+        shape = [3, 6] if rank == 2 else [2, 6, 6]
+    else:
+        group = attrs.get("group", 1)
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (6, 4 // group, 3, 3)).astype(np.float32), "W"))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, 4).astype(np.float32), "b"))
+        linear = helper.make_node("ConvTranspose", ["bn_out", "W", "b"], ["y"], name="deconv", **attrs)
+        shape = [1, 6, 7, 7]
+    graph = helper.make_graph(
+        [bn, linear], "forward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_bn_before_a_2d_matmul_folds_forward_and_the_matmul_becomes_a_gemm():
+    result = assert_folds(bn_before("MatMul"), ["Gemm"])
+    (outcome,) = result.report.outcomes
+    assert outcome.forward and outcome.folded_into_op == "MatMul"
+
+
+def test_a_bn_before_a_3d_matmul_is_refused():
+    assert_refused(bn_before("MatMul", rank=3), "only a 2-D MatMul becomes a Gemm")
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_bn_before_a_cropping_stride_1_conv_transpose_folds_forward(group):
+    # pads of (3 − 1) on every border: every output position receives every tap
+    result = assert_folds(bn_before("ConvTranspose", pads=[2, 2, 2, 2], group=group), ["ConvTranspose"])
+    assert result.report.outcomes[0].forward
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"strides": [2, 2], "pads": [2, 2, 2, 2]},
+        {"pads": [1, 1, 1, 1]},
+        {"pads": [2, 2, 2, 2], "output_padding": [0, 0]},
+    ],
+)
+def test_a_bn_before_a_conv_transpose_whose_borders_miss_taps_is_refused(attrs):
+    if "output_padding" in attrs:
+        attrs = {"pads": [2, 2, 2, 2], "strides": [2, 2], "output_padding": [1, 1]}
+    assert_refused(bn_before("ConvTranspose", **attrs), "border outputs that miss some taps")
+
+
+def test_a_bn_between_dequantize_and_quantize_says_fold_before_quantizing():
+    model = bn_before("MatMul", rank=3)
+    graph = model.graph
+    graph.initializer.extend([numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.int8(0), "z")])
+    graph.node.insert(0, helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]))
+    graph.node.insert(1, helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]))
+    graph.node[2].input[0] = "dq"
+    assert_refused(model, "quantized before folding")

@@ -93,7 +93,7 @@ def test_conv_output_with_two_readers_is_skipped_with_its_reason():
     assert skipped.node == "/bn/BatchNormalization"
     assert (
         skipped.reason == "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; "
-        "nor forward: it feeds Relu '/Relu', not a Conv or Gemm"
+        "nor forward: it feeds Relu '/Relu', not a Conv, ConvTranspose, Gemm or MatMul"
     )
 
 
@@ -101,8 +101,9 @@ def test_identity_branch_batch_norms_are_explained_without_reparameterization():
     model, _, _ = load("repvgg_tiny")
     reasons = {o.reason for o in bnfold.fold(model, reparam=False).report.outcomes if not o.folded}
     folds_into = "bnfold folds into Conv, ConvTranspose, Gemm, MatMul"
+    linear = "not a Conv, ConvTranspose, Gemm or MatMul"
     assert reasons == {
-        f"its input comes from Relu '{source}'; {folds_into}; nor forward: it feeds Add '{add}', not a Conv or Gemm"
+        f"its input comes from Relu '{source}'; {folds_into}; nor forward: it feeds Add '{add}', {linear}"
         for source, add in (
             ("/stem/stem.2/Relu", "/blocks/blocks.0/Add_1"),
             ("/blocks/blocks.0/Relu", "/blocks/blocks.1/Add_1"),

@@ -6,6 +6,10 @@ through shape-only ops: BatchNorm1d over tokens, exported as Reshape/Transpose �
 
 when the shape ops carry the MatMul's last axis whole to the BN's channel axis. The fold is the
 MatMul layout's own (linear.fold_output_affine); the last shape op takes over the BN's output.
+A MatMul without a bias Add (LeViT's bias-less Linear → BatchNorm1d) takes the scale, and the BN
+node becomes the Add of its shift, per channel on its own axis 1:
+
+    BN(reshape(MatMul(x, B))) → reshape(MatMul(x, B')) + t.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ MATMUL = LINEAR_OPS["MatMul"]
 class ChannelLastPlan(Plan):
     source: onnx.NodeProto  # the BN
     matmul: onnx.NodeProto
-    add: onnx.NodeProto
+    add: onnx.NodeProto | None  # the bias Add; None: the BN becomes one
     bias_position: int  # which input of the Add is the bias
     shape_ops: tuple[onnx.NodeProto, ...]  # from the BN's input back towards the Add
     weight: np.ndarray
@@ -42,14 +46,30 @@ class ChannelLastPlan(Plan):
 
     @property
     def via(self) -> str:
-        return "through " + ", ".join(node_label(n) for n in reversed(self.shape_ops))
+        through = "through " + ", ".join(node_label(n) for n in reversed(self.shape_ops))
+        return through if self.add is not None else through + "; its shift is a new Add"
 
     def rewrite(self, ctx: GraphContext) -> None:
-        old_weight, old_bias = self.matmul.input[1], self.add.input[self.bias_position]
+        old_weight = self.matmul.input[1]
         ctx.index.set_input(self.matmul, 1, ctx.add_initializer(self.weight, folded_name(old_weight)))
+        if self.add is None:
+            self._become_the_shift(ctx)
+            return
+        old_bias = self.add.input[self.bias_position]
         ctx.index.set_input(self.add, self.bias_position, ctx.add_initializer(self.bias, folded_name(old_bias)))
         ctx.index.remove_node(self.source)
         ctx.index.set_output(self.shape_ops[0], 0, self.source.output[0])
+
+    def _become_the_shift(self, ctx: GraphContext) -> None:
+        """The BN node, in its place and with its output name, becomes Add(its input, t)."""
+        bn = self.source
+        shift = ctx.add_initializer(self.bias, folded_name(bn.input[2]))
+        ctx.index.set_input(bn, 1, shift)
+        for position in range(len(bn.input) - 1, 1, -1):
+            ctx.index.set_input(bn, position, "")
+        del bn.input[2:]
+        bn.op_type, bn.domain = "Add", ""
+        del bn.attribute[:]
 
 
 def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | None:
@@ -71,7 +91,7 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     if node is None or rank is None or axis != rank - 1:
         return None
     if is_onnx_op(node, "MatMul"):
-        return Skip(f"{node_label(node)} has no bias Add after it to absorb the BN's shift")
+        return _without_bias(bn, node, reader, tuple(shape_ops), ctx)
     if not is_onnx_op(node, "Add"):
         return None
     add = node
@@ -106,6 +126,31 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     new_weight, new_bias = folded
     new_bias = new_bias.reshape((1,) * max(bias.ndim - 1, 0) + (channels,))
     return ChannelLastPlan(bn, matmul, add, 1 - position, tuple(shape_ops), new_weight, new_bias)
+
+
+def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLastPlan | Skip:
+    """The BN's scale into a bias-less MatMul; its shift stays as an Add (module docstring)."""
+    blocked = call_site_attributes(bn, matmul) or single_reader(matmul, reader, ctx)
+    if blocked:
+        return blocked
+    weight = float_constant(ctx, matmul.input[1], "MatMul B")
+    if isinstance(weight, Skip):
+        return weight
+    if weight.ndim != 2:
+        return Skip(f"MatMul B has rank {weight.ndim}, not 2")
+    rank = ctx.shapes.rank(bn.input[0])
+    if rank is None or rank < 2:
+        return Skip(f"the rank of the BN's input '{bn.input[0]}' is not known")
+    channels = weight.shape[1]
+    scale_shift = read_batch_norm(bn, ctx, channels)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    folded = fold_output_affine(MATMUL, matmul, weight, None, scale_shift)
+    if isinstance(folded, Skip):
+        return folded
+    new_weight, shift = folded
+    shift = shift.reshape((channels,) + (1,) * (rank - 2))  # per channel on the BN input's axis 1
+    return ChannelLastPlan(bn, matmul, None, -1, shape_ops, new_weight, shift)
 
 
 def _producer(ctx: GraphContext, name: str) -> onnx.NodeProto:

@@ -1,8 +1,12 @@
 """A BatchNormalization whose producer cannot absorb it folds into the one op it feeds:
 linear(BN(x)) → linear'(x) (pre-activation networks, a BN on the network's input).
 
-Exact only when the linear op does not pad: a padded border reads 0, and 0 is not s·0 + t.
-Conv and Gemm take it (affine.fold_input_affine): W'[o, i] = W[o, i]·s_i, b'_o = b_o + Σ W[o, i]·t_i.
+Exact only when every output reads the shift of every tap: a padded border reads 0, and 0 is
+not s·0 + t. Conv and Gemm take it (affine.fold_input_affine): W'[o, i] = W[o, i]·s_i,
+b'_o = b_o + Σ W[o, i]·t_i; so does a 2-D MatMul (a Gemm without C; it becomes one). A
+ConvTranspose takes it when every output position receives every tap: stride 1, no
+output_padding, and pads that crop (kernel − 1)·dilation from each border; then
+W'[i] = W[i]·s_i and b'_o = b_o + Σ_i Σ_k W[i, o, k]·t_i within each group.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from bnfold.folding.sources import read_batch_norm
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import float_attr, int_attr, ints_attr, node_label
 
-FORWARD_OPS = ("Conv", "Gemm")
+FORWARD_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
         after = ctx.index.readers(consumer.output[0]) if consumer.output else ()
         if len(after) == 1 and after[0].op_type in FORWARD_OPS:
             return Skip(f"{node_label(consumer)} stands between it and {node_label(after[0])}")
-        return Skip(f"it feeds {node_label(consumer)}, not a Conv or Gemm")
+        return Skip(f"it feeds {node_label(consumer)}, not a Conv, ConvTranspose, Gemm or MatMul")
     if list(consumer.input).count(out) != 1 or consumer.input[0] != out:
         return Skip(f"{node_label(consumer)} after it reads it as a parameter")
     bound = call_site_attributes(bn, consumer)
@@ -67,10 +71,10 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
         return bound
     if op.op_type == "Gemm" and int_attr(consumer, "transA", 0):
         return Skip(f"{node_label(consumer)} after it transposes its input (transA=1)")
-    params = op.parameters(consumer, ctx)
+    params = op.check_node(consumer, ctx) or op.parameters(consumer, ctx)
     if isinstance(params, Skip):
         return params
-    build = _into_conv if op.op_type == "Conv" else _into_gemm
+    build = {"Conv": _into_conv, "ConvTranspose": _into_conv_transpose}.get(op.op_type, _into_gemm)
     folded = build(bn, consumer, op, *params, ctx)
     if isinstance(folded, Skip):
         return folded
@@ -92,6 +96,38 @@ def _into_conv(bn, conv, op, weight, bias, ctx):
         return scale_shift
     new_weight, new_bias = affine.fold_input_affine(weight, bias, *scale_shift, group=group)
     return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv))
+
+
+def _into_conv_transpose(bn, deconv, op, weight, bias, ctx):
+    group = op.groups(deconv)
+    kernel = weight.shape[2:]
+    dilations = ints_attr(deconv, "dilations") or [1] * len(kernel)
+    pads = ints_attr(deconv, "pads") or [0] * (2 * len(kernel))
+    strides = ints_attr(deconv, "strides") or [1] * len(kernel)
+    auto_pad = next((a.s.decode() for a in deconv.attribute if a.name == "auto_pad"), "NOTSET")
+    reach = [d * (k - 1) for d, k in zip(dilations, kernel)]
+    every_tap = (
+        all(pads[a] >= reach[a] and pads[len(kernel) + a] >= reach[a] for a in range(len(kernel)))
+        and auto_pad == "NOTSET"
+    )
+    if any(s != 1 for s in strides) or any(ints_attr(deconv, "output_padding") or []) or not every_tap:
+        return Skip(
+            f"{node_label(deconv)} after it has border outputs that miss some taps (stride, output_padding or "
+            "too little cropping), so the shift is not one bias"
+        )
+    out_channels = op.output_channels(weight, deconv)
+    if bias is not None and (bad := op.check_bias(bias, out_channels)):
+        return bad
+    scale_shift = read_batch_norm(bn, ctx, weight.shape[0])
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    scale, shift = scale_shift
+    w = weight.astype(np.float64)
+    new_weight = w * np.asarray(scale).reshape((-1,) + (1,) * (w.ndim - 1))
+    taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) * np.asarray(shift)[:, None]  # [C_in, C_out/g]
+    from_shift = taps.reshape(group, -1, w.shape[1]).sum(axis=1).reshape(-1)
+    new_bias = from_shift + (0.0 if bias is None else bias.astype(np.float64))
+    return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(deconv))
 
 
 def _into_gemm(bn, gemm, op, weight, bias, ctx):

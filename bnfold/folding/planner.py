@@ -38,7 +38,21 @@ def plan_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Plan
     forward = plan_forward(bn, ctx)
     if not isinstance(forward, Skip):
         return forward
-    return Skip(f"{backward.reason}; nor forward: {forward.reason}")
+    return _quantized(bn, ctx) or Skip(f"{backward.reason}; nor forward: {forward.reason}")
+
+
+def _quantized(bn: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
+    """A BN between DequantizeLinear and QuantizeLinear: a model quantized before folding."""
+    producer = ctx.index.producer(bn.input[0])
+    readers = ctx.index.readers(bn.output[0])
+    if (producer is not None and is_onnx_op(producer, "DequantizeLinear")) or any(
+        is_onnx_op(r, "QuantizeLinear") for r in readers
+    ):
+        return Skip(
+            "it sits between DequantizeLinear and QuantizeLinear: the model was quantized before folding, and "
+            "quantized weights cannot absorb a scale exactly; fold before quantizing"
+        )
+    return None
 
 
 def plan_elementwise(node: onnx.NodeProto, ctx: GraphContext) -> Plan | Skip:
