@@ -635,3 +635,81 @@ def test_a_bn_between_dequantize_and_quantize_says_fold_before_quantizing():
     graph.node.insert(1, helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]))
     graph.node[2].input[0] = "dq"
     assert_refused(model, "quantized before folding")
+
+
+# ---- through shape ops: TensorFlow/Keras exports (tf2onnx) -----------------------------------------
+def keras_model(layout: str, *, affine: str = "mul_add") -> onnx.ModelProto:
+    """The shapes tf2onnx writes around a conv, then a Keras BatchNormalization as Mul/Add.
+    conv1d: x [1, 4, 9] → Unsqueeze(2) → Conv 1×3 → Squeeze(2) → ·[1, 6, 1] +[1, 6, 1] → Relu.
+    channels_last: x [1, 7, 7, 4] → Transpose → Conv 3×3 → Transpose back → ·[6] +[6] → Relu.
+    merged: like conv1d, but a Reshape folds the channels into the next axis ([1, 6·9]): no fold."""
+    rng = np.random.default_rng(23)
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(0, 0.4, (6, 4, 1, 3) if layout != "channels_last" else (6, 4, 3, 3)).astype(np.float32), "W"
+        ),
+        numpy_helper.from_array(rng.normal(0, 0.2, 6).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+    ]
+    if layout == "channels_last":
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 7, 7, 4])
+        nodes = [
+            helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "W", "b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Transpose", ["conv"], ["z"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        ]
+        constant_shape = (6,)
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9])
+        nodes = [
+            helper.make_node("Unsqueeze", ["x", "axis2"], ["x4"]),
+            helper.make_node("Conv", ["x4", "W", "b"], ["conv"], name="conv", pads=[0, 1, 0, 1]),
+            helper.make_node("Squeeze", ["conv", "axis2"], ["z"], name="squeeze"),
+        ]
+        constant_shape = (1, 6, 1)
+        if layout == "merged":
+            inits.append(numpy_helper.from_array(np.array([1, 54, 1], np.int64), "flat"))
+            nodes.append(helper.make_node("Reshape", ["z", "flat"], ["z_flat"], name="merge"))
+            constant_shape = (1, 54, 1)
+    data = nodes[-1].output[0]
+    if affine == "mul_add":
+        inits += [
+            numpy_helper.from_array(rng.uniform(0.5, 1.5, constant_shape).astype(np.float32), "gamma"),
+            numpy_helper.from_array(rng.normal(0, 0.3, constant_shape).astype(np.float32), "beta"),
+        ]
+        nodes += [
+            helper.make_node("Mul", [data, "gamma"], ["scaled"], name="bn_mul"),
+            helper.make_node("Add", ["scaled", "beta"], ["shifted"], name="bn_add"),
+        ]
+    else:  # a BatchNormalization over the squeezed [1, 6, 9]
+        params = bn_parameters(rng, 6)
+        inits += [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+        nodes.append(
+            helper.make_node("BatchNormalization", [data, "gamma", "beta", "mean", "var"], ["shifted"], name="bn")
+        )
+    nodes.append(helper.make_node("Relu", ["shifted"], ["y"]))
+    graph = helper.make_graph(nodes, "keras", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+@pytest.mark.parametrize("layout", ["conv1d", "channels_last"])
+def test_a_keras_batch_norm_as_mul_and_add_folds_through_the_shape_ops(layout):
+    model = keras_model(layout)
+    remaining = (
+        ["Unsqueeze", "Conv", "Squeeze", "Relu"] if layout == "conv1d" else ["Transpose", "Conv", "Transpose", "Relu"]
+    )
+    result = assert_folds(model, remaining)
+    assert [(o.op, o.folded_into_op) for o in result.report.channel_affines] == [("Mul", "Conv"), ("Add", "Conv")]
+    assert all(o.via.startswith("through ") for o in result.report.channel_affines)
+
+
+def test_a_batch_norm_after_a_squeeze_folds_into_the_conv():
+    result = assert_folds(keras_model("conv1d", affine="bn"), ["Unsqueeze", "Conv", "Squeeze", "Relu"])
+    (outcome,) = result.report.batch_norms
+    assert outcome.folded_into == "conv" and outcome.via == "through Squeeze 'squeeze'"
+
+
+def test_a_reshape_that_merges_the_channels_with_another_axis_stops_the_fold():
+    result = assert_refused(keras_model("merged"))  # the model comes back byte-identical
+    assert not result.report.channel_affines

@@ -174,15 +174,16 @@ def fold_input_affine(
     return w * s, b + (taps * t).sum(axis=1)
 
 
-def channel_vector(constant: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """The per-channel values of a constant that broadcasts along axis 1 of a rank-`rank`
-    tensor with `channels` channels ([C,1,…], [1,C,1,…], a scalar), or None if it broadcasts
-    any other way (numpy/ONNX broadcasting aligns shapes from the right: [C] alone lines up
-    with the *last* axis)."""
+def channel_vector(constant: np.ndarray, rank: int, channels: int, axis: int = 1) -> np.ndarray | None:
+    """The per-channel values of a constant that broadcasts along `axis` (default 1) of a
+    rank-`rank` tensor with `channels` channels ([C,1,…], [1,C,1,…], a scalar for axis 1;
+    [C] for the last axis), or None if it broadcasts any other way (numpy/ONNX broadcasting
+    aligns shapes from the right: [C] alone lines up with the *last* axis)."""
     c = np.asarray(constant)
     if c.ndim > rank:
         return None
     shape = (1,) * (rank - c.ndim) + c.shape
-    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
+    others = [d for i, d in enumerate(shape) if i != axis]
+    if any(d != 1 for d in others) or shape[axis] not in (1, channels):
         return None
     return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,)).copy()

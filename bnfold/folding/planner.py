@@ -11,6 +11,7 @@ from bnfold.folding.concat import plan_concat
 from bnfold.folding.forward import plan_forward
 from bnfold.folding.linear import linear_op
 from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.shape_ops import plan_through_shape_ops
 from bnfold.folding.sources import BatchNormSource, ElementwiseSource, check_inference_mode
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import is_onnx_op, node_label
@@ -35,6 +36,11 @@ def plan_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Plan
     channel_last = plan_channel_last(bn, ctx)
     if channel_last is not None:
         return channel_last
+    through = plan_through_shape_ops(BatchNormSource(bn), ctx)
+    if isinstance(through, Plan):
+        return through
+    if through is not None:
+        backward = through  # its reason says more than "its input comes from Reshape"
     forward = plan_forward(bn, ctx)
     if not isinstance(forward, Skip):
         return forward
@@ -62,4 +68,8 @@ def plan_elementwise(node: onnx.NodeProto, ctx: GraphContext) -> Plan | Skip:
         producer, _, _ = producer_through_no_ops(data, ctx)
         if linear_op(producer) is not None:
             return plan_backward(ElementwiseSource(node, data), ctx)
+    for data in node.input:
+        through = plan_through_shape_ops(ElementwiseSource(node, data), ctx)
+        if isinstance(through, Plan):
+            return through
     return Skip(f"{node_label(node)} does not follow a linear op")

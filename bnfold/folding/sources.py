@@ -53,7 +53,9 @@ class AffineSource:
     node: onnx.NodeProto
     data: str
 
-    def affine(self, ctx: GraphContext, channels: int, rank: int) -> ChannelAffine | Skip:
+    def affine(self, ctx: GraphContext, channels: int, rank: int, axis: int = 1) -> ChannelAffine | Skip:
+        """The map, for a linear op of `channels` output channels on `axis` of a rank-`rank`
+        tensor (the tensor this source reads)."""
         raise NotImplementedError
 
 
@@ -65,7 +67,9 @@ class BatchNormSource(AffineSource):
     def data(self) -> str:
         return self.node.input[0]
 
-    def affine(self, ctx, channels, rank):
+    def affine(self, ctx, channels, rank, axis=1):
+        if axis != 1:
+            return Skip(f"the channels reach the BatchNormalization on axis {axis}, not its channel axis 1")
         return read_batch_norm(self.node, ctx, channels)
 
 
@@ -74,8 +78,8 @@ class ElementwiseSource(AffineSource):
     node: onnx.NodeProto
     data: str
 
-    def affine(self, ctx, channels, rank):
-        return read_elementwise(self.node, self.data, ctx, channels, rank)
+    def affine(self, ctx, channels, rank, axis=1):
+        return read_elementwise(self.node, self.data, ctx, channels, rank, axis)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class KnownAffine(AffineSource):
     data: str
     known: ChannelAffine
 
-    def affine(self, ctx, channels, rank):
+    def affine(self, ctx, channels, rank, axis=1):
         return self.known
 
 
@@ -156,7 +160,7 @@ def read_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, channels: int) -> Cha
 
 
 def read_elementwise(
-    node: onnx.NodeProto, data: str, ctx: GraphContext, channels: int, rank: int
+    node: onnx.NodeProto, data: str, ctx: GraphContext, channels: int, rank: int, axis: int = 1
 ) -> ChannelAffine | Skip:
     """(s, t) of `data ∘ c` for a Mul/Add/Sub/Div by a per-channel constant c."""
     position = list(node.input).index(data)
@@ -166,7 +170,7 @@ def read_elementwise(
     value = float_constant(ctx, other, f"{node.op_type} operand")
     if isinstance(value, Skip):
         return value
-    vector = affine.channel_vector(value, rank, channels)
+    vector = affine.channel_vector(value, rank, channels, axis)
     if vector is None or not np.isfinite(vector).all():
         return Skip(
             f"{node.op_type} operand '{other}' of shape {list(value.shape)} is not one finite value per channel"

@@ -1,0 +1,117 @@
+"""A per-channel affine map that reaches a linear op through shape-only ops:
+
+    affine(shape_ops(linear(x))) → shape_ops(linear'(x)),
+
+exact when the shape ops carry the linear op's channel axis whole to the axis the affine map
+works along. TensorFlow models converted with tf2onnx are the common case: a Keras Conv1D is
+`Unsqueeze → Conv → Squeeze` with the BatchNormalization written as Mul/Add by [1, C, 1]
+constants after the Squeeze, and a channels-last graph puts a Transpose between a Conv and a
+Mul/Add whose constant is [C] on the *last* axis. The affine map folds into the linear op as
+usual (linear.fold_output_affine), and the shape op nearest to it takes over its output name.
+(A MatMul over tokens, with or without its bias Add, is `channel_last`'s.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold.folding.checks import call_site_attributes, single_reader
+from bnfold.folding.linear import LinearOp, fold_output_affine, give_parameters, linear_op
+from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.sources import AffineSource
+from bnfold.graph.context import GraphContext
+from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, node_label
+
+SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+
+
+@dataclass(frozen=True)
+class ThroughShapeOpsPlan(Plan):
+    source: onnx.NodeProto
+    op: LinearOp
+    linear: onnx.NodeProto
+    weight: np.ndarray
+    bias: np.ndarray
+    shape_ops: tuple[onnx.NodeProto, ...]  # from the source back towards the linear op
+
+    @property
+    def linears(self):
+        return (self.linear,)
+
+    @property
+    def via(self) -> str:
+        return "through " + ", ".join(node_label(n) for n in reversed(self.shape_ops))
+
+    def rewrite(self, ctx: GraphContext) -> None:
+        give_parameters(ctx, self.op, self.linear, self.source, self.weight, self.bias)
+        ctx.index.remove_node(self.source)
+        ctx.index.set_output(self.shape_ops[0], 0, self.source.output[0])
+
+
+def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughShapeOpsPlan | Skip | None:
+    """None when the source does not read a shape op chain ending at a Conv, ConvTranspose,
+    Gemm or 2-D MatMul (another mechanism decides it)."""
+    # match: back through shape ops to a linear op
+    node, reader, shape_ops = ctx.index.producer(source.data), source.node, []
+    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in SHAPE_OPS:
+        blocked = call_site_attributes(node) or single_reader(node, reader, ctx)
+        if blocked:
+            return blocked
+        shape_ops.append(node)
+        reader, node = node, ctx.index.producer(node.input[0])
+    op = linear_op(node)
+    if not shape_ops or op is None or (op.op_type == "MatMul" and ctx.shapes.rank(node.input[0]) != 2):
+        return None
+    linear = node
+    # checks
+    failed = call_site_attributes(source.node, linear) or single_reader(linear, reader, ctx)
+    if failed:
+        return failed
+    params = op.check_node(linear, ctx) or op.parameters(linear, ctx)
+    if isinstance(params, Skip):
+        return params
+    weight, bias = params
+    channels = op.output_channels(weight, linear)
+    if bias is not None and (bad := op.check_bias(bias, channels)):
+        return bad
+    axis = 1  # the output channel axis of every linear op here
+    for shape_op in reversed(shape_ops):
+        axis = _axis_after(shape_op, axis, ctx)
+        if axis is None:
+            return Skip(
+                f"{node_label(shape_op)} between it and the linear op does not carry the channel axis over whole"
+            )
+    rank = ctx.shapes.rank(source.data)
+    if rank is None:
+        return Skip(f"the rank of '{source.data}' is not known")
+    scale_shift = source.affine(ctx, channels, rank, axis)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    # build
+    folded = fold_output_affine(op, linear, weight, bias, scale_shift)
+    if isinstance(folded, Skip):
+        return folded
+    return ThroughShapeOpsPlan(source.node, op, linear, *folded, tuple(shape_ops))
+
+
+def _axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
+    """Which output axis of a shape-only op input `axis` becomes, if it passes through whole:
+    for a Transpose by its perm; for the others, the output axis of the same length that has
+    the same number of elements before it (known shapes only)."""
+    before = ctx.shapes.shape(node.input[0])
+    if node.op_type == "Transpose":
+        perm = ints_attr(node, "perm") or (list(reversed(range(len(before)))) if before is not None else None)
+        return perm.index(axis) if perm is not None and axis in perm else None
+    after = ctx.shapes.shape(node.output[0])
+    if before is None or after is None or axis >= len(before) or None in before[: axis + 1]:
+        return None
+    leading = int(np.prod(before[:axis], dtype=np.int64))
+    for b, size in enumerate(after):
+        if None in after[: b + 1]:
+            return None
+        if size == before[axis] and int(np.prod(after[:b], dtype=np.int64)) == leading:
+            return b
+    return None
