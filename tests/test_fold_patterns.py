@@ -713,3 +713,14 @@ def test_a_batch_norm_after_a_squeeze_folds_into_the_conv():
 def test_a_reshape_that_merges_the_channels_with_another_axis_stops_the_fold():
     result = assert_refused(keras_model("merged"))  # the model comes back byte-identical
     assert not result.report.channel_affines
+
+
+def test_a_concat_input_behind_an_identity_is_looked_through():
+    model = concat_bn_model()
+    conv = next(n for n in model.graph.node if n.name == "c3")
+    conv.output[0] = "c3_raw"
+    model.graph.node.insert(
+        list(model.graph.node).index(conv) + 1, helper.make_node("Identity", ["c3_raw"], ["c3_out"])
+    )
+    result = assert_folds(model, ["Conv", "Conv", "Conv", "Concat"])
+    assert result.report.outcomes[0].via == "split at Concat 'cat'"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold.folding.backward import BackwardPlan, plan_backward
-from bnfold.folding.checks import call_site_attributes, single_reader
+from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
 from bnfold.folding.linear import give_parameters, linear_op
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import ChannelAffine, KnownAffine, read_batch_norm
@@ -38,6 +38,11 @@ class ConcatPlan(Plan):
     def rewrite(self, ctx: GraphContext) -> None:
         for part in self.parts:
             give_parameters(ctx, part.op, part.linear, self.source, part.weight, part.bias)
+            if part.passthrough:  # no-ops between the linear op and the Concat go too
+                read_by_concat = part.passthrough[0].output[0]
+                for node in part.passthrough:
+                    ctx.index.remove_node(node)
+                ctx.index.set_output(part.linear, 0, read_by_concat)
         ctx.index.remove_node(self.source)
         ctx.index.set_output(self.concat, 0, self.source.output[0])
 
@@ -61,7 +66,7 @@ def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, ctx: GraphContext) -
     # every input from a linear op, whose channel counts split the BN
     channels = []
     for data in concat.input:
-        producer = ctx.index.producer(data)
+        producer, _, _ = producer_through_no_ops(data, ctx)  # Identity, inference Dropout
         op = linear_op(producer)
         if op is None:
             what = node_label(producer) if producer is not None else f"'{data}'"
