@@ -3,6 +3,7 @@
     pip install torch==2.13.0 onnx onnxscript onnxconverter-common
     python sample_models/make_samples.py            # everything
     python sample_models/make_samples.py float16    # only the float16 conversions of the exports
+    python sample_models/make_samples.py fixed-point    # only the LeViT/RepViT/FastViT-style networks
 
 onnxscript is the dynamo exporter's; onnxconverter-common makes the `*_fp16io` samples: float32
 exports converted the way GPU deployments are (`convert_float_to_float16(keep_io_types=True)`:
@@ -510,6 +511,100 @@ class TokenMLP(nn.Module):
         return self.bn2(y.reshape(-1, 8)).reshape(y.shape)
 
 
+class LinearBN(nn.Module):
+    """LeViT's Linear_BN: a bias-less Linear, then BatchNorm1d over the flattened tokens."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.c, self.bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.c(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTTiny(nn.Module):
+    """LeViT's attention and MLP blocks on tokens: every Linear is a Linear_BN."""
+
+    def __init__(self, dim=16, heads=2, classes=10):
+        super().__init__()
+        self.heads, self.key = heads, dim // heads
+        self.embed = nn.Sequential(conv_bn(3, dim, 3, 2), nn.Hardswish())
+        self.qkv, self.proj = LinearBN(dim, 3 * dim), LinearBN(dim, dim)
+        self.mlp = nn.Sequential(LinearBN(dim, 2 * dim), nn.Hardswish(), LinearBN(2 * dim, dim))
+        self.head = LinearBN(dim, classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)  # [B, T, C]
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.key).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1) * self.key**-0.5).softmax(dim=-1)
+        x = x + self.proj((attention @ v).transpose(1, 2).reshape(b, n, c))
+        x = x + self.mlp(x)
+        return self.head(x.mean(dim=1, keepdim=True)).squeeze(1)
+
+
+class RepViTBlock(nn.Module):
+    """RepViT's token mixer: BN(DWConv3x3(x) + DWConv1x1(x) + x), the BN after the sum."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False)
+        self.conv1 = nn.Conv2d(dim, dim, 1, 1, 0, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class RepViTTiny(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.mixers = nn.Sequential(RepViTBlock(16), nn.GELU(), RepViTBlock(16))
+        self.ffn = nn.Sequential(conv_bn(16, 32, 1, act=nn.GELU), conv_bn(32, 16, 1, act=None))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.mixers(self.stem(x))
+        x = x + self.ffn(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class FastViTMobileOne(nn.Module):
+    """FastViT's MobileOneBlock with a 1×1 kernel: no scale branch, so `scale_out = 0` and
+    `out = scale_out + identity(x) + conv(x)`, exported with a constant 0 in the sum."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv = conv_bn(dim, dim, 1, act=None)
+        self.identity = nn.BatchNorm2d(dim)
+
+    def forward(self, x):
+        scale_out = 0
+        identity_out = self.identity(x)
+        return nn.functional.gelu(scale_out + identity_out + self.conv(x))
+
+
+class FastViTTiny(nn.Module):
+    """FastViT's stem/patch-embedding MobileOne blocks with 1×1 kernels, and a ConvFFN whose
+    output goes through a per-channel layer scale before the next BN: Conv → Mul(γ) → BN."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.blocks = nn.Sequential(FastViTMobileOne(16), FastViTMobileOne(16))
+        self.fc = nn.Conv2d(16, 16, 1, bias=False)
+        self.layer_scale = nn.Parameter(0.5 + 0.2 * torch.randn(16, 1, 1))
+        self.bn = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        x = torch.relu(self.bn(self.layer_scale * self.fc(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
 def randomize_frozen(model: nn.Module, generator: torch.Generator) -> None:
     """FrozenBatchNorm2d has no running statistics to calibrate: give it trained-looking ones."""
     with torch.no_grad():
@@ -677,6 +772,22 @@ def main() -> None:
         export(net, name, torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True, deployed=deployed.eval())
 
     convert_float16_io()
+    export_fixed_point_networks()
+
+
+def export_fixed_point_networks() -> None:
+    """LeViT-, RepViT- and FastViT-style networks: the BNs that only fold with a new bias, after
+    a branch merge, or past a constant leaf or a layer scale (TorchScript and dynamo exports)."""
+    gen = torch.Generator().manual_seed(5)
+
+    def images():
+        return torch.randn(8, 3, 32, 32, generator=gen) * 1.5 + 0.3
+
+    for name, net in (("levit_tiny", LeViTTiny()), ("repvit_tiny", RepViTTiny()), ("fastvit_tiny", FastViTTiny())):
+        perturb_and_calibrate(net, images, gen)
+        example = torch.randn(2, 3, 32, 32, generator=gen)
+        export(net, name, example, 17, dynamic_batch=False)
+        export(net, f"{name}_dynamo", example, 18, dynamic_batch=False, dynamo=True)
 
 
 FLOAT16_IO = ("resnet_tiny", "mobilenet_tiny", "efficientnet_tiny", "inception_tiny")
@@ -698,4 +809,5 @@ def convert_float16_io() -> None:
 if __name__ == "__main__":
     import sys
 
-    convert_float16_io() if sys.argv[1:] == ["float16"] else main()
+    steps = {"float16": convert_float16_io, "fixed-point": export_fixed_point_networks}
+    steps[sys.argv[1]]() if sys.argv[1:] else main()

@@ -724,3 +724,12 @@ def test_a_concat_input_behind_an_identity_is_looked_through():
     )
     result = assert_folds(model, ["Conv", "Conv", "Conv", "Concat"])
     assert result.report.outcomes[0].via == "split at Concat 'cat'"
+
+
+def test_a_shape_reader_of_a_conv_that_renames_its_output_still_refuses_the_fold():
+    # A backward fold gives the Conv the BN's output name: a Shape of the old name would dangle.
+    model = conv_bn_model()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    model.graph.node.append(helper.make_node("Shape", [conv.output[0]], ["conv_shape"]))
+    model.graph.output.append(helper.make_tensor_value_info("conv_shape", TensorProto.INT64, [4]))
+    assert_refused(model, "output also feeds Shape")

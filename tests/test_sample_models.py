@@ -48,6 +48,13 @@ EXPECTED = {
     "repvgg_grouped": (9, 9, 0),
     "mobileone_tiny": (19, 19, 0),
     "repmixer_tiny": (8, 8, 0),
+    # folded only with the fixed point, a new bias, a constant leaf or shape readers allowed
+    "levit_tiny": (6, 6, 0),  # bias-less Linear → BatchNorm1d over tokens, beside a Shape of it
+    "levit_tiny_dynamo": (6, 6, 0),
+    "repvit_tiny": (5, 5, 0),  # BN after a sum of branches: folds once the sum is one Conv
+    "repvit_tiny_dynamo": (5, 5, 0),
+    "fastvit_tiny": (6, 6, 1),  # Add(BN(x), 0) beside a conv; Conv → Mul(γ) → BN
+    "fastvit_tiny_dynamo": (6, 6, 1),
 }
 
 

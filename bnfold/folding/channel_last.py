@@ -101,7 +101,9 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     matmul = ctx.index.producer(add.input[position])
     # checks
     blocked = (
-        call_site_attributes(bn, add, matmul) or single_reader(add, reader, ctx) or single_reader(matmul, add, ctx)
+        call_site_attributes(bn, add, matmul)
+        or single_reader(add, reader, ctx, shape_readers=True)
+        or single_reader(matmul, add, ctx, shape_readers=True)
     )
     if blocked:
         return blocked
@@ -130,7 +132,7 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
 
 def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLastPlan | Skip:
     """The BN's scale into a bias-less MatMul; its shift stays as an Add (module docstring)."""
-    blocked = call_site_attributes(bn, matmul) or single_reader(matmul, reader, ctx)
+    blocked = call_site_attributes(bn, matmul) or single_reader(matmul, reader, ctx, shape_readers=True)
     if blocked:
         return blocked
     weight = float_constant(ctx, matmul.input[1], "MatMul B")

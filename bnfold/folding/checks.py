@@ -20,12 +20,24 @@ def call_site_attributes(*nodes: onnx.NodeProto) -> Skip | None:
     return None
 
 
-def single_reader(node: onnx.NodeProto, reader: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
-    """`node`'s output may change only if `reader` alone reads it and it is no graph output."""
+SHAPE_ONLY = ("Shape", "Size")  # read a tensor's shape, never its values
+
+
+def single_reader(
+    node: onnx.NodeProto, reader: onnx.NodeProto, ctx: GraphContext, *, shape_readers: bool = False
+) -> Skip | None:
+    """`node`'s output may change only if `reader` alone reads it and it is no graph output.
+    With `shape_readers`, nodes that read only its shape may read it too (for a rewrite that
+    keeps the tensor's name and shape: LeViT's `reshape_as` exports a Shape of the Linear's
+    output)."""
     out = node.output[0]
     if out in ctx.index.graph_outputs:
         return Skip(f"{node_label(node)} output '{out}' is also a graph output")
-    others = [r for r in ctx.index.readers(out) if r is not reader]
+    others = [
+        r
+        for r in ctx.index.readers(out)
+        if r is not reader and not (shape_readers and is_onnx_op(r, r.op_type) and r.op_type in SHAPE_ONLY)
+    ]
     if others:
         return Skip(f"{node_label(node)} output also feeds {', '.join(node_label(r) for r in others[:3])}")
     return None

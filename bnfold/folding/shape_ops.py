@@ -67,7 +67,7 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
         return None
     linear = node
     # checks
-    failed = call_site_attributes(source.node, linear) or single_reader(linear, reader, ctx)
+    failed = call_site_attributes(source.node, linear) or single_reader(linear, reader, ctx, shape_readers=True)
     if failed:
         return failed
     params = op.check_node(linear, ctx) or op.parameters(linear, ctx)

@@ -127,7 +127,7 @@ def _fold_graph(
 def _fold_node(node: onnx.NodeProto, ctx: GraphContext, version: int, prefix: str) -> FoldOutcome | None:
     """Plan and apply one candidate's fold; its outcome, or None for a Mul/Add/Sub/Div that is
     no candidate (most are not, and only their folds are reported)."""
-    name, output = _name(prefix, node), node.output[0]
+    name, output, op = _name(prefix, node), node.output[0], node.op_type  # (a rewrite may change the node)
     if node.op_type == "BatchNormalization":
         plan = plan_batch_norm(node, ctx, version)
     elif node.op_type in RUNTIME_NORMALIZATIONS:
@@ -137,13 +137,13 @@ def _fold_node(node: onnx.NodeProto, ctx: GraphContext, version: int, prefix: st
         if isinstance(plan, Skip):
             return None
     if isinstance(plan, Skip):
-        return FoldOutcome(name, output, op=node.op_type, reason=plan.reason)
+        return FoldOutcome(name, output, op=op, reason=plan.reason)
     # read before the rewrite renames outputs (and turns a MatMul into a Gemm)
     into = ", ".join(linear.name or linear.output[0] for linear in plan.linears)
     into_op = "/".join(sorted({linear.op_type for linear in plan.linears}))
     plan.rewrite(ctx)
     return FoldOutcome(
-        name, output, op=node.op_type, folded_into=into, folded_into_op=into_op, forward=plan.forward, via=plan.via
+        name, output, op=op, folded_into=into, folded_into_op=into_op, forward=plan.forward, via=plan.via
     )
 
 
