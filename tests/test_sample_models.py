@@ -1,4 +1,4 @@
-"""The sample models (real PyTorch networks exported with BN kept), against PyTorch's own outputs.
+"""The sample models (real PyTorch and Keras networks exported with BN kept), against their own outputs.
 
 The .npz files hold PyTorch eval-mode outputs, so these tests compare with an independent
 reference and need no torch.
@@ -55,6 +55,10 @@ EXPECTED = {
     "repvit_tiny_dynamo": (5, 5, 0),
     "fastvit_tiny": (6, 6, 1),  # Add(BN(x), 0) beside a conv; Conv → Mul(γ) → BN
     "fastvit_tiny_dynamo": (6, 6, 1),
+    # Keras through tf2onnx: BatchNormalization as Mul and Add, through Squeeze (Conv1D); the
+    # channels-last CNN's other BNs tf2onnx fused itself
+    "keras_conv1d": (0, 0, 4),
+    "keras_channels_last": (0, 0, 2),
 }
 
 

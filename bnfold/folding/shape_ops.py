@@ -99,19 +99,26 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
 
 def _axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
     """Which output axis of a shape-only op input `axis` becomes, if it passes through whole:
-    for a Transpose by its perm; for the others, the output axis of the same length that has
-    the same number of elements before it (known shapes only)."""
-    before = ctx.shapes.shape(node.input[0])
+    for a Transpose by its perm; for the others, the output axis of the same (known) length
+    with as many elements before it: the same number, or the same dims, symbols included (the
+    batch of a Squeeze or an Unsqueeze)."""
+    before = ctx.shapes.symbolic_shape(node.input[0])
     if node.op_type == "Transpose":
         perm = ints_attr(node, "perm") or (list(reversed(range(len(before)))) if before is not None else None)
         return perm.index(axis) if perm is not None and axis in perm else None
-    after = ctx.shapes.shape(node.output[0])
-    if before is None or after is None or axis >= len(before) or None in before[: axis + 1]:
+    after = ctx.shapes.symbolic_shape(node.output[0])
+    if before is None or after is None or axis >= len(before) or not isinstance(before[axis], int):
         return None
-    leading = int(np.prod(before[:axis], dtype=np.int64))
     for b, size in enumerate(after):
-        if None in after[: b + 1]:
-            return None
-        if size == before[axis] and int(np.prod(after[:b], dtype=np.int64)) == leading:
+        if size == before[axis] and _same_elements(before[:axis], after[:b]):
             return b
     return None
+
+
+def _same_elements(a: tuple, b: tuple) -> bool:
+    """Whether two runs of dims hold as many elements: known numbers with one product, or the
+    same dims once the 1s are left out (a symbol stands for itself)."""
+    if all(isinstance(d, int) for d in (*a, *b)):
+        return int(np.prod(a, dtype=np.int64)) == int(np.prod(b, dtype=np.int64))
+    a, b = [d for d in a if d != 1], [d for d in b if d != 1]
+    return None not in a and a == b

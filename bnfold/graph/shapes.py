@@ -26,6 +26,12 @@ class Shapes:
     def shape(self, name: str) -> tuple[int | None, ...] | None:
         """A tensor's dims (None where only known at run time), from declared types or else one
         shape inference; None when even the rank is unknown."""
+        dims = self.symbolic_shape(name)
+        return None if dims is None else tuple(d if isinstance(d, int) else None for d in dims)
+
+    def symbolic_shape(self, name: str) -> tuple[int | str | None, ...] | None:
+        """shape(), with a named symbolic dimension ("batch") as its name: two dims of one name
+        are equal at run time, whatever it is."""
         declared = self._declared.get(name)
         if declared is None or not declared.HasField("shape"):
             if self._inferred is None:
@@ -33,7 +39,7 @@ class Shapes:
             declared = self._inferred.get(name)
         if declared is None or not declared.HasField("shape"):
             return None
-        return tuple(d.dim_value if d.HasField("dim_value") else None for d in declared.shape.dim)
+        return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in declared.shape.dim)
 
     def declared_type(self, name: str) -> int:
         """The declared element type (onnx.TensorProto.DataType), 0 when none is declared."""
