@@ -170,6 +170,34 @@ def conv_chain(pairs: int, shared: bool = False) -> onnx.ModelProto:
     return model
 
 
+def repvit_chain(blocks: int, channels: int = 4) -> onnx.ModelProto:
+    """`blocks` RepViT token mixers in a row, BN(DWConv3x3(x) + DWConv1x1(x) + x): every BN folds
+    only once its sum is merged, so every block costs two rounds of the fixed point."""
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "input"
+    for i in range(blocks):
+        for k, branch in ((3, "a"), (1, "b")):
+            weight = f"W{branch}{i}"
+            inits.append(numpy_helper.from_array(rng.normal(0, 0.3, (channels, 1, k, k)).astype(np.float32), weight))
+            nodes.append(helper.make_node("Conv", [x, weight], [f"c{branch}{i}"], group=channels, pads=[k // 2] * 4))
+        nodes += [
+            helper.make_node("Add", [f"ca{i}", f"cb{i}"], [f"s{i}"]),
+            helper.make_node("Add", [f"s{i}", x], [f"t{i}"]),
+        ]
+        params = (rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.3, channels), rng.normal(0, 0.3, channels))
+        params += (rng.uniform(0.5, 2, channels),)
+        names = [f"{k}{i}" for k in ("gamma", "beta", "mean", "var")]
+        inits += [numpy_helper.from_array(v.astype(np.float32), n) for v, n in zip(params, names)]
+        nodes.append(helper.make_node("BatchNormalization", [f"t{i}", *names], [f"bn{i}"]))
+        x = f"bn{i}"
+    shape = [1, channels, 8, 8]
+    graph = helper.make_graph(
+        nodes, "repvit", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 # ---- measuring ---------------------------------------------------------------------------------
 def run(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident MB of one child process (which must succeed). Call it
@@ -309,6 +337,17 @@ def main() -> None:
                 assert result.report.folded == pairs
             best = min(times)
             print(f"| {pairs} | {3 * pairs} | {best:.2f} s | {1e3 * best / pairs:.2f} ms |", flush=True)
+    print("\n## fixed point: fold time against RepViT blocks (a merge, then a fold, per block)\n")
+    print("| blocks | fold + check + write | per block |")
+    print("|---|---|---|")
+    for blocks in (int(p) // 2 for p in args.chain.split(",")):
+        path = folder / f"repvit_{blocks}.onnx"
+        onnx.save(repvit_chain(blocks), str(path))
+        start = time.perf_counter()
+        result = optimize(path, path.with_suffix(".out.onnx"), verify=False)
+        seconds = time.perf_counter() - start
+        assert result.report.folded == blocks
+        print(f"| {blocks} | {seconds:.2f} s | {1e3 * seconds / blocks:.2f} ms |", flush=True)
     if args.folder is None:
         shutil.rmtree(folder)
 

@@ -733,3 +733,42 @@ def test_a_shape_reader_of_a_conv_that_renames_its_output_still_refuses_the_fold
     model.graph.node.append(helper.make_node("Shape", [conv.output[0]], ["conv_shape"]))
     model.graph.output.append(helper.make_tensor_value_info("conv_shape", TensorProto.INT64, [4]))
     assert_refused(model, "output also feeds Shape")
+
+
+def bn_unsqueeze_conv(perm: list[int] | None = None) -> onnx.ModelProto:
+    """x [1, 4, 9] → BN → Unsqueeze(2) [→ Transpose perm] → Conv 1×3, unpadded → y."""
+    rng = np.random.default_rng(29)
+    params = bn_parameters(rng, 4)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits += [
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(rng.normal(0, 0.4, (6, 4, 1, 3)).astype(np.float32), "W"),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+        helper.make_node("Unsqueeze", ["bn_out", "axis2"], ["x4"], name="unsqueeze"),
+    ]
+    data = "x4"
+    if perm is not None:
+        nodes.append(helper.make_node("Transpose", ["x4"], ["moved"], perm=perm))
+        data = "moved"
+    nodes.append(helper.make_node("Conv", [data, "W"], ["y"], name="conv"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9])
+    graph = helper.make_graph(nodes, "fwd", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_bn_folds_forward_through_an_unsqueeze_into_the_conv():
+    result = assert_folds(bn_unsqueeze_conv(), ["Unsqueeze", "Conv"])
+    (outcome,) = result.report.outcomes
+    assert outcome.forward and outcome.via == "through Unsqueeze 'unsqueeze'"
+
+
+def test_a_bn_whose_channels_a_transpose_moves_off_the_conv_input_axis_is_refused():
+    # [1, 4, 1, 9] → perm (0, 2, 1, 3) → [1, 1, 4, 9]: the BN's channels land on axis 2
+    model = bn_unsqueeze_conv(perm=[0, 2, 1, 3])
+    model.graph.initializer[-1].CopyFrom(
+        numpy_helper.from_array(np.ones((6, 1, 1, 3), np.float32), "W")
+    )  # one input channel now
+    model = onnx.shape_inference.infer_shapes(model)
+    assert_refused(model, "not the input channel axis 1")

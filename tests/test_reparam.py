@@ -236,3 +236,20 @@ def test_merged_weights_that_overflow_are_reported():
     model = g.model(g.sum(g.conv(k=1), g.op("Mul", big, g.conv(k=3))))
     reasons = [o.reason for o in bnfold.fold(model).report.branch_merges]
     assert any("the merged weights overflow float16" in (r or "") for r in reasons), reasons
+
+
+def test_the_fixed_point_is_bounded_on_a_cascade_that_needs_a_round_per_level():
+    # level i: BN(level i−1 + conv(x)); each BN folds one round after the sum below it merges
+    from bnfold.folding.walk import MAX_ROUNDS
+
+    g = BranchGraph()
+    level = g.conv(k=1, bn=False)
+    for _ in range(MAX_ROUNDS + 4):
+        level = g.bn(g.sum(level, g.conv(k=1, bn=False)))
+    model = g.model(level)
+    result = bnfold.fold(model)
+    folded = result.report.folded
+    assert MAX_ROUNDS - 1 <= folded < MAX_ROUNDS + 4, result.report.table()
+    assert all(o.reason for o in result.report.batch_norms if not o.folded)  # each left one says why
+    assert_same_function(model, result.model)
+    onnx.checker.check_model(result.model, full_check=True)

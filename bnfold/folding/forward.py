@@ -20,9 +20,10 @@ from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes
 from bnfold.folding.linear import LinearOp, cast_folded, give_parameters, linear_op
 from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.shape_ops import SHAPE_OPS, axis_after
 from bnfold.folding.sources import read_batch_norm
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import float_attr, int_attr, ints_attr, node_label
+from bnfold.graph.protos import ONNX_DOMAINS, float_attr, int_attr, ints_attr, node_label
 
 FORWARD_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -34,6 +35,7 @@ class ForwardPlan(Plan):
     linear: onnx.NodeProto
     weight: np.ndarray
     bias: np.ndarray
+    shape_ops: tuple[onnx.NodeProto, ...] = ()  # between the BN and the linear op, in order
 
     @property
     def linears(self):
@@ -43,21 +45,35 @@ class ForwardPlan(Plan):
     def forward(self) -> bool:
         return True
 
+    @property
+    def via(self) -> str | None:
+        return "through " + ", ".join(node_label(n) for n in self.shape_ops) if self.shape_ops else None
+
     def rewrite(self, ctx: GraphContext) -> None:
         give_parameters(ctx, self.op, self.linear, self.source, self.weight, self.bias)
         ctx.index.remove_node(self.source)
-        ctx.index.set_input(self.linear, 0, self.source.input[0])
+        ctx.index.set_input(self.shape_ops[0] if self.shape_ops else self.linear, 0, self.source.input[0])
 
 
 def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
-    """Fold `bn` into the one Conv or Gemm that reads it as its data input."""
+    """Fold `bn` into the one linear op that reads it as its data input, directly or through
+    shape-only ops that carry its channel axis whole to the op's input channel axis."""
     out = bn.output[0]
     readers = ctx.index.readers(out)
     if out in ctx.index.graph_outputs:
         return Skip("its output is a graph output")
     if len(readers) != 1:
         return Skip(f"it feeds {len(readers)} nodes")
-    consumer = readers[0]
+    consumer, shape_ops, axis = readers[0], [], 1
+    while consumer.domain in ONNX_DOMAINS and consumer.op_type in SHAPE_OPS and consumer.input[0] == out:
+        axis = axis_after(consumer, axis, ctx)
+        readers = ctx.index.readers(consumer.output[0])
+        if axis is None or consumer.output[0] in ctx.index.graph_outputs or len(readers) != 1:
+            return Skip(f"{node_label(consumer)} after it does not carry its channel axis, whole, to one linear op")
+        shape_ops.append(consumer)
+        out, consumer = consumer.output[0], readers[0]
+    if axis != 1:
+        return Skip(f"its channels reach {node_label(consumer)} on axis {axis}, not the input channel axis 1")
     op = linear_op(consumer)
     if op is None or op.op_type not in FORWARD_OPS:
         after = ctx.index.readers(consumer.output[0]) if consumer.output else ()
@@ -78,7 +94,7 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     folded = build(bn, consumer, op, *params, ctx)
     if isinstance(folded, Skip):
         return folded
-    return ForwardPlan(bn, op, consumer, *folded)
+    return ForwardPlan(bn, op, consumer, *folded, tuple(shape_ops))
 
 
 def _into_conv(bn, conv, op, weight, bias, ctx):

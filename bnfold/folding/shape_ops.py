@@ -79,7 +79,7 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
         return bad
     axis = 1  # the output channel axis of every linear op here
     for shape_op in reversed(shape_ops):
-        axis = _axis_after(shape_op, axis, ctx)
+        axis = axis_after(shape_op, axis, ctx)
         if axis is None:
             return Skip(
                 f"{node_label(shape_op)} between it and the linear op does not carry the channel axis over whole"
@@ -97,7 +97,7 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
     return ThroughShapeOpsPlan(source.node, op, linear, *folded, tuple(shape_ops))
 
 
-def _axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
+def axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
     """Which output axis of a shape-only op input `axis` becomes, if it passes through whole:
     for a Transpose by its perm; for the others, the output axis of the same (known) length
     with as many elements before it: the same number, or the same dims, symbols included (the
