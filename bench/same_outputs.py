@@ -6,9 +6,9 @@
 
 For each sample model it runs `bnfold optimize --json` twice, once with the default external
 data mode and once with `--external-data always`, and keeps the written files and the JSON
-report. Normalized before comparing: the random 8-hex part of a data file's name (in the file
-name and inside the model that points at it), the timings in the report and the temporary
-folder's paths. Everything else must be byte-identical.
+report. Normalized before comparing: the 8-hex part of a data file's name (random before
+2026-11-30, now from its content; in the file name and inside the model that points at it),
+the timings in the report and the temporary folder's paths. Everything else must be byte-identical.
 """
 
 from __future__ import annotations

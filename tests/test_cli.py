@@ -13,6 +13,7 @@ import onnx
 import pytest
 import typer
 from builders import conv_bn_model, op_types
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from bnfold.cli import _guard, app
@@ -94,6 +95,16 @@ def test_external_data_modes(tmp_path):
     assert result.exit_code == 2 and "choose one of auto, always, never" in result.stderr
 
 
+def test_the_same_input_and_options_give_byte_identical_outputs(tmp_path):
+    # The data file is named after its content: reruns (Make, DVC) reproduce every byte.
+    onnx.save(onnx.load(str(SAMPLE)), str(tmp_path / "net.onnx"), save_as_external_data=True, location="net.data")
+    outputs = []
+    for run in ("first", "second"):
+        assert invoke("optimize", tmp_path / "net.onnx", "-o", f"{tmp_path / run}/", "-q").exit_code == 0
+        outputs.append({p.name: p.read_bytes() for p in (tmp_path / run).iterdir()})
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+
+
 def test_rewriting_an_external_output_replaces_its_data_file_and_nothing_else(tmp_path):
     model = tmp_path / "net.onnx"
     shutil.copy(SAMPLE, model)
@@ -101,8 +112,14 @@ def test_rewriting_an_external_output_replaces_its_data_file_and_nothing_else(tm
     assert invoke("optimize", model, "--external-data", "always", "-q").exit_code == 0
     first = set(external_files(tmp_path))
     assert invoke("optimize", model, "--external-data", "always", "-q").exit_code == 0
+    assert set(external_files(tmp_path)) == first  # the same content: the same data file
+    changed = onnx.load(str(SAMPLE))
+    gamma = next(t for t in changed.graph.initializer if len(t.dims) == 1)
+    gamma.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(gamma) * 2, gamma.name))
+    onnx.save(changed, str(model))
+    assert invoke("optimize", model, "--external-data", "always", "-q").exit_code == 0
     second = set(external_files(tmp_path))
-    assert len(first) == len(second) == 2 and first != second  # a fresh data file, the old one gone
+    assert len(first) == len(second) == 2 and first != second  # a new data file, the old one gone
     assert "net.folded.onnx.unrelated.data" in second
     onnx.checker.check_model(str(tmp_path / "net.folded.onnx"), full_check=True)
 

@@ -4,6 +4,7 @@ in the destination folder, checked, then committed with one rename."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import secrets
@@ -91,12 +92,13 @@ class StagedModel:
     time. This is what keeps a fold as cheap as reading and writing the file, and works
     past protobuf's 2 GiB limit for one message.
 
-    With external data, the tensors go to `<output name>.<8 hex>.data`: a new file every time,
-    so nothing is ever appended to or overwritten in a data file another model may read. Until
-    the commit it is a hidden `.<output name>.<8 hex>.tmp` beside the hidden staged model, which
-    names it (so the staged model can be verified); the two names have one length, and the commit
-    writes the model again with the final name in place of the hidden one, renames the data file
-    into place, then the model: the model's rename is the commit. So at every moment the output
+    With external data, the tensors go to `<output name>.<8 hex>.data`, the hex from the SHA-256
+    of its bytes: nothing is ever appended to a data file, and one of that name that another
+    model may read holds the same bytes. Until the commit it is a hidden
+    `.<output name>.<8 random hex>.tmp` beside the hidden staged model, which names it (so the
+    staged model can be verified); the two names have one length, and the commit writes the model
+    again with the final name in place of the hidden one, renames the data file into place, then
+    the model: the model's rename is the commit. So at every moment the output
     path holds the previous model (with its own data file intact) or the new one (with its data
     complete), and a run killed before the commit leaves no visible file; after the commit the
     previous output's bnfold-named data file is removed. Used as a context manager, anything
@@ -119,9 +121,8 @@ class StagedModel:
         self.path = self._temporary(".tmp")
         try:
             if external:
-                token = secrets.token_hex(4)
-                self.data_path = dest.with_name(f"{dest.name}.{token}.data")
-                self._hidden_data = dest.with_name(f".{dest.name}.{token}.tmp")
+                # hidden until the commit names it after its content (a random name of one length)
+                self._hidden_data = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
                 with open(self.path, "wb") as out, open(self._hidden_data, "xb") as data:
                     ModelWriter(out, pending or {}, source, data, self._hidden_data.name).write(model)
                     _sync(data)
@@ -161,14 +162,19 @@ class StagedModel:
             _unlink(old)
 
     def _name_the_data_file(self) -> None:
-        """The staged model again, naming the data file by its final name (one length: every
-        offset in the file stays), then the data file renamed to that name."""
-        hidden, final = self._hidden_data.name.encode(), self.data_path.name.encode()
+        """The staged model again, naming the data file by its final name, then the data file
+        renamed to that name. The final name is `<output>.<8 hex of its SHA-256>.data`: the same
+        input and options give the same files, byte for byte, and a data file of that name holds
+        those bytes whoever wrote it (so replacing one changes nothing another model reads).
+        Both names have one length: every offset in the model file stays."""
+        hidden = self._hidden_data.name.encode()
         staged = self.path.read_bytes()  # with external data the model file holds only the structure
         if not staged.count(hidden):  # every tensor was too small for the data file
             _unlink(self._hidden_data)
-            self._hidden_data = self.data_path = None
+            self._hidden_data = None
             return
+        self.data_path = self.dest.with_name(f"{self.dest.name}.{_digest(self._hidden_data)[:8]}.data")
+        final = self.data_path.name.encode()
         renamed = self._temporary(".tmp")
         try:
             with open(renamed, "wb") as out:
@@ -204,6 +210,15 @@ class StagedModel:
             raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
         os.close(fd)
         return Path(name)
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in large pieces (it was just written: in the page cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _any_same(path: Path, others) -> bool:
