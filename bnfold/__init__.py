@@ -11,7 +11,7 @@ Attributes are imported on first use, so `import bnfold` (and the CLI's start-up
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 if TYPE_CHECKING:  # what type checkers see; at run time each name is imported on first use
     from bnfold.benchmark import BenchReport, bench

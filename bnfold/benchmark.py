@@ -39,11 +39,12 @@ class Timing:
 @dataclass
 class BenchReport:
     original: str
-    folded: str
+    folded: str | None  # None when bench folded MODEL itself into a temporary file
     runs: int
     inputs: list[dict]
     timings: list[Timing] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    fold_summary: str | None = None  # when bench folded MODEL itself (into a file now deleted)
 
     def speedup(self, optimizations: str) -> float:
         """Original latency / folded latency (above 1: the folded model is faster)."""
@@ -77,6 +78,7 @@ class BenchReport:
         return {
             "original": self.original,
             "folded": self.folded,
+            "fold_summary": self.fold_summary,
             "runs": self.runs,
             "inputs": self.inputs,
             "timings": [t.to_dict() for t in self.timings],

@@ -16,6 +16,7 @@ from typing import TypeVar
 import typer
 
 from bnfold.errors import (
+    EXIT_FOLDABLE,
     EXIT_INTERNAL_ERROR,
     EXIT_NOT_EQUIVALENT,
     EXIT_USER_ERROR,
@@ -27,7 +28,7 @@ EXIT_CODES = (
     "Exit codes: 0 success; 1 not equivalent (verify found a differing output; optimize wrote "
     "nothing); 2 could not run: missing file, not an ONNX model, invalid model, a model "
     "onnxruntime cannot load or run, unwritable output, bad option; 3 internal error, a bug in bnfold "
-    "(nothing written)."
+    "(nothing written); 4 `inspect --check` found BatchNormalization bnfold would fold."
 )
 
 app = typer.Typer(
@@ -42,6 +43,24 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from bnfold import __version__
+
+        print(f"bnfold {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fold BatchNormalization into the linear op next to it in ONNX models, and prove the result."""
+
 
 MODEL_ARG = typer.Argument(..., help="The ONNX model file.", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
@@ -120,6 +139,7 @@ def optimize(
             "verify_options": _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider),
         }
 
+    _json_for("optimize", json_report)
     if len(models) == 1 and not models[0].is_dir():
         result = _guard(lambda: pipeline.optimize(models[0], output, **options()))
         if not quiet:
@@ -128,10 +148,11 @@ def optimize(
                 _say(result.verification.table())
         elif result.verification is not None and not result.verification.equivalent:
             _say(result.verification.table(failed_only=True))
-        if json_report:
-            print(json.dumps(result.to_dict(), indent=2))
         if not result.written:
-            _fail("the folded model is not equivalent to the original; nothing was written", EXIT_NOT_EQUIVALENT)
+            message = "the folded model is not equivalent to the original; nothing was written"
+            _emit(result.to_dict(), EXIT_NOT_EQUIVALENT, message)
+            _fail(message, EXIT_NOT_EQUIVALENT)
+        _emit(result.to_dict(), 0)
         if not quiet:
             _say(f"wrote {result.output}")
         return
@@ -158,10 +179,9 @@ def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
     written = sum(item.exit_code == 0 for item in items)
     if not quiet:
         _say(f"{len(items)} models: {written} written, {len(items) - written} failed")
-    if json_report:
-        summary = {"models": len(items), "written": written, "failed": len(items) - written}
-        print(json.dumps({"models": [item.to_dict() for item in items], "summary": summary}, indent=2))
     worst = max(item.exit_code for item in items)  # 3 internal, 2 could not run, 1 not equivalent, 0
+    summary = {"models": len(items), "written": written, "failed": len(items) - written}
+    _emit({"models": [item.to_dict() for item in items], "summary": summary}, worst)
     if worst:
         raise typer.Exit(worst)
 
@@ -242,8 +262,9 @@ def verify(
         saving = {"save_inputs": save_inputs, "save_outputs": save_outputs}
         return run_verify(reference, candidate, progress=_progress(quiet), localize=localize, **saving, **options)
 
+    _json_for("verify", json_report)
     report = _guard(run)
-    _render(report.to_dict(), report, json_report, quiet)
+    _render(report.to_dict(), report, quiet, 0 if report.equivalent else EXIT_NOT_EQUIVALENT)
     if quiet and not report.equivalent:
         _say(report.table(failed_only=True))
     if not report.equivalent:
@@ -252,14 +273,36 @@ def verify(
 
 @app.command(epilog=EXIT_CODES)
 def inspect(
-    model: Path = MODEL_ARG, no_reparam: bool = NO_REPARAM_OPT, json_report: bool = JSON_OPT, quiet: bool = QUIET_OPT
+    models: list[Path] = typer.Argument(..., help="ONNX model files.", show_default=False),
+    no_reparam: bool = NO_REPARAM_OPT,
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help=f"For CI and pre-commit: exit {EXIT_FOLDABLE} when a model still holds BatchNormalization that "
+        "bnfold would fold (or branches it would merge).",
+    ),
+    json_report: bool = JSON_OPT,
+    quiet: bool = QUIET_OPT,
 ) -> None:
     """Report what optimize would fold and skip, and why, without writing anything."""
     from bnfold.pipeline import fold
 
-    result = _guard(lambda: fold(model, reparam=not no_reparam))
-    data = {"input": str(model), "output": None, "written": False, **result.report.to_dict()}
-    _render(data, result.report, json_report, quiet)
+    _json_for("inspect", json_report and len(models) == 1)
+    foldable = []
+    for model in models:
+        result = _guard(lambda model=model: fold(model, reparam=not no_reparam))
+        report = result.report
+        would = report.folded + sum(o.folded for o in report.branch_merges) + len(report.channel_affines)
+        code = EXIT_FOLDABLE if check and would else 0
+        data = {"input": str(model), "output": None, "written": False, **report.to_dict()}
+        if len(models) == 1:
+            _render(data, report, quiet or check, code)
+        if would:
+            foldable.append(f"{model}: {report.summary().split(' · ')[0]}; run `bnfold optimize {model}`")
+    if check and foldable:
+        for line in foldable:
+            _say(f"bnfold: unfolded: {line}")
+        raise typer.Exit(EXIT_FOLDABLE)
 
 
 @app.command(epilog=EXIT_CODES)
@@ -294,11 +337,12 @@ def bench(
             if not result.written:
                 raise BnfoldError("the folded model is not equivalent to the original; nothing to time")
             report = benchmark.bench(model, result.output, **timing)
-            report.folded = f"{result.output.name} ({result.report.summary()})"
+            report.folded, report.fold_summary = None, result.report.summary()  # the file is gone
             return report
 
+    _json_for("bench", json_report)
     report = _guard(run)
-    _render(report.to_dict(), report, json_report, quiet)
+    _render(report.to_dict(), report, quiet)
 
 
 def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider) -> dict:
@@ -354,11 +398,34 @@ def _guard(action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _render(data: dict, report, json_report: bool, quiet: bool) -> None:
+REPORT_SCHEMA_VERSION = 1  # bnfold/report.schema.json; raised when a field changes meaning or goes
+_json_command: list[str] = []  # the running command when --json was given: errors print a report too
+
+
+def _json_for(command: str, enabled: bool) -> None:
+    _json_command[:] = [command] if enabled else []
+
+
+def _emit(data: dict, exit_code: int, error: str | None = None) -> None:
+    """The --json report on stdout, once: every command's, every outcome's, one envelope."""
+    if not _json_command:
+        return
+    from bnfold import __version__
+
+    envelope = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "bnfold_version": __version__,
+        "command": _json_command.pop(),
+        "exit_code": exit_code,
+        "error": error,
+    }
+    print(json.dumps({**envelope, **data}, indent=2))
+
+
+def _render(data: dict, report, quiet: bool, exit_code: int = 0) -> None:
     if not quiet:
         _say(report.table())
-    if json_report:
-        print(json.dumps(data, indent=2))
+    _emit(data, exit_code)
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -374,6 +441,7 @@ def _say(text: str) -> None:
 
 def _fail(message: str, code: int) -> None:
     _say(f"bnfold: error: {message}")
+    _emit({}, code, message)  # with --json, a report even when nothing ran
     raise typer.Exit(code)
 
 

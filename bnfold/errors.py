@@ -4,6 +4,7 @@ EXIT_OK = 0
 EXIT_NOT_EQUIVALENT = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
+EXIT_FOLDABLE = 4  # `bnfold inspect --check`: a model still holds what bnfold would fold
 
 
 class BnfoldError(Exception):
