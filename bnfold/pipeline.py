@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import onnx
 from bnfold.checker import check_input, validate, validate_input_skeleton, validate_skeleton
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.folding.walk import fold_model_graph
+from bnfold.graph.protos import all_nodes
 from bnfold.graph.tensors import TensorReader, store_pending
 from bnfold.io import output as io_output
 from bnfold.io.output import StagedModel, output_path, refuse_input_data, serialized_size
@@ -56,12 +58,12 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, repa
         folded.CopyFrom(model)
     else:
         raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
-    report = FoldReport(bytes_before=serialized_size(folded))
+    report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
         check_input(original)  # before folding: see checker.validate_input_skeleton
     report.outcomes, pending = fold_in_place(folded, original, read_tensor, reparam=reparam)
     store_pending(folded.graph, pending)
-    report.bytes_after = serialized_size(folded)
+    report.bytes_after, report.ops_after = serialized_size(folded), op_counts(folded)
     if check:
         if report.bytes_after > io_output.SINGLE_FILE_LIMIT:
             raise BnfoldError(
@@ -71,6 +73,12 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, repa
         validate(folded, original)
     report.seconds = time.perf_counter() - start
     return FoldResult(folded, report)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per op type in the model's graphs (subgraphs included) and functions."""
+    nodes = [*all_nodes(model.graph), *(node for function in model.functions for node in function.node)]
+    return dict(sorted(Counter(node.op_type for node in nodes).items()))
 
 
 def fold_in_place(
@@ -142,9 +150,10 @@ def optimize(
         refuse_input_data(dst, source.data_files)
         model = source.model
         validate_input_skeleton(model, source, str(src))
-        report = FoldReport(bytes_before=source.bytes_on_disk)
+        report = FoldReport(bytes_before=source.bytes_on_disk, ops_before=op_counts(model))
         payload_before = payload_bytes(model.graph)
         report.outcomes, pending = fold_in_place(model, str(src), source.read, reparam=reparam)
+        report.ops_after = op_counts(model)
         # The tensor data dominates the size; from dims, without serializing anything.
         too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
         if external_data == "never" and too_big:

@@ -33,6 +33,14 @@ class FoldReport:
     bytes_before: int = 0
     bytes_after: int = 0
     seconds: float = 0.0
+    ops_before: dict[str, int] = field(default_factory=dict)  # node count per op type, subgraphs too
+    ops_after: dict[str, int] = field(default_factory=dict)
+
+    def ops_changed(self) -> dict[str, tuple[int, int]]:
+        """op type → (before, after), for the op types whose count the fold changed."""
+        kinds = sorted(set(self.ops_before) | set(self.ops_after))
+        counts = {k: (self.ops_before.get(k, 0), self.ops_after.get(k, 0)) for k in kinds}
+        return {k: v for k, v in counts.items() if v[0] != v[1]}
 
     @property
     def batch_norms(self) -> list[FoldOutcome]:
@@ -86,10 +94,12 @@ class FoldReport:
             else:
                 rows.append((label, "skipped", o.reason or ""))
         width = [max(len(r[i]) for r in rows) for i in range(2)]
+        changed = self.ops_changed()
+        ops = ["ops: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items())] if changed else []
         if not self.outcomes:
-            return self.summary()
+            return "\n".join([*ops, self.summary()])
         lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}".rstrip() for r in rows]
-        return "\n".join([*lines, self.summary()])
+        return "\n".join([*lines, *ops, self.summary()])
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +112,11 @@ class FoldReport:
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "seconds": round(self.seconds, 4),
+            },
+            "op_counts": {
+                "before": self.ops_before,
+                "after": self.ops_after,
+                "changed": {k: {"before": a, "after": b} for k, (a, b) in self.ops_changed().items()},
             },
             "batch_normalizations": [_outcome_dict(o) for o in self.batch_norms],
             "channel_affines": [_outcome_dict(o) for o in self.channel_affines],

@@ -102,3 +102,14 @@ def test_the_pre_commit_hook_runs_as_pre_commit_would(tmp_path):
     assert clean.returncode == 0
     assert dirty.returncode == 4 and str(tmp_path / "raw.onnx") in dirty.stderr
     assert str(tmp_path / "folded.onnx") not in dirty.stderr
+
+
+def test_the_report_counts_each_op_type_that_changed():
+    result = bnfold_cli("inspect", SAMPLES / "repvgg_tiny.onnx", "--json")
+    changed = report_of(result)["op_counts"]["changed"]
+    assert changed == {
+        "Add": {"before": 7, "after": 0},
+        "BatchNormalization": {"before": 12, "after": 0},
+        "Conv": {"before": 9, "after": 5},
+    }
+    assert "ops: Add 7 → 0, BatchNormalization 12 → 0, Conv 9 → 5" in result.stderr
