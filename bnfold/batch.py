@@ -61,6 +61,11 @@ def optimize_many(
             raise BnfoldError(f"{output_folder}: with several models, -o names a folder, not a model file")
         output_folder.mkdir(parents=True, exist_ok=True)
     _refuse_shared_outputs(paths, output_folder)
+    if jobs > 1 and options.get("verify", True):
+        # each worker's onnxruntime sessions get their share of the cores: J workers all using
+        # every core oversubscribe the machine (bench/batch.py measures it)
+        cores = max(1, (os.cpu_count() or 1) // jobs)
+        options = {**options, "verify_options": {**(options.get("verify_options") or {}), "cores": cores}}
     tasks = [(path, output_folder, options) for path in paths]
     items: dict[Path, BatchItem] = {}
     if jobs == 1:

@@ -119,11 +119,13 @@ class SessionPair:
     releases the GIL while it works, and each session gets half the cores, which on 2 cores runs
     a ResNet-50 pair 1.7× faster than one after the other with every core each (bench/run.py)."""
 
-    def __init__(self, models, providers, *, check_locations: bool = True):
+    def __init__(self, models, providers, *, check_locations: bool = True, cores: int | None = None):
+        """`cores`: how many cores this pair may use (default: all; a batch of `--jobs N` gives
+        each model its share)."""
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bnfold-verify")
-        threads = max(1, (os.cpu_count() or 2) // 2)
+        threads = max(1, (cores or os.cpu_count() or 2) // 2)
         roles = ("reference", "candidate")
         self.sessions = list(
             self._pool.map(

@@ -48,6 +48,7 @@ def verify(
     localize: bool = False,
     save_inputs: str | Path | None = None,
     save_outputs: str | Path | None = None,
+    cores: int | None = None,
 ) -> VerifyReport:
     """Run both models on the same inputs and compare every output, paired by name, under the
     tolerance policy (`bnfold.verification.tolerance`) for the precision each output is
@@ -62,6 +63,7 @@ def verify(
     intermediate tensor both models share that differs (`report.first_divergence`).
     `save_inputs` and `save_outputs` name new folders for what was run, in onnx's test-data
     layout (`bnfold.verification.evidence`); the candidate's outputs go to `candidate/` inside.
+    `cores` caps the cores the two sessions share (default: every core).
     """
     start = time.perf_counter()
     if trials < 1:
@@ -74,7 +76,8 @@ def verify(
         runtime.describe(reference), runtime.describe(candidate), seed=seed, providers=list(providers)
     )
     progress("loading both models in onnxruntime")
-    with runtime.SessionPair((reference, candidate), providers, check_locations=not locations_checked) as pair:
+    pair = runtime.SessionPair((reference, candidate), providers, check_locations=not locations_checked, cores=cores)
+    with pair:
         inputs_differ = _inputs_difference(*pair.sessions)
         if inputs_differ:
             report.equivalent, report.notes = False, [inputs_differ]
