@@ -21,12 +21,15 @@ from bnfold.graph.protos import all_nodes
 from bnfold.graph.tensors import TensorReader, store_pending
 from bnfold.io import output as io_output
 from bnfold.io.output import StagedModel, output_path, refuse_input_data, serialized_size
-from bnfold.io.source import ModelSource, load_model
+from bnfold.io.source import ModelSource, as_model, load_model
 from bnfold.io.tensors import payload_bytes, read_tensor
 from bnfold.report import FoldOutcome, FoldReport
 
 if TYPE_CHECKING:
     from bnfold.verification.report import VerifyReport
+
+
+ModelLike = Any  # a path, an onnx.ModelProto, an onnx_ir model or an ONNXProgram (as_model)
 
 
 @dataclass
@@ -37,27 +40,27 @@ class FoldResult:
     report: FoldReport
 
 
-def fold(model: onnx.ModelProto | str | os.PathLike, *, check: bool = True, reparam: bool = True) -> FoldResult:
+def fold(model: ModelLike, *, check: bool = True, reparam: bool = True) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
     op next to it; see the README's "What is folded" for the patterns and their preconditions.
 
     With `reparam`, sums of parallel branches affine in one tensor are then merged into one
     Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks).
 
-    `model` is a ModelProto (never modified: the fold works on a copy) or a path. With `check`,
+    `model` is a path, a ModelProto (never modified: the fold works on a copy), an onnx_ir model
+    or a torch.onnx.ONNXProgram (bnfold.io.source.as_model). With `check`,
     the result must pass `onnx.checker` (full check) or this raises: BnfoldError when the input
     itself is invalid, InternalError when the fold broke a valid model.
     """
     start = time.perf_counter()
-    if isinstance(model, (str, os.PathLike)):
+    model = as_model(model)
+    if isinstance(model, Path):
         original: onnx.ModelProto | str = str(model)
         folded = load_model(model)  # a fresh copy that only we hold
-    elif isinstance(model, onnx.ModelProto):
+    else:
         original = model
         folded = onnx.ModelProto()
         folded.CopyFrom(model)
-    else:
-        raise TypeError(f"fold() takes an onnx.ModelProto or a path, not {type(model).__name__}")
     report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
         check_input(original)  # before folding: see checker.validate_input_skeleton

@@ -12,6 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 import bnfold
 
@@ -113,3 +114,26 @@ def test_the_report_counts_each_op_type_that_changed():
         "Conv": {"before": 9, "after": 5},
     }
     assert "ops: Add 7 → 0, BatchNormalization 12 → 0, Conv 9 → 5" in result.stderr
+
+
+# ---- the Python API takes models where users have them ----------------------------------------------
+def test_fold_and_verify_take_onnx_ir_models_programs_and_arrays():
+    import numpy as np
+    import onnx
+    import onnx_ir
+
+    proto = onnx.load(str(SAMPLES / "resnet_tiny.onnx"))
+    ir_model = onnx_ir.from_proto(proto)  # what torch.onnx.export(..., dynamo=True).model is
+
+    class Program:  # torch.onnx.ONNXProgram's interface, without torch
+        model_proto = proto
+
+    from_ir, from_program = bnfold.fold(ir_model), bnfold.fold(Program())
+    assert from_ir.report.folded == from_program.report.folded == 9
+    assert from_program.model == bnfold.fold(proto).model  # onnx_ir's round trip adds value_info
+    assert [n.op_type for n in from_ir.model.graph.node] == [n.op_type for n in from_program.model.graph.node]
+    x = np.load(SAMPLES / "resnet_tiny.npz")["in.input"]
+    report = bnfold.verify(ir_model, from_program.model, inputs=[{"input": x}, {"input": x[:1]}])
+    assert report and report.trials == 2 and report.inputs[0]["source"] == "arrays, arrays"
+    with pytest.raises(TypeError, match="expected an ONNX model"):
+        bnfold.fold(42)

@@ -219,3 +219,25 @@ def _text_is_valid(model: onnx.ModelProto) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def as_model(model) -> onnx.ModelProto | Path:
+    """What the library accepts as a model, as a ModelProto or a path: a path or str, an
+    onnx.ModelProto, an `onnx_ir` model (`torch.onnx.export(..., dynamo=True).model`), or
+    anything with a `model_proto` (PyTorch's ONNXProgram). Neither onnx_ir nor torch is a
+    dependency: they are only touched when such an object is given."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    if isinstance(model, onnx.ModelProto):
+        return model
+    proto = getattr(model, "model_proto", None)  # torch.onnx.ONNXProgram
+    if isinstance(proto, onnx.ModelProto):
+        return proto
+    if type(model).__module__.split(".")[0] == "onnx_ir":
+        import onnx_ir
+
+        return onnx_ir.to_proto(model)
+    raise TypeError(
+        f"expected an ONNX model (a path, an onnx.ModelProto, an onnx_ir model or an ONNXProgram), "
+        f"not {type(model).__name__}"
+    )

@@ -151,7 +151,7 @@ def load_input_sets(path: Path, specs: dict) -> list[dict]:
             arrays = {k: data[k] for k in data.files}
     except Exception as exc:
         raise BnfoldError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
-    return [_check_feed(arrays, specs, path)]
+    return [check_feed(arrays, specs, path)]
 
 
 def _load_test_data_set(folder: Path, specs: dict) -> dict:
@@ -172,10 +172,11 @@ def _load_test_data_set(folder: Path, specs: dict) -> dict:
             raise BnfoldError(f"{file}: not a TensorProto ({first_line(exc)})") from None
         name = tensor.name or (list(specs)[index] if index < len(specs) else f"input_{index}")
         arrays[name] = value
-    return _check_feed(arrays, specs, folder)
+    return check_feed(arrays, specs, folder)
 
 
-def _check_feed(arrays: dict, specs: dict, source: Path) -> dict:
+def check_feed(arrays: dict, specs: dict, source: Path | str) -> dict:
+    """One trial's arrays, checked against the model's inputs (bfloat16 converted)."""
     missing = [n for n in specs if n not in arrays]
     if missing:
         found = ", ".join(f"'{k}'" for k in arrays) or "none"
@@ -183,7 +184,7 @@ def _check_feed(arrays: dict, specs: dict, source: Path) -> dict:
         raise BnfoldError(f"{source}: no array for input '{missing[0]}' (found {found}; the model takes {wanted})")
     feed = {}
     for name, (dtype, _) in specs.items():
-        array = arrays[name]
+        array = np.asarray(arrays[name])
         if dtype == "bfloat16":
             array = array.astype(np.float32).astype(ml_dtypes.bfloat16)
         elif array.dtype != np.dtype(dtype):

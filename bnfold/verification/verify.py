@@ -15,6 +15,7 @@ from bnfold.verification.evidence import claim_folder, save_trials
 from bnfold.verification.inputs import (
     DEFAULT_INT_RANGE,
     DEFAULT_TRIALS,
+    check_feed,
     describe_inputs,
     generate_inputs,
     input_specs,
@@ -32,8 +33,8 @@ __all__ = ["ModelLoadError", "VerifyReport", "verify"]
 
 
 def verify(
-    reference: onnx.ModelProto | str | Path,
-    candidate: onnx.ModelProto | str | Path,
+    reference,
+    candidate,
     *,
     trials: int = DEFAULT_TRIALS,
     seed: int = 0,
@@ -41,7 +42,7 @@ def verify(
     rtol: float | None = None,
     input_shapes: dict[str, Sequence[int]] | None = None,
     int_range: tuple[int, int] = DEFAULT_INT_RANGE,
-    inputs: Sequence[str | Path] = (),
+    inputs: Sequence[str | Path | dict] = (),
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     progress: Callable[[str], None] = lambda stage: None,
     locations_checked: bool = False,
@@ -54,7 +55,9 @@ def verify(
     tolerance policy (`bnfold.verification.tolerance`) for the precision each output is
     computed in (`bnfold.verification.precision`).
 
-    `inputs` are .npz files (arrays by input name) or onnx test-data folders; each is one trial.
+    `reference` and `candidate` are paths, ModelProtos, onnx_ir models or ONNXPrograms.
+    `inputs` are .npz files (arrays by input name), onnx test-data folders, or dicts of arrays
+    by input name; each is one trial.
     Without them, `trials` input sets are generated from `seed`, a symbolic batch dimension
     alternating between 1 and 2. Raises BnfoldError when the comparison cannot run; a
     difference is reported, not raised. Model files' external-data locations are checked before
@@ -66,6 +69,7 @@ def verify(
     `cores` caps the cores the two sessions share (default: every core).
     """
     start = time.perf_counter()
+    reference, candidate = (_model_or_path(m) for m in (reference, candidate))
     if trials < 1:
         raise BnfoldError("--trials must be at least 1")
     if int_range[0] >= int_range[1]:
@@ -91,7 +95,8 @@ def verify(
             f"note: output '{n}' is judged as {p.dtype}: {p.why}" for n, p in precisions.items() if p.why != p.dtype
         ]
         if inputs:
-            report.inputs = [{"name": v.name, "source": ", ".join(map(str, inputs))} for v in declared]
+            sources = ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs)
+            report.inputs = [{"name": v.name, "source": sources} for v in declared]
         else:
             report.inputs = describe_inputs(input_specs(declared, input_shapes or {}))
         report.trials = len(feeds)
@@ -132,10 +137,23 @@ def _first_failing_trial(failed: list[OutputComparison], comparisons: dict) -> i
     return min((t for t in trials if t is not None), default=0)
 
 
+def _model_or_path(model):
+    from bnfold.io.source import as_model
+
+    model = as_model(model)
+    return str(model) if isinstance(model, Path) else model
+
+
 def _feeds(declared, inputs, trials, seed, shapes, int_range) -> list[dict]:
     if inputs:
         specs = input_specs(declared, shapes)
-        return [feed for path in inputs for feed in load_input_sets(Path(path), specs)]
+        feeds = []
+        for given in inputs:
+            if isinstance(given, dict):
+                feeds.append(check_feed(given, specs, "inputs"))
+            else:
+                feeds += load_input_sets(Path(given), specs)
+        return feeds
     return [
         generate_inputs(input_specs(declared, shapes, trial=t), np.random.default_rng([seed, t]), int_range)
         for t in range(trials)
