@@ -34,7 +34,7 @@ EXIT_CODES = (
 app = typer.Typer(
     help="Fold BatchNormalization into the linear op next to it in ONNX models (and merge re-parameterizable "
     "branches into one Conv), and prove the result.\n\n"
-    "See the README for the tolerance policy behind verification.",
+    "See docs/verification.md for the tolerance policy behind verification.",
     epilog=EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,

@@ -1,4 +1,4 @@
-"""Exceptions and the exit codes they map to (documented in the README and `bnfold --help`)."""
+"""Exceptions and the exit codes they map to (documented in docs/cli.md and `bnfold --help`)."""
 
 EXIT_OK = 0
 EXIT_NOT_EQUIVALENT = 1

@@ -42,7 +42,7 @@ class FoldResult:
 
 def fold(model: ModelLike, *, check: bool = True, reparam: bool = True) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
-    op next to it; see the README's "What is folded" for the patterns and their preconditions.
+    op next to it; see docs/folding.md for the patterns and their preconditions.
 
     With `reparam`, sums of parallel branches affine in one tensor are then merged into one
     Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks).
