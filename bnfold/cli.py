@@ -86,6 +86,13 @@ NO_REPARAM_OPT = typer.Option(
     "--no-reparam",
     help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv.",
 )
+BIAS_CORRECTION_OPT = typer.Option(
+    False,
+    "--bias-correction",
+    help="For float16/bfloat16 weights: take the expected effect of the folded weights' second rounding "
+    "out of the bias (E[x] from the BN before each conv). Off by default: it helped 4 of 6 float16 "
+    "networks measured and cost up to 1.5% on 2 (BENCHMARKS.md).",
+)
 PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution provider (repeatable). Default CPU.")
 
 
@@ -110,6 +117,7 @@ def optimize(
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Models processed in parallel."),
     no_reparam: bool = NO_REPARAM_OPT,
+    bias_correction: bool = BIAS_CORRECTION_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
@@ -136,6 +144,7 @@ def optimize(
             "external_data": external_data,
             "progress": _progress(quiet),
             "reparam": not no_reparam,
+            "bias_correction": bias_correction,
             "verify_options": _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider),
         }
 
@@ -275,6 +284,7 @@ def verify(
 def inspect(
     models: list[Path] = typer.Argument(..., help="ONNX model files.", show_default=False),
     no_reparam: bool = NO_REPARAM_OPT,
+    bias_correction: bool = BIAS_CORRECTION_OPT,
     check: bool = typer.Option(
         False,
         "--check",
@@ -290,7 +300,7 @@ def inspect(
     _json_for("inspect", json_report and len(models) == 1)
     foldable = []
     for model in models:
-        result = _guard(lambda model=model: fold(model, reparam=not no_reparam))
+        result = _guard(lambda model=model: fold(model, reparam=not no_reparam, bias_correction=bias_correction))
         report = result.report
         would = report.folded + sum(o.folded for o in report.branch_merges) + len(report.channel_affines)
         code = EXIT_FOLDABLE if check and would else 0

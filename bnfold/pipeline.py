@@ -40,7 +40,7 @@ class FoldResult:
     report: FoldReport
 
 
-def fold(model: ModelLike, *, check: bool = True, reparam: bool = True) -> FoldResult:
+def fold(model: ModelLike, *, check: bool = True, reparam: bool = True, bias_correction: bool = False) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
     op next to it; see docs/folding.md for the patterns and their preconditions.
 
@@ -64,7 +64,9 @@ def fold(model: ModelLike, *, check: bool = True, reparam: bool = True) -> FoldR
     report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
         check_input(original)  # before folding: see checker.validate_input_skeleton
-    report.outcomes, pending = fold_in_place(folded, original, read_tensor, reparam=reparam)
+    report.outcomes, pending = fold_in_place(
+        folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction
+    )
     store_pending(folded.graph, pending)
     report.bytes_after, report.ops_after = serialized_size(folded), op_counts(folded)
     if check:
@@ -85,12 +87,17 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def fold_in_place(
-    model: onnx.ModelProto, original: onnx.ModelProto | str, read_tensor: TensorReader, *, reparam: bool = True
+    model: onnx.ModelProto,
+    original: onnx.ModelProto | str,
+    read_tensor: TensorReader,
+    *,
+    reparam: bool = True,
+    bias_correction: bool = False,
 ) -> tuple[list[FoldOutcome], dict]:
     """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
     model can break what any valid one guarantees (an unknown data type, a dangling name)."""
     try:
-        return fold_model_graph(model, read_tensor, reparam=reparam)
+        return fold_model_graph(model, read_tensor, reparam=reparam, bias_correction=bias_correction)
     except (BnfoldError, InternalError):
         raise
     except Exception:
@@ -126,6 +133,7 @@ def optimize(
     verify: bool = True,
     external_data: str = "auto",
     reparam: bool = True,
+    bias_correction: bool = False,
     verify_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] = lambda stage: None,
 ) -> OptimizeResult:
@@ -155,7 +163,9 @@ def optimize(
         validate_input_skeleton(model, source, str(src))
         report = FoldReport(bytes_before=source.bytes_on_disk, ops_before=op_counts(model))
         payload_before = payload_bytes(model.graph)
-        report.outcomes, pending = fold_in_place(model, str(src), source.read, reparam=reparam)
+        report.outcomes, pending = fold_in_place(
+            model, str(src), source.read, reparam=reparam, bias_correction=bias_correction
+        )
         report.ops_after = op_counts(model)
         # The tensor data dominates the size; from dims, without serializing anything.
         too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT

@@ -21,6 +21,7 @@ class FoldOutcome:
     forward: bool = False  # folded into the op it feeds (BN → Conv), not the one feeding it
     via: str | None = None  # "split at Concat 'c'" / "through Transpose 't'", when not direct
     reason: str | None = None
+    rounding: str | None = None  # 16-bit weights: "bias correction, E[x] from …" or the fallback
 
     @property
     def folded(self) -> bool:

@@ -154,6 +154,7 @@ def test_skips_are_reported_with_their_reason(tmp_path):
             "via": None,
             "reason": "Conv '/conv/Conv' output also feeds Sigmoid '/Sigmoid'; "
             "nor forward: it feeds Relu '/Relu', not a Conv, ConvTranspose, Gemm or MatMul",
+            "rounding": None,
             "status": "skipped",
         }
     ]

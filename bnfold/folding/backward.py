@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
+from bnfold.folding.correction import SIXTEEN_BITS, expected_input
 from bnfold.folding.linear import LINEAR_OPS, LinearOp, fold_output_affine, give_parameters, linear_op
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import AffineSource
@@ -27,6 +28,7 @@ class BackwardPlan(Plan):
     weight: np.ndarray  # folded, in the weight's own dtype
     bias: np.ndarray  # folded, in the weight's dtype (Conv's B and Gemm's C share W's type)
     passthrough: tuple[onnx.NodeProto, ...] = ()  # no-ops between them, removed with the source
+    rounding: str | None = None  # how a 16-bit weight's second rounding was handled
 
     @property
     def linears(self):
@@ -68,7 +70,20 @@ def plan_backward(source: AffineSource, ctx: GraphContext, reader: onnx.NodeProt
     if isinstance(scale_shift, Skip):
         return scale_shift
     # build
-    folded = fold_output_affine(op, linear, weight, bias, scale_shift)
+    rounding, input_mean = None, None
+    if weight.dtype in SIXTEEN_BITS:
+        known = expected_input(ctx, linear.input[0]) if op.op_type == "Conv" and ctx.scope.bias_correction else None
+        input_mean = known.mean if known is not None and known.mean.shape[0] == _in_channels(weight, linear) else None
+        if input_mean is not None:
+            rounding = f"bias correction, E[x] from {known.source}"
+        else:
+            unknown = "; no E[x] known for its input" if ctx.scope.bias_correction else ""
+            rounding = "sum-preserving rounding" + unknown
+    folded = fold_output_affine(op, linear, weight, bias, scale_shift, input_mean)
     if isinstance(folded, Skip):
         return folded
-    return BackwardPlan(source.node, op, linear, *folded, tuple(passthrough))
+    return BackwardPlan(source.node, op, linear, *folded, tuple(passthrough), rounding)
+
+
+def _in_channels(weight, conv) -> int:
+    return weight.shape[1] * next((a.i for a in conv.attribute if a.name == "group"), 1)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding import affine
+from bnfold.folding.correction import corrected_bias
 from bnfold.folding.plan import Skip
 from bnfold.folding.sources import ChannelAffine, float_constant
 from bnfold.graph.context import GraphContext
@@ -181,9 +182,12 @@ def fold_output_affine(
     weight: np.ndarray,
     bias: np.ndarray | None,
     scale_shift: ChannelAffine,
+    input_mean: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | Skip:
     """affine(op(x)) as op'(x): W' = W·s on the output-channel axis, b' = β_op·b·s + t, in the
-    weight's dtype (affine.py's algebra), or a Skip if they overflow it."""
+    weight's dtype (affine.py's algebra), or a Skip if they overflow it. With `input_mean`
+    (E[x] per input channel of a Conv), the bias also takes away the expected effect of the
+    weight's rounding (bnfold.folding.correction)."""
     scale, shift = scale_shift
     axis = op.weight_axis(node)
     scaled = affine.scale_weights(
@@ -191,7 +195,13 @@ def fold_output_affine(
     )
     if bias is not None:
         bias = bias.astype(np.float64) * op.bias_scale(node)
-    return cast_folded(weight.dtype, scaled, affine.fold_bias(bias, scale, shift), axis)
+    new_bias = affine.fold_bias(bias, scale, shift)
+    folded = cast_folded(weight.dtype, scaled, new_bias, axis)
+    if input_mean is None or isinstance(folded, Skip):
+        return folded
+    group = int_attr(node, "group", 1)
+    corrected = corrected_bias(scaled, folded[0], new_bias, group, input_mean)
+    return cast_folded(weight.dtype, scaled, corrected, axis)
 
 
 def cast_folded(dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | Skip:

@@ -35,6 +35,11 @@ class Plan(ABC):
         return None
 
     @property
+    def rounding(self) -> str | None:
+        """For a 16-bit weight: how its second rounding was corrected (None otherwise)."""
+        return None
+
+    @property
     def forward(self) -> bool:
         """Whether the source feeds the linear op (BN → Conv) rather than following it."""
         return False

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding import affine
+from bnfold.folding.correction import record_batch_norm
 from bnfold.folding.plan import Skip
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
@@ -156,6 +157,7 @@ def read_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, channels: int) -> Cha
     if not (denominator > 0).all():
         bad = int((denominator <= 0).sum())
         return Skip(f"variance + epsilon is not positive in {bad} of {channels} channels")
+    record_batch_norm(ctx, bn, gamma, beta)  # its output's distribution, for bias correction downstream
     return ChannelAffine(*affine.fold_scale_shift(gamma, beta, mean, var, eps))
 
 

@@ -33,7 +33,7 @@ MAX_ROUNDS = 8
 
 
 def fold_model_graph(
-    model: onnx.ModelProto, read_tensor: TensorReader, *, reparam: bool = True
+    model: onnx.ModelProto, read_tensor: TensorReader, *, reparam: bool = True, bias_correction: bool = False
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
     Returns one outcome per BatchNormalization and runtime-statistics normalization, and one
@@ -48,7 +48,8 @@ def fold_model_graph(
     if opset is None:
         raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
     tensors = TensorStore(read_tensor)
-    scope = ModelScope(model.ir_version, opset, list(model.opset_import), Names(all_names(model.graph)), tensors)
+    names = Names(all_names(model.graph))
+    scope = ModelScope(model.ir_version, opset, list(model.opset_import), names, tensors, bias_correction)
     graph_outcomes = _fold_graph(model.graph, scope, None, "", reparam)
     store_pending(model.graph, tensors.pending, subgraphs_only=True)
     return graph_outcomes + outcomes, tensors.pending
@@ -143,8 +144,9 @@ def _fold_node(node: onnx.NodeProto, ctx: GraphContext, version: int, prefix: st
     into_op = "/".join(sorted({linear.op_type for linear in plan.linears}))
     plan.rewrite(ctx)
     return FoldOutcome(
-        name, output, op=op, folded_into=into, folded_into_op=into_op, forward=plan.forward, via=plan.via
-    )
+        name, output, op=op, folded_into=into, folded_into_op=into_op, forward=plan.forward, via=plan.via,
+        rounding=plan.rounding,
+    )  # fmt: skip
 
 
 def _name(prefix: str, node: onnx.NodeProto) -> str:

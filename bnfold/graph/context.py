@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -22,6 +22,8 @@ class ModelScope:
     opset_imports: list
     names: Names  # every name in the model: fresh names must shadow none
     tensors: TensorStore
+    bias_correction: bool = False  # correct 16-bit folds' rounding (bnfold.folding.correction)
+    moments: dict = field(default_factory=dict)  # BN output name → (mean, std, BN): E[x] downstream
 
 
 @dataclass(frozen=True)
