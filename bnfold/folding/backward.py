@@ -13,7 +13,14 @@ import onnx
 
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
 from bnfold.folding.correction import SIXTEEN_BITS, expected_input
-from bnfold.folding.linear import LINEAR_OPS, LinearOp, fold_output_affine, give_parameters, linear_op
+from bnfold.folding.linear import (
+    LINEAR_OPS,
+    LinearOp,
+    fold_output_affine,
+    give_parameters,
+    linear_op,
+    output_parameters,
+)
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
@@ -59,13 +66,10 @@ def plan_backward(source: AffineSource, ctx: GraphContext, reader: onnx.NodeProt
     failed = call_site_attributes(source.node, linear, *passthrough) or single_reader(linear, first, ctx)
     if failed:
         return failed
-    params = op.check_node(linear, ctx) or op.parameters(linear, ctx)
+    params = output_parameters(op, linear, ctx)
     if isinstance(params, Skip):
         return params
-    weight, bias = params
-    channels = op.output_channels(weight, linear)
-    if bias is not None and (bad := op.check_bias(bias, channels)):
-        return bad
+    weight, bias, channels = params
     scale_shift = source.affine(ctx, channels, op.output_rank(weight))
     if isinstance(scale_shift, Skip):
         return scale_shift

@@ -107,11 +107,9 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     )
     if blocked:
         return blocked
-    weight = float_constant(ctx, matmul.input[1], "MatMul B")
+    weight = _matmul_weight(matmul, ctx)
     if isinstance(weight, Skip):
         return weight
-    if weight.ndim != 2:
-        return Skip(f"MatMul B has rank {weight.ndim}, not 2")
     bias = float_constant(ctx, add.input[1 - position], "Add bias")
     if isinstance(bias, Skip):
         return bias
@@ -135,11 +133,9 @@ def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLa
     blocked = call_site_attributes(bn, matmul) or single_reader(matmul, reader, ctx, shape_readers=True)
     if blocked:
         return blocked
-    weight = float_constant(ctx, matmul.input[1], "MatMul B")
+    weight = _matmul_weight(matmul, ctx)
     if isinstance(weight, Skip):
         return weight
-    if weight.ndim != 2:
-        return Skip(f"MatMul B has rank {weight.ndim}, not 2")
     rank = ctx.shapes.rank(bn.input[0])
     if rank is None or rank < 2:
         return Skip(f"the rank of the BN's input '{bn.input[0]}' is not known")
@@ -153,6 +149,13 @@ def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLa
     new_weight, shift = folded
     shift = shift.reshape((channels,) + (1,) * (rank - 2))  # per channel on the BN input's axis 1
     return ChannelLastPlan(bn, matmul, None, -1, shape_ops, new_weight, shift)
+
+
+def _matmul_weight(matmul: onnx.NodeProto, ctx: GraphContext) -> np.ndarray | Skip:
+    weight = float_constant(ctx, matmul.input[1], "MatMul B")
+    if not isinstance(weight, Skip) and weight.ndim != 2:
+        return Skip(f"MatMul B has rank {weight.ndim}, not 2")
+    return weight
 
 
 def _producer(ctx: GraphContext, name: str) -> onnx.NodeProto:

@@ -169,6 +169,21 @@ class MatMul(LinearOp):
 LINEAR_OPS = {op.op_type: op for op in (Conv(), ConvTranspose(), Gemm(), MatMul())}
 
 
+def output_parameters(
+    op: LinearOp, node: onnx.NodeProto, ctx: GraphContext
+) -> tuple[np.ndarray, np.ndarray | None, int] | Skip:
+    """(weight, bias or None, output channels) of a linear op about to absorb an affine map
+    on its output, every check on the op and its parameters passed; else the Skip."""
+    params = op.check_node(node, ctx) or op.parameters(node, ctx)
+    if isinstance(params, Skip):
+        return params
+    weight, bias = params
+    channels = op.output_channels(weight, node)
+    if bias is not None and (bad := op.check_bias(bias, channels)):
+        return bad
+    return weight, bias, channels
+
+
 def linear_op(node: onnx.NodeProto | None) -> LinearOp | None:
     """The layout of `node` if it is a linear op bnfold folds into."""
     if node is None or node.domain not in ONNX_DOMAINS:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, single_reader
-from bnfold.folding.linear import LinearOp, fold_output_affine, give_parameters, linear_op
+from bnfold.folding.linear import LinearOp, fold_output_affine, give_parameters, linear_op, output_parameters
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
@@ -70,13 +70,10 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
     failed = call_site_attributes(source.node, linear) or single_reader(linear, reader, ctx, shape_readers=True)
     if failed:
         return failed
-    params = op.check_node(linear, ctx) or op.parameters(linear, ctx)
+    params = output_parameters(op, linear, ctx)
     if isinstance(params, Skip):
         return params
-    weight, bias = params
-    channels = op.output_channels(weight, linear)
-    if bias is not None and (bad := op.check_bias(bias, channels)):
-        return bad
+    weight, bias, channels = params
     axis = 1  # the output channel axis of every linear op here
     for shape_op in reversed(shape_ops):
         axis = axis_after(shape_op, axis, ctx)
