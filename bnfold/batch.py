@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BnfoldError, InternalError
-from bnfold.io.output import SUFFIX
+from bnfold.io.output import SUFFIX, folded_name
 from bnfold.pipeline import OptimizeResult, optimize
 
 
@@ -109,9 +109,8 @@ def _refuse_shared_outputs(paths: list[Path], output_folder: Path | None) -> Non
     """Two models of one batch may not write one output (`a/m.onnx b/m.onnx -o out`)."""
     writers: dict[str, Path] = {}
     for path in paths:
-        stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
         folder = output_folder if output_folder is not None else path.parent
-        target = os.path.normcase(os.path.abspath(folder / (stem + SUFFIX)))
+        target = os.path.normcase(os.path.abspath(folder / folded_name(path)))
         if target in writers:
             raise BnfoldError(f"{path} and {writers[target]} would both be written to {target}; fold them separately")
         writers[target] = path

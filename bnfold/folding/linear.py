@@ -211,17 +211,19 @@ def fold_output_affine(
     if bias is not None:
         bias = bias.astype(np.float64) * op.bias_scale(node)
     new_bias = affine.fold_bias(bias, scale, shift)
-    folded = cast_folded(weight.dtype, scaled, new_bias, axis)
-    if input_mean is None or isinstance(folded, Skip):
-        return folded
-    group = int_attr(node, "group", 1)
-    corrected = corrected_bias(scaled, folded[0], new_bias, group, input_mean)
-    return cast_folded(weight.dtype, scaled, corrected, axis)
+    if input_mean is None:
+        return cast_folded(weight.dtype, scaled, new_bias, axis)
+    rounded = affine.cast_weights(scaled, weight.dtype, axis)
+    corrected = corrected_bias(scaled, rounded, new_bias, int_attr(node, "group", 1), input_mean)
+    return cast_folded(weight.dtype, scaled, corrected, axis, rounded)
 
 
-def cast_folded(dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | Skip:
-    """The folded float64 weight and bias in the model's dtype, or a Skip if they overflow it."""
-    weight = affine.cast_weights(weight64, dtype, axis)
+def cast_folded(
+    dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int, rounded: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray] | Skip:
+    """The folded float64 weight and bias in the model's dtype, or a Skip if they overflow it
+    (`rounded`: the weight already cast, when the caller needed it first)."""
+    weight = affine.cast_weights(weight64, dtype, axis) if rounded is None else rounded
     with np.errstate(over="ignore"):  # overflow is checked just below
         bias = bias64.astype(dtype)
     for what, values in (("weights", weight), ("bias", bias)):

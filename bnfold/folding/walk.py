@@ -2,7 +2,7 @@
 
 Each graph is folded in graph order, so chains fold step by step (Conv → Mul → Add: the Mul
 folds, then the Add folds into the same Conv); then sums of branches are merged (reparam); then
-what became dead is swept, once.
+what became dead is swept; and again, until a round changes nothing (MAX_ROUNDS at most).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def fold_model_graph(
     per Mul/Add/Sub/Div that folded; and the values of the main graph's new initializers,
     which the GraphProto holds without data (bnfold.graph.tensors): `store_pending` or a
     streamed write gives them their data. `read_tensor` reads the model's own initializers."""
-    outcomes = _fold_functions(model, read_tensor, reparam)
+    outcomes = _fold_functions(model, read_tensor, reparam, bias_correction)
     kinds = (*FOLD_KINDS, "Add", "Sub") if reparam else FOLD_KINDS
     if not any(n.op_type in kinds for n in all_nodes(model.graph)):
         return outcomes, {}
@@ -59,7 +59,9 @@ def _onnx_opset(imports) -> int | None:
     return next((o.version for o in imports if o.domain in ONNX_DOMAINS), None)
 
 
-def _fold_functions(model: onnx.ModelProto, read_tensor: TensorReader, reparam: bool) -> list[FoldOutcome]:
+def _fold_functions(
+    model: onnx.ModelProto, read_tensor: TensorReader, reparam: bool, bias_correction: bool
+) -> list[FoldOutcome]:
     """Fold inside model-local functions. A function has no initializers: its body is folded as
     a graph whose inputs are the function's, and the folded tensors become Constant nodes."""
     outcomes = []
@@ -77,7 +79,8 @@ def _fold_functions(model: onnx.ModelProto, read_tensor: TensorReader, reparam: 
             [onnx.ValueInfoProto(name=name) for name in function.output],
         )
         tensors = TensorStore(read_tensor)
-        scope = ModelScope(max(model.ir_version, 4), opset, imports, Names(all_names(body)), tensors)
+        names = Names(all_names(body))
+        scope = ModelScope(max(model.ir_version, 4), opset, imports, names, tensors, bias_correction)
         found = _fold_graph(body, scope, None, f"function {function.domain}.{function.name}/", reparam)
         if any(o.folded for o in found):
             store_pending(body, tensors.pending)

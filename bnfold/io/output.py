@@ -29,9 +29,8 @@ def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None)
     `<name>.folded.onnx` inside it, created if need be), else beside the input. Refuses a path
     that is the input itself, or anything but a regular file (or a link to one)."""
     src = Path(model_path)
-    stem = src.name[: -len(".onnx")] if src.name.endswith(".onnx") else src.name
     if output is None:
-        dst = src.with_name(stem + SUFFIX)
+        dst = src.with_name(folded_name(src))
     else:
         dst = Path(output)
         if str(output).endswith(("/", os.sep)) and not dst.is_dir():
@@ -40,11 +39,17 @@ def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None)
             except OSError as exc:
                 raise BnfoldError(f"{dst}: cannot create the folder ({exc.strerror or exc})") from None
         if dst.is_dir():
-            dst = dst / (stem + SUFFIX)
+            dst = dst / folded_name(src)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise BnfoldError(f"{dst}: refusing to overwrite the input model; choose another -o")
     refuse_unless_replaceable(dst)
     return dst
+
+
+def folded_name(model_path: Path) -> str:
+    """`net.onnx` → `net.folded.onnx`: the output's name in a folder, or beside the input."""
+    name = model_path.name
+    return (name[: -len(".onnx")] if name.endswith(".onnx") else name) + SUFFIX
 
 
 def refuse_unless_replaceable(dst: Path) -> None:

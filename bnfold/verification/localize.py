@@ -16,6 +16,9 @@ from pathlib import Path
 
 import onnx
 
+from bnfold.errors import BnfoldError
+from bnfold.graph.protos import node_label
+from bnfold.io.source import load_model
 from bnfold.verification.noise import judge_by_noise
 from bnfold.verification.precision import output_precisions
 from bnfold.verification.runtime import make_session, run_named
@@ -92,9 +95,6 @@ def _loaded(model) -> onnx.ModelProto | None:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
-    from bnfold.errors import BnfoldError
-    from bnfold.io.source import load_model
-
     try:
         loaded = load_model(Path(model))
         loaded.ByteSize()
@@ -124,6 +124,4 @@ def _with_outputs(model: onnx.ModelProto, names: list[str], types: dict) -> onnx
 
 
 def _label(node: onnx.NodeProto) -> str:
-    from bnfold.graph.protos import node_label
-
     return node_label(node)

@@ -14,6 +14,9 @@ allows, and why it may exceed the policy's atol, is in `tolerance`'s docstring.
 
 from __future__ import annotations
 
+import onnx
+
+from bnfold.io.source import load_model
 from bnfold.verification.precision import with_one_more_rounding
 from bnfold.verification.runtime import make_session, run_named
 from bnfold.verification.tolerance import NOISE_CAP, NOISE_FACTOR, OutputComparison, Precision, compare
@@ -66,10 +69,6 @@ def judge_by_noise(
 
 def _loaded(reference):
     """The reference with all its data, to be widened."""
-    import onnx
-
     if isinstance(reference, onnx.ModelProto):
         return reference
-    from bnfold.io.source import load_model
-
     return load_model(reference)

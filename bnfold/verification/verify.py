@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.io.source import as_model, parse
 from bnfold.verification import runtime
 from bnfold.verification.evidence import claim_folder, save_trials
 from bnfold.verification.inputs import (
@@ -138,8 +139,6 @@ def _first_failing_trial(failed: list[OutputComparison], comparisons: dict) -> i
 
 
 def _model_or_path(model):
-    from bnfold.io.source import as_model
-
     model = as_model(model)
     return str(model) if isinstance(model, Path) else model
 
@@ -192,8 +191,6 @@ def _precisions(reference, names: list[str]) -> dict[str, Precision]:
     if isinstance(reference, onnx.ModelProto):
         structure = reference
     else:
-        from bnfold.io.source import parse
-
         structure = parse(Path(reference))[0]
     found = output_precisions(structure)
     return {name: found[name] for name in names if name in found}
