@@ -30,11 +30,10 @@ import onnx
 import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 
+import bnfold
+from bnfold.verification.precision import widen_floats
+
 ROOT = Path(__file__).resolve().parents[1]
-
-from builders import widen_floats  # noqa: E402
-
-import bnfold  # noqa: E402
 
 
 def session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, save: str | None = None):

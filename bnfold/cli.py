@@ -87,11 +87,11 @@ NO_REPARAM_OPT = typer.Option(
     help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv.",
 )
 BIAS_CORRECTION_OPT = typer.Option(
-    False,
-    "--bias-correction",
-    help="For float16/bfloat16 weights: take the expected effect of the folded weights' second rounding "
-    "out of the bias (E[x] from the BN before each conv). Off by default: it helped 4 of 6 float16 "
-    "networks measured and cost up to 1.5% on 2 (BENCHMARKS.md).",
+    True,
+    "--bias-correction/--no-bias-correction",
+    help="For float16/bfloat16 weights: round each folded weight and bias so that their rounding "
+    "adds no expected shift to the outputs (E[x] from the statistics before each conv; docs/folding.md). "
+    "--no-bias-correction keeps plain sum-preserving rounding.",
 )
 PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution provider (repeatable). Default CPU.")
 

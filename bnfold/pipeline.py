@@ -40,7 +40,7 @@ class FoldResult:
     report: FoldReport
 
 
-def fold(model: ModelLike, *, check: bool = True, reparam: bool = True, bias_correction: bool = False) -> FoldResult:
+def fold(model: ModelLike, *, check: bool = True, reparam: bool = True, bias_correction: bool = True) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
     op next to it; see docs/folding.md for the patterns and their preconditions.
 
@@ -92,7 +92,7 @@ def fold_in_place(
     read_tensor: TensorReader,
     *,
     reparam: bool = True,
-    bias_correction: bool = False,
+    bias_correction: bool = True,
 ) -> tuple[list[FoldOutcome], dict]:
     """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
     model can break what any valid one guarantees (an unknown data type, a dangling name)."""
@@ -133,7 +133,7 @@ def optimize(
     verify: bool = True,
     external_data: str = "auto",
     reparam: bool = True,
-    bias_correction: bool = False,
+    bias_correction: bool = True,
     verify_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] = lambda stage: None,
 ) -> OptimizeResult:

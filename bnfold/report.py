@@ -71,6 +71,19 @@ class FoldReport:
     def skipped(self) -> int:
         return len(self.batch_norms) - self.folded
 
+    @property
+    def notes(self) -> list[str]:
+        """What a user should know about this fold beyond each outcome."""
+        rounded = [o for o in self.outcomes if o.folded and o.rounding]
+        if not rounded:
+            return []
+        corrected = sum(o.rounding.startswith("bias correction") for o in rounded)
+        return [
+            f"16-bit weights: {len(rounded)} folds rounded their weights a second time "
+            f"({corrected} with bias correction, {len(rounded) - corrected} sum-preserving only); "
+            "folding the float32 model before converting it to float16 rounds them once (docs/folding.md)"
+        ]
+
     def summary(self) -> str:
         affines = f" and {len(self.channel_affines)} Mul/Add/Sub/Div" if self.channel_affines else ""
         merged = sum(o.folded for o in self.branch_merges)
@@ -97,10 +110,11 @@ class FoldReport:
         width = [max(len(r[i]) for r in rows) for i in range(2)]
         changed = self.ops_changed()
         ops = ["ops: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items())] if changed else []
+        notes = [f"note: {note}" for note in self.notes]
         if not self.outcomes:
-            return "\n".join([*ops, self.summary()])
+            return "\n".join([*ops, *notes, self.summary()])
         lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}".rstrip() for r in rows]
-        return "\n".join([*lines, *ops, self.summary()])
+        return "\n".join([*lines, *ops, *notes, self.summary()])
 
     def to_dict(self) -> dict:
         return {
@@ -123,6 +137,7 @@ class FoldReport:
             "channel_affines": [_outcome_dict(o) for o in self.channel_affines],
             "runtime_normalizations": [_outcome_dict(o) for o in self.runtime_normalizations],
             "branch_merges": [_outcome_dict(o) for o in self.branch_merges],
+            "notes": self.notes,
         }
 
 

@@ -1,14 +1,22 @@
-"""Bias correction of a float16 fold's rounding (bnfold.folding.correction), on a case where the
-conv's input mean is known exactly: the BN before it has γ = 0, so its output is the constant β."""
+"""Bias correction of a float16 fold's rounding (bnfold.folding.correction, affine.
+cast_conv_toward_moments): exact where the conv's input is known exactly (the BN before it has
+γ = 0, so its output is the constant β), and the moments it reads from the graph."""
 
 from __future__ import annotations
 
+import json
+
+import ml_dtypes
 import numpy as np
 import onnx
+import pytest
 from builders import run
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
 import bnfold
+from bnfold.cli import app
+from bnfold.folding import affine, correction
 
 
 def constant_input_model(channels: int = 64) -> onnx.ModelProto:
@@ -27,7 +35,7 @@ def constant_input_model(channels: int = 64) -> onnx.ModelProto:
     }
     bn1 = {
         "g1": rng.uniform(0.5, 1.5, 8),
-        "b1": rng.normal(0, 0.3, 8),
+        "b1": rng.uniform(20, 60, 8),  # a large folded bias: its own float16 rounding matters
         "m1": rng.normal(0, 0.3, 8),
         "v1": rng.uniform(0.5, 2, 8),
     }
@@ -46,27 +54,128 @@ def constant_input_model(channels: int = 64) -> onnx.ModelProto:
     )
 
 
-def test_the_correction_cancels_the_weights_rounding_when_the_input_mean_is_exact():
+def _rounding_of(result, node: str) -> str | None:
+    return next(o for o in result.report.batch_norms if o.node == node).rounding
+
+
+def test_the_correction_cancels_the_roundings_when_the_input_is_known_exactly():
     model = constant_input_model()
-    corrected = bnfold.fold(model, bias_correction=True)
-    plain = bnfold.fold(model)
-    outcome = next(o for o in corrected.report.batch_norms if o.node == "bn1")
-    assert outcome.rounding == "bias correction, E[x] from BatchNormalization 'bn0' through Relu 'relu0'"
-    assert next(o for o in plain.report.batch_norms if o.node == "bn1").rounding == "sum-preserving rounding"
+    corrected, plain = bnfold.fold(model), bnfold.fold(model, bias_correction=False)
+    through = "BatchNormalization 'bn0' through Relu 'relu0'"
+    assert _rounding_of(corrected, "bn1") == f"bias correction, E[x] from the statistics of {through}"
+    assert _rounding_of(plain, "bn1") == "sum-preserving rounding"
+    # The conv's input is the constant x = relu(β0). Per output channel the folded weights' and
+    # bias's rounding adds Σ δ·x + δ_b, which correction brings as near zero as one weight's move
+    # to its other neighbour allows.
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    scale = values["g1"] / np.sqrt(values["v1"] + 1e-5)
+    exact_weight = values["W1"] * scale[:, None, None, None]
+    exact_bias = values["b1"] - values["m1"] * scale
+    x = np.maximum(values["b0"], 0)[None, :, None, None]
+    for result, bound in ((corrected, 1.0), (plain, None)):
+        folded = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in result.model.graph.initializer}
+        weight, bias = folded["W1_bnfold"], folded["b1_bnfold"]
+        shift = ((weight - exact_weight) * x).sum(axis=(1, 2, 3)) + bias - exact_bias
+        step = (np.spacing(np.abs(weight).astype(np.float16)).astype(np.float64) * x).max(axis=(1, 2, 3))
+        if bound:
+            assert (np.abs(shift) <= step).all()
+        else:  # sum-preserving rounding cannot cancel the bias's rounding
+            assert (np.abs(shift) > 4 * step).any()
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float16)}
     (want,) = run(model, feed)
     (got,) = run(corrected.model, feed)
     (rounded,) = run(plain.model, feed)
-    bias = next(t for t in corrected.model.graph.initializer if t.name.startswith("b1_bnfold"))
-    bias_rounding = np.spacing(np.abs(numpy_helper.to_array(bias))).astype(np.float64).max()
-    error = np.abs(got.astype(np.float64) - want.astype(np.float64)).max()
-    # What is left is the float16 output and bias roundings, no longer the weights' ΔW·x.
-    assert error <= 2 * bias_rounding + 2 * np.spacing(np.abs(want).max()).astype(np.float64)
-    assert np.abs(rounded.astype(np.float64) - want.astype(np.float64)).max() > 4 * error
+    assert np.abs(got.astype(np.float64) - want).mean() < np.abs(rounded.astype(np.float64) - want).mean()
 
 
-def test_without_a_known_input_mean_the_report_says_so():
+def test_without_known_input_statistics_the_report_says_so():
     model = constant_input_model()
-    model.graph.node[2].op_type = "Sigmoid"  # no closed form used for it: E[x] unknown
-    outcome = next(o for o in bnfold.fold(model, bias_correction=True).report.batch_norms if o.node == "bn1")
-    assert outcome.rounding == "sum-preserving rounding; no E[x] known for its input"
+    model.graph.node[2].op_type = "Softplus"  # an activation bnfold takes no moments through
+    assert _rounding_of(bnfold.fold(model), "bn1") == "sum-preserving rounding; no E[x] known for its input"
+
+
+def test_the_cli_turns_the_correction_off(tmp_path):
+    onnx.save(constant_input_model(), tmp_path / "m.onnx")
+    for flag, expected in (([], "bias correction"), (["--no-bias-correction"], "sum-preserving rounding")):
+        args = ["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / f"out{len(flag)}.onnx"), "--json", *flag]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["batch_normalizations"][1]["rounding"].startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "activation, attributes, function",
+    [
+        ("Relu", {}, lambda z: np.maximum(z, 0)),
+        ("LeakyRelu", {"alpha": 0.1}, lambda z: np.where(z > 0, z, 0.1 * z)),
+        ("Clip", {"min": 0.0, "max": 6.0}, lambda z: np.clip(z, 0, 6)),
+        ("Sigmoid", {}, lambda z: 1 / (1 + np.exp(-z))),
+        ("HardSwish", {}, lambda z: z * np.clip(z / 6 + 0.5, 0, 1)),
+    ],
+)
+def test_moments_through_an_activation_match_sampling(activation, attributes, function):
+    model = constant_input_model(channels=4)
+    gamma = np.array([0.5, 1.0, 2.0, 3.0])
+    beta = np.array([-1.0, 0.0, 0.5, 2.0])
+    _set(model, "g0", gamma)
+    _set(model, "b0", beta)
+    relu = model.graph.node[2]
+    relu.op_type = activation
+    relu.attribute.extend(helper.make_attribute(k, v) for k, v in attributes.items())
+    if activation == "Clip":
+        relu.domain, model.opset_import[0].version = "", 10  # min/max attributes: opset < 11
+    ctx = _context(model)
+    moments = correction.input_moments(ctx, "r0")
+    samples = function(np.random.default_rng(5).normal(beta, gamma, (400_000, 4)))
+    np.testing.assert_allclose(moments.mean, samples.mean(axis=0), atol=0.01 * samples.std(axis=0).max())
+    np.testing.assert_allclose(moments.var, samples.var(axis=0), rtol=0.02, atol=1e-3)
+
+
+def test_moments_add_over_a_sum_and_join_over_a_concat():
+    model = constant_input_model(channels=4)
+    nodes = model.graph.node
+    nodes.append(helper.make_node("Add", ["n0", "n0b"], ["sum"]))
+    nodes.append(helper.make_node("Concat", ["n0", "sum"], ["joined"], axis=1))
+    nodes.insert(2, helper.make_node("BatchNormalization", ["c0", "g0", "b1x", "m0", "v0"], ["n0b"]))
+    model.graph.initializer.append(numpy_helper.from_array(np.full(4, 3, np.float16), "b1x"))
+    ctx = _context(model)
+    gamma, beta = (
+        numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer if t.name in ("g0", "b0")
+    )
+    moments = correction.input_moments(ctx, "joined")
+    np.testing.assert_allclose(moments.mean, np.concatenate([beta, beta + 3]))
+    np.testing.assert_allclose(moments.var, np.concatenate([gamma**2, 2 * gamma**2]))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_rounding_toward_moments_keeps_each_weight_next_to_its_exact_value(dtype):
+    rng = np.random.default_rng(3)
+    weight = rng.normal(0, 0.05, (16, 8, 3, 3))
+    bias = rng.normal(0, 1, 16)
+    mean, var = rng.uniform(0, 2, 8), rng.uniform(0.1, 1, 8)
+    rounded, rounded_bias = affine.cast_conv_toward_moments(weight, bias, dtype, 1, mean, var)
+    nearest = weight.astype(dtype)
+    # each weight is one of the two values of `dtype` around its exact value
+    up, down = affine._step(nearest, np.full(weight.shape, True)), affine._step(nearest, np.full(weight.shape, False))
+    below = np.where(nearest.astype(np.float64) > weight, down, nearest)
+    above = np.where(nearest.astype(np.float64) < weight, up, nearest)
+    assert ((rounded == below) | (rounded == above)).all()
+    np.testing.assert_array_equal(rounded_bias, bias.astype(dtype))
+
+    def mean_shift(w):  # the expected output error per channel: Σ δ·E[x] + δ_b
+        return (w.astype(np.float64) - weight).sum(axis=(2, 3)) @ mean + (rounded_bias.astype(np.float64) - bias)
+
+    assert np.abs(mean_shift(rounded)).max() < 0.2 * np.abs(mean_shift(nearest)).max()
+
+
+def _set(model: onnx.ModelProto, name: str, values: np.ndarray) -> None:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float16), name))
+
+
+def _context(model: onnx.ModelProto):
+    from bnfold.graph.context import GraphContext, ModelScope
+    from bnfold.graph.tensors import Names, TensorStore
+
+    scope = ModelScope(model.ir_version, 17, list(model.opset_import), Names([]), TensorStore(numpy_helper.to_array))
+    return GraphContext.build(model.graph, scope)

@@ -134,6 +134,22 @@ def test_float16():
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.FLOAT16}
 
 
+def test_float16_merge_rounds_with_the_moments_of_its_input():
+    # x → Conv → BN → Relu → RepVGG block: the merged weight's rounding knows E[x] and Var[x].
+    g = BranchGraph(dtype=np.float16)
+    g.nodes.append(helper.make_node("Relu", [g.conv()], ["r"]))
+    model = g.model(g.sum(g.conv("r", k=3), g.conv("r", k=1), g.bn("r")))
+    folded = assert_merged(model, convs=2)
+    (merge,) = bnfold.fold(model).report.branch_merges
+    assert (
+        merge.rounding
+        == "bias correction, E[x] from the statistics of BatchNormalization 'bn4' through Relu (output 'r')"
+    )
+    plain = bnfold.fold(model, bias_correction=False)
+    assert plain.report.branch_merges[0].rounding == "sum-preserving rounding"
+    assert {t.data_type for t in folded.graph.initializer} == {TensorProto.FLOAT16}
+
+
 def test_a_branch_also_read_elsewhere_stays():
     g = BranchGraph()
     shared = g.conv(k=1)

@@ -130,9 +130,64 @@ def _balance_rounding(exact: np.ndarray, q: np.ndarray) -> np.ndarray:
     order = np.argsort(np.where(eligible, -np.abs(error), np.inf), axis=1, kind="stable")
     running = total + np.cumsum(np.take_along_axis(change, order, axis=1), axis=1)
     flips = np.argmin(np.abs(np.concatenate([total, running], axis=1)), axis=1)
-    flip_sorted = np.arange(q.shape[1])[None, :] < flips[:, None]
-    flip = np.zeros_like(flip_sorted)
-    np.put_along_axis(flip, order, flip_sorted, axis=1)
+    return _take_alternatives(q, alternative, order, flips)
+
+
+def cast_conv_toward_moments(
+    weight: np.ndarray, bias: np.ndarray, dtype: np.dtype, group: int, mean: np.ndarray, var: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Round a folded Conv's float64 weight [C_out, C_in/group, k…] and bias to a 16-bit `dtype`
+    so that the expected squared output error of the rounding is small, given each input
+    channel's mean and variance (bnfold.folding.correction says where they come from).
+
+    Rounding W·s and b' adds δ to each weight and δ_b to each bias. For output channel o and
+    inputs x with E[x_c] = m_c, Var[x_c] = v_c (taken as independent), the extra error
+    Σ δ·x + δ_b has mean Σ δ·m + δ_b and variance Σ δ²·v. Nearest rounding minimizes the
+    variance alone; here each row starts from nearest and moves the roundings whose move buys the
+    most mean per added variance to their other neighbour, stopping where
+    (Σ δ·m + δ_b)² + Σ δ²·v is least. The bias's own rounding error, known once it is rounded,
+    is so cancelled through the weights (a bias correction would be rounded away again).
+    """
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rounded_bias = bias.astype(dtype)
+        q = weight.astype(dtype).reshape(weight.shape[0], -1)
+    exact = weight.reshape(q.shape)
+    taps = q.shape[1] // weight.shape[1]
+    index = np.repeat(_input_channel_index(weight.shape[0], weight.shape[1], group), taps, axis=1)
+    need = -(rounded_bias.astype(np.float64) - bias)
+    q = _round_toward(exact, q, mean[index], var[index], need)
+    return q.reshape(weight.shape), rounded_bias
+
+
+def _round_toward(exact: np.ndarray, q: np.ndarray, mean: np.ndarray, var: np.ndarray, target: np.ndarray):
+    """Per row: flip the roundings that bring Σ δ·mean toward `target` most cheaply in Σ δ²·var,
+    as far as (Σ δ·mean − target)² + Σ δ²·var keeps falling (cast_conv_toward_moments)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        error = q.astype(np.float64) - exact
+        need = target - (error * mean).sum(axis=1)
+        alternative = _step(q, upward=error < 0)
+        alternative_error = alternative.astype(np.float64) - exact
+        gain = (alternative_error - error) * mean
+        cost = (alternative_error**2 - error**2) * var
+        eligible = (gain * need[:, None] > 0) & (error != 0) & (q.astype(np.float64) != 0)
+        eligible &= np.isfinite(alternative_error)
+        price = np.where(eligible, cost / np.abs(np.where(eligible, gain, 1.0)), np.inf)
+        # Cheapest first. Free flips (an input of variance 0) go first, smallest step first:
+        # their key is their step scaled far below any positive price.
+        price = np.where(price > 0, price, np.abs(gain) * 1e-300)
+    order = np.argsort(price, axis=1)
+    taken_gain = np.cumsum(np.where(eligible, gain, 0.0)[np.arange(q.shape[0])[:, None], order], axis=1)
+    taken_cost = np.cumsum(np.where(eligible, cost, 0.0)[np.arange(q.shape[0])[:, None], order], axis=1)
+    objective = np.concatenate([need[:, None] ** 2, (need[:, None] - taken_gain) ** 2 + taken_cost], axis=1)
+    return _take_alternatives(q, alternative, order, np.argmin(objective, axis=1))
+
+
+def _take_alternatives(q: np.ndarray, alternative: np.ndarray, order: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Per row, the first `count` elements in `order` take their alternative value."""
+    in_prefix = np.arange(q.shape[1])[None, :] < count[:, None]
+    flip = np.zeros_like(in_prefix)
+    np.put_along_axis(flip, order, in_prefix, axis=1)
     return np.where(flip, alternative, q)
 
 

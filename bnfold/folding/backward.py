@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
-from bnfold.folding.correction import SIXTEEN_BITS, expected_input
+from bnfold.folding.correction import conv_input_moments, rounding_note
 from bnfold.folding.linear import (
     LINEAR_OPS,
     LinearOp,
@@ -24,7 +24,7 @@ from bnfold.folding.linear import (
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import node_label
+from bnfold.graph.protos import int_attr, node_label
 
 
 @dataclass(frozen=True)
@@ -74,20 +74,11 @@ def plan_backward(source: AffineSource, ctx: GraphContext, reader: onnx.NodeProt
     if isinstance(scale_shift, Skip):
         return scale_shift
     # build
-    rounding, input_mean = None, None
-    if weight.dtype in SIXTEEN_BITS:
-        known = expected_input(ctx, linear.input[0]) if op.op_type == "Conv" and ctx.scope.bias_correction else None
-        input_mean = known.mean if known is not None and known.mean.shape[0] == _in_channels(weight, linear) else None
-        if input_mean is not None:
-            rounding = f"bias correction, E[x] from {known.source}"
-        else:
-            unknown = "; no E[x] known for its input" if ctx.scope.bias_correction else ""
-            rounding = "sum-preserving rounding" + unknown
-    folded = fold_output_affine(op, linear, weight, bias, scale_shift, input_mean)
+    moments = None
+    if op.op_type == "Conv":
+        moments = conv_input_moments(ctx, linear.input[0], weight.shape[1] * int_attr(linear, "group", 1), weight.dtype)
+    rounding = rounding_note(weight.dtype, moments, ctx.scope.bias_correction)
+    folded = fold_output_affine(op, linear, weight, bias, scale_shift, moments)
     if isinstance(folded, Skip):
         return folded
     return BackwardPlan(source.node, op, linear, *folded, tuple(passthrough), rounding)
-
-
-def _in_channels(weight, conv) -> int:
-    return weight.shape[1] * next((a.i for a in conv.attribute if a.name == "group"), 1)

@@ -1,28 +1,26 @@
-"""Bias correction of a folded 16-bit weight's rounding (data-free, as in Nagel et al., ICCV 2019,
-"Data-Free Quantization Through Weight Equalization and Bias Correction").
+"""What a 16-bit fold knows about a conv's inputs, so that its rounding can be corrected.
 
-A float16 or bfloat16 fold rounds W·s to the weight's type once more: W' = W·s + ΔW, with ΔW known
-exactly (the product is computed in float64). Output channel o then carries the extra term
-Σ ΔW[o, i, k]·x_i, whose expected value Σ ΔW[o, i, k]·E[x_i] acts as a bias after a ReLU (inputs
-have a positive mean). Subtracting that expectation from the new bias removes it.
+A float16 or bfloat16 fold rounds W·s and b' to the weight's type once more. The errors δ are
+known exactly (the products are computed in float64), and their effect on output channel o is
+Σ δ·x + δ_b: a mean Σ δ·E[x] + δ_b, which acts as a bias (after a ReLU inputs have a positive
+mean; Nagel et al., ICCV 2019, "Data-Free Quantization Through Weight Equalization and Bias
+Correction"), and a variance Σ δ²·Var[x]. affine.cast_conv_toward_moments chooses the roundings
+that make the sum of the two small; this module finds E[x] and Var[x] per input channel.
 
-E[x_i] comes, without data, from the BatchNormalization that produced the conv's input: at
-inference its output in channel i is, to the extent its running statistics describe its inputs,
-normal with mean β_i and standard deviation |γ_i|; an activation between them is taken in closed
-form (ReLU, Clip/ReLU6: E[clip(z, a, b)] = a + E[relu(z − a)] − E[relu(z − b)] with
-E[relu(z)] = μΦ(μ/σ) + σφ(μ/σ)). Where no such producer is found, the fold keeps today's
-sum-preserving rounding alone (affine.cast_weights) and the report says so.
-
-Off by default (`--bias-correction`, `fold(..., bias_correction=True)`): measured against the
-float32 networks (BENCHMARKS.md) it brought the folded float16 models from 0.89× to 0.71× of the
-unfolded model's deviation on a MobileNet, 1.28× to 1.25× on MobileNetV2 and 0.90× to 0.88× on an
-EfficientNet, but cost 1.3% on an Inception and 0.6% on ResNet-50: not the "never costs accuracy"
-that on-by-default needs.
+Without data they come from the graph: a BatchNormalization's output in channel c is, to the
+extent its running statistics describe its inputs, normal with mean β_c and standard deviation
+|γ_c|; an element-wise activation (ReLU, Clip, LeakyRelu, Sigmoid, HardSigmoid, HardSwish, Tanh,
+SiLU as x·Sigmoid(x), …) maps that normal by numerical integration; Add adds means and variances
+(inputs taken as independent), Concat on the channel axis concatenates them, Identity and Dropout
+pass them on. Where they are unknown the fold keeps sum-preserving rounding
+(affine.cast_weights), and the report says which was used. (Measuring them on calibration data
+instead changed the folded models' accuracy by at most 2%: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -31,60 +29,136 @@ import onnx
 
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import is_onnx_op, node_label
+from bnfold.graph.protos import int_attr, is_onnx_op, node_label
 
 SIXTEEN_BITS = {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
+_GRID = np.linspace(-8.0, 8.0, 1601)  # standard-normal quadrature nodes for activations
+_DENSITY = np.exp(-0.5 * _GRID**2) / np.exp(-0.5 * _GRID**2).sum()
+_MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
-class InputMean:
-    """E[x] per input channel of a linear op, and where it came from (for the report)."""
+class InputMoments:
+    """E[x] and Var[x] per channel of a tensor, and where they came from (for the report)."""
 
     mean: np.ndarray
+    var: np.ndarray
     source: str
 
 
 def record_batch_norm(ctx: GraphContext, bn: onnx.NodeProto, gamma: np.ndarray, beta: np.ndarray) -> None:
-    """Remember the distribution of a BN's output (mean β, standard deviation |γ|), by the name
-    the tensor keeps after the BN is folded away."""
-    ctx.scope.moments[bn.output[0]] = (np.asarray(beta, np.float64), np.abs(np.asarray(gamma, np.float64)), bn)
+    """Remember a BN's output distribution N(β, γ²) by the name the tensor keeps after the BN is
+    folded away."""
+    if bn.output[0] not in ctx.scope.moments:
+        beta64, gamma64 = np.asarray(beta, np.float64), np.asarray(gamma, np.float64)
+        ctx.scope.moments[bn.output[0]] = InputMoments(beta64, gamma64**2, f"the statistics of {node_label(bn)}")
 
 
-def expected_input(ctx: GraphContext, name: str) -> InputMean | None:
-    """E[x] per channel of tensor `name`: a recorded BN output, possibly through one ReLU or
-    Clip; None when unknown."""
-    activation = ctx.index.producer(name)
-    if name in ctx.scope.moments:
-        mean, _, bn = ctx.scope.moments[name]
-        return InputMean(mean, f"the output of {node_label(bn)}")
-    if activation is None or not activation.input or activation.input[0] not in ctx.scope.moments:
-        return None
-    mu, sigma, bn = ctx.scope.moments[activation.input[0]]
-    if is_onnx_op(activation, "Relu"):
-        low, high = 0.0, math.inf
-    elif is_onnx_op(activation, "Clip"):
-        bounds = _clip_bounds(ctx, activation)
-        if bounds is None:
+def input_moments(ctx: GraphContext, name: str, depth: int = 0) -> InputMoments | None:
+    """E[x] and Var[x] per channel of tensor `name` (module docstring), or None when unknown."""
+    known = ctx.scope.moments.get(name)
+    if known is not None or depth > _MAX_DEPTH:
+        return known
+    node = ctx.index.producer(name)
+    found = _derive(ctx, node, depth + 1) if node is not None and node.domain in ("", "ai.onnx") else None
+    if found is not None:
+        ctx.scope.moments[name] = found
+    return found
+
+
+def _derive(ctx: GraphContext, node: onnx.NodeProto, depth: int) -> InputMoments | None:
+    op = node.op_type
+    if op == "BatchNormalization" and int_attr(node, "training_mode", 0) == 0:
+        gamma, beta = _constants(ctx, node.input[1:3])
+        if gamma is None or beta is None or gamma.ndim != 1 or gamma.shape != beta.shape:
             return None
-        low, high = bounds
-    else:
+        return InputMoments(beta, gamma**2, f"the statistics of {node_label(node)}")
+    if op in ("Identity", "Dropout"):
+        return input_moments(ctx, node.input[0], depth)
+    if op == "Concat" and int_attr(node, "axis", 0) == 1:
+        parts = [input_moments(ctx, name, depth) for name in node.input]
+        if any(p is None for p in parts):
+            return None
+        mean, var = (np.concatenate([getattr(p, field) for p in parts]) for field in ("mean", "var"))
+        return InputMoments(mean, var, f"the statistics of the {len(parts)} inputs of {node_label(node)}")
+    if op == "Add" and len(node.input) == 2:
+        return _sum(ctx, node, depth)
+    activation = _activation(ctx, node)
+    if activation is None:
         return None
-    if not math.isfinite(low):
+    function, data = activation
+    before = input_moments(ctx, data, depth)
+    if before is None:
         return None
-    mean = low + _clipped_mean(mu, sigma, low) - _clipped_mean(mu, sigma, high)
-    return InputMean(mean, f"{node_label(bn)} through {node_label(activation)}")
+    return _through(function, before, f"{before.source} through {node_label(node)}")
 
 
-def corrected_bias(
-    weight64: np.ndarray, rounded: np.ndarray, bias64: np.ndarray, group: int, input_mean: np.ndarray
-) -> np.ndarray:
-    """b' − Σ ΔW·E[x] for a Conv weight [C_out, C_in/group, k…] (module docstring)."""
-    delta = rounded.astype(np.float64) - weight64
-    out_channels, per_group = delta.shape[:2]
-    taps = delta.reshape(out_channels, per_group, -1).sum(axis=2)  # [C_out, C_in/group]
-    group_of = np.arange(out_channels) // (out_channels // group)
-    channel = group_of[:, None] * per_group + np.arange(per_group)[None, :]
-    return bias64 - (taps * input_mean[channel]).sum(axis=1)
+def _sum(ctx: GraphContext, add: onnx.NodeProto, depth: int) -> InputMoments | None:
+    """x + y: means and variances add (x and y taken as independent); y may be a per-channel
+    constant."""
+    terms = []
+    for name in add.input:
+        moments = input_moments(ctx, name, depth)
+        if moments is None:
+            (value,) = _constants(ctx, [name])
+            per_channel = value is not None and (
+                value.size == 1 or (value.ndim in (3, 4) and value.size == value.shape[-3])
+            )
+            if not per_channel:
+                return None  # unknown, or a constant that does not broadcast per channel
+            value = value.reshape(-1)
+            moments = InputMoments(value, np.zeros_like(value), "")
+        terms.append(moments)
+    first, second = terms
+    if first.mean.shape != second.mean.shape and min(first.mean.size, second.mean.size) != 1:
+        return None
+    source = first.source or second.source
+    return InputMoments(first.mean + second.mean, first.var + second.var, f"{source} through {node_label(add)}")
+
+
+def _through(function: Callable[[np.ndarray], np.ndarray], moments: InputMoments, source: str) -> InputMoments:
+    """Moments of function(z) for z normal with the given moments, per channel (quadrature)."""
+    z = moments.mean[:, None] + np.sqrt(np.maximum(moments.var, 0.0))[:, None] * _GRID[None, :]
+    values = function(z)
+    mean = values @ _DENSITY
+    return InputMoments(mean, np.maximum((values**2) @ _DENSITY - mean**2, 0.0), source)
+
+
+def _activation(ctx: GraphContext, node: onnx.NodeProto) -> tuple[Callable, str] | None:
+    """The element-wise function `node` applies and the input it applies it to, if known."""
+    if node.op_type == "Mul" and len(node.input) == 2:  # SiLU / Swish as exported: x · Sigmoid(x)
+        for data, other in (node.input, reversed(node.input)):
+            gate = ctx.index.producer(other)
+            if gate is not None and is_onnx_op(gate, "Sigmoid") and gate.input[0] == data:
+                return (lambda z: z * _sigmoid(z)), data
+        return None
+    function = _unary(ctx, node)
+    return None if function is None else (function, node.input[0])
+
+
+def _unary(ctx: GraphContext, node: onnx.NodeProto) -> Callable[[np.ndarray], np.ndarray] | None:
+    op, alpha = node.op_type, next((a.f for a in node.attribute if a.name == "alpha"), None)
+    if op == "Relu":
+        return lambda z: np.maximum(z, 0.0)
+    if op == "LeakyRelu":
+        return lambda z: np.where(z > 0, z, (0.01 if alpha is None else alpha) * z)
+    if op == "Sigmoid":
+        return _sigmoid
+    if op == "Tanh":
+        return np.tanh
+    if op == "HardSigmoid":
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 0.5)
+        return lambda z: np.clip((0.2 if alpha is None else alpha) * z + beta, 0.0, 1.0)
+    if op == "HardSwish":
+        return lambda z: z * np.clip(z / 6.0 + 0.5, 0.0, 1.0)
+    if op == "Clip":
+        bounds = _clip_bounds(ctx, node)
+        return None if bounds is None else (lambda z: np.clip(z, *bounds))
+    return None
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
 def _clip_bounds(ctx: GraphContext, clip: onnx.NodeProto) -> tuple[float, float] | None:
@@ -100,13 +174,35 @@ def _clip_bounds(ctx: GraphContext, clip: onnx.NodeProto) -> tuple[float, float]
     return (-math.inf if low is None else low), (math.inf if high is None else high)
 
 
-def _clipped_mean(mu: np.ndarray, sigma: np.ndarray, threshold: float) -> np.ndarray:
-    """E[relu(z − threshold)] for z ~ N(mu, sigma²), per channel (0 for an infinite threshold)."""
-    if not math.isfinite(threshold):
-        return np.zeros_like(mu)
-    m = mu - threshold
-    safe = np.where(sigma > 0, sigma, 1.0)
-    ratio = m / safe
-    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(ratio / math.sqrt(2.0)))
-    pdf = np.exp(-0.5 * ratio**2) / math.sqrt(2.0 * math.pi)
-    return np.where(sigma > 0, m * cdf + safe * pdf, np.maximum(m, 0.0))
+def _constants(ctx: GraphContext, names) -> list[np.ndarray | None]:
+    values = []
+    for name in names:
+        try:
+            value = np.asarray(ctx.constant(name), dtype=np.float64)
+        except (NotConstant, TypeError, ValueError):
+            value = None
+        values.append(value if value is None or np.isfinite(value).all() else None)
+    return values
+
+
+def conv_input_moments(ctx: GraphContext, data: str, in_channels: int, dtype) -> InputMoments | None:
+    """The moments of a 16-bit Conv's input `data`, if correction is on and they are known for
+    as many channels as the conv reads."""
+    if np.dtype(dtype) not in SIXTEEN_BITS or not ctx.scope.bias_correction:
+        return None
+    moments = input_moments(ctx, data)
+    if moments is None or moments.mean.size not in (1, in_channels):
+        return None
+    if not (np.isfinite(moments.mean).all() and np.isfinite(moments.var).all()):
+        return None  # statistics too large to integrate: keep sum-preserving rounding
+    shape = (in_channels,)
+    return InputMoments(np.broadcast_to(moments.mean, shape), np.broadcast_to(moments.var, shape), moments.source)
+
+
+def rounding_note(dtype, moments: InputMoments | None, correcting: bool) -> str | None:
+    """What the report says about a folded 16-bit weight's rounding (None for wider types)."""
+    if np.dtype(dtype) not in SIXTEEN_BITS:
+        return None
+    if moments is not None:
+        return f"bias correction, E[x] from {moments.source}"
+    return "sum-preserving rounding" + ("; no E[x] known for its input" if correcting else "")

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding import affine
-from bnfold.folding.correction import corrected_bias
+from bnfold.folding.correction import InputMoments
 from bnfold.folding.plan import Skip
 from bnfold.folding.sources import ChannelAffine, float_constant
 from bnfold.graph.context import GraphContext
@@ -197,12 +197,12 @@ def fold_output_affine(
     weight: np.ndarray,
     bias: np.ndarray | None,
     scale_shift: ChannelAffine,
-    input_mean: np.ndarray | None = None,
+    moments: InputMoments | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | Skip:
     """affine(op(x)) as op'(x): W' = W·s on the output-channel axis, b' = β_op·b·s + t, in the
-    weight's dtype (affine.py's algebra), or a Skip if they overflow it. With `input_mean`
-    (E[x] per input channel of a Conv), the bias also takes away the expected effect of the
-    weight's rounding (bnfold.folding.correction)."""
+    weight's dtype (affine.py's algebra), or a Skip if they overflow it. With `moments` of a
+    Conv's input channels, a 16-bit result is rounded to keep the expected effect of its
+    rounding small (bnfold.folding.correction)."""
     scale, shift = scale_shift
     axis = op.weight_axis(node)
     scaled = affine.scale_weights(
@@ -211,21 +211,23 @@ def fold_output_affine(
     if bias is not None:
         bias = bias.astype(np.float64) * op.bias_scale(node)
     new_bias = affine.fold_bias(bias, scale, shift)
-    if input_mean is None:
+    if moments is None:
         return cast_folded(weight.dtype, scaled, new_bias, axis)
-    rounded = affine.cast_weights(scaled, weight.dtype, axis)
-    corrected = corrected_bias(scaled, rounded, new_bias, int_attr(node, "group", 1), input_mean)
-    return cast_folded(weight.dtype, scaled, corrected, axis, rounded)
+    group = int_attr(node, "group", 1)
+    rounded, rounded_bias = affine.cast_conv_toward_moments(
+        scaled, new_bias, weight.dtype, group, moments.mean, moments.var
+    )
+    return cast_folded(weight.dtype, scaled, new_bias, axis, rounded, rounded_bias)
 
 
 def cast_folded(
-    dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int, rounded: np.ndarray | None = None
+    dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int, weight=None, bias=None
 ) -> tuple[np.ndarray, np.ndarray] | Skip:
     """The folded float64 weight and bias in the model's dtype, or a Skip if they overflow it
-    (`rounded`: the weight already cast, when the caller needed it first)."""
-    weight = affine.cast_weights(weight64, dtype, axis) if rounded is None else rounded
+    (`weight`, `bias`: already cast, when the caller chose their rounding)."""
+    weight = affine.cast_weights(weight64, dtype, axis) if weight is None else weight
     with np.errstate(over="ignore"):  # overflow is checked just below
-        bias = bias64.astype(dtype)
+        bias = bias64.astype(dtype) if bias is None else bias
     for what, values in (("weights", weight), ("bias", bias)):
         if not np.isfinite(affine.float_operand(values)).all():
             return Skip(f"the folded {what} overflow {dtype}")

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding import affine
+from bnfold.folding.correction import conv_input_moments, rounding_note
 from bnfold.folding.plan import Skip
 from bnfold.folding.sources import check_inference_mode, read_batch_norm
 from bnfold.graph.constants import NotConstant
@@ -53,6 +54,7 @@ class Term:
     convs: int  # how many Conv nodes it replaces
     x: str = ""  # the tensor every branch reads
     dtype: np.dtype | None = None  # the Conv weights' dtype (None: no conv among the branches yet)
+    rounding: str | None = None  # how a 16-bit merged weight was rounded (set by _replace)
 
     @property
     def in_channels(self) -> int:
@@ -67,6 +69,7 @@ class Merge:
     removed: list  # the nodes merged away (the branches' Conv/BN/Mul/Add/Sub)
     branches: list[str]
     root_name: str = ""  # the root Add/Sub's name (or output) before it became the Conv
+    rounding: str | None = None  # how a 16-bit merged weight was rounded
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ def merge_branches(ctx: GraphContext, version: int) -> tuple[list[Merge], list[R
             refusals.append(Refusal(node, f"the merged weights overflow {np.dtype(term.dtype)}"))
             continue
         removed.update(id(old) for old in term.nodes)
-        merges.append(Merge(node, [old for old in term.nodes if old is not node], term.branches, root_name))
+        removed_nodes = [old for old in term.nodes if old is not node]
+        merges.append(Merge(node, removed_nodes, term.branches, root_name, term.rounding))
     return merges[::-1], refusals[::-1]
 
 
@@ -382,9 +386,16 @@ def _replace(root: onnx.NodeProto, term: Term, ctx: GraphContext) -> bool:
     place in the graph's order, after x) and remove the other nodes; False if the merged
     weights overflow the model's dtype."""
     dtype = np.dtype(term.dtype)
-    weight = affine.cast_weights(term.kernel, dtype, axis=0)
-    with np.errstate(over="ignore"):
-        bias = term.bias.astype(dtype)
+    moments = conv_input_moments(ctx, term.x, term.in_channels, dtype)
+    if moments is not None:
+        weight, bias = affine.cast_conv_toward_moments(
+            term.kernel, term.bias, dtype, term.group, moments.mean, moments.var
+        )
+    else:
+        weight = affine.cast_weights(term.kernel, dtype, axis=0)
+        with np.errstate(over="ignore"):
+            bias = term.bias.astype(dtype)
+    term.rounding = rounding_note(dtype, moments, ctx.scope.bias_correction)
     if not (np.isfinite(affine.float_operand(weight)).all() and np.isfinite(affine.float_operand(bias)).all()):
         return False
     first_conv = next(n for n in term.nodes if is_onnx_op(n, "Conv"))

@@ -33,7 +33,7 @@ MAX_ROUNDS = 8
 
 
 def fold_model_graph(
-    model: onnx.ModelProto, read_tensor: TensorReader, *, reparam: bool = True, bias_correction: bool = False
+    model: onnx.ModelProto, read_tensor: TensorReader, *, reparam: bool = True, bias_correction: bool = True
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
     Returns one outcome per BatchNormalization and runtime-statistics normalization, and one
@@ -179,6 +179,7 @@ def _record_merges(found: dict, merges: list[Merge], refusals: list, prefix: str
             folded_into=merge.conv.name,
             folded_into_op="Conv",
             via=f"{len(merge.branches)} branches ({', '.join(merge.branches)})",
+            rounding=merge.rounding,
         )
     for refusal in refusals:
         name = _name(prefix, refusal.root)

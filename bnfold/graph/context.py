@@ -22,7 +22,7 @@ class ModelScope:
     opset_imports: list
     names: Names  # every name in the model: fresh names must shadow none
     tensors: TensorStore
-    bias_correction: bool = False  # correct 16-bit folds' rounding (bnfold.folding.correction)
+    bias_correction: bool = True  # correct 16-bit folds' rounding (bnfold.folding.correction)
     moments: dict = field(default_factory=dict)  # BN output name → (mean, std, BN): E[x] downstream
 
 
