@@ -6,7 +6,10 @@ A merged kernel holds the identity's 1 and the conv's small weights in one float
 its rounding is relative to the larger of them. For random RepVGG blocks (3×3 + 1×1 + identity
 BN, 16 channels, 16×16), in float16, the relative RMS deviation from the same block in float32
 (on the same float16-representable inputs) of: the unfolded model, the BN fold alone
-(`reparam=False`) and the merged model.
+(`reparam=False`) and the merged model, with and without bias correction. Twice: blocks reading
+the graph input (nothing known about it: sum-preserving rounding), and blocks after a BN → ReLU,
+as inside a network, fed inputs that match that BN's running statistics (its output's mean and
+variance are known: the merged weights' rounding uses them).
 """
 
 from __future__ import annotations
@@ -14,14 +17,31 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from onnx import helper, numpy_helper
 
 import bnfold
 from bnfold.testing import BranchGraph, random_inputs, run
 
 
-def repvgg_block(dtype, seed: int):
+def repvgg_block(dtype, seed: int, inside: bool = False):
     g = BranchGraph(channels=16, spatial=(16, 16), dtype=dtype, seed=seed)
-    return g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn()))
+    x = "x"
+    if inside:  # x → BN → ReLU → the block
+        x = g._name("relu")
+        g.nodes.append(helper.make_node("Relu", [g.bn("x")], [x], name=x))
+    return g.model(g.sum(g.conv(x, k=3), g.conv(x, k=1), g.bn(x)))
+
+
+def block_inputs(model, seed: int, inside: bool) -> dict:
+    """Float16-representable inputs; inside a network, distributed as the first BN expects."""
+    feeds = random_inputs(model, seed)
+    if inside:
+        values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+        bn = model.graph.node[0]
+        mean, var = values[bn.input[3]], values[bn.input[4]]
+        z = np.random.default_rng(seed).standard_normal(feeds["x"].shape)
+        feeds["x"] = mean[None, :, None, None] + np.sqrt(var)[None, :, None, None] * z
+    return {k: v.astype(np.float16) for k, v in feeds.items()}
 
 
 def _deviation(got: np.ndarray, want: np.ndarray) -> float:
@@ -34,18 +54,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=20)
     args = parser.parse_args()
-    rows = []
-    for seed in range(args.blocks):
-        reference, half = repvgg_block(np.float32, seed), repvgg_block(np.float16, seed)
-        feeds = {k: v.astype(np.float16) for k, v in random_inputs(reference, seed).items()}
-        want = run(reference, {k: v.astype(np.float32) for k, v in feeds.items()})[0].astype(np.float64)
-
-        models = (half, bnfold.fold(half, reparam=False).model, bnfold.fold(half).model)
-        rows.append([_deviation(run(m, feeds)[0], want) for m in models])
-    r = np.array(rows)
-    print(f"{args.blocks} float16 RepVGG blocks, relative RMS deviation from float32 (mean):")
-    print(f"  unfolded {r[:, 0].mean():.2e}   BN fold only {r[:, 1].mean():.2e}   merged {r[:, 2].mean():.2e}")
-    print(f"  merged / unfolded: median {np.median(r[:, 2] / r[:, 0]):.2f}, max {(r[:, 2] / r[:, 0]).max():.2f}")
+    for inside in (False, True):
+        rows = []
+        for seed in range(args.blocks):
+            reference, half = repvgg_block(np.float32, seed, inside), repvgg_block(np.float16, seed, inside)
+            feeds = block_inputs(reference, seed, inside)
+            want = run(reference, {k: v.astype(np.float32) for k, v in feeds.items()})[0].astype(np.float64)
+            models = (
+                half,
+                bnfold.fold(half, reparam=False).model,
+                bnfold.fold(half, bias_correction=False).model,
+                bnfold.fold(half).model,
+            )
+            rows.append([_deviation(run(m, feeds)[0], want) for m in models])
+        r = np.array(rows)
+        where = "after BN → ReLU" if inside else "reading the graph input"
+        print(f"{args.blocks} float16 RepVGG blocks {where}, relative RMS deviation from float32 (mean):")
+        print(
+            f"  unfolded {r[:, 0].mean():.2e}   BN fold only {r[:, 1].mean():.2e}   "
+            f"merged {r[:, 2].mean():.2e}   merged, bias correction {r[:, 3].mean():.2e}"
+        )
+        for column, name in ((2, "merged"), (3, "merged, bias correction")):
+            ratio = r[:, column] / r[:, 0]
+            print(f"  {name} / unfolded: median {np.median(ratio):.2f}, max {ratio.max():.2f}")
 
 
 if __name__ == "__main__":
