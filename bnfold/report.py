@@ -78,8 +78,9 @@ class FoldReport:
         if not rounded:
             return []
         corrected = sum(o.rounding.startswith("bias correction") for o in rounded)
+        folds = f"{len(rounded)} fold" + ("s" if len(rounded) != 1 else "")
         return [
-            f"16-bit weights: {len(rounded)} folds rounded their weights a second time "
+            f"16-bit weights: {folds} rounded their weights a second time "
             f"({corrected} with bias correction, {len(rounded) - corrected} sum-preserving only); "
             "folding the float32 model before converting it to float16 rounds them once (docs/folding.md)"
         ]

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from builders import run
+from builders import assert_same_function, run
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -88,6 +88,18 @@ def test_the_correction_cancels_the_roundings_when_the_input_is_known_exactly():
     assert np.abs(got.astype(np.float64) - want).mean() < np.abs(rounded.astype(np.float64) - want).mean()
 
 
+def test_the_report_notes_that_folding_before_conversion_rounds_once():
+    (note,) = bnfold.fold(constant_input_model()).report.notes
+    assert note.startswith("16-bit weights: 2 folds rounded their weights a second time (1 with bias correction, 1 ")
+    assert "folding the float32 model before converting it to float16 rounds them once" in note
+    model = constant_input_model()
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT
+    assert bnfold.fold(model).report.notes == []
+
+
 def test_without_known_input_statistics_the_report_says_so():
     model = constant_input_model()
     model.graph.node[2].op_type = "Softplus"  # an activation bnfold takes no moments through
@@ -101,6 +113,48 @@ def test_the_cli_turns_the_correction_off(tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["batch_normalizations"][1]["rounding"].startswith(expected)
+
+
+def test_a_forward_fold_rounds_with_the_running_statistics_of_the_bn():
+    # x → BN → Conv (unpadded), in float16: after the fold the conv reads x itself, whose mean and
+    # variance the BN's running statistics give (μ ≈ 5 ≫ σ ≈ 0.5: the mean part dominates).
+    rng = np.random.default_rng(12)
+    c = 32
+    params = {
+        "g": rng.uniform(0.5, 1.5, c),
+        "b": rng.normal(0, 0.3, c),
+        "m": rng.uniform(4, 6, c),
+        "v": rng.uniform(0.1, 0.4, c),
+        "W": rng.normal(0, 0.2, (16, c, 3, 3)),
+    }
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["n"], name="bn"),
+        helper.make_node("Conv", ["n", "W"], ["y"], name="conv"),
+    ]
+    inits = [numpy_helper.from_array(v.astype(np.float16), k) for k, v in params.items()]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, c, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 16, 4, 4])
+    model = helper.make_model(
+        helper.make_graph(nodes, "forward", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    corrected, plain = bnfold.fold(model), bnfold.fold(model, bias_correction=False)
+    assert (
+        _rounding_of(corrected, "bn") == "bias correction, E[x] from the running statistics of BatchNormalization 'bn'"
+    )
+    assert _rounding_of(plain, "bn") == "sum-preserving rounding"
+    assert_same_function(model, corrected.model)
+    onnx.checker.check_model(corrected.model, full_check=True)
+    values = {k: numpy_helper.to_array(t).astype(np.float64) for k, t in ((t.name, t) for t in model.graph.initializer)}
+    scale = values["g"] / np.sqrt(values["v"] + 1e-5)
+    exact_weight = values["W"] * scale[None, :, None, None]
+    exact_bias = (values["W"].sum(axis=(2, 3)) * (values["b"] - values["m"] * scale)).sum(axis=1)
+    shifts = []
+    for result in (corrected, plain):
+        folded = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in result.model.graph.initializer}
+        weight, bias = folded["W_bnfold"], next(v for k, v in folded.items() if k != "W_bnfold")
+        delta = ((weight - exact_weight) * values["m"][None, :, None, None]).sum(axis=(1, 2, 3))
+        shifts.append(np.abs(delta + bias - exact_bias).mean())
+    assert shifts[0] < 0.25 * shifts[1]
 
 
 @pytest.mark.parametrize(

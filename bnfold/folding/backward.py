@@ -12,11 +12,10 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
-from bnfold.folding.correction import conv_input_moments, rounding_note
 from bnfold.folding.linear import (
     LINEAR_OPS,
     LinearOp,
-    fold_output_affine,
+    fold_output,
     give_parameters,
     linear_op,
     output_parameters,
@@ -24,7 +23,7 @@ from bnfold.folding.linear import (
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import int_attr, node_label
+from bnfold.graph.protos import node_label
 
 
 @dataclass(frozen=True)
@@ -74,11 +73,8 @@ def plan_backward(source: AffineSource, ctx: GraphContext, reader: onnx.NodeProt
     if isinstance(scale_shift, Skip):
         return scale_shift
     # build
-    moments = None
-    if op.op_type == "Conv":
-        moments = conv_input_moments(ctx, linear.input[0], weight.shape[1] * int_attr(linear, "group", 1), weight.dtype)
-    rounding = rounding_note(weight.dtype, moments, ctx.scope.bias_correction)
-    folded = fold_output_affine(op, linear, weight, bias, scale_shift, moments)
+    folded = fold_output(ctx, op, linear, weight, bias, scale_shift)
     if isinstance(folded, Skip):
         return folded
-    return BackwardPlan(source.node, op, linear, *folded, tuple(passthrough), rounding)
+    new_weight, new_bias, rounding = folded
+    return BackwardPlan(source.node, op, linear, new_weight, new_bias, tuple(passthrough), rounding)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, single_reader
-from bnfold.folding.linear import LINEAR_OPS, fold_output_affine, folded_name
+from bnfold.folding.linear import LINEAR_OPS, fold_output, folded_name
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import float_constant, read_batch_norm
 from bnfold.graph.context import GraphContext
@@ -39,6 +39,7 @@ class ChannelLastPlan(Plan):
     shape_ops: tuple[onnx.NodeProto, ...]  # from the BN's input back towards the Add
     weight: np.ndarray
     bias: np.ndarray
+    rounding: str | None = None  # how a 16-bit weight's second rounding was chosen
 
     @property
     def linears(self):
@@ -120,12 +121,12 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     if isinstance(scale_shift, Skip):
         return scale_shift
     # build
-    folded = fold_output_affine(MATMUL, matmul, weight, bias.reshape(-1), scale_shift)
+    folded = fold_output(ctx, MATMUL, matmul, weight, bias.reshape(-1), scale_shift)
     if isinstance(folded, Skip):
         return folded
-    new_weight, new_bias = folded
+    new_weight, new_bias, rounding = folded
     new_bias = new_bias.reshape((1,) * max(bias.ndim - 1, 0) + (channels,))
-    return ChannelLastPlan(bn, matmul, add, 1 - position, tuple(shape_ops), new_weight, new_bias)
+    return ChannelLastPlan(bn, matmul, add, 1 - position, tuple(shape_ops), new_weight, new_bias, rounding)
 
 
 def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLastPlan | Skip:
@@ -143,12 +144,12 @@ def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLa
     scale_shift = read_batch_norm(bn, ctx, channels)
     if isinstance(scale_shift, Skip):
         return scale_shift
-    folded = fold_output_affine(MATMUL, matmul, weight, None, scale_shift)
+    folded = fold_output(ctx, MATMUL, matmul, weight, None, scale_shift)
     if isinstance(folded, Skip):
         return folded
-    new_weight, shift = folded
+    new_weight, shift, rounding = folded
     shift = shift.reshape((channels,) + (1,) * (rank - 2))  # per channel on the BN input's axis 1
-    return ChannelLastPlan(bn, matmul, None, -1, shape_ops, new_weight, shift)
+    return ChannelLastPlan(bn, matmul, None, -1, shape_ops, new_weight, shift, rounding)
 
 
 def _matmul_weight(matmul: onnx.NodeProto, ctx: GraphContext) -> np.ndarray | Skip:

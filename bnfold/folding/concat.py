@@ -35,6 +35,14 @@ class ConcatPlan(Plan):
     def via(self) -> str:
         return f"split at {node_label(self.concat)}"
 
+    @property
+    def rounding(self) -> str | None:
+        """One note when every part's weights were rounded alike, else one per part."""
+        notes = {part.rounding for part in self.parts if part.rounding}
+        if len(notes) <= 1:
+            return next(iter(notes), None)
+        return "; ".join(f"{node_label(part.linear)}: {part.rounding}" for part in self.parts)
+
     def rewrite(self, ctx: GraphContext) -> None:
         for part in self.parts:
             give_parameters(ctx, part.op, part.linear, self.source, part.weight, part.bias)

@@ -199,6 +199,17 @@ def conv_input_moments(ctx: GraphContext, data: str, in_channels: int, dtype) ->
     return InputMoments(np.broadcast_to(moments.mean, shape), np.broadcast_to(moments.var, shape), moments.source)
 
 
+def batch_norm_input_moments(ctx: GraphContext, bn: onnx.NodeProto, dtype) -> InputMoments | None:
+    """The moments of a BN's *input*, for a 16-bit fold of the BN into the Conv after it: its
+    running mean and variance are, by definition, what it expects them to be."""
+    if np.dtype(dtype) not in SIXTEEN_BITS or not ctx.scope.bias_correction:
+        return None
+    mean, var = _constants(ctx, bn.input[3:5])
+    if mean is None or var is None or mean.ndim != 1 or mean.shape != var.shape or (var < 0).any():
+        return None
+    return InputMoments(mean, var, f"the running statistics of {node_label(bn)}")
+
+
 def rounding_note(dtype, moments: InputMoments | None, correcting: bool) -> str | None:
     """What the report says about a folded 16-bit weight's rounding (None for wider types)."""
     if np.dtype(dtype) not in SIXTEEN_BITS:

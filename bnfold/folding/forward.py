@@ -18,6 +18,7 @@ import onnx
 
 from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes
+from bnfold.folding.correction import InputMoments, batch_norm_input_moments, rounding_note
 from bnfold.folding.linear import LinearOp, cast_folded, give_parameters, linear_op
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after
@@ -36,6 +37,7 @@ class ForwardPlan(Plan):
     weight: np.ndarray
     bias: np.ndarray
     shape_ops: tuple[onnx.NodeProto, ...] = ()  # between the BN and the linear op, in order
+    rounding: str | None = None  # how a 16-bit weight's second rounding was chosen
 
     @property
     def linears(self):
@@ -90,14 +92,20 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     params = op.check_node(consumer, ctx) or op.parameters(consumer, ctx)
     if isinstance(params, Skip):
         return params
-    build = {"Conv": _into_conv, "ConvTranspose": _into_conv_transpose}.get(op.op_type, _into_gemm)
-    folded = build(bn, consumer, op, *params, ctx)
+    moments = None
+    if op.op_type == "Conv":
+        moments = batch_norm_input_moments(ctx, bn, params[0].dtype)
+        folded = _into_conv(bn, consumer, op, *params, ctx, moments)
+    else:
+        build = {"ConvTranspose": _into_conv_transpose}.get(op.op_type, _into_gemm)
+        folded = build(bn, consumer, op, *params, ctx)
     if isinstance(folded, Skip):
         return folded
-    return ForwardPlan(bn, op, consumer, *folded, tuple(shape_ops))
+    rounding = rounding_note(params[0].dtype, moments, op.op_type == "Conv" and ctx.scope.bias_correction)
+    return ForwardPlan(bn, op, consumer, *folded, tuple(shape_ops), rounding)
 
 
-def _into_conv(bn, conv, op, weight, bias, ctx):
+def _into_conv(bn, conv, op, weight, bias, ctx, moments: InputMoments | None):
     group = int_attr(conv, "group", 1)
     pads = ints_attr(conv, "pads") or []
     auto_pad = next((a.s.decode() for a in conv.attribute if a.name == "auto_pad"), "NOTSET")
@@ -111,7 +119,10 @@ def _into_conv(bn, conv, op, weight, bias, ctx):
     if isinstance(scale_shift, Skip):
         return scale_shift
     new_weight, new_bias = affine.fold_input_affine(weight, bias, *scale_shift, group=group)
-    return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv))
+    if moments is None:
+        return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv))
+    rounded = affine.cast_conv_toward_moments(new_weight, new_bias, weight.dtype, group, moments.mean, moments.var)
+    return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv), *rounded)
 
 
 def _into_conv_transpose(bn, deconv, op, weight, bias, ctx):

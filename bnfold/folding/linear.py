@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding import affine
-from bnfold.folding.correction import InputMoments
+from bnfold.folding.correction import InputMoments, conv_input_moments, rounding_note
 from bnfold.folding.plan import Skip
 from bnfold.folding.sources import ChannelAffine, float_constant
 from bnfold.graph.context import GraphContext
@@ -218,6 +218,20 @@ def fold_output_affine(
         scaled, new_bias, weight.dtype, group, moments.mean, moments.var
     )
     return cast_folded(weight.dtype, scaled, new_bias, axis, rounded, rounded_bias)
+
+
+def fold_output(
+    ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, weight: np.ndarray, bias, scale_shift: ChannelAffine
+) -> tuple[np.ndarray, np.ndarray, str | None] | Skip:
+    """fold_output_affine with what a 16-bit fold knows of a Conv's inputs
+    (bnfold.folding.correction), and the report's note on how the weights were rounded."""
+    moments, conv = None, op.op_type == "Conv"
+    if conv:
+        moments = conv_input_moments(ctx, node.input[0], weight.shape[1] * int_attr(node, "group", 1), weight.dtype)
+    folded = fold_output_affine(op, node, weight, bias, scale_shift, moments)
+    if isinstance(folded, Skip):
+        return folded
+    return (*folded, rounding_note(weight.dtype, moments, conv and ctx.scope.bias_correction))
 
 
 def cast_folded(

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, single_reader
-from bnfold.folding.linear import LinearOp, fold_output_affine, give_parameters, linear_op, output_parameters
+from bnfold.folding.linear import LinearOp, fold_output, give_parameters, linear_op, output_parameters
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
@@ -36,6 +36,7 @@ class ThroughShapeOpsPlan(Plan):
     weight: np.ndarray
     bias: np.ndarray
     shape_ops: tuple[onnx.NodeProto, ...]  # from the source back towards the linear op
+    rounding: str | None = None  # how a 16-bit weight's second rounding was chosen
 
     @property
     def linears(self):
@@ -88,10 +89,11 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
     if isinstance(scale_shift, Skip):
         return scale_shift
     # build
-    folded = fold_output_affine(op, linear, weight, bias, scale_shift)
+    folded = fold_output(ctx, op, linear, weight, bias, scale_shift)
     if isinstance(folded, Skip):
         return folded
-    return ThroughShapeOpsPlan(source.node, op, linear, *folded, tuple(shape_ops))
+    new_weight, new_bias, rounding = folded
+    return ThroughShapeOpsPlan(source.node, op, linear, new_weight, new_bias, tuple(shape_ops), rounding)
 
 
 def axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
