@@ -77,7 +77,7 @@ class FoldReport:
         rounded = [o for o in self.outcomes if o.folded and o.rounding]
         if not rounded:
             return []
-        corrected = sum(o.rounding.startswith("bias correction") for o in rounded)
+        corrected = sum("bias correction" in o.rounding for o in rounded)  # a split Concat may mix
         folds = f"{len(rounded)} fold" + ("s" if len(rounded) != 1 else "")
         return [
             f"16-bit weights: {folds} rounded their weights a second time "

@@ -177,8 +177,8 @@ def _round_toward(exact: np.ndarray, q: np.ndarray, mean: np.ndarray, var: np.nd
         # their key is their step scaled far below any positive price.
         price = np.where(price > 0, price, np.abs(gain) * 1e-300)
     order = np.argsort(price, axis=1)
-    taken_gain = np.cumsum(np.where(eligible, gain, 0.0)[np.arange(q.shape[0])[:, None], order], axis=1)
-    taken_cost = np.cumsum(np.where(eligible, cost, 0.0)[np.arange(q.shape[0])[:, None], order], axis=1)
+    taken_gain = np.cumsum(np.take_along_axis(np.where(eligible, gain, 0.0), order, axis=1), axis=1)
+    taken_cost = np.cumsum(np.take_along_axis(np.where(eligible, cost, 0.0), order, axis=1), axis=1)
     objective = np.concatenate([need[:, None] ** 2, (need[:, None] - taken_gain) ** 2 + taken_cost], axis=1)
     return _take_alternatives(q, alternative, order, np.argmin(objective, axis=1))
 
