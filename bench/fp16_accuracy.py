@@ -1,5 +1,5 @@
 """How far folded float16 models move from their float32 networks: bias correction on and off,
-onnxruntime's own float16 Conv+BN fusion, and folding before the conversion.
+with calibration data, onnxruntime's own float16 Conv+BN fusion, and folding before conversion.
 
     python bench/fp16_accuracy.py [--realizations R] [--inputs N] [--big FOLDER]
 
@@ -17,6 +17,9 @@ model, divided by the unfolded float16 model's. Two ways of computing a float16 
   (the float16 model and its float32-widened twin agree exactly), so only parameters round;
 - fp16 storage: every tensor between ops rounded to float16, as a GPU stores it (the widened
   model with a Cast pair after each op), so a fold also saves the BN's own output rounding.
+Variants: bnfold with --no-bias-correction (sum-preserving rounding), bnfold (statistics from the
+graph), bnfold --calibration (statistics measured on 8 other input batches), onnxruntime's own
+Conv+BN fusion, and bnfold on the float32 network before the conversion.
 Reported: mean ± standard deviation over the draws, and in how many draws the ratio was ≤ 1.
 """
 
@@ -38,7 +41,7 @@ from bnfold.verification.precision import widen_floats
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ("resnet_tiny", "mobilenet_tiny", "efficientnet_tiny", "inception_tiny", "repvit_tiny", "fastvit_tiny")
-VARIANTS = ("no correction", "bias correction", "onnxruntime fusion", "folded before conversion")
+VARIANTS = ("no correction", "bias correction", "calibrated", "onnxruntime fusion", "folded before conversion")
 
 
 def relative_rms(got: np.ndarray, want: np.ndarray) -> float:
@@ -100,19 +103,25 @@ def measure(network: onnx.ModelProto, seed: int, shape: tuple, count: int, data:
     distribution the network's BN statistics were calibrated on)."""
     reference = draw(network, seed)
     unfolded = float16.convert_float_to_float16(reference, keep_io_types=True)
+    name = reference.graph.input[0].name
+
+    def inputs(stream: int, k: int) -> np.ndarray:
+        return (np.random.default_rng([stream, k]).standard_normal(shape) * data[0] + data[1]).astype(np.float32)
+
+    calibration = [{name: inputs(99, k)} for k in range(8)]  # not the inputs measured below
     models = {
         "unfolded": unfolded,
         "no correction": bnfold.fold(unfolded, bias_correction=False).model,
         "bias correction": bnfold.fold(unfolded).model,
+        "calibrated": bnfold.fold(unfolded, calibration=calibration).model,
         "onnxruntime fusion": onnxruntime_fusion(unfolded),
         # what a user who still has the float32 model gets: one rounding instead of two
         "folded before conversion": float16.convert_float_to_float16(bnfold.fold(reference).model, keep_io_types=True),
     }
     executions = {"cpu": models, "fp16 storage": {k: fp16_storage(m) for k, m in models.items()}}
-    name = reference.graph.input[0].name
     deviations = {e: {k: [] for k in models} for e in executions}
     for trial in range(count):
-        x = (np.random.default_rng([7, trial]).standard_normal(shape) * data[0] + data[1]).astype(np.float32)
+        x = inputs(7, trial)
         (want,) = run(reference, {name: x})
         for execution, variants in executions.items():
             for variant, model in variants.items():

@@ -86,6 +86,13 @@ NO_REPARAM_OPT = typer.Option(
     "--no-reparam",
     help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv.",
 )
+CALIBRATION_OPT = typer.Option(
+    None,
+    "--calibration",
+    metavar="FILE|DIR",
+    help="Inputs (.npz by input name, or an onnx test-data folder, as verify --inputs) on which to measure "
+    "each conv's input statistics for --bias-correction, instead of reading them from the graph.",
+)
 BIAS_CORRECTION_OPT = typer.Option(
     True,
     "--bias-correction/--no-bias-correction",
@@ -118,6 +125,7 @@ def optimize(
     jobs: int = typer.Option(1, "--jobs", "-j", help="Models processed in parallel."),
     no_reparam: bool = NO_REPARAM_OPT,
     bias_correction: bool = BIAS_CORRECTION_OPT,
+    calibration: Path | None = CALIBRATION_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
@@ -145,6 +153,7 @@ def optimize(
             "progress": _progress(quiet),
             "reparam": not no_reparam,
             "bias_correction": bias_correction,
+            "calibration": calibration,
             "verify_options": _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider),
         }
 
@@ -285,6 +294,7 @@ def inspect(
     models: list[Path] = typer.Argument(..., help="ONNX model files.", show_default=False),
     no_reparam: bool = NO_REPARAM_OPT,
     bias_correction: bool = BIAS_CORRECTION_OPT,
+    calibration: Path | None = CALIBRATION_OPT,
     check: bool = typer.Option(
         False,
         "--check",
@@ -300,7 +310,11 @@ def inspect(
     _json_for("inspect", json_report and len(models) == 1)
     foldable = []
     for model in models:
-        result = _guard(lambda model=model: fold(model, reparam=not no_reparam, bias_correction=bias_correction))
+        result = _guard(
+            lambda model=model: fold(
+                model, reparam=not no_reparam, bias_correction=bias_correction, calibration=calibration
+            )
+        )
         report = result.report
         would = report.folded + sum(o.folded for o in report.branch_merges) + len(report.channel_affines)
         code = EXIT_FOLDABLE if check and would else 0

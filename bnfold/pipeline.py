@@ -40,12 +40,16 @@ class FoldResult:
     report: FoldReport
 
 
-def fold(model: ModelLike, *, check: bool = True, reparam: bool = True, bias_correction: bool = True) -> FoldResult:
+def fold(
+    model: ModelLike, *, check: bool = True, reparam: bool = True, bias_correction: bool = True, calibration=None
+) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
     op next to it; see docs/folding.md for the patterns and their preconditions.
 
     With `reparam`, sums of parallel branches affine in one tensor are then merged into one
-    Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks).
+    Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks). `bias_correction`
+    chooses 16-bit weights' second rounding with each conv's input statistics, read from the
+    graph or measured on `calibration` (a path or feeds: bnfold.calibration).
 
     `model` is a path, a ModelProto (never modified: the fold works on a copy), an onnx_ir model
     or a torch.onnx.ONNXProgram (bnfold.io.source.as_model). With `check`,
@@ -64,8 +68,9 @@ def fold(model: ModelLike, *, check: bool = True, reparam: bool = True, bias_cor
     report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
         check_input(original)  # before folding: see checker.validate_input_skeleton
+    calibrated = _calibrated(original, calibration) if bias_correction else {}
     report.outcomes, pending = fold_in_place(
-        folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction
+        folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
     )
     store_pending(folded.graph, pending)
     report.bytes_after, report.ops_after = serialized_size(folded), op_counts(folded)
@@ -86,6 +91,15 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(node.op_type for node in nodes).items()))
 
 
+def _calibrated(original: onnx.ModelProto | str, calibration) -> dict:
+    """Measured input statistics (bnfold.calibration), or none without calibration data."""
+    if calibration is None:
+        return {}
+    from bnfold.calibration import measure  # runs onnxruntime: imported only when asked for
+
+    return measure(original, calibration)
+
+
 def fold_in_place(
     model: onnx.ModelProto,
     original: onnx.ModelProto | str,
@@ -93,11 +107,14 @@ def fold_in_place(
     *,
     reparam: bool = True,
     bias_correction: bool = True,
+    calibrated: dict | None = None,
 ) -> tuple[list[FoldOutcome], dict]:
     """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
     model can break what any valid one guarantees (an unknown data type, a dangling name)."""
     try:
-        return fold_model_graph(model, read_tensor, reparam=reparam, bias_correction=bias_correction)
+        return fold_model_graph(
+            model, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
+        )
     except (BnfoldError, InternalError):
         raise
     except Exception:
@@ -134,6 +151,7 @@ def optimize(
     external_data: str = "auto",
     reparam: bool = True,
     bias_correction: bool = True,
+    calibration=None,
     verify_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] = lambda stage: None,
 ) -> OptimizeResult:
@@ -144,7 +162,7 @@ def optimize(
     `verify_options`, on the staged files). `external_data`: "auto" keeps tensors in a data
     file when the input did or when one file cannot hold the model, "always", or "never". The
     write is atomic and never targets the input. `reparam`: merge sums of parallel branches
-    (bnfold.folding.reparam) too.
+    (bnfold.folding.reparam) too. `bias_correction`, `calibration`: as for `fold`.
 
     The model is parsed once (bnfold.io.source); large tensors are read only when folded and
     are otherwise copied file to file; the output is streamed (bnfold.io.output) and checked
@@ -163,8 +181,11 @@ def optimize(
         validate_input_skeleton(model, source, str(src))
         report = FoldReport(bytes_before=source.bytes_on_disk, ops_before=op_counts(model))
         payload_before = payload_bytes(model.graph)
+        if calibration is not None and bias_correction:
+            progress("measuring input statistics on the calibration data")
+        calibrated = _calibrated(str(src), calibration) if bias_correction else {}
         report.outcomes, pending = fold_in_place(
-            model, str(src), source.read, reparam=reparam, bias_correction=bias_correction
+            model, str(src), source.read, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
         )
         report.ops_after = op_counts(model)
         # The tensor data dominates the size; from dims, without serializing anything.

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 import bnfold
+from bnfold import calibration
 from bnfold.cli import app
 from bnfold.folding import affine, correction
 
@@ -155,6 +156,39 @@ def test_a_forward_fold_rounds_with_the_running_statistics_of_the_bn():
         delta = ((weight - exact_weight) * values["m"][None, :, None, None]).sum(axis=(1, 2, 3))
         shifts.append(np.abs(delta + bias - exact_bias).mean())
     assert shifts[0] < 0.25 * shifts[1]
+
+
+def test_calibration_measures_what_the_graph_cannot_say():
+    # Behind a Softplus the graph gives no statistics; the calibration inputs do: the BN before
+    # it has γ = 0, so the conv reads softplus(β0) exactly, with variance 0.
+    model = constant_input_model()
+    model.graph.node[2].op_type = "Softplus"
+    feeds = [{"x": np.random.default_rng(k).standard_normal((1, 3, 6, 6)).astype(np.float16)} for k in range(3)]
+    measured = calibration.measure(model, feeds)
+    beta0 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b0")).astype(np.float64)
+    softplus = np.log1p(np.exp(beta0.astype(np.float16).astype(np.float64)))
+    np.testing.assert_allclose(measured["r0"].mean, softplus, rtol=2e-3)  # float16 arithmetic
+    assert measured["r0"].var.max() < 1e-6 * softplus.max() ** 2
+    assert set(measured) == {"x", "r0"}  # every Conv's data input, the graph input included
+    result = bnfold.fold(model, calibration=feeds)
+    assert _rounding_of(result, "bn1") == "bias correction, E[x] from the calibration inputs"
+    assert_same_function(model, result.model)
+
+
+def test_calibration_from_a_file_and_its_mistakes_on_the_command_line(tmp_path):
+    onnx.save(constant_input_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "good.npz", x=np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float16))
+    np.savez(tmp_path / "bad.npz", y=np.zeros((1, 3, 6, 6), np.float16))
+    model, out = str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx")
+    result = CliRunner().invoke(
+        app, ["optimize", model, "-o", out, "--json", "--calibration", str(tmp_path / "good.npz")]
+    )
+    assert result.exit_code == 0, result.output
+    roundings = [o["rounding"] for o in json.loads(result.stdout)["batch_normalizations"]]
+    assert roundings == ["bias correction, E[x] from the calibration inputs"] * 2
+    for data, message in (("bad.npz", "no array for input 'x'"), ("none.npz", "no such input file or folder")):
+        result = CliRunner().invoke(app, ["optimize", model, "-o", out, "--calibration", str(tmp_path / data)])
+        assert result.exit_code == 2 and message in result.output
 
 
 @pytest.mark.parametrize(

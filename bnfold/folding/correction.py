@@ -12,9 +12,9 @@ extent its running statistics describe its inputs, normal with mean β_c and sta
 |γ_c|; an element-wise activation (ReLU, Clip, LeakyRelu, Sigmoid, HardSigmoid, HardSwish, Tanh,
 SiLU as x·Sigmoid(x), …) maps that normal by numerical integration; Add adds means and variances
 (inputs taken as independent), Concat on the channel axis concatenates them, Identity and Dropout
-pass them on. Where they are unknown the fold keeps sum-preserving rounding
-(affine.cast_weights), and the report says which was used. (Measuring them on calibration data
-instead changed the folded models' accuracy by at most 2%: BENCHMARKS.md.)
+pass them on. With calibration data they are measured instead (bnfold.calibration). Where
+neither is known the fold keeps sum-preserving rounding (affine.cast_weights), and the report
+says which was used.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def record_batch_norm(ctx: GraphContext, bn: onnx.NodeProto, gamma: np.ndarray, 
 
 def input_moments(ctx: GraphContext, name: str, depth: int = 0) -> InputMoments | None:
     """E[x] and Var[x] per channel of tensor `name` (module docstring), or None when unknown."""
-    known = ctx.scope.moments.get(name)
+    known = ctx.scope.calibrated.get(name) or ctx.scope.moments.get(name)
     if known is not None or depth > _MAX_DEPTH:
         return known
     node = ctx.index.producer(name)
@@ -204,6 +204,8 @@ def batch_norm_input_moments(ctx: GraphContext, bn: onnx.NodeProto, dtype) -> In
     running mean and variance are, by definition, what it expects them to be."""
     if np.dtype(dtype) not in SIXTEEN_BITS or not ctx.scope.bias_correction:
         return None
+    if bn.input[0] in ctx.scope.calibrated:
+        return ctx.scope.calibrated[bn.input[0]]
     mean, var = _constants(ctx, bn.input[3:5])
     if mean is None or var is None or mean.ndim != 1 or mean.shape != var.shape or (var < 0).any():
         return None

@@ -33,13 +33,19 @@ MAX_ROUNDS = 8
 
 
 def fold_model_graph(
-    model: onnx.ModelProto, read_tensor: TensorReader, *, reparam: bool = True, bias_correction: bool = True
+    model: onnx.ModelProto,
+    read_tensor: TensorReader,
+    *,
+    reparam: bool = True,
+    bias_correction: bool = True,
+    calibrated: dict | None = None,
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
     Returns one outcome per BatchNormalization and runtime-statistics normalization, and one
     per Mul/Add/Sub/Div that folded; and the values of the main graph's new initializers,
     which the GraphProto holds without data (bnfold.graph.tensors): `store_pending` or a
-    streamed write gives them their data. `read_tensor` reads the model's own initializers."""
+    streamed write gives them their data. `read_tensor` reads the model's own initializers;
+    `calibrated`: measured moments of the main graph's tensors (bnfold.calibration)."""
     outcomes = _fold_functions(model, read_tensor, reparam, bias_correction)
     kinds = (*FOLD_KINDS, "Add", "Sub") if reparam else FOLD_KINDS
     if not any(n.op_type in kinds for n in all_nodes(model.graph)):
@@ -49,7 +55,9 @@ def fold_model_graph(
         raise BnfoldError("the model uses ai.onnx operators but imports no ai.onnx opset")
     tensors = TensorStore(read_tensor)
     names = Names(all_names(model.graph))
-    scope = ModelScope(model.ir_version, opset, list(model.opset_import), names, tensors, bias_correction)
+    scope = ModelScope(
+        model.ir_version, opset, list(model.opset_import), names, tensors, bias_correction, calibrated=calibrated or {}
+    )
     graph_outcomes = _fold_graph(model.graph, scope, None, "", reparam)
     store_pending(model.graph, tensors.pending, subgraphs_only=True)
     return graph_outcomes + outcomes, tensors.pending

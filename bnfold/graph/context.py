@@ -23,7 +23,8 @@ class ModelScope:
     names: Names  # every name in the model: fresh names must shadow none
     tensors: TensorStore
     bias_correction: bool = True  # correct 16-bit folds' rounding (bnfold.folding.correction)
-    moments: dict = field(default_factory=dict)  # BN output name → (mean, std, BN): E[x] downstream
+    moments: dict = field(default_factory=dict)  # tensor name → InputMoments found in the graph
+    calibrated: dict = field(default_factory=dict)  # tensor name → InputMoments measured (calibration)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""Input statistics measured on calibration data, for the rounding of 16-bit folds.
+
+`bnfold optimize --calibration DATA` (`fold(..., calibration=DATA)`): onnxruntime runs the
+original model, graph optimizations off, on the calibration inputs, and the per-channel mean and
+variance of each Conv's data input (axis 1; every other axis pooled) replace what
+bnfold.folding.correction would read from the graph. Tensors are exposed CHUNK at a time, one
+session each, so memory stays bounded on large models.
+
+Measured on six float16 networks (BENCHMARKS.md) the graph's statistics did as well: use it
+where the graph says nothing (a network's first conv, after MaxPool or a squeeze-and-excitation
+gate) or to check that claim on your own model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError
+from bnfold.folding.correction import InputMoments
+from bnfold.graph.protos import is_onnx_op
+from bnfold.io.source import load_model
+from bnfold.verification.inputs import ORT_TYPES, check_feed, load_input_sets
+from bnfold.verification.runtime import input_declarations, make_session, run_named
+
+CHUNK = 64  # tensors measured per session
+SOURCE = "the calibration inputs"
+
+
+def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dict]) -> dict[str, InputMoments]:
+    """Per-channel moments of the data input of every Conv in `model`'s main graph, over the
+    calibration inputs: a path (an .npz of arrays by input name, or onnx test-data folders, as
+    `verify --inputs` takes) or feeds (dicts of arrays by input name)."""
+    graph_model = _whole(model)
+    session = make_session(graph_model)
+    declared = input_declarations(session)
+    unknown = next((v for v in declared if v.type not in ORT_TYPES), None)
+    if unknown is not None:
+        raise BnfoldError(f"input '{unknown.name}' has type {unknown.type}, which --calibration cannot read")
+    specs = {v.name: (ORT_TYPES[v.type], v.shape) for v in declared}
+    if isinstance(calibration, str | Path):
+        feeds = load_input_sets(Path(calibration), specs)
+    else:
+        feeds = [check_feed(feed, specs, "calibration feed") for feed in calibration]
+    if not feeds:
+        raise BnfoldError("the calibration data holds no input set")
+    graph_inputs = {v.name for v in graph_model.graph.input}
+    names = list(dict.fromkeys(n.input[0] for n in graph_model.graph.node if is_onnx_op(n, "Conv") and n.input))
+    totals: dict[str, list] = {}
+    for name in (n for n in names if n in graph_inputs):
+        for feed in feeds:
+            _add(totals, name, feed[name])
+    inner = [n for n in names if n not in graph_inputs]
+    for start in range(0, len(inner), CHUNK):
+        chunk = inner[start : start + CHUNK]
+        exposed = make_session(_with_outputs(graph_model, chunk))
+        for feed in feeds:
+            for name, values in run_named(exposed, feed, "the model on the calibration inputs").items():
+                _add(totals, name, values)
+    return {name: _moments(*total) for name, total in totals.items()}
+
+
+def _whole(model: onnx.ModelProto | str) -> onnx.ModelProto:
+    """The model with all its data, to add outputs to (never the caller's ModelProto)."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    loaded = load_model(Path(model))
+    try:
+        loaded.ByteSize()
+    except ValueError:
+        raise BnfoldError("--calibration needs a model under 2 GiB (onnxruntime takes it in memory)") from None
+    return loaded
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    del exposed.graph.output[:]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    return exposed
+
+
+def _add(totals: dict, name: str, values: np.ndarray) -> None:
+    """Accumulate count, Σx and Σx² per channel (axis 1) of one tensor, in float64."""
+    values = np.asarray(values)
+    if values.ndim < 2 or (values.dtype.kind != "f" and str(values.dtype) != "bfloat16"):
+        return
+    per_channel = np.moveaxis(values.astype(np.float64), 1, 0).reshape(values.shape[1], -1)
+    count, total, squares = totals.get(name, (0, 0.0, 0.0))
+    totals[name] = (
+        count + per_channel.shape[1],
+        total + per_channel.sum(axis=1),
+        squares + (per_channel**2).sum(axis=1),
+    )
+
+
+def _moments(count: int, total: np.ndarray, squares: np.ndarray) -> InputMoments:
+    mean = total / max(count, 1)
+    return InputMoments(mean, np.maximum(squares / max(count, 1) - mean**2, 0.0), SOURCE)
