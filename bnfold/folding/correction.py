@@ -9,18 +9,16 @@ that make the sum of the two small; this module finds E[x] and Var[x] per input 
 
 Without data they come from the graph: a BatchNormalization's output in channel c is, to the
 extent its running statistics describe its inputs, normal with mean β_c and standard deviation
-|γ_c|; an element-wise activation (ReLU, Clip, LeakyRelu, Sigmoid, HardSigmoid, HardSwish, Tanh,
-SiLU as x·Sigmoid(x), …) maps that normal by numerical integration; Add adds means and variances
-(inputs taken as independent), Concat on the channel axis concatenates them, Identity and Dropout
-pass them on. With calibration data they are measured instead (bnfold.calibration). Where
-neither is known the fold keeps sum-preserving rounding (affine.cast_weights), and the report
-says which was used.
+|γ_c|; an element-wise function of it (an activation, however the exporter wrote it:
+bnfold.graph.pointwise) maps that normal by numerical integration; Add of two different tensors
+adds means and variances (taken as independent); Concat on the channel axis concatenates them.
+With calibration data they are measured instead (bnfold.calibration). Where neither is known
+the fold keeps sum-preserving rounding (affine.cast_weights), and the report says which was
+used.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -29,7 +27,8 @@ import onnx
 
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import int_attr, is_onnx_op, node_label
+from bnfold.graph.pointwise import Chain, single_source
+from bnfold.graph.protos import ONNX_DOMAINS, int_attr, node_label
 
 SIXTEEN_BITS = {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
 _GRID = np.linspace(-8.0, 8.0, 1601)  # standard-normal quadrature nodes for activations
@@ -60,118 +59,53 @@ def input_moments(ctx: GraphContext, name: str, depth: int = 0) -> InputMoments 
     if known is not None or depth > _MAX_DEPTH:
         return known
     node = ctx.index.producer(name)
-    found = _derive(ctx, node, depth + 1) if node is not None and node.domain in ("", "ai.onnx") else None
+    found = _derive(ctx, name, node, depth + 1) if node is not None and node.domain in ONNX_DOMAINS else None
     if found is not None:
         ctx.scope.moments[name] = found
     return found
 
 
-def _derive(ctx: GraphContext, node: onnx.NodeProto, depth: int) -> InputMoments | None:
+def _derive(ctx: GraphContext, name: str, node: onnx.NodeProto, depth: int) -> InputMoments | None:
     op = node.op_type
     if op == "BatchNormalization" and int_attr(node, "training_mode", 0) == 0:
         gamma, beta = _constants(ctx, node.input[1:3])
         if gamma is None or beta is None or gamma.ndim != 1 or gamma.shape != beta.shape:
             return None
         return InputMoments(beta, gamma**2, f"the statistics of {node_label(node)}")
-    if op in ("Identity", "Dropout"):
-        return input_moments(ctx, node.input[0], depth)
     if op == "Concat" and int_attr(node, "axis", 0) == 1:
-        parts = [input_moments(ctx, name, depth) for name in node.input]
+        parts = [input_moments(ctx, part, depth) for part in node.input]
         if any(p is None for p in parts):
             return None
         mean, var = (np.concatenate([getattr(p, field) for p in parts]) for field in ("mean", "var"))
         return InputMoments(mean, var, f"the statistics of the {len(parts)} inputs of {node_label(node)}")
+    chain = single_source(ctx, name)
+    if chain is not None:
+        before = input_moments(ctx, chain.source, depth)
+        return None if before is None else _through(ctx, chain, before)
     if op == "Add" and len(node.input) == 2:
         return _sum(ctx, node, depth)
-    activation = _activation(ctx, node)
-    if activation is None:
-        return None
-    function, data = activation
-    before = input_moments(ctx, data, depth)
-    if before is None:
-        return None
-    return _through(function, before, f"{before.source} through {node_label(node)}")
-
-
-def _sum(ctx: GraphContext, add: onnx.NodeProto, depth: int) -> InputMoments | None:
-    """x + y: means and variances add (x and y taken as independent); y may be a per-channel
-    constant."""
-    terms = []
-    for name in add.input:
-        moments = input_moments(ctx, name, depth)
-        if moments is None:
-            (value,) = _constants(ctx, [name])
-            per_channel = value is not None and (
-                value.size == 1 or (value.ndim in (3, 4) and value.size == value.shape[-3])
-            )
-            if not per_channel:
-                return None  # unknown, or a constant that does not broadcast per channel
-            value = value.reshape(-1)
-            moments = InputMoments(value, np.zeros_like(value), "")
-        terms.append(moments)
-    first, second = terms
-    if first.mean.shape != second.mean.shape and min(first.mean.size, second.mean.size) != 1:
-        return None
-    source = first.source or second.source
-    return InputMoments(first.mean + second.mean, first.var + second.var, f"{source} through {node_label(add)}")
-
-
-def _through(function: Callable[[np.ndarray], np.ndarray], moments: InputMoments, source: str) -> InputMoments:
-    """Moments of function(z) for z normal with the given moments, per channel (quadrature)."""
-    z = moments.mean[:, None] + np.sqrt(np.maximum(moments.var, 0.0))[:, None] * _GRID[None, :]
-    values = function(z)
-    mean = values @ _DENSITY
-    return InputMoments(mean, np.maximum((values**2) @ _DENSITY - mean**2, 0.0), source)
-
-
-def _activation(ctx: GraphContext, node: onnx.NodeProto) -> tuple[Callable, str] | None:
-    """The element-wise function `node` applies and the input it applies it to, if known."""
-    if node.op_type == "Mul" and len(node.input) == 2:  # SiLU / Swish as exported: x · Sigmoid(x)
-        for data, other in (node.input, reversed(node.input)):
-            gate = ctx.index.producer(other)
-            if gate is not None and is_onnx_op(gate, "Sigmoid") and gate.input[0] == data:
-                return (lambda z: z * _sigmoid(z)), data
-        return None
-    function = _unary(ctx, node)
-    return None if function is None else (function, node.input[0])
-
-
-def _unary(ctx: GraphContext, node: onnx.NodeProto) -> Callable[[np.ndarray], np.ndarray] | None:
-    op, alpha = node.op_type, next((a.f for a in node.attribute if a.name == "alpha"), None)
-    if op == "Relu":
-        return lambda z: np.maximum(z, 0.0)
-    if op == "LeakyRelu":
-        return lambda z: np.where(z > 0, z, (0.01 if alpha is None else alpha) * z)
-    if op == "Sigmoid":
-        return _sigmoid
-    if op == "Tanh":
-        return np.tanh
-    if op == "HardSigmoid":
-        beta = next((a.f for a in node.attribute if a.name == "beta"), 0.5)
-        return lambda z: np.clip((0.2 if alpha is None else alpha) * z + beta, 0.0, 1.0)
-    if op == "HardSwish":
-        return lambda z: z * np.clip(z / 6.0 + 0.5, 0.0, 1.0)
-    if op == "Clip":
-        bounds = _clip_bounds(ctx, node)
-        return None if bounds is None else (lambda z: np.clip(z, *bounds))
     return None
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-def _clip_bounds(ctx: GraphContext, clip: onnx.NodeProto) -> tuple[float, float] | None:
-    low = next((a.f for a in clip.attribute if a.name == "min"), None)
-    high = next((a.f for a in clip.attribute if a.name == "max"), None)
-    try:
-        if len(clip.input) > 1 and clip.input[1]:
-            low = float(ctx.constant(clip.input[1]))
-        if len(clip.input) > 2 and clip.input[2]:
-            high = float(ctx.constant(clip.input[2]))
-    except (NotConstant, TypeError, ValueError):
+def _sum(ctx: GraphContext, add: onnx.NodeProto, depth: int) -> InputMoments | None:
+    """x + y of two different tensors: means and variances add (taken as independent)."""
+    first, second = (input_moments(ctx, name, depth) for name in add.input)
+    if first is None or second is None or first.mean.shape != second.mean.shape:
         return None
-    return (-math.inf if low is None else low), (math.inf if high is None else high)
+    return InputMoments(first.mean + second.mean, first.var + second.var, f"{first.source} through {node_label(add)}")
+
+
+def _through(ctx: GraphContext, chain: Chain, moments: InputMoments) -> InputMoments | None:
+    """Moments of f(z) for the chain's f and z normal with the given moments, per channel
+    (quadrature on a grid of ±8 standard deviations)."""
+    z = moments.mean[:, None] + np.sqrt(np.maximum(moments.var, 0.0))[:, None] * _GRID[None, :]
+    values = chain.evaluate(ctx, z)
+    if values is None:
+        return None
+    values = np.broadcast_to(values, z.shape)
+    mean = values @ _DENSITY
+    var = np.maximum((values**2) @ _DENSITY - mean**2, 0.0)
+    return InputMoments(mean, var, f"{moments.source} through {chain.describe()}")
 
 
 def _constants(ctx: GraphContext, names) -> list[np.ndarray | None]:
