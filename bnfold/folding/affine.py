@@ -154,7 +154,10 @@ def cast_conv_toward_moments(
         q = weight.astype(dtype).reshape(weight.shape[0], -1)
     exact = weight.reshape(q.shape)
     taps = q.shape[1] // weight.shape[1]
-    index = np.repeat(_input_channel_index(weight.shape[0], weight.shape[1], group), taps, axis=1)
+    if group == 1:  # every row reads the same inputs: one row of statistics, broadcast
+        index = np.repeat(np.arange(weight.shape[1]), taps)[None, :]
+    else:
+        index = np.repeat(_input_channel_index(weight.shape[0], weight.shape[1], group), taps, axis=1)
     need = -(rounded_bias.astype(np.float64) - bias)
     q = _round_toward(exact, q, mean[index], var[index], need)
     return q.reshape(weight.shape), rounded_bias
@@ -163,16 +166,16 @@ def cast_conv_toward_moments(
 def _round_toward(exact: np.ndarray, q: np.ndarray, mean: np.ndarray, var: np.ndarray, target: np.ndarray):
     """Per row: flip the roundings that bring Σ δ·mean toward `target` most cheaply in Σ δ²·var,
     as far as (Σ δ·mean − target)² + Σ δ²·var keeps falling (cast_conv_toward_moments)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        error = q.astype(np.float64) - exact
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        rounded = q.astype(np.float64)
+        error = rounded - exact
         need = target - (error * mean).sum(axis=1)
         alternative = _step(q, upward=error < 0)
         alternative_error = alternative.astype(np.float64) - exact
         gain = (alternative_error - error) * mean
         cost = (alternative_error**2 - error**2) * var
-        eligible = (gain * need[:, None] > 0) & (error != 0) & (q.astype(np.float64) != 0)
-        eligible &= np.isfinite(alternative_error)
-        price = np.where(eligible, cost / np.abs(np.where(eligible, gain, 1.0)), np.inf)
+        eligible = (gain * need[:, None] > 0) & (error != 0) & (rounded != 0) & np.isfinite(alternative_error)
+        price = np.where(eligible, cost / np.abs(gain), np.inf)
         # Cheapest first. Free flips (an input of variance 0) go first, smallest step first:
         # their key is their step scaled far below any positive price.
         price = np.where(price > 0, price, np.abs(gain) * 1e-300)
