@@ -24,7 +24,7 @@ from bnfold.folding.correction import InputMoments
 from bnfold.graph.protos import is_onnx_op
 from bnfold.io.source import load_model
 from bnfold.verification.inputs import ORT_TYPES, check_feed, load_input_sets
-from bnfold.verification.runtime import input_declarations, make_session, run_named
+from bnfold.verification.runtime import DEFAULT_PROVIDERS, input_declarations, load_session, run_named
 
 CHUNK = 64  # tensors measured per session
 SOURCE = "the calibration inputs"
@@ -35,7 +35,7 @@ def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dic
     calibration inputs: a path (an .npz of arrays by input name, or onnx test-data folders, as
     `verify --inputs` takes) or feeds (dicts of arrays by input name)."""
     graph_model = _whole(model)
-    session = make_session(graph_model)
+    session = load_session(graph_model, "calibration", DEFAULT_PROVIDERS)
     declared = input_declarations(session)
     unknown = next((v for v in declared if v.type not in ORT_TYPES), None)
     if unknown is not None:
@@ -56,7 +56,7 @@ def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dic
     inner = [n for n in names if n not in graph_inputs]
     for start in range(0, len(inner), CHUNK):
         chunk = inner[start : start + CHUNK]
-        exposed = make_session(_with_outputs(graph_model, chunk))
+        exposed = load_session(_with_outputs(graph_model, chunk), "calibration", DEFAULT_PROVIDERS)
         for feed in feeds:
             for name, values in run_named(exposed, feed, "the model on the calibration inputs").items():
                 _add(totals, name, values)
