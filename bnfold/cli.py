@@ -97,8 +97,8 @@ BIAS_CORRECTION_OPT = typer.Option(
     True,
     "--bias-correction/--no-bias-correction",
     help="For float16/bfloat16 weights: round each folded weight and bias so that their rounding "
-    "adds no expected shift to the outputs (E[x] from the statistics before each conv; docs/folding.md). "
-    "--no-bias-correction keeps plain sum-preserving rounding.",
+    "shifts the outputs as little as it can (statistics of each conv's input from the graph or "
+    "--calibration; docs/folding.md). --no-bias-correction keeps plain sum-preserving rounding.",
 )
 PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution provider (repeatable). Default CPU.")
 
