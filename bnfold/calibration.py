@@ -22,9 +22,15 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.folding.correction import InputMoments
 from bnfold.graph.protos import is_onnx_op
-from bnfold.io.source import load_model
 from bnfold.verification.inputs import ORT_TYPES, check_feed, load_input_sets
-from bnfold.verification.runtime import DEFAULT_PROVIDERS, input_declarations, load_session, run_named
+from bnfold.verification.runtime import (
+    DEFAULT_PROVIDERS,
+    input_declarations,
+    load_session,
+    run_named,
+    whole_model,
+    with_outputs,
+)
 
 CHUNK = 64  # tensors measured per session
 SOURCE = "the calibration inputs"
@@ -34,7 +40,10 @@ def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dic
     """Per-channel moments of the data input of every Conv in `model`'s main graph, over the
     calibration inputs: a path (an .npz of arrays by input name, or onnx test-data folders, as
     `verify --inputs` takes) or feeds (dicts of arrays by input name)."""
-    graph_model = _whole(model)
+    try:
+        graph_model = whole_model(model)  # our copy: each chunk's outputs are set on it
+    except BnfoldError as exc:
+        raise BnfoldError(f"--calibration: {exc}") from None
     session = load_session(graph_model, "calibration", DEFAULT_PROVIDERS)
     declared = input_declarations(session)
     unknown = next((v for v in declared if v.type not in ORT_TYPES), None)
@@ -56,33 +65,11 @@ def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dic
     inner = [n for n in names if n not in graph_inputs]
     for start in range(0, len(inner), CHUNK):
         chunk = inner[start : start + CHUNK]
-        exposed = load_session(_with_outputs(graph_model, chunk), "calibration", DEFAULT_PROVIDERS)
+        exposed = load_session(with_outputs(graph_model, chunk), "calibration", DEFAULT_PROVIDERS)
         for feed in feeds:
             for name, values in run_named(exposed, feed, "the model on the calibration inputs").items():
                 _add(totals, name, values)
     return {name: _moments(*total) for name, total in totals.items()}
-
-
-def _whole(model: onnx.ModelProto | str) -> onnx.ModelProto:
-    """The model with all its data, to add outputs to (never the caller's ModelProto)."""
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
-    loaded = load_model(Path(model))
-    try:
-        loaded.ByteSize()
-    except ValueError:
-        raise BnfoldError("--calibration needs a model under 2 GiB (onnxruntime takes it in memory)") from None
-    return loaded
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    del exposed.graph.output[:]
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    return exposed
 
 
 def _add(totals: dict, name: str, values: np.ndarray) -> None:

@@ -119,10 +119,15 @@ def _constants(ctx: GraphContext, names) -> list[np.ndarray | None]:
     return values
 
 
+def corrects(ctx: GraphContext, dtype) -> bool:
+    """Whether a fold into weights of `dtype` chooses its rounding with input statistics."""
+    return np.dtype(dtype) in SIXTEEN_BITS and ctx.scope.bias_correction
+
+
 def conv_input_moments(ctx: GraphContext, data: str, in_channels: int, dtype) -> InputMoments | None:
     """The moments of a 16-bit Conv's input `data`, if correction is on and they are known for
     as many channels as the conv reads."""
-    if np.dtype(dtype) not in SIXTEEN_BITS or not ctx.scope.bias_correction:
+    if not corrects(ctx, dtype):
         return None
     moments = input_moments(ctx, data)
     if moments is None or moments.mean.size not in (1, in_channels):
@@ -136,7 +141,7 @@ def conv_input_moments(ctx: GraphContext, data: str, in_channels: int, dtype) ->
 def batch_norm_input_moments(ctx: GraphContext, bn: onnx.NodeProto, dtype) -> InputMoments | None:
     """The moments of a BN's *input*, for a 16-bit fold of the BN into the Conv after it: its
     running mean and variance are, by definition, what it expects them to be."""
-    if np.dtype(dtype) not in SIXTEEN_BITS or not ctx.scope.bias_correction:
+    if not corrects(ctx, dtype):
         return None
     if bn.input[0] in ctx.scope.calibrated:
         return ctx.scope.calibrated[bn.input[0]]

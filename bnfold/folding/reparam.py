@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from bnfold.folding import affine
-from bnfold.folding.correction import SIXTEEN_BITS, conv_input_moments, input_moments, rounding_note
+from bnfold.folding.correction import conv_input_moments, corrects, input_moments, rounding_note
 from bnfold.folding.plan import Skip
 from bnfold.folding.sources import check_inference_mode, read_batch_norm
 from bnfold.graph.constants import NotConstant
@@ -386,7 +386,7 @@ def _replace(root: onnx.NodeProto, term: Term, ctx: GraphContext) -> bool:
     place in the graph's order, after x) and remove the other nodes; False if the merged
     weights overflow the model's dtype."""
     dtype = np.dtype(term.dtype)
-    if dtype in SIXTEEN_BITS and ctx.scope.bias_correction:
+    if corrects(ctx, dtype):
         input_moments(ctx, root.output[0])  # the sum's statistics, while its branches still tell them
     moments = conv_input_moments(ctx, term.x, term.in_channels, dtype)
     if moments is not None:

@@ -18,13 +18,9 @@ import onnx
 
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import ONNX_DOMAINS, node_label
+from bnfold.graph.protos import ONNX_DOMAINS, float_attr, node_label
 
 MAX_NODES = 24  # a longer element-wise chain is not an activation
-
-
-def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
-    return next((a.f for a in node.attribute if a.name == name), default)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -45,17 +41,19 @@ def _gelu(node, z):
 
 
 def _clip(node, z, low=None, high=None):
-    low = _attr(node, "min", -np.inf) if low is None else low
-    high = _attr(node, "max", np.inf) if high is None else high
+    low = float_attr(node, "min", -np.inf) if low is None else low
+    high = float_attr(node, "max", np.inf) if high is None else high
     return np.clip(z, low, high)
 
 
 UNARY: dict[str, Callable] = {
     "Relu": lambda node, z: np.maximum(z, 0.0),
-    "LeakyRelu": lambda node, z: np.where(z > 0, z, _attr(node, "alpha", 0.01) * z),
+    "LeakyRelu": lambda node, z: np.where(z > 0, z, float_attr(node, "alpha", 0.01) * z),
     "Sigmoid": lambda node, z: _sigmoid(z),
     "Tanh": lambda node, z: np.tanh(z),
-    "HardSigmoid": lambda node, z: np.clip(_attr(node, "alpha", 0.2) * z + _attr(node, "beta", 0.5), 0.0, 1.0),
+    "HardSigmoid": lambda node, z: np.clip(
+        float_attr(node, "alpha", 0.2) * z + float_attr(node, "beta", 0.5), 0.0, 1.0
+    ),
     "HardSwish": lambda node, z: z * np.clip(z / 6.0 + 0.5, 0.0, 1.0),
     "Erf": lambda node, z: _erf(z),
     "Exp": lambda node, z: np.exp(z),
@@ -66,13 +64,14 @@ UNARY: dict[str, Callable] = {
     "Reciprocal": lambda node, z: 1.0 / z,
     "Softplus": lambda node, z: np.logaddexp(0.0, z),
     "Softsign": lambda node, z: z / (1.0 + np.abs(z)),
-    "Elu": lambda node, z: np.where(z > 0, z, _attr(node, "alpha", 1.0) * np.expm1(z)),
+    "Elu": lambda node, z: np.where(z > 0, z, float_attr(node, "alpha", 1.0) * np.expm1(z)),
     "Selu": lambda node, z: (
-        _attr(node, "gamma", 1.0507009873554805)
-        * np.where(z > 0, z, _attr(node, "alpha", 1.6732632423543772) * np.expm1(z))
+        float_attr(node, "gamma", 1.0507009873554805)
+        * np.where(z > 0, z, float_attr(node, "alpha", 1.6732632423543772) * np.expm1(z))
     ),
     "Celu": lambda node, z: (
-        np.maximum(z, 0.0) + np.minimum(0.0, _attr(node, "alpha", 1.0) * np.expm1(z / _attr(node, "alpha", 1.0)))
+        np.maximum(z, 0.0)
+        + np.minimum(0.0, float_attr(node, "alpha", 1.0) * np.expm1(z / float_attr(node, "alpha", 1.0)))
     ),
     "Mish": lambda node, z: z * np.tanh(np.logaddexp(0.0, z)),
     "Gelu": _gelu,

@@ -12,16 +12,14 @@ holds a divergence.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.graph.protos import node_label
-from bnfold.io.source import load_model
 from bnfold.verification.noise import judge_by_noise
 from bnfold.verification.precision import output_precisions
-from bnfold.verification.runtime import make_session, run_named
+from bnfold.verification.runtime import make_session, run_named, whole_model, with_outputs
 from bnfold.verification.tolerance import OutputComparison, compare
 
 CHUNK = 64  # intermediate tensors compared per pair of sessions
@@ -74,7 +72,7 @@ def first_divergence(reference, candidate, feed: dict, providers, atol=None, rto
     ]
     for start in range(0, len(shared), CHUNK):
         names = shared[start : start + CHUNK]
-        exposed = [_with_outputs(m, names, typed[0]) for m in models]
+        exposed = [with_outputs(m, names, typed[0]) for m in models]
         sessions = [make_session(m, providers=providers) for m in exposed]
         want = run_named(sessions[0], feed, "the reference")
         got = run_named(sessions[1], feed, "the candidate")
@@ -91,16 +89,10 @@ def first_divergence(reference, candidate, feed: dict, providers, atol=None, rto
 
 def _loaded(model) -> onnx.ModelProto | None:
     """A copy of the model with all its data, which this module may change; None past 2 GiB."""
-    if isinstance(model, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
     try:
-        loaded = load_model(Path(model))
-        loaded.ByteSize()
-    except (BnfoldError, ValueError):
+        return whole_model(model)
+    except BnfoldError:
         return None
-    return loaded
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -113,14 +105,6 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 def _same_type(a: dict, b: dict, name: str) -> bool:
     return name in a and name in b and a[name] == b[name]
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.ModelProto:
-    """`model` (our own copy) with exactly `names` as its outputs, the graph as it is."""
-    del model.graph.output[:]
-    for name in names:
-        model.graph.output.append(onnx.ValueInfoProto(name=name, type=types[name]))
-    return model
 
 
 def _label(node: onnx.NodeProto) -> str:

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from bnfold.errors import BnfoldError, one_line
-from bnfold.io.source import check_external_data
+from bnfold.io.source import check_external_data, load_model
 from bnfold.verification.inputs import InputSpec
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -55,6 +55,33 @@ def make_session(
     )
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=list(providers))
+
+
+def whole_model(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
+    """A copy of `model` with all its data, for the caller to change (extra outputs); a
+    BnfoldError past 2 GiB, which no ModelProto can hold."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    loaded = load_model(Path(model))
+    try:
+        loaded.ByteSize()
+    except ValueError:
+        raise BnfoldError(f"{model}: over 2 GiB, more than a model in memory can hold") from None
+    return loaded
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str], types: dict | None = None) -> onnx.ModelProto:
+    """`model` (the caller's own copy) with exactly `names` as its outputs, typed from `types`
+    where it has them, the graph as it is."""
+    del model.graph.output[:]
+    for name in names:
+        typed = types is not None and name in types
+        model.graph.output.append(
+            onnx.ValueInfoProto(name=name, type=types[name]) if typed else onnx.ValueInfoProto(name=name)
+        )
+    return model
 
 
 def describe(model) -> str:
