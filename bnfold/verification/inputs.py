@@ -19,7 +19,12 @@ DEFAULT_TRIALS = 3
 DEFAULT_INT_RANGE = (0, 10)
 SYMBOLIC_BATCH = (1, 2)  # a symbolic first dimension (the batch), by trial: a rewrite that only works
 # at batch 1 shows at batch 2
-SYMBOLIC_OTHER = 16  # any other symbolic dimension
+SYMBOLIC_OTHER = 16  # any other symbolic dimension, unless the model does not run at that size
+# Sizes tried in order for the other symbolic dimensions until onnxruntime runs the reference:
+# detectors want multiples of 32, audio front ends enough samples for their reflect padding.
+SYMBOLIC_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPARISONS = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual")
+PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 MAX_INPUT_BYTES = 1 << 30  # all inputs of one trial together; more is refused rather than allocated
 
 # onnxruntime's input type strings → numpy dtypes bnfold can generate
@@ -50,9 +55,98 @@ class InputSpec:
     shape: list | None
 
 
-def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]], trial: int = 0) -> dict:
+@dataclass
+class Choice:
+    """How generated inputs were chosen: the sizes of the non-batch symbolic dimensions by
+    trial (alternating), the sizes onnxruntime refused, integer inputs' values by input."""
+
+    sizes: tuple[int, ...] = (SYMBOLIC_OTHER,)
+    refused: tuple[int, ...] = ()
+    controls: dict[str, list[int]] | None = None
+
+
+def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tuple[list[dict], Choice]:
+    """`trials` generated feeds onnxruntime can run. Non-batch symbolic dimensions take the first
+    of SYMBOLIC_SIZES at which `runs(feed)` (None, or onnxruntime's error) succeeds, and the next
+    one too when it runs, alternating by trial; integer inputs the graph compares with constants
+    take those constants (with the default int range)."""
+    controls = control_values(model, declared) if model is not None and int_range == DEFAULT_INT_RANGE else {}
+    choice = Choice(controls=controls)
+    free = any(_symbolic(v, a) and a > 0 for v in declared if v.name not in shapes for a in range(len(v.shape or [])))
+
+    def feed(trial: int, size: int) -> dict:
+        specs = input_specs(declared, shapes, trial, size)
+        generated = generate_inputs(specs, np.random.default_rng([seed, trial]), int_range)
+        for name, values in controls.items():
+            generated[name] = np.full_like(generated[name], values[trial % len(values)])
+        return generated
+
+    if free:
+        working, first_error = [], ""
+        for size in SYMBOLIC_SIZES:
+            error = runs(feed(len(working), size))
+            if error is None:
+                working.append(size)
+                if len(working) == 2:
+                    break
+            elif working:
+                break
+            else:
+                choice.refused += (size,)
+                first_error = first_error or error
+        if not working:
+            raise BnfoldError(
+                f"onnxruntime could not run the reference at any size tried for its symbolic dimensions "
+                f"({', '.join(map(str, SYMBOLIC_SIZES))}): {first_error}; pass --input-shape NAME:DIMS or --inputs"
+            )
+        choice.sizes = tuple(working)
+    return [feed(t, choice.sizes[t % len(choice.sizes)]) for t in range(trials)], choice
+
+
+def control_values(model: onnx.ModelProto, declared: list[InputSpec]) -> dict[str, list[int]]:
+    """Integer inputs the graph compares with constants (a sample rate tested against 8000 and
+    16000), with those constants, in the order the graph has them."""
+    from bnfold.graph.protos import all_nodes
+
+    wanted = {v.name for v in declared if v.type.startswith("tensor(int") or v.type.startswith("tensor(uint")}
+    if not wanted:
+        return {}
+    nodes = list(all_nodes(model.graph))
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in nodes:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants[node.output[0]] = value
+    alias = {node.output[0]: node.input[0] for node in nodes if node.op_type in PASS_THROUGH and node.input and node.output}
+
+    def root(name: str) -> str:
+        for _ in range(len(alias) + 1):
+            if name not in alias:
+                break
+            name = alias[name]
+        return name
+
+    found: dict[str, list[int]] = {}
+    for node in nodes:
+        if node.op_type not in COMPARISONS or len(node.input) != 2:
+            continue
+        for mine, other in (node.input, node.input[::-1]):
+            source, constant = root(mine), constants.get(root(other)) or constants.get(other)
+            if source in wanted and constant is not None:
+                values = numpy_helper.to_array(constant)
+                if values.size == 1 and values.dtype.kind in "iuf" and float(values) == int(values):
+                    found.setdefault(source, [])
+                    if int(values) not in found[source]:
+                        found[source].append(int(values))
+    return found
+
+
+def input_specs(
+    declared: list[InputSpec], shapes: dict[str, Sequence[int]], trial: int = 0, other: int = SYMBOLIC_OTHER
+) -> dict:
     """name → (dtype, concrete shape) for every input, for trial number `trial`: a symbolic
-    first dimension alternates between the SYMBOLIC_BATCH sizes."""
+    first dimension alternates between the SYMBOLIC_BATCH sizes, any other is `other`."""
     unknown = set(shapes) - {value.name for value in declared}
     if unknown:
         raise BnfoldError(f"--input-shape names no input of the model: {', '.join(sorted(unknown))}")
@@ -77,7 +171,7 @@ def input_specs(declared: list[InputSpec], shapes: dict[str, Sequence[int]], tri
                 if isinstance(dim, int) and dim >= 0:
                     shape.append(dim)
                     continue
-                default = SYMBOLIC_BATCH[trial % len(SYMBOLIC_BATCH)] if axis == 0 else SYMBOLIC_OTHER
+                default = SYMBOLIC_BATCH[trial % len(SYMBOLIC_BATCH)] if axis == 0 else other
                 shape.append(symbols.setdefault(dim, default) if dim else default)  # one symbol, one size
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         largest = [max(d, *SYMBOLIC_BATCH) if a == 0 and _symbolic(value, a) else d for a, d in enumerate(shape)]
@@ -95,9 +189,17 @@ def _symbolic(value: InputSpec, axis: int) -> bool:
     return value.shape is not None and not (isinstance(value.shape[axis], int) and value.shape[axis] >= 0)
 
 
-def shape_notes(declared: list[InputSpec], feeds: list[dict], shapes: dict[str, Sequence[int]]) -> list[str]:
-    """What each symbolic dimension was in the trials actually run."""
+def shape_notes(
+    declared: list[InputSpec], feeds: list[dict], shapes: dict[str, Sequence[int]], choice: Choice | None = None
+) -> list[str]:
+    """What each symbolic dimension was in the trials actually run, and why."""
     notes = []
+    if choice is not None and choice.refused:
+        refused = ", ".join(map(str, choice.refused))
+        notes.append(f"note: onnxruntime does not run the reference with symbolic dimensions at {refused}")
+    for name, values in (choice.controls if choice is not None else None or {}).items():
+        shown = ", ".join(map(str, values))
+        notes.append(f"note: input '{name}' takes {shown}: the values the graph compares it with")
     for value in declared:
         if value.name in shapes or value.shape is None:
             continue
@@ -130,12 +232,13 @@ def generate_inputs(specs: dict, rng: np.random.Generator, int_range: tuple[int,
     return feed
 
 
-def describe_inputs(specs: dict) -> list[dict]:
-    """The generated inputs, for the report."""
+def describe_inputs(declared: list[InputSpec], feeds: list[dict]) -> list[dict]:
+    """The generated inputs of the first trial, for the report."""
     return [
-        {"name": n, "dtype": str(np.dtype(d) if d != "bfloat16" else d), "shape": list(s), "source": "generated"}
-        for n, (d, s) in specs.items()
-    ]
+        {"name": v.name, "dtype": str(feeds[0][v.name].dtype), "shape": list(np.shape(feeds[0][v.name])),
+         "source": "generated"}
+        for v in declared
+    ]  # fmt: skip
 
 
 def load_input_sets(path: Path, specs: dict) -> list[dict]:

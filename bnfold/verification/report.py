@@ -19,6 +19,7 @@ class VerifyReport:
     inputs: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     outputs: list[OutputComparison] = field(default_factory=list)
+    sites: list[OutputComparison] = field(default_factory=list)  # each rewrite, judged in isolation
     first_divergence: Divergence | None = None  # with localization, when an output failed
     seconds: float = 0.0
 
@@ -31,16 +32,20 @@ class VerifyReport:
         return [o for o in self.outputs if not o.passed]
 
     def summary(self) -> str:
+        sites = [s for s in self.sites if not s.passed]
         if self.equivalent:
             verdict = f"equivalent: all {len(self.outputs)} outputs match"
-        else:
+        elif self.failed or not sites:
             verdict = f"NOT equivalent: {len(self.failed)} of {len(self.outputs)} outputs differ"
-        return f"{verdict} over {self.trials} trials (seed {self.seed}) · {self.seconds:.2f} s"
+        else:
+            verdict = f"NOT equivalent: {len(sites)} of {len(self.sites)} rewritten tensors differ"
+        where = f", {len(self.sites)} rewritten tensors agree where they are made" if self.sites and not sites else ""
+        return f"{verdict}{where} over {self.trials} trials (seed {self.seed}) · {self.seconds:.2f} s"
 
     def table(self, failed_only: bool = False) -> str:
         """Notes, one row per output (or per failing output), the first divergence, the verdict."""
         rows = [("output", "dtype", "shape", "max abs", "rel L2", "cosine", "mismatched", "needed atol", "result")]
-        for o in self.failed if failed_only else self.outputs:
+        for o in [*(self.failed if failed_only else self.outputs), *(s for s in self.sites if not s.passed)]:
             rows.append(
                 (
                     o.name,
@@ -72,8 +77,10 @@ def _figure(value: float | None, spec: str) -> str:
 
 
 def _result(o: OutputComparison) -> str:
+    if o.passed and o.explained:
+        return o.explained
     if o.passed and o.noise is not None:
-        return f"ok: within {NOISE_FACTOR:.0f}× this model's {o.precision} noise {o.noise:.1e}"
+        return f"ok: within {NOISE_FACTOR:.0f}× this model's {o.precision} noise {o.noise:.1e} (parameters rounded the other way)"
     if o.precision == "quantized" and not o.reason:
         verdict = "ok" if o.passed else "FAIL"
         return f"{verdict}: {o.mismatched} elements off the grid's step, at most {o.steps:.0f} steps"

@@ -49,7 +49,7 @@ def make_session(
     `threads` caps its intra-op threads (0: onnxruntime's default, every core)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: keep onnxruntime's warnings off the report
+    options.log_severity_level = 4  # fatal only: its errors come back as exceptions, one line each
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -99,6 +99,16 @@ def load_session(
         return make_session(model, providers=providers, optimize=optimize, threads=threads)
     except Exception as exc:
         raise ModelLoadError(role, f"onnxruntime cannot load {describe(model)}: {one_line(exc)}") from None
+
+
+def providers_used(sessions, requested: Sequence[str]) -> list[str]:
+    """The providers the sessions really run on; a BnfoldError when one that was asked for is
+    not among them (onnxruntime falls back to the CPU when a GPU provider cannot start)."""
+    used = list(dict.fromkeys(p for s in sessions for p in s.get_providers()))
+    missing = [p for p in requested if p not in used]
+    if missing:
+        raise BnfoldError(f"provider {missing[0]} was asked for but onnxruntime runs on {', '.join(used)}")
+    return used
 
 
 def signature(session: ort.InferenceSession, kind: str) -> list[tuple[str, str]]:
@@ -162,6 +172,14 @@ class SessionPair:
                 zip(models, roles),
             )
         )
+
+    def try_reference(self, feed: dict) -> str | None:
+        """None when the reference runs on `feed`, else onnxruntime's one-line error."""
+        try:
+            run_session(self.sessions[0], feed, "the reference")
+        except BnfoldError as exc:
+            return str(exc)
+        return None
 
     def run(self, feed: dict, labels: tuple[str, str]) -> tuple[dict, dict]:
         """Both models' outputs on `feed`, by name."""

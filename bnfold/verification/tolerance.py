@@ -45,11 +45,25 @@ import numpy as np
 @dataclass(frozen=True)
 class Precision:
     """How one output is computed: `dtype` names the policy ("float16", …), `why` says so in
-    the report, `step` is the quantization grid's step when the output lies on one."""
+    the report, `step` is the quantization grid's step when the output lies on one: one number,
+    or one per channel along `axis`."""
 
     dtype: str
     why: str
-    step: float | None = None
+    step: float | np.ndarray | None = None
+    axis: int | None = None
+
+    def steps_for(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The grid's step for every element of a tensor of `shape`."""
+        step = np.asarray(self.step, dtype=np.float64)
+        if self.axis is None or step.ndim == 0:
+            return np.broadcast_to(step.reshape(()), shape)
+        axis = self.axis % len(shape)
+        if shape[axis] != step.size:
+            return np.broadcast_to(np.min(step), shape)  # not the layout the grid was read for: the finest step
+        view = [1] * len(shape)
+        view[axis] = step.size
+        return np.broadcast_to(step.reshape(view), shape)
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,7 @@ class OutputComparison:
     precision: str = ""  # the policy it was judged by ("float16", "quantized", …)
     steps: float | None = None  # on a quantization grid: the largest error, in steps
     noise: float | None = None  # this model's own noise (as an atol), when measured
+    explained: str = ""  # why a difference the policy refuses is not the rewrite's (bnfold.verification.sites)
 
 
 def unmatched(name: str, reason: str, dtype: str = "", shape: list | None = None) -> OutputComparison:
@@ -138,8 +153,8 @@ def compare(
     error = np.abs(g_f - w_f)
     scale = robust_scale(w_f)
     result.scale = scale
-    if precision is not None and precision.step and atol is None:
-        steps = error / precision.step
+    if precision is not None and precision.step is not None and atol is None:
+        steps = error / precision.steps_for(want.shape)[finite]
         result.precision, result.steps = "quantized", float(steps.max(initial=0.0))
         result.mismatched = int((steps > 0.5).sum()) + special_mismatch
         result.passed = quantized_pass(result.mismatched, result.elements, result.steps)

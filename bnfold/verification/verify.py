@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,25 +11,25 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.io.source import as_model, parse
-from bnfold.verification import runtime
+from bnfold.graph.protos import node_label
+from bnfold.io.source import as_model, check_external_data
+from bnfold.verification import regions, runtime
 from bnfold.verification.evidence import claim_folder, save_trials
 from bnfold.verification.inputs import (
     DEFAULT_INT_RANGE,
     DEFAULT_TRIALS,
     check_feed,
+    choose_feeds,
     describe_inputs,
-    generate_inputs,
     input_specs,
     load_input_sets,
     shape_notes,
 )
-from bnfold.verification.localize import first_divergence
-from bnfold.verification.noise import judge_by_noise
-from bnfold.verification.precision import output_precisions
+from bnfold.verification.localize import Divergence, first_divergence
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
-from bnfold.verification.tolerance import OutputComparison, Precision, compare, judge, unmatched
+from bnfold.verification.sites import judge_outputs, judge_sites, read_structure
+from bnfold.verification.tolerance import OutputComparison, compare, judge, unmatched
 
 __all__ = ["ModelLoadError", "VerifyReport", "verify"]
 
@@ -75,59 +76,107 @@ def verify(
         raise BnfoldError("--trials must be at least 1")
     if int_range[0] >= int_range[1]:
         raise BnfoldError(f"--int-range {int_range[0]}:{int_range[1]} is empty")
+    for option, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise BnfoldError(f"{option} {value}: must be a finite number ≥ 0")
     runtime.check_providers(providers)
     folders = {kind: claim_folder(Path(f)) for kind, f in (("inputs", save_inputs), ("outputs", save_outputs)) if f}
     report = VerifyReport(
         runtime.describe(reference), runtime.describe(candidate), seed=seed, providers=list(providers)
     )
     progress("loading both models in onnxruntime")
-    pair = runtime.SessionPair((reference, candidate), providers, check_locations=not locations_checked, cores=cores)
+    if not locations_checked:
+        for model in (reference, candidate):
+            if not isinstance(model, onnx.ModelProto):
+                check_external_data(model)  # before anything reads a data file
+    structure = read_structure(reference, candidate)
+    by_site = structure.reference is not None and structure.rewrite.isolated
+    models = (structure.probe(), structure.candidate_exposing()) if by_site else (reference, candidate)
+    pair = runtime.SessionPair(models, providers, check_locations=False, cores=cores)
     with pair:
+        report.providers = runtime.providers_used(pair.sessions, providers)
+        counts = _declared_outputs(structure, pair.sessions)
         inputs_differ = _inputs_difference(*pair.sessions)
         if inputs_differ:
             report.equivalent, report.notes = False, [inputs_differ]
             report.seconds = time.perf_counter() - start
             return report
-        compared, unpaired = _pair_outputs(*pair.sessions)
-        precisions = _precisions(reference, compared)
+        compared, unpaired = _pair_outputs(*pair.sessions, counts)
+        precisions = {name: structure.outputs[name] for name in compared if name in structure.outputs}
         declared = runtime.input_declarations(pair.sessions[0])
-        feeds = _feeds(declared, inputs, trials, seed, input_shapes or {}, int_range)
-        report.notes = shape_notes(declared, feeds, input_shapes or {}) + [
+        if inputs:
+            feeds, chosen = _given_feeds(declared, inputs, input_shapes or {}), None
+        else:
+            feeds, chosen = choose_feeds(declared, trials, seed, input_shapes or {}, int_range, structure.reference,
+                                         lambda feed: pair.try_reference(feed))  # fmt: skip
+        report.notes = shape_notes(declared, feeds, input_shapes or {}, chosen) + [
             f"note: output '{n}' is judged as {p.dtype}: {p.why}" for n, p in precisions.items() if p.why != p.dtype
         ]
         if inputs:
             sources = ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs)
             report.inputs = [{"name": v.name, "source": sources} for v in declared]
         else:
-            report.inputs = describe_inputs(input_specs(declared, input_shapes or {}))
+            report.inputs = describe_inputs(declared, feeds)
         report.trials = len(feeds)
         comparisons: dict[str, list[OutputComparison]] = {}
+        site_trials: dict[str, list[OutputComparison]] = {}
+        boundary_trials: dict[str, list[OutputComparison]] = {}
         references, candidates = [], []
         for t, feed in enumerate(feeds, 1):
             progress(f"trial {t} of {len(feeds)}")
             want, got = pair.run(feed, (report.reference, report.candidate))
-            references.append(want)
+            references.append({n: want[n] for n in [*compared, *structure.boundaries] if n in want})
             if "outputs" in folders:
-                candidates.append(got)
+                candidates.append({n: got[n] for n in compared})
             for name in compared:
                 for result in _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name)):
                     comparisons.setdefault(result.name, []).append(result)
+            if by_site:
+                for site, precision in structure.sites.items():
+                    isolated = want[site + regions.ISOLATED]
+                    site_trials.setdefault(site, []).extend(
+                        _compare_value(site, want[site], isolated, atol, rtol, precision)
+                    )
+                for name in structure.boundaries:
+                    boundary_trials.setdefault(name, []).extend(_compare_value(name, want[name], got[name], atol, rtol, None))
     report.outputs = [judge(trial_results) for trial_results in comparisons.values()] + unpaired
+    report.sites = [judge(trial_results) for trial_results in site_trials.values()]
+    boundaries = {name: judge(results) for name, results in boundary_trials.items()}
     if "inputs" in folders:
         save_trials(folders["inputs"], feeds, "input")
     if "outputs" in folders:
-        save_trials(folders["outputs"], references, "output")
+        save_trials(folders["outputs"], [{n: r[n] for n in compared} for r in references], "output")
         save_trials(claim_folder(folders["outputs"] / "candidate"), candidates, "output")
-    if not all(o.passed for o in report.outputs) and atol is None:
-        progress("measuring the reference's own noise")
-        judge_by_noise(report.outputs, reference, feeds, references, providers, precisions)
-    report.equivalent = all(o.passed for o in report.outputs)
-    if localize and report.failed:
+    if by_site and not all(s.passed for s in report.sites):
+        progress("measuring the reference's own noise at the rewritten sites")
+        judge_sites(report.sites, structure, feeds, providers, atol)
+    if all(s.passed for s in report.sites) and not all(o.passed for o in report.outputs):
+        progress("measuring the reference's own noise at its outputs")
+        judge_outputs(report.outputs, boundaries, structure, feeds, references, providers, atol)
+    report.equivalent = all(o.passed for o in [*report.outputs, *report.sites])
+    failed_site = next((s for s in report.sites if not s.passed), None)
+    if failed_site is not None:
+        report.first_divergence = _site_divergence(failed_site, structure)
+    elif localize and report.failed:
         progress("looking for the first tensor that differs")
         feed = feeds[_first_failing_trial(report.failed, comparisons)]
         report.first_divergence = first_divergence(reference, candidate, feed, providers, atol, rtol)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _site_divergence(site: OutputComparison, structure) -> Divergence:
+    """A failing site as the first divergence: the rewrite that made it, judged in isolation."""
+    made = [{out: n for n in nodes for out in n.output} for nodes in (structure.rewrite.reference_nodes,
+                                                                      structure.rewrite.candidate_nodes)]  # fmt: skip
+    return Divergence(site.name, node_label(made[0][site.name]), node_label(made[1][site.name]), site)
+
+
+def _declared_outputs(structure, sessions) -> tuple[int, int] | None:
+    """How many of each session's outputs are the model's own (the probe adds its sites after)."""
+    if structure.reference is None:
+        return None
+    return len(structure.reference.graph.output), len(structure.candidate.graph.output)
 
 
 def _first_failing_trial(failed: list[OutputComparison], comparisons: dict) -> int:
@@ -143,20 +192,15 @@ def _model_or_path(model):
     return str(model) if isinstance(model, Path) else model
 
 
-def _feeds(declared, inputs, trials, seed, shapes, int_range) -> list[dict]:
-    if inputs:
-        specs = input_specs(declared, shapes)
-        feeds = []
-        for given in inputs:
-            if isinstance(given, dict):
-                feeds.append(check_feed(given, specs, "inputs"))
-            else:
-                feeds += load_input_sets(Path(given), specs)
-        return feeds
-    return [
-        generate_inputs(input_specs(declared, shapes, trial=t), np.random.default_rng([seed, t]), int_range)
-        for t in range(trials)
-    ]
+def _given_feeds(declared, inputs, shapes) -> list[dict]:
+    specs = input_specs(declared, shapes)
+    feeds = []
+    for given in inputs:
+        if isinstance(given, dict):
+            feeds.append(check_feed(given, specs, "inputs"))
+        else:
+            feeds += load_input_sets(Path(given), specs)
+    return feeds
 
 
 def _inputs_difference(reference, candidate) -> str:
@@ -166,10 +210,14 @@ def _inputs_difference(reference, candidate) -> str:
     return ""
 
 
-def _pair_outputs(reference, candidate) -> tuple[list[str], list[OutputComparison]]:
+def _pair_outputs(reference, candidate, counts=None) -> tuple[list[str], list[OutputComparison]]:
     """The output names both models have with one type, and a failed comparison for every other
-    name: missing from the candidate, only in the candidate, or declared with another type."""
-    ref, cand = dict(runtime.signature(reference, "outputs")), dict(runtime.signature(candidate, "outputs"))
+    name: missing from the candidate, only in the candidate, or declared with another type.
+    `counts`: how many of each session's outputs are its model's own (the rest are exposed)."""
+    ref, cand = (runtime.signature(s, "outputs") for s in (reference, candidate))
+    if counts is not None:
+        ref, cand = ref[: counts[0]], cand[: counts[1]]
+    ref, cand = dict(ref), dict(cand)
     compared, unpaired = [], []
     for name, kind in ref.items():
         if name not in cand:
@@ -184,16 +232,6 @@ def _pair_outputs(reference, candidate) -> tuple[list[str], list[OutputCompariso
             compared.append(name)
     unpaired += [unmatched(name, "only in the candidate", kind) for name, kind in cand.items() if name not in ref]
     return compared, unpaired
-
-
-def _precisions(reference, names: list[str]) -> dict[str, Precision]:
-    """The precision each compared output is computed in, read from the reference's graph."""
-    if isinstance(reference, onnx.ModelProto):
-        structure = reference
-    else:
-        structure = parse(Path(reference))[0]
-    found = output_precisions(structure)
-    return {name: found[name] for name in names if name in found}
 
 
 def _compare_value(name, want, got, atol, rtol, precision) -> list[OutputComparison]:

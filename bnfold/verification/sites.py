@@ -1,0 +1,224 @@
+"""The verdict where a rewrite acts, and on outputs knowing what lies between them and it.
+
+1. Every site (bnfold.verification.regions) is compared in isolation, in every trial, under the
+   policy of the arithmetic its rewritten nodes perform. A site that fails the policy gets a
+   second look against the reference's own noise there, capped at SITE_CAP times the policy's
+   atol, so that the mildest mistakes measured (ε 1e-3 for 1e-5: ≥ 5e-4 · S) still fail.
+2. An output that fails the policy while every site passes, and every difference between the
+   models lies in a rewritten node, is float32 noise made larger by what comes after the sites
+   (a softmax over thousands of classes, a saturated sigmoid, a long chain of folds): it passes
+   within NOISE_FACTOR times how far the reference's outputs move when the rewritten nodes'
+   parameters are rounded the other way, with no cap, since the sites already bound the folds.
+3. What still differs passes only when a discontinuous op (TopK, NonMaxSuppression, ArgMax, a
+   QuantizeLinear, a comparison, a Cast to an integer, …) lies between the sites and the
+   output, and the inputs of the first such ops agree within noise: near-ties that reorder, a
+   value within noise of a rounding boundary. The report names the op.
+A difference at a site is a failure, localized to that site, whatever the outputs do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import TensorProto
+
+from bnfold.graph.protos import int_attr, node_label
+from bnfold.verification import regions
+from bnfold.verification.precision import FLOAT_ORDER, Precisions
+from bnfold.verification.regions import Rewrite
+from bnfold.verification.runtime import make_session, run_named, whole_model
+from bnfold.verification.tolerance import NOISE_CAP, NOISE_FACTOR, OutputComparison, Precision, compare
+
+SITE_CAP = 4.0  # a site passes within NOISE_FACTOR × its noise, but never past this × the atol
+DISCONTINUOUS = (
+    "TopK", "NonMaxSuppression", "ArgMax", "ArgMin", "Hardmax", "QuantizeLinear", "DynamicQuantizeLinear",
+    "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Round", "Floor", "Ceil", "Sign", "NonZero",
+    "Unique", "Mod",
+)  # fmt: skip
+INTEGER_TYPES = {TensorProto.BOOL, *range(TensorProto.UINT8, TensorProto.INT64 + 1), TensorProto.UINT32}
+
+
+@dataclass
+class Structure:
+    """What verification reads off both graphs before it runs anything."""
+
+    rewrite: Rewrite
+    reference: onnx.ModelProto | None = None  # the whole reference, when it fits in memory
+    candidate: onnx.ModelProto | None = None
+    types: dict[str, onnx.TypeProto] = field(default_factory=dict)  # the reference's, inferred
+    outputs: dict[str, Precision] = field(default_factory=dict)
+    sites: dict[str, Precision] = field(default_factory=dict)
+    boundaries: dict[str, str] = field(default_factory=dict)  # tensor → the discontinuous op it feeds
+    explains: dict[str, list[str]] = field(default_factory=dict)  # output → its boundary tensors
+
+    def probe(self) -> onnx.ModelProto:
+        """The reference with the candidate's rewrite beside it, and the boundary tensors exposed."""
+        model = regions.probe(_copy(self.reference), self.candidate, self.rewrite, self.types)
+        return _exposing(model, list(self.boundaries), self.types)
+
+    def candidate_exposing(self) -> onnx.ModelProto:
+        return _exposing(_copy(self.candidate), list(self.boundaries), self.types)
+
+
+def read_structure(reference, candidate) -> Structure:
+    """Both models whole, their rewrite, and the precision of every output and site; a
+    Structure with only the outputs' precisions when the models cannot be held in memory."""
+    try:
+        models = [whole_model(m) for m in (reference, candidate)]
+    except Exception:
+        return Structure(Rewrite(whole="the models are too large to compare site by site"))
+    rewrite = regions.find_rewrite(*models)
+    types = _types(models[0])
+    elem = {name: t.tensor_type.elem_type for name, t in types.items() if t.HasField("tensor_type")}
+    elem.update({t.name: t.data_type for t in models[0].graph.initializer})
+    reference_precisions = Precisions(models[0], elem)
+    outputs = {o.name: reference_precisions.of_output(o.name) for o in models[0].graph.output}
+    structure = Structure(rewrite, models[0], models[1], types, outputs)
+    if not rewrite.isolated:
+        return structure
+    candidate_types = {n: t.tensor_type.elem_type for n, t in _types(models[1]).items() if t.HasField("tensor_type")}
+    candidate_types.update({t.name: t.data_type for t in models[1].graph.initializer})
+    candidate_precisions = Precisions(models[1], candidate_types)
+    region = {id(node) for node in rewrite.candidate_nodes}
+    structure.sites = {s: candidate_precisions.arithmetic(s, within=region) for s in rewrite.sites}
+    _find_boundaries(structure, elem)
+    return structure
+
+
+def _find_boundaries(structure: Structure, elem: dict[str, int]) -> None:
+    """The float inputs of the first discontinuous ops after the sites, and which outputs they
+    lie before."""
+    graph = structure.reference.graph
+    after_site = set(structure.rewrite.sites)
+    after_jump: set[str] = set()
+    for node in graph.node:  # graph order is topological
+        inputs = [i for i in node.input if i]
+        if _discontinuous(node):
+            for name in inputs:
+                if name in after_site and name not in after_jump and elem.get(name) in FLOAT_ORDER:
+                    structure.boundaries.setdefault(name, node_label(node))
+            if any(i in after_site for i in inputs):
+                after_jump.update(o for o in node.output if o)
+        elif any(i in after_jump for i in inputs):
+            after_jump.update(o for o in node.output if o)
+        if any(i in after_site for i in inputs):
+            after_site.update(o for o in node.output if o)
+    producer = {out: node for node in graph.node for out in node.output if out}
+    for output in graph.output:
+        seen, pending, found = set(), [output.name], []
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in structure.boundaries:
+                found.append(name)
+                continue
+            node = producer.get(name)
+            if node is not None:
+                pending += [i for i in node.input if i]
+        if found:
+            structure.explains[output.name] = found
+
+
+def _discontinuous(node: onnx.NodeProto) -> bool:
+    if node.op_type == "Cast":
+        return int_attr(node, "to", 0) in INTEGER_TYPES
+    return node.op_type in DISCONTINUOUS
+
+
+def judge_sites(results: list[OutputComparison], structure: Structure, feeds, providers, atol) -> None:
+    """Pass failing sites that stay within NOISE_FACTOR times the reference's own noise at that
+    site (its rewritten nodes re-rounded, in isolation), capped at SITE_CAP times the atol."""
+    failing = [r for r in results if not r.passed and not r.reason and r.precision != "quantized"]
+    if not failing or atol is not None:
+        return
+    model = regions.yardstick(_copy(structure.reference), structure.rewrite, structure.types, seed=0)
+    noise = _noise(model, [r.name for r in failing], regions.REROUNDED, feeds, providers)
+    for r in failing:
+        if r.name in noise:
+            r.noise = noise[r.name]
+            r.passed = r.needed_atol <= min(NOISE_FACTOR * r.noise, SITE_CAP * r.atol)
+
+
+def judge_outputs(outputs, boundaries, structure: Structure, feeds, references, providers, atol) -> None:
+    """The second and third looks at failing outputs (module docstring). `boundaries` holds the
+    comparisons of the boundary tensors, by name."""
+    failing = [o for o in outputs if not o.passed and not o.reason]
+    if not failing or atol is not None or structure.reference is None:
+        return
+    names = {o.name.split("[")[0] for o in failing} | set(boundaries)
+    model = regions.rerounded_end_to_end(_copy(structure.reference), structure.rewrite, seed=0)
+    model = _exposing(model, list(boundaries), structure.types)
+    noise = _noise(model, sorted(names), None, feeds, providers, references)
+    cap = None if structure.rewrite.isolated else NOISE_CAP
+    for o in [*failing, *(b for b in boundaries.values() if not b.passed and not b.reason)]:
+        if o.name in noise and o.precision != "quantized" and o.needed_atol is not None:
+            o.noise = noise[o.name]
+            bound = NOISE_FACTOR * o.noise if cap is None else min(NOISE_FACTOR * o.noise, cap * o.atol)
+            o.passed = o.needed_atol <= bound
+    if not structure.rewrite.isolated:
+        return
+    for o in failing:
+        if o.passed:
+            continue
+        before = [boundaries[b] for b in structure.explains.get(o.name.split("[")[0], []) if b in boundaries]
+        if before and all(b.passed for b in before):
+            worst = max(before, key=lambda b: b.needed_atol or 0.0)
+            o.passed = True
+            o.explained = (
+                f"ok: {o.mismatched} of {o.elements} differ after {structure.boundaries[worst.name]}, whose "
+                f"inputs agree within noise (needed atol {worst.needed_atol:.1e}): near-ties or rounding boundaries"
+            )
+
+
+def _noise(model, names, suffix, feeds, providers, references=None) -> dict[str, float]:
+    """How far `names` move, as an atol: between the model's own tensor and its `suffix` copy,
+    or (without a suffix) between the model's tensors and `references` (per trial, by name)."""
+    try:
+        session = make_session(model, providers=providers)
+    except Exception:  # no yardstick, no relaxation: the policy's verdict stands
+        return {}
+    noise: dict[str, float] = {}
+    for t, feed in enumerate(feeds):
+        got = run_named(session, feed, "the reference with its parameters rounded the other way")
+        for name in names:
+            want = got.get(name) if suffix else references[t].get(name)
+            other = got.get(name + suffix) if suffix else got.get(name)
+            if not all(hasattr(v, "dtype") and v.dtype.kind == "f" for v in (want, other)):
+                continue
+            if other.shape == want.shape:
+                moved = compare(name, want, other.astype(want.dtype), 0.0, 0.0).needed_atol
+                noise[name] = max(noise.get(name, 0.0), moved)
+    return noise
+
+
+def _exposing(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.ModelProto:
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            typed = types.get(name)
+            model.graph.output.append(onnx.ValueInfoProto(name=name, type=typed) if typed else onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return model
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Inferred types of every tensor, on a copy without the large tensors' data (inference only
+    reads small constants)."""
+    skeleton = _copy(model)
+    for tensor in skeleton.graph.initializer:
+        if len(tensor.raw_data) > 4096:
+            tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph
+    except Exception:
+        inferred = skeleton.graph
+    return {v.name: v.type for v in (*inferred.input, *inferred.value_info, *inferred.output)}
