@@ -35,21 +35,74 @@ def validate_skeleton(
         validate(str(write_skeleton(model, pending, source, Path(folder))), original)
 
 
-def validate_input_skeleton(model: onnx.ModelProto, source: ModelSource, original: str) -> None:
+def validate_input_skeleton(model: onnx.ModelProto, source: ModelSource, original: str) -> list[str]:
     """check_input() for a model opened for folding, on its skeleton (no tensor data read).
     Run before folding: a model the checker refuses may be read one way by onnxruntime and
     another by any folder (two tensors of one name, an attribute given twice), so it is never
-    folded, whatever the fold would have left."""
+    folded, whatever the fold would have left. Annotations are not the model, though: the
+    `value_info` entries that contradict the graph are dropped from `model` (drop_stale_value_info),
+    and their names returned."""
     with tempfile.TemporaryDirectory(prefix="bnfold-check-") as folder:
-        check_input(str(write_skeleton(model, {}, source, Path(folder))))
+        return check_input(model, lambda m: str(write_skeleton(m, {}, source, Path(folder))))
 
 
-def check_input(original: onnx.ModelProto | str) -> None:
-    """Raise BnfoldError if the input model fails the checker."""
+def check_input(model: onnx.ModelProto | str, as_checked=lambda m: m) -> list[str]:
+    """Raise BnfoldError if the input model fails the checker. A ModelProto that fails only by
+    its stale value_info has those entries dropped (it must be a copy that the caller owns);
+    their names are returned. `as_checked` gives what the checker reads for a ModelProto."""
     try:
-        _check(original)
+        _check(as_checked(model))
+        return []
     except BnfoldError as input_error:
+        stale = drop_stale_value_info(model) if isinstance(model, onnx.ModelProto) else []
+        try:
+            if stale:
+                _check(as_checked(model))
+                return stale
+        except BnfoldError:
+            pass
         raise BnfoldError(f"the input is not a valid ONNX model: {input_error}") from None
+
+
+def drop_stale_value_info(model: onnx.ModelProto) -> list[str]:
+    """Remove the main graph's value_info entries whose type contradicts what shape inference
+    finds without them (another element type, rank or fixed size: left over from an exporter,
+    as jax2onnx's channels-last shapes are); return their names. Inference reads a copy
+    without the large tensors' data."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    skeleton.graph.ClearField("value_info")
+    for tensor in skeleton.graph.initializer:
+        if len(tensor.raw_data) > 4096:
+            tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph
+    except Exception:
+        return []
+    found = {v.name: v.type for v in (*inferred.value_info, *inferred.output)}
+    stale = [v.name for v in model.graph.value_info if v.name in found and _contradicts(v.type, found[v.name])]
+    kept = [v for v in model.graph.value_info if v.name not in set(stale)]
+    if stale:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+    return stale
+
+
+def _contradicts(declared: onnx.TypeProto, inferred: onnx.TypeProto) -> bool:
+    """Whether two tensor types disagree where both are known."""
+    if not (declared.HasField("tensor_type") and inferred.HasField("tensor_type")):
+        return False
+    a, b = declared.tensor_type, inferred.tensor_type
+    if a.elem_type and b.elem_type and a.elem_type != b.elem_type:
+        return True
+    if not (a.HasField("shape") and b.HasField("shape")):
+        return False
+    if len(a.shape.dim) != len(b.shape.dim):
+        return True
+    return any(
+        x.HasField("dim_value") and y.HasField("dim_value") and x.dim_value != y.dim_value
+        for x, y in zip(a.shape.dim, b.shape.dim)
+    )
 
 
 def _check(model: onnx.ModelProto | str) -> None:

@@ -64,6 +64,7 @@ def _main(
 
 MODEL_ARG = typer.Argument(..., help="The ONNX model file.", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
+NOTHING_TO_FOLD = "nothing to fold: written unchanged"
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
 # Verification options, shared by `verify` and `optimize`.
 TRIALS_OPT = typer.Option(3, "--trials", help="Input sets to generate.")
@@ -172,7 +173,7 @@ def optimize(
             _fail(message, EXIT_NOT_EQUIVALENT)
         _emit(result.to_dict(), 0)
         if not quiet:
-            _say(f"wrote {result.output}")
+            _say(f"{NOTHING_TO_FOLD} ({result.output})" if result.unchanged else f"wrote {result.output}")
         return
     _optimize_batch(models, output, jobs, json_report, quiet, options)
 
@@ -207,7 +208,8 @@ def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
 def _batch_line(item) -> str:
     if item.result is not None and item.result.written:
         report = item.result.report
-        return f"ok    {item.input} → {item.result.output} (folded {report.folded} of {len(report.batch_norms)})"
+        done = NOTHING_TO_FOLD if item.result.unchanged else f"folded {report.folded} of {len(report.batch_norms)}"
+        return f"ok    {item.input} → {item.result.output} ({done})"
     if item.result is not None:
         return f"FAIL  {item.input}: the folded model is not equivalent; nothing written"
     return f"FAIL  {item.input}: {item.error}"

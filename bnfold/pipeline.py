@@ -67,7 +67,7 @@ def fold(
         folded.CopyFrom(model)
     report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
-        check_input(original)  # before folding: see checker.validate_input_skeleton
+        report.dropped_value_info = check_input(folded)  # before folding: see checker.validate_input_skeleton
     calibrated = _calibrated(original, calibration) if bias_correction else {}
     report.outcomes, pending = fold_in_place(
         folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
@@ -128,13 +128,19 @@ class OptimizeResult:
     output: Path
     written: bool  # False only when verification found the folded model not equivalent
     report: FoldReport
-    verification: VerifyReport | None = None  # None with verify=False
+    verification: VerifyReport | None = None  # None with verify=False, or with nothing to fold
+
+    @property
+    def unchanged(self) -> bool:
+        """Nothing to fold: the output is the input (byte for byte when it is one file)."""
+        return not self.report.changed
 
     def to_dict(self) -> dict:
         return {
             "input": str(self.input),
             "output": str(self.output),
             "written": self.written,
+            "unchanged": self.unchanged,
             **self.report.to_dict(),
             "verification": self.verification.to_dict() if self.verification is not None else None,
         }
@@ -178,8 +184,8 @@ def optimize(
     with ModelSource.open(src) as source:
         refuse_input_data(dst, source.data_files)
         model = source.model
-        validate_input_skeleton(model, source, str(src))
-        report = FoldReport(bytes_before=source.bytes_on_disk, ops_before=op_counts(model))
+        dropped = validate_input_skeleton(model, source, str(src))
+        report = FoldReport(bytes_before=source.bytes_on_disk, ops_before=op_counts(model), dropped_value_info=dropped)
         payload_before = payload_bytes(model.graph)
         if calibration is not None and bias_correction:
             progress("measuring input statistics on the calibration data")
@@ -187,7 +193,7 @@ def optimize(
         report.outcomes, pending = fold_in_place(
             model, str(src), source.read, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
         )
-        report.ops_after = op_counts(model)
+        report.ops_after = op_counts(model)  # before report.changed is read
         # The tensor data dominates the size; from dims, without serializing anything.
         too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
         if external_data == "never" and too_big:
@@ -199,9 +205,16 @@ def optimize(
         validate_skeleton(model, pending, source, str(src))
         progress(f"writing {dst}")
         checked = None
-        with StagedModel(model, dst, external=external, pending=pending, source=source) as staged:
+        # Nothing rewritten: the input's own bytes, when it is one file and nothing was dropped.
+        verbatim = not report.changed and not dropped and not source.data_files and external_data != "always"
+        stage = (
+            StagedModel.copy(src, dst)
+            if verbatim
+            else StagedModel(model, dst, external=external, pending=pending, source=source)
+        )
+        with stage as staged:
             pending.clear()  # written: free the folded weights before onnxruntime loads both models
-            if verify:
+            if verify and report.changed:
                 progress("verifying the folded model against the original")
                 checked = _verify(src, staged.path, verify_options or {}, progress)
                 checked.candidate = str(dst)

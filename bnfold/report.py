@@ -36,6 +36,12 @@ class FoldReport:
     seconds: float = 0.0
     ops_before: dict[str, int] = field(default_factory=dict)  # node count per op type, subgraphs too
     ops_after: dict[str, int] = field(default_factory=dict)
+    dropped_value_info: list[str] = field(default_factory=list)  # stale annotations (checker.check_input)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the fold rewrote anything (dropped annotations do not count)."""
+        return any(o.folded for o in self.outcomes) or self.ops_before != self.ops_after
 
     def ops_changed(self) -> dict[str, tuple[int, int]]:
         """op type → (before, after), for the op types whose count the fold changed."""
@@ -74,16 +80,25 @@ class FoldReport:
     @property
     def notes(self) -> list[str]:
         """What a user should know about this fold beyond each outcome."""
+        notes = []
+        if self.dropped_value_info:
+            names = ", ".join(f"'{n}'" for n in self.dropped_value_info[:3])
+            more = f" and {len(self.dropped_value_info) - 3} more" if len(self.dropped_value_info) > 3 else ""
+            notes.append(
+                f"dropped {len(self.dropped_value_info)} value_info annotation"
+                f"{'s' if len(self.dropped_value_info) != 1 else ''} that contradict the graph "
+                f"({names}{more}): onnx.checker refuses them, and they are not part of what the model computes"
+            )
         rounded = [o for o in self.outcomes if o.folded and o.rounding]
-        if not rounded:
-            return []
-        corrected = sum("bias correction" in o.rounding for o in rounded)  # a split Concat may mix
-        folds = f"{len(rounded)} fold" + ("s" if len(rounded) != 1 else "")
-        return [
-            f"16-bit weights: {folds} rounded their weights a second time "
-            f"({corrected} with bias correction, {len(rounded) - corrected} sum-preserving only); "
-            "folding the float32 model before converting it to float16 rounds them once (docs/folding.md)"
-        ]
+        if rounded:
+            corrected = sum("bias correction" in o.rounding for o in rounded)  # a split Concat may mix
+            folds = f"{len(rounded)} fold" + ("s" if len(rounded) != 1 else "")
+            notes.append(
+                f"16-bit weights: {folds} rounded their weights a second time "
+                f"({corrected} with bias correction, {len(rounded) - corrected} sum-preserving only); "
+                "folding the float32 model before converting it to float16 rounds them once (docs/folding.md)"
+            )
+        return notes
 
     def summary(self) -> str:
         affines = f" and {len(self.channel_affines)} Mul/Add/Sub/Div" if self.channel_affines else ""

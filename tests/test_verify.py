@@ -124,7 +124,7 @@ def test_multi_input_multi_output_with_integer_and_bool_inputs(tmp_path):
     report = bnfold.verify(original, folded)
     assert report.equivalent and [o.name for o in report.outputs] == ["y", "masked"]
     assert "note: input 'tokens' axis 0 is batch: used 1 and 2" in report.notes
-    assert "note: input 'tokens' axis 1 is seq: used 16" in report.notes
+    assert "note: input 'tokens' axis 1 is seq: used 16 and 32" in report.notes
     # symbols shared between inputs get one size, so the mask lines up with the tokens
     assert {i["name"]: i["shape"] for i in report.inputs}["mask"] == [1, 16]
 
@@ -294,16 +294,16 @@ def test_npz_without_the_input_is_exit_2(tmp_path):
 
 
 # ---- noisy models: a correct fold beyond the policy, within the model's own float32 noise ----------
-def cancelling_model() -> onnx.ModelProto:
-    """Conv with a bias near 1e4 that BN's mean takes away again: in float32 the unfolded model
-    rounds the conv output at 1e4 (an ulp of ~1e-3) before the subtraction, so any correct fold
-    differs from it by ~1e-4 of the output scale."""
+def cancelling_model(big: float = 5e3) -> onnx.ModelProto:
+    """Conv with a bias near `big` that BN's mean takes away again: in float32 the unfolded model
+    rounds the conv output at `big` (an ulp of ~big·1e-7) before the subtraction, so any correct
+    fold differs from it by ~1e-4 of the output scale at 5e3."""
     model = conv_bn_model(seed=21)
     rng = np.random.default_rng(21)
     offsets = rng.normal(0, 1, 6)
     for name, values in (
-        ("B", 1e4 + offsets),
-        ("mean", 1e4 + offsets + rng.normal(0, 0.1, 6)),
+        ("B", big + offsets),
+        ("mean", big + offsets + rng.normal(0, 0.1, 6)),
         ("var", np.full(6, 0.5)),
     ):
         tensor = next(t for t in model.graph.initializer if t.name == name)
@@ -315,18 +315,29 @@ def test_a_fold_within_the_models_own_float32_noise_is_equivalent(tmp_path):
     original = save(cancelling_model(), tmp_path / "noisy.onnx")
     folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
     report = bnfold.verify(original, folded)
-    (output,) = report.outputs
-    assert output.needed_atol > output.atol  # the policy alone would call it a difference…
-    assert report.equivalent and output.noise is not None  # …but it is this model's float32 noise
-    assert output.needed_atol <= 4 * output.noise
+    (site,) = report.sites  # the BN's output, now made by the Conv
+    assert site.name == "bn_out" and site.needed_atol > site.atol  # the policy alone would fail it…
+    assert report.equivalent and site.noise is not None  # …but it is this model's float32 noise
+    assert site.needed_atol <= 4 * site.noise
     assert "within 4× this model's float32 noise" in report.table()
+
+
+def test_a_model_too_noisy_to_tell_a_fold_from_noise_is_not_called_equivalent(tmp_path):
+    # At 1e4 the reference's own rounding needs more than 4× the atol: past the cap nothing passes.
+    original = save(cancelling_model(1e4), tmp_path / "noisy.onnx")
+    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
+    report = bnfold.verify(original, folded)
+    (site,) = report.sites
+    assert not report.equivalent and not site.passed
+    assert site.needed_atol <= 4 * site.noise  # within noise, but the noise is past the cap
+    assert "is too large to tell a fold from noise" in site.reason
 
 
 def test_an_explicit_atol_is_taken_literally(tmp_path):
     original = save(cancelling_model(), tmp_path / "noisy.onnx")
     folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
     report = bnfold.verify(original, folded, atol=5e-5)
-    assert not report.equivalent and report.outputs[0].noise is None
+    assert not report.equivalent and report.sites[0].noise is None
 
 
 def test_a_real_mistake_in_a_noisy_model_still_fails(monkeypatch, tmp_path):
@@ -334,7 +345,10 @@ def test_a_real_mistake_in_a_noisy_model_still_fails(monkeypatch, tmp_path):
     mutate(monkeypatch, "epsilon 1e-3 for 1e-5")
     broken = save(bnfold.fold(original).model, tmp_path / "broken.onnx")
     report = bnfold.verify(original, broken)
-    assert not report.equivalent and report.outputs[0].noise is not None
+    (site,) = report.sites
+    assert not report.equivalent and not site.passed and site.noise is not None
+    assert site.needed_atol > 4 * site.atol  # the mistake, not the cap, decides
+    assert report.first_divergence is not None and report.first_divergence.tensor == "bn_out"
 
 
 # ---- the precision an output is computed in --------------------------------------------------------
@@ -531,7 +545,8 @@ def test_verify_localize_finds_the_first_tensor_that_differs(monkeypatch, tmp_pa
     quiet = invoke("verify", original, broken, "--localize", "-q")  # -q still shows what failed
     assert quiet.exit_code == 1 and f"first divergence at '{fifth.output}'" in quiet.stderr
     assert "output" in quiet.stderr and "NOT equivalent" in quiet.stderr
-    assert bnfold.verify(original, broken).first_divergence is None  # only when asked
+    # A failing fold site is localized without asking: the isolated copy already holds it.
+    assert bnfold.verify(original, broken).first_divergence.tensor == fifth.output
 
 
 def test_a_report_is_true_when_equivalent(tmp_path):
@@ -606,19 +621,27 @@ def test_a_rewrite_that_only_holds_at_batch_1_is_caught(tmp_path):
     assert not bnfold.verify(reference, candidate, trials=2)
 
 
-def test_a_mixed_precision_output_is_judged_by_its_narrowest_path():
+def test_a_mixed_precision_output_is_judged_by_the_arithmetic_on_its_path():
     from bnfold.verification.precision import output_precisions
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float16), "w16")
     nodes = [
         helper.make_node("Cast", ["x"], ["half"], to=TensorProto.FLOAT16),
-        helper.make_node("Relu", ["half"], ["r"]),
-        helper.make_node("Cast", ["r"], ["narrow"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["half", "w16"], ["m"]),
+        helper.make_node("Cast", ["m"], ["narrow"], to=TensorProto.FLOAT),
         helper.make_node("Sigmoid", ["x"], ["wide"]),
         helper.make_node("Add", ["narrow", "wide"], ["both"]),
+        helper.make_node("Sigmoid", ["half"], ["s16"]),  # no linear op: the other arithmetic counts
+        helper.make_node("Cast", ["s16"], ["sigmoid16"], to=TensorProto.FLOAT),
+        helper.make_node("Relu", ["half"], ["r16"]),  # float16 passes through, nothing computes in it
+        helper.make_node("Cast", ["r16"], ["through16"], to=TensorProto.FLOAT),
     ]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("wide", "both")]
-    model = helper.make_model(helper.make_graph(nodes, "mixed", [x], outputs))
+    names = ("wide", "both", "sigmoid16", "through16")
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in names]
+    model = helper.make_model(helper.make_graph(nodes, "mixed", [x], outputs, [weight]))
     precisions = output_precisions(model)
     assert precisions["wide"].dtype == "float32" and precisions["both"].dtype == "float16"
-    assert precisions["both"].why == "float16 inside: a float16 tensor lies on its path"
+    assert precisions["both"].why == "float16 inside: 1 of 1 linear ops compute in float16"
+    assert precisions["sigmoid16"].why == "float16 inside: computed by float16 arithmetic"
+    assert precisions["through16"].dtype == "float32"

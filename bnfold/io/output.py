@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -148,6 +149,25 @@ class StagedModel:
         except BaseException:
             self.discard()
             raise
+
+    @classmethod
+    def copy(cls, src: Path, dest: Path) -> StagedModel:
+        """A staged copy of the file `src`, byte for byte (a model with nothing to fold)."""
+        staged = cls.__new__(cls)
+        staged.dest, staged.data_path, staged._hidden_data, staged._committed = dest, None, None, False
+        staged.path = staged._temporary(".tmp")
+        try:
+            with open(src, "rb") as data, open(staged.path, "wb") as out:
+                shutil.copyfileobj(data, out, 1 << 24)
+                _sync(out)
+            staged.bytes = staged.path.stat().st_size
+        except OSError as exc:
+            staged.discard()
+            raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
 
     def commit(self, keep: list[Path] = ()) -> None:
         """Rename the staged model over the destination; then remove the data file the previous

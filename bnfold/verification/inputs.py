@@ -63,6 +63,7 @@ class Choice:
     sizes: tuple[int, ...] = (SYMBOLIC_OTHER,)
     refused: tuple[int, ...] = ()
     controls: dict[str, list[int]] | None = None
+    state_batch: bool = False  # the batch is the first symbolic axis of an input whose axis 0 is fixed
 
 
 def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tuple[list[dict], Choice]:
@@ -75,31 +76,35 @@ def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tupl
     free = any(_symbolic(v, a) and a > 0 for v in declared if v.name not in shapes for a in range(len(v.shape or [])))
 
     def feed(trial: int, size: int) -> dict:
-        specs = input_specs(declared, shapes, trial, size)
+        specs = input_specs(declared, shapes, trial, size, choice.state_batch)
         generated = generate_inputs(specs, np.random.default_rng([seed, trial]), int_range)
         for name, values in controls.items():
             generated[name] = np.full_like(generated[name], values[trial % len(values)])
         return generated
 
     if free:
-        working, first_error = [], ""
-        for size in SYMBOLIC_SIZES:
-            error = runs(feed(len(working), size))
-            if error is None:
-                working.append(size)
-                if len(working) == 2:
+        first_error = ""
+        for choice.state_batch in (False, True):  # then: a recurrent state's first free axis is the batch
+            working, refused = [], ()
+            for size in SYMBOLIC_SIZES:
+                error = runs(feed(len(working), size))
+                if error is None:
+                    working.append(size)
+                    if len(working) == 2:
+                        break
+                elif working:
                     break
-            elif working:
+                else:
+                    refused += (size,)
+                    first_error = first_error or error
+            if working:
                 break
-            else:
-                choice.refused += (size,)
-                first_error = first_error or error
         if not working:
             raise BnfoldError(
                 f"onnxruntime could not run the reference at any size tried for its symbolic dimensions "
                 f"({', '.join(map(str, SYMBOLIC_SIZES))}): {first_error}; pass --input-shape NAME:DIMS or --inputs"
             )
-        choice.sizes = tuple(working)
+        choice.sizes, choice.refused = tuple(working), refused
     return [feed(t, choice.sizes[t % len(choice.sizes)]) for t in range(trials)], choice
 
 
@@ -118,7 +123,9 @@ def control_values(model: onnx.ModelProto, declared: list[InputSpec]) -> dict[st
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is not None:
                 constants[node.output[0]] = value
-    alias = {node.output[0]: node.input[0] for node in nodes if node.op_type in PASS_THROUGH and node.input and node.output}
+    alias = {
+        node.output[0]: node.input[0] for node in nodes if node.op_type in PASS_THROUGH and node.input and node.output
+    }
 
     def root(name: str) -> str:
         for _ in range(len(alias) + 1):
@@ -143,10 +150,16 @@ def control_values(model: onnx.ModelProto, declared: list[InputSpec]) -> dict[st
 
 
 def input_specs(
-    declared: list[InputSpec], shapes: dict[str, Sequence[int]], trial: int = 0, other: int = SYMBOLIC_OTHER
+    declared: list[InputSpec],
+    shapes: dict[str, Sequence[int]],
+    trial: int = 0,
+    other: int = SYMBOLIC_OTHER,
+    state_batch: bool = False,
 ) -> dict:
     """name → (dtype, concrete shape) for every input, for trial number `trial`: a symbolic
-    first dimension alternates between the SYMBOLIC_BATCH sizes, any other is `other`."""
+    first dimension alternates between the SYMBOLIC_BATCH sizes, any other is `other`. With
+    `state_batch`, an input whose first dimension is fixed takes its first symbolic one as the
+    batch (a recurrent state of shape [layers, batch, hidden])."""
     unknown = set(shapes) - {value.name for value in declared}
     if unknown:
         raise BnfoldError(f"--input-shape names no input of the model: {', '.join(sorted(unknown))}")
@@ -167,11 +180,13 @@ def input_specs(
             raise BnfoldError(f"input '{value.name}' declares no shape; pass --input-shape {value.name}:DIMS")
         else:
             shape = []
+            free = [a for a in range(len(value.shape)) if _symbolic(value, a)]
+            batch_axis = free[0] if state_batch and free else 0
             for axis, dim in enumerate(value.shape):
                 if isinstance(dim, int) and dim >= 0:
                     shape.append(dim)
                     continue
-                default = SYMBOLIC_BATCH[trial % len(SYMBOLIC_BATCH)] if axis == 0 else other
+                default = SYMBOLIC_BATCH[trial % len(SYMBOLIC_BATCH)] if axis == batch_axis else other
                 shape.append(symbols.setdefault(dim, default) if dim else default)  # one symbol, one size
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         largest = [max(d, *SYMBOLIC_BATCH) if a == 0 and _symbolic(value, a) else d for a, d in enumerate(shape)]

@@ -3,7 +3,8 @@
 bnfold keeps every BN's output name (the linear op takes it over), so a folded model and its
 original share an intermediate tensor after every fold. The tensors both models produce with
 one name, shape and type are compared in the reference's graph order, under the same policy as
-outputs (with the same second look at the model's own noise), on the input of a failing trial.
+outputs (with a second look at the model's own noise: every parameter rounded the other way), on
+the input of a failing trial.
 They are compared CHUNK at a time: each chunk is a pair of sessions whose outputs are just those
 tensors, so memory stays bounded on large models, and the search stops at the first chunk that
 holds a divergence.
@@ -17,9 +18,9 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.graph.protos import node_label
-from bnfold.verification.noise import judge_by_noise
 from bnfold.verification.precision import output_precisions
 from bnfold.verification.runtime import make_session, run_named, whole_model, with_outputs
+from bnfold.verification.sites import judge_by_rerounding
 from bnfold.verification.tolerance import OutputComparison, compare
 
 CHUNK = 64  # intermediate tensors compared per pair of sessions
@@ -79,7 +80,7 @@ def first_divergence(reference, candidate, feed: dict, providers, atol=None, rto
         precisions = output_precisions(exposed[0])
         results = [compare(n, want[n], got[n], atol, rtol, precisions.get(n)) for n in names]
         if not all(r.passed for r in results) and atol is None:
-            judge_by_noise(results, exposed[0], [feed], [want], providers, precisions)
+            judge_by_rerounding(results, exposed[0], feed, want, providers)
         failed = next((r for r in results if not r.passed), None)
         if failed is not None:
             label = [_label(p[failed.name]) for p in producers]

@@ -106,7 +106,7 @@ class Precisions:
         steps = np.abs(numpy_helper.to_array(scale).astype(np.float64))
         if not steps.size or np.any(steps <= 0):
             return None
-        label = f"DequantizeLinear '{node.name}'" if node.name else "DequantizeLinear"
+        label = _quantizer_label(node, self.producer.get(node.input[0]))
         if steps.size == 1:
             return float(steps.reshape(())), None, label
         if not keeps or steps.ndim != 1:
@@ -128,6 +128,16 @@ class Precisions:
                     seen.add(parent)
                     pending.append(parent)
         return nodes
+
+
+def _quantizer_label(dequantize: onnx.NodeProto, source: onnx.NodeProto | None) -> str:
+    """Name the QuantizeLinear that made the grid when there is one, else the DequantizeLinear."""
+    node, op = (
+        (source, "QuantizeLinear")
+        if source is not None and source.op_type == "QuantizeLinear"
+        else (dequantize, "DequantizeLinear")
+    )
+    return f"{op} '{node.name}'" if node.name else op
 
 
 def output_precisions(model: onnx.ModelProto) -> dict[str, Precision]:
@@ -178,32 +188,3 @@ def widen_floats(model: onnx.ModelProto, to: int = TensorProto.FLOAT) -> onnx.Mo
             if attr.name == "to" and attr.i in narrow:
                 attr.i = to
     return wide
-
-
-def with_one_more_rounding(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
-    """The model widened to float32 (`widen_floats`), with every float16 and bfloat16
-    initializer moved by a random fraction of its own rounding step, uniform in ±½ ulp: the
-    same function with one more rounding of its weights, which is what a fold of a narrow model
-    adds (W·s is rounded to the weight's type again). How far this moves the outputs is the
-    narrow model's own noise (bnfold.verification.noise); on CPU, where onnxruntime computes
-    float16 convolutions in float32, it is nearly all of it."""
-    rng = np.random.default_rng(seed)
-    moved = onnx.ModelProto()
-    moved.CopyFrom(model)
-    for tensor in moved.graph.initializer:
-        if tensor.data_type not in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
-            continue
-        values = numpy_helper.to_array(tensor)
-        exact = values.astype(np.float64)
-        ulp = _spacing(np.abs(exact), tensor.data_type)
-        shifted = exact + rng.uniform(-0.5, 0.5, exact.shape) * ulp
-        tensor.CopyFrom(numpy_helper.from_array(shifted.astype(np.float32), tensor.name))
-    return widen_floats(moved)
-
-
-def _spacing(magnitude: np.ndarray, data_type: int) -> np.ndarray:
-    """The distance to the next representable value above each magnitude (0 at 0)."""
-    bits = 10 if data_type == TensorProto.FLOAT16 else 7  # stored significand bits
-    tiny = 2.0**-14 if data_type == TensorProto.FLOAT16 else 2.0**-126  # smallest normal
-    exponent = np.floor(np.log2(np.maximum(magnitude, tiny)))
-    return np.where(magnitude > 0, 2.0 ** (exponent - bits), 0.0)

@@ -94,12 +94,14 @@ def _moved_through(candidate: onnx.ModelProto, signatures: list[tuple], kept: se
     while changed:
         changed = False
         made = {out for i in inside for out in nodes[i][0].output if out}
-        for i, (node, sig) in enumerate(nodes):
+        for i, (node, _) in enumerate(nodes):
             if i in inside or node.op_type not in MOVES_VALUES or not any(n in made for n in node.input):
                 continue
             outputs = [o for o in node.output if o]
-            if outputs and not any(o in returned for o in outputs) and all(
-                r in inside for o in outputs for r in readers.get(o, [])
+            if (
+                outputs
+                and not any(o in returned for o in outputs)
+                and all(r in inside for o in outputs for r in readers.get(o, []))
             ):
                 inside.add(i)
                 changed = True
@@ -119,7 +121,9 @@ def yardstick(reference: onnx.ModelProto, rewrite: Rewrite, types: dict, seed: i
     every float parameter of the copy rounded the other way (`reround`); outputs as `probe`'s."""
     read = {name for node in rewrite.reference_nodes for name in _reads(node)}
     initializers = [
-        reround(t, np.random.default_rng([seed, 0, i])) for i, t in enumerate(reference.graph.initializer) if t.name in read
+        reround(t, np.random.default_rng([seed, 0, i]))
+        for i, t in enumerate(reference.graph.initializer)
+        if t.name in read
     ]
     rewritten = {id(node) for node in rewrite.reference_nodes}
     constants = [n for n in reference.graph.node if _is_constant(n) and id(n) not in rewritten and n.output[0] in read]
@@ -216,7 +220,9 @@ def _rename(node: onnx.NodeProto, renamed: dict[str, str]) -> None:
 def _expose(model: onnx.ModelProto, sites: list[str], types: dict, suffix: str) -> None:
     for name in [*sites, *(s + suffix for s in sites)]:
         typed = types.get(name.removesuffix(suffix))
-        model.graph.output.append(onnx.ValueInfoProto(name=name, type=typed) if typed else onnx.ValueInfoProto(name=name))
+        model.graph.output.append(
+            onnx.ValueInfoProto(name=name, type=typed) if typed else onnx.ValueInfoProto(name=name)
+        )
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:

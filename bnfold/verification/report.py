@@ -80,7 +80,8 @@ def _result(o: OutputComparison) -> str:
     if o.passed and o.explained:
         return o.explained
     if o.passed and o.noise is not None:
-        return f"ok: within {NOISE_FACTOR:.0f}× this model's {o.precision} noise {o.noise:.1e} (parameters rounded the other way)"
+        noise = f"{o.precision} noise {o.noise:.1e}"
+        return f"ok: within {NOISE_FACTOR:.0f}× this model's {noise} (parameters rounded the other way)"
     if o.precision == "quantized" and not o.reason:
         verdict = "ok" if o.passed else "FAIL"
         return f"{verdict}: {o.mismatched} elements off the grid's step, at most {o.steps:.0f} steps"

@@ -138,7 +138,9 @@ def verify(
                         _compare_value(site, want[site], isolated, atol, rtol, precision)
                     )
                 for name in structure.boundaries:
-                    boundary_trials.setdefault(name, []).extend(_compare_value(name, want[name], got[name], atol, rtol, None))
+                    boundary_trials.setdefault(name, []).extend(
+                        _compare_value(name, want[name], got[name], atol, rtol, None)
+                    )
     report.outputs = [judge(trial_results) for trial_results in comparisons.values()] + unpaired
     report.sites = [judge(trial_results) for trial_results in site_trials.values()]
     boundaries = {name: judge(results) for name, results in boundary_trials.items()}
