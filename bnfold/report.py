@@ -86,8 +86,8 @@ class FoldReport:
             more = f" and {len(self.dropped_value_info) - 3} more" if len(self.dropped_value_info) > 3 else ""
             notes.append(
                 f"dropped {len(self.dropped_value_info)} value_info annotation"
-                f"{'s' if len(self.dropped_value_info) != 1 else ''} that contradict the graph "
-                f"({names}{more}): onnx.checker refuses them, and they are not part of what the model computes"
+                f"{' that contradicts' if len(self.dropped_value_info) == 1 else 's that contradict'} the graph "
+                f"({names}{more}): onnx.checker refuses such annotations, and they are not what the model computes"
             )
         rounded = [o for o in self.outcomes if o.folded and o.rounding]
         if rounded:

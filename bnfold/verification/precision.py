@@ -58,7 +58,12 @@ class Precisions:
         if grid is not None:
             step, axis, quantizer = grid
             shown = f"{float(np.max(step)):.3g}" if np.ndim(step) == 0 else f"{np.min(step):.3g}–{np.max(step):.3g}"
-            return Precision(own or "float32", f"quantized: on the grid of {quantizer} (step {shown})", step, axis)
+            return Precision(
+                own or "float32",
+                f"on the grid of {quantizer} (step {shown}{', per channel' if axis is not None else ''})",
+                step,
+                axis,
+            )
         return self.arithmetic(name)
 
     def arithmetic(self, name: str, within: set[int] | None = None) -> Precision:

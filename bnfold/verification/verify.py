@@ -110,7 +110,11 @@ def verify(
             feeds, chosen = choose_feeds(declared, trials, seed, input_shapes or {}, int_range, structure.reference,
                                          lambda feed: pair.try_reference(feed))  # fmt: skip
         report.notes = shape_notes(declared, feeds, input_shapes or {}, chosen) + [
-            f"note: output '{n}' is judged as {p.dtype}: {p.why}" for n, p in precisions.items() if p.why != p.dtype
+            f"note: output '{n}' is judged {p.why}"
+            if p.step is not None
+            else f"note: output '{n}' is judged as {p.dtype}: {p.why}"
+            for n, p in precisions.items()
+            if p.why != p.dtype
         ]
         if inputs:
             sources = ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs)
