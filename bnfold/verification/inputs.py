@@ -117,7 +117,7 @@ def control_values(model: onnx.ModelProto, declared: list[InputSpec]) -> dict[st
     if not wanted:
         return {}
     nodes = list(all_nodes(model.graph))
-    constants = {t.name: t for t in model.graph.initializer}
+    constants = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
     for node in nodes:
         if node.op_type == "Constant" and node.output:
             value = next((a.t for a in node.attribute if a.name == "value"), None)

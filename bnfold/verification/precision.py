@@ -45,11 +45,13 @@ class Precisions:
     """The precision of any tensor of one model (its structure is enough: no tensor data is read
     but the scales of DequantizeLinear nodes)."""
 
-    def __init__(self, model: onnx.ModelProto, types: dict[str, int] | None = None):
+    def __init__(self, model: onnx.ModelProto, types: dict[str, int] | None = None, arrays: dict | None = None):
+        """`arrays`: the large initializers' values when `model` is a skeleton (runtime.weights_apart)."""
         self.graph = model.graph
         self.types = types if types is not None else value_types(model)
         self.producer = {name: node for node in self.graph.node for name in node.output if name}
         self.initializers = {t.name: t for t in self.graph.initializer}
+        self.arrays = arrays or {}
 
     def of_output(self, name: str) -> Precision:
         """A graph output's precision: its grid, or the arithmetic it depends on."""
@@ -105,10 +107,12 @@ class Precisions:
             node = self.producer.get(node.input[0])
         if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
             return None
-        scale = self.initializers.get(node.input[1])
+        scale = self.arrays.get(node.input[1])
+        if scale is None and node.input[1] in self.initializers:
+            scale = numpy_helper.to_array(self.initializers[node.input[1]])
         if scale is None:
             return None
-        steps = np.abs(numpy_helper.to_array(scale).astype(np.float64))
+        steps = np.abs(np.asarray(scale, dtype=np.float64))
         if not steps.size or np.any(steps <= 0):
             return None
         label = _quantizer_label(node, self.producer.get(node.input[0]))

@@ -21,7 +21,6 @@ fold is entitled to. It needs none of onnxruntime's own rewrites.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,6 +47,7 @@ class Rewrite:
     candidate_nodes: list[onnx.NodeProto] = field(default_factory=list)
     reference_nodes: list[onnx.NodeProto] = field(default_factory=list)
     whole: str = ""
+    shared: set[str] = field(default_factory=set)  # initializers both models hold, with equal values
 
     @property
     def isolated(self) -> bool:
@@ -55,13 +55,17 @@ class Rewrite:
         return not self.whole
 
 
-def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> Rewrite:
-    """The rewritten nodes of both models and the sites between them."""
+def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=({}, {})) -> Rewrite:
+    """The rewritten nodes of both models and the sites between them. `arrays` holds each
+    model's large initializers by name when the models are skeletons (runtime.weights_apart)."""
     if _opsets(reference) != _opsets(candidate):
         return Rewrite(whole="the models import different opsets")
     if _functions(reference) != _functions(candidate):
         return Rewrite(whole="the models' local functions differ")
-    signatures = [_signatures(m) for m in (reference, candidate)]
+    shared = _shared(reference, candidate, arrays)
+    contents = [{t.name: "same" if t.name in shared else side for t in m.graph.initializer}
+                for m, side in ((reference, "reference"), (candidate, "candidate"))]  # fmt: skip
+    signatures = [_signatures(m, c) for m, c in zip((reference, candidate), contents)]
     kept = set(signatures[0]) & set(signatures[1])
     kept -= _moved_through(candidate, signatures[1], kept)
     rewritten = [
@@ -73,7 +77,7 @@ def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> Rewr
     read_after = {name for node in kept_nodes if node.op_type not in READS_SHAPE_ONLY for name in _reads(node)}
     read_after |= {o.name for o in candidate.graph.output}
     sites = [out for node in rewritten[0] for out in node.output if out in made and out in read_after]
-    return Rewrite(sites, rewritten[1], rewritten[0])
+    return Rewrite(sites, rewritten[1], rewritten[0], shared=shared)
 
 
 def _moved_through(candidate: onnx.ModelProto, signatures: list[tuple], kept: set) -> set:
@@ -110,8 +114,10 @@ def _moved_through(candidate: onnx.ModelProto, signatures: list[tuple], kept: se
 
 def probe(reference: onnx.ModelProto, candidate: onnx.ModelProto, rewrite: Rewrite, types: dict) -> onnx.ModelProto:
     """The reference (its own copy, changed here) with the candidate's rewritten nodes beside it,
-    and as outputs its own, then each site, then each site as the candidate computes it."""
-    _splice(reference, rewrite.candidate_nodes, candidate.graph.initializer, ISOLATED)
+    and as outputs its own, then each site, then each site as the candidate computes it. The
+    copies read the reference's initializers where they are `rewrite.shared`, else the
+    candidate's, renamed; so either model may be a skeleton whose large tensors are stubs."""
+    _splice(reference, rewrite.candidate_nodes, candidate.graph.initializer, ISOLATED, keep=rewrite.shared)
     _expose(reference, rewrite.sites, types, ISOLATED)
     return reference
 
@@ -131,7 +137,7 @@ def yardstick(reference: onnx.ModelProto, rewrite: Rewrite, types: dict, seed: i
         _rerounded_constants(node, np.random.default_rng([seed, 1, i]))
         for i, node in enumerate([*constants, *rewrite.reference_nodes])
     ]
-    _splice(reference, nodes, initializers, REROUNDED, rename_all=True)
+    _splice(reference, nodes, initializers, REROUNDED)
     _expose(reference, rewrite.sites, types, REROUNDED)
     return reference
 
@@ -180,17 +186,17 @@ def _rerounded_constants(node: onnx.NodeProto, rng: np.random.Generator) -> onnx
     return copy
 
 
-def _splice(model, nodes: Iterable[onnx.NodeProto], initializers, suffix: str, rename_all: bool = False) -> None:
+def _splice(model, nodes: Iterable[onnx.NodeProto], initializers, suffix: str, keep: set[str] = frozenset()) -> None:
     """Append renamed copies of `nodes` to model's graph: their outputs get `suffix`, their
-    inputs read each other's copies, and each initializer they read that the model lacks (or
-    holds with other values, or every one with `rename_all`) is added under a new name."""
+    inputs read each other's copies, and each initializer they read is added under a new name,
+    but those in `keep` (which the model holds with the same values)."""
     graph = model.graph
     nodes = list(nodes)
-    own = {t.name: _digest(t) for t in graph.initializer}
-    theirs = {t.name: t for t in initializers}
+    read = {name for node in nodes for name in _reads(node)}
     renamed = {out: out + suffix for node in nodes for out in node.output if out}
-    for name, tensor in theirs.items():
-        if any(name in _reads(node) for node in nodes) and (rename_all or own.get(name) != _digest(tensor)):
+    for tensor in initializers:
+        name = tensor.name
+        if name in read and name not in keep:
             renamed[name] = name + suffix
             added = TensorProto()
             added.CopyFrom(tensor)
@@ -234,9 +240,8 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _signatures(model: onnx.ModelProto) -> list[tuple]:
+def _signatures(model: onnx.ModelProto, contents: dict[str, str]) -> list[tuple]:
     """Per node: what must be equal for two nodes to compute the same thing."""
-    digests = {t.name: _digest(t) for t in model.graph.initializer}
     return [
         (
             node.domain,
@@ -244,19 +249,34 @@ def _signatures(model: onnx.ModelProto) -> list[tuple]:
             tuple(node.input),
             tuple(node.output),
             tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute)),
-            tuple(sorted((name, digests[name]) for name in _reads(node) if name in digests)),
+            tuple(sorted((name, contents[name]) for name in _reads(node) if name in contents)),
         )
         for node in model.graph.node
     ]
 
 
-def _digest(tensor: TensorProto) -> str:
-    """The values of a tensor, whichever field holds them."""
-    if tensor.data_location == TensorProto.EXTERNAL:
-        return "external:" + ",".join(f"{e.key}={e.value}" for e in tensor.external_data)
-    data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
-    head = f"{tensor.data_type}:{list(tensor.dims)}:".encode()
-    return hashlib.sha1(head + data, usedforsecurity=False).hexdigest()
+def _shared(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays) -> set[str]:
+    """The initializers both models hold under one name with equal values. Only tensors of one
+    name are compared, byte for byte (a fold names its new tensors anew); a node's signature
+    says of each tensor it reads whether it is shared, else whose it is."""
+    ours = {t.name: t for t in reference.graph.initializer}
+    theirs = {t.name: t for t in candidate.graph.initializer}
+    return {name for name in ours.keys() & theirs.keys() if _equal(ours[name], theirs[name], arrays, name)}
+
+
+def _equal(a: TensorProto, b: TensorProto, arrays, name: str) -> bool:
+    """Whether two tensors hold the same type, shape and values, whichever field (or array,
+    for a skeleton's stub) holds them."""
+    if (a.data_type, list(a.dims)) != (b.data_type, list(b.dims)):
+        return False
+    values = [array[name] if name in array else t for t, array in zip((a, b), arrays)]
+    if all(isinstance(v, TensorProto) for v in values):
+        if a.data_location == TensorProto.EXTERNAL or b.data_location == TensorProto.EXTERNAL:
+            return a.data_location == b.data_location and list(a.external_data) == list(b.external_data)
+        if a.HasField("raw_data") and b.HasField("raw_data"):
+            return a.raw_data == b.raw_data
+    data = [v if isinstance(v, np.ndarray) else numpy_helper.to_array(v) for v in values]
+    return data[0].tobytes() == data[1].tobytes()
 
 
 def _opsets(model: onnx.ModelProto) -> dict[str, int]:

@@ -27,7 +27,7 @@ from bnfold.graph.protos import int_attr, node_label
 from bnfold.verification import regions
 from bnfold.verification.precision import FLOAT_ORDER, Precisions
 from bnfold.verification.regions import Rewrite
-from bnfold.verification.runtime import make_session, run_named, whole_model
+from bnfold.verification.runtime import make_session, run_named, weights_apart, whole_model
 from bnfold.verification.tolerance import NOISE_CAP, NOISE_FACTOR, OutputComparison, Precision, compare
 
 DISCONTINUOUS = (
@@ -43,42 +43,52 @@ class Structure:
     """What verification reads off both graphs before it runs anything."""
 
     rewrite: Rewrite
-    reference: onnx.ModelProto | None = None  # the whole reference, when it fits in memory
+    reference: onnx.ModelProto | None = None  # a skeleton: large tensors are stubs, in `arrays`
     candidate: onnx.ModelProto | None = None
+    arrays: tuple[dict, dict] = ({}, {})  # each model's large initializers (runtime.weights_apart)
+    sources: tuple = (None, None)  # the models as given: paths or ModelProtos
     types: dict[str, onnx.TypeProto] = field(default_factory=dict)  # the reference's, inferred
     outputs: dict[str, Precision] = field(default_factory=dict)
     sites: dict[str, Precision] = field(default_factory=dict)
     boundaries: dict[str, str] = field(default_factory=dict)  # tensor → the discontinuous op it feeds
     explains: dict[str, list[str]] = field(default_factory=dict)  # output → its boundary tensors
 
-    def probe(self) -> onnx.ModelProto:
-        """The reference with the candidate's rewrite beside it, and the boundary tensors exposed."""
+    def probe(self) -> tuple[onnx.ModelProto, dict]:
+        """The reference with the candidate's rewrite beside it, and the boundary tensors
+        exposed: a skeleton and its arrays, for runtime.load_session (the candidate's session
+        shares the candidate's arrays, and nothing is serialized but the graph)."""
+        ours, theirs = self.arrays
         model = regions.probe(_copy(self.reference), self.candidate, self.rewrite, self.types)
-        return _exposing(model, list(self.boundaries), self.types)
+        arrays = {**ours, **{name + regions.ISOLATED: array for name, array in theirs.items()}}
+        return _exposing(model, list(self.boundaries), self.types), arrays
 
-    def candidate_exposing(self) -> onnx.ModelProto:
-        return _exposing(_copy(self.candidate), list(self.boundaries), self.types)
+    def candidate_exposing(self) -> tuple[onnx.ModelProto, dict]:
+        return _exposing(_copy(self.candidate), list(self.boundaries), self.types), self.arrays[1]
+
+    def whole_reference(self) -> onnx.ModelProto:
+        """The reference with all its data, for the yardsticks (run only when something fails)."""
+        return whole_model(self.sources[0])
 
 
 def read_structure(reference, candidate) -> Structure:
-    """Both models whole, their rewrite, and the precision of every output and site; a
-    Structure with only the outputs' precisions when the models cannot be held in memory."""
+    """Both models' skeletons and weights, their rewrite, and the precision of every output and
+    site; a Structure with only its reason when the models cannot be read apart."""
     try:
-        models = [whole_model(m) for m in (reference, candidate)]
-    except Exception:
-        return Structure(Rewrite(whole="the models are too large to compare site by site"))
-    rewrite = regions.find_rewrite(*models)
-    types = _types(models[0])
-    elem = {name: t.tensor_type.elem_type for name, t in types.items() if t.HasField("tensor_type")}
-    elem.update({t.name: t.data_type for t in models[0].graph.initializer})
-    reference_precisions = Precisions(models[0], elem)
-    outputs = {o.name: reference_precisions.of_output(o.name) for o in models[0].graph.output}
-    structure = Structure(rewrite, models[0], models[1], types, outputs)
+        (ours, our_arrays), (theirs, their_arrays) = [weights_apart(m) for m in (reference, candidate)]
+    except Exception:  # onnxruntime's own load error is the one to report
+        return Structure(Rewrite(whole="the models cannot be read site by site"))
+    rewrite = regions.find_rewrite(ours, theirs, (our_arrays, their_arrays))
+    structure = Structure(rewrite, ours, theirs, (our_arrays, their_arrays), (reference, candidate))
+    structure.types = _types(ours)
+    elem = {name: t.tensor_type.elem_type for name, t in structure.types.items() if t.HasField("tensor_type")}
+    elem.update({t.name: t.data_type for t in ours.graph.initializer})
+    reference_precisions = Precisions(ours, elem, our_arrays)
+    structure.outputs = {o.name: reference_precisions.of_output(o.name) for o in ours.graph.output}
     if not rewrite.isolated:
         return structure
-    candidate_types = {n: t.tensor_type.elem_type for n, t in _types(models[1]).items() if t.HasField("tensor_type")}
-    candidate_types.update({t.name: t.data_type for t in models[1].graph.initializer})
-    candidate_precisions = Precisions(models[1], candidate_types)
+    candidate_types = {n: t.tensor_type.elem_type for n, t in _types(theirs).items() if t.HasField("tensor_type")}
+    candidate_types.update({t.name: t.data_type for t in theirs.graph.initializer})
+    candidate_precisions = Precisions(theirs, candidate_types, their_arrays)
     region = {id(node) for node in rewrite.candidate_nodes}
     structure.sites = {s: candidate_precisions.arithmetic(s, within=region) for s in rewrite.sites}
     _find_boundaries(structure, elem)
@@ -133,7 +143,7 @@ def judge_sites(results: list[OutputComparison], structure: Structure, feeds, pr
     failing = [r for r in results if not r.passed and not r.reason and r.precision != "quantized"]
     if not failing or atol is not None:
         return
-    model = regions.yardstick(_copy(structure.reference), structure.rewrite, structure.types, seed=0)
+    model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
     noise = _noise(model, [r.name for r in failing], regions.REROUNDED, feeds, providers)
     for r in failing:
         if r.name in noise:
@@ -147,7 +157,7 @@ def judge_outputs(outputs, boundaries, structure: Structure, feeds, references, 
     if not failing or atol is not None or structure.reference is None:
         return
     names = {o.name.split("[")[0] for o in failing} | set(boundaries)
-    model = regions.rerounded_end_to_end(_copy(structure.reference), structure.rewrite, seed=0)
+    model = regions.rerounded_end_to_end(structure.whole_reference(), structure.rewrite, seed=0)
     model = _exposing(model, list(boundaries), structure.types)
     noise = _noise(model, sorted(names), None, feeds, providers, references)
     cap = None if structure.rewrite.isolated else NOISE_CAP
@@ -232,13 +242,9 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Inferred types of every tensor, on a copy without the large tensors' data (inference only
-    reads small constants)."""
-    skeleton = _copy(model)
-    for tensor in skeleton.graph.initializer:
-        if len(tensor.raw_data) > 4096:
-            tensor.ClearField("raw_data")
+def _types(skeleton: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Inferred types of every tensor, from a skeleton (split_weights: inference only reads
+    small constants)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph
     except Exception:

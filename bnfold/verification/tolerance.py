@@ -147,45 +147,74 @@ def compare(
         result.passed = result.mismatched == 0
         result.max_abs_error = float(np.abs(want.astype(np.float64) - got.astype(np.float64)).max(initial=0.0))
         return result
-    w, g = want.astype(np.float64), got.astype(np.float64)
+    # float32 arithmetic for float32 and narrower values (the difference of two close float32
+    # values is exact), float64 for float64 and complex
+    work = np.float32 if want.dtype.itemsize <= 4 and want.dtype.kind == "f" else np.float64
+    w, g = want.astype(work, copy=False).ravel(), got.astype(work, copy=False).ravel()
     finite = np.isfinite(w) & np.isfinite(g)
+    every = bool(finite.all())  # the usual case: no masked copies
     # NaN and ±Inf must agree position by position (equal_nan: NaN == NaN; inf == inf)
-    special_mismatch = int((~finite & ~((w == g) | (np.isnan(w) & np.isnan(g)))).sum())
-    w_f, g_f = w[finite], g[finite]
-    error = np.abs(g_f - w_f)
-    scale = robust_scale(w_f)
+    special_mismatch = 0 if every else int((~finite & ~((w == g) | (np.isnan(w) & np.isnan(g)))).sum())
+    w_f, g_f = (w, g) if every else (w[finite], g[finite])
+    difference = g_f - w_f
+    error = np.abs(difference)
+    magnitude = np.abs(w_f)
+    scale = robust_scale(magnitude)
     result.scale = scale
     if precision is not None and precision.step is not None and atol is None:
-        steps = error / precision.steps_for(want.shape)[finite]
+        steps = error / (
+            precision.steps_for(want.shape).ravel() if every else precision.steps_for(want.shape).ravel()[finite]
+        )
         result.precision, result.steps = "quantized", float(steps.max(initial=0.0))
         result.mismatched = int((steps > 0.5).sum()) + special_mismatch
         result.passed = quantized_pass(result.mismatched, result.elements, result.steps)
     else:
-        allowed = tolerance.atol * scale + tolerance.rtol * np.abs(w_f)
+        allowed = tolerance.atol * scale + (tolerance.rtol * magnitude if tolerance.rtol else 0.0)
         result.mismatched = int((error > allowed).sum()) + special_mismatch
         result.passed = result.mismatched == 0
     result.max_abs_error = float(error.max(initial=0.0))
-    nonzero = np.abs(w_f) > 0
-    result.max_rel_error = float((error[nonzero] / np.abs(w_f[nonzero])).max(initial=0.0))
-    norm = float(np.linalg.norm(w_f))
-    result.rel_l2_error = float(np.linalg.norm(g_f - w_f)) / norm if norm else float(np.linalg.norm(g_f))
-    denominator = norm * float(np.linalg.norm(g_f))
+    relative = np.divide(error, magnitude, out=np.zeros_like(error), where=magnitude > 0)
+    result.max_rel_error = float(relative.max(initial=0.0))
+    norm = _norm(w_f)
+    result.rel_l2_error = _norm(difference) / norm if norm else _norm(g_f)
+    denominator = norm * _norm(g_f)
     if denominator:
-        result.cosine_similarity = float(np.dot(w_f, g_f)) / denominator
+        result.cosine_similarity = min(1.0, max(-1.0, _dot(w_f, g_f) / denominator))  # float32 rounding
     else:  # an all-zero output: similar only to another all-zero output
         result.cosine_similarity = 1.0 if norm == 0 and not g_f.any() else 0.0
-    result.needed_atol = float(np.maximum(error - tolerance.rtol * np.abs(w_f), 0).max(initial=0.0)) / scale
+    beyond_rtol = np.maximum(error - tolerance.rtol * magnitude, 0) if tolerance.rtol else error
+    result.needed_atol = float(beyond_rtol.max(initial=0.0)) / scale
     if special_mismatch:
         result.reason = f"NaN/Inf at {special_mismatch} different positions"
     return result
 
 
-def robust_scale(values: np.ndarray) -> float:
-    """S: the SCALE_QUANTILE of the non-zero |values| (module docstring), 1 if there are none."""
-    magnitudes = np.abs(values[values != 0])
+def _norm(values: np.ndarray) -> float:
+    """The L2 norm (in float64 where float32's sum of squares would overflow)."""
+    with np.errstate(over="ignore"):
+        norm = float(np.linalg.norm(values))
+    return norm if np.isfinite(norm) else float(np.linalg.norm(values.astype(np.float64)))
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    with np.errstate(over="ignore"):
+        dot = float(np.dot(a, b))
+    return dot if np.isfinite(dot) else float(np.dot(a.astype(np.float64), b.astype(np.float64)))
+
+
+def robust_scale(magnitudes: np.ndarray) -> float:
+    """S: the SCALE_QUANTILE of the non-zero `magnitudes` (|values|; module docstring), 1 if
+    there are none."""
+    magnitudes = magnitudes[magnitudes != 0]
     if not magnitudes.size:
         return 1.0
-    return float(np.quantile(magnitudes, SCALE_QUANTILE)) or 1.0
+    # np.quantile's linear interpolation, on one partition of the values
+    position = SCALE_QUANTILE * (magnitudes.size - 1)
+    low = int(position)
+    high = min(low + 1, magnitudes.size - 1)
+    parted = np.partition(magnitudes, (low, high))
+    scale = float(parted[low]) + (position - low) * (float(parted[high]) - float(parted[low]))
+    return scale or 1.0
 
 
 def quantized_pass(flipped: int, elements: int, steps: float | None) -> bool:
