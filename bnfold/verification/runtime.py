@@ -240,8 +240,9 @@ def input_declarations(session: ort.InferenceSession) -> list[InputSpec]:
 
 
 def run_session(session: ort.InferenceSession, feed: dict, label: str, names=None) -> list[np.ndarray]:
-    """Run once (for the outputs `names`, default all); bfloat16 arrays go in as OrtValues (the
-    only way onnxruntime's Python API takes them). A failure is one clear line."""
+    """Run once (for the outputs `names`, default all: onnxruntime still runs every node);
+    bfloat16 arrays go in as OrtValues (the only way onnxruntime's Python API takes them). A
+    failure is one clear line."""
     feed = ort_feed(feed)
     try:
         if any(isinstance(v, ort.OrtValue) for v in feed.values()):
@@ -255,8 +256,7 @@ def run_session(session: ort.InferenceSession, feed: dict, label: str, names=Non
 
 
 def run_named(session: ort.InferenceSession, feed: dict, label: str, names: list[str] | None = None) -> dict:
-    """run_session, with each output by its name; with `names`, only those (onnxruntime then
-    computes only what they need)."""
+    """run_session, with each output by its name (of `names`, default all)."""
     names = names or [value.name for value in session.get_outputs()]
     return dict(zip(names, run_session(session, feed, label, names)))
 
@@ -275,35 +275,40 @@ class SessionPair:
     releases the GIL while it works, and each session gets half the cores, which on 2 cores runs
     a ResNet-50 pair 1.7× faster than one after the other with every core each (bench/run.py)."""
 
-    def __init__(self, models, providers, *, check_locations: bool = True, cores: int | None = None):
+    def __init__(
+        self, models, providers, *, check_locations: bool = True, cores: int | None = None, plain_reference=None
+    ):
         """`cores`: how many cores this pair may use (default: all; a batch of `--jobs N` gives
-        each model its share)."""
+        each model its share). `plain_reference`: the reference without what a probe adds, for
+        the trials that need only its outputs (onnxruntime runs every node of a session)."""
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bnfold-verify")
         threads = max(1, (cores or os.cpu_count() or 2) // 2)
-        roles = ("reference", "candidate")
-        self.sessions = list(
+        jobs = [*zip(models, ("reference", "candidate"))]
+        if plain_reference is not None:
+            jobs.append((plain_reference, "reference"))
+        loaded = list(
             self._pool.map(
-                lambda pair: load_session(
-                    pair[0], pair[1], providers, check_locations=check_locations, threads=threads
-                ),
-                zip(models, roles),
+                lambda job: load_session(job[0], job[1], providers, check_locations=check_locations, threads=threads),
+                jobs,
             )
         )
+        self.sessions = loaded[:2]
+        self.plain = loaded[2] if plain_reference is not None else loaded[0]
 
     def try_reference(self, feed: dict) -> str | None:
         """None when the reference runs on `feed`, else onnxruntime's one-line error."""
         try:
-            run_session(self.sessions[0], feed, "the reference")
+            run_session(self.plain, feed, "the reference")
         except BnfoldError as exc:
             return str(exc)
         return None
 
-    def run(self, feed: dict, labels: tuple[str, str], reference_outputs: list[str] | None = None) -> tuple[dict, dict]:
-        """Both models' outputs on `feed`, by name (the reference's: `reference_outputs`, default all)."""
-        names = (reference_outputs, None)
-        want, got = self._pool.map(lambda i: run_named(self.sessions[i], feed, labels[i], names[i]), range(2))
+    def run(self, feed: dict, labels: tuple[str, str], plain: bool = False) -> tuple[dict, dict]:
+        """Both models' outputs on `feed`, by name; with `plain`, the plain reference's."""
+        sessions = (self.plain if plain else self.sessions[0], self.sessions[1])
+        want, got = self._pool.map(lambda i: run_named(sessions[i], feed, labels[i]), range(2))
         return want, got
 
     def __enter__(self) -> SessionPair:

@@ -62,6 +62,10 @@ class Structure:
         arrays = {**ours, **{name + regions.ISOLATED: array for name, array in theirs.items()}}
         return _exposing(model, list(self.boundaries), self.types), arrays
 
+    def reference_exposing(self) -> tuple[onnx.ModelProto, dict]:
+        """The reference alone, with the boundary tensors exposed: for trials that judge no site."""
+        return _exposing(_copy(self.reference), list(self.boundaries), self.types), self.arrays[0]
+
     def candidate_exposing(self) -> tuple[onnx.ModelProto, dict]:
         return _exposing(_copy(self.candidate), list(self.boundaries), self.types), self.arrays[1]
 
