@@ -12,6 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import jsonschema
+import onnx
 import pytest
 
 import bnfold
@@ -37,7 +38,11 @@ def report_of(result: subprocess.CompletedProcess) -> dict:
 def test_every_report_kind_follows_the_schema(tmp_path):
     shutil.copy(SAMPLES / "resnet_tiny.onnx", tmp_path / "a.onnx")
     shutil.copy(SAMPLES / "mobilenet_tiny.onnx", tmp_path / "b.onnx")
+    x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4]) for n in ("x", "y"))
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "relu.onnx"))
     runs = {
+        "optimize, nothing to fold": bnfold_cli("optimize", tmp_path / "relu.onnx", "--json"),
         "optimize": bnfold_cli("optimize", tmp_path / "a.onnx", "-o", tmp_path / "a.out.onnx", "--json"),
         "optimize, no verification": bnfold_cli("optimize", tmp_path / "a.onnx", "--no-verify", "--json"),
         "optimize, a batch": bnfold_cli(
@@ -54,6 +59,9 @@ def test_every_report_kind_follows_the_schema(tmp_path):
         assert (report["error"] is None) == (result.returncode == 0), kind
     assert runs["optimize, exit 2"].returncode == 2 and "no such file" in report_of(runs["optimize, exit 2"])["error"]
     assert report_of(runs["optimize, a batch"])["summary"]["written"] == 2
+    nothing = report_of(runs["optimize, nothing to fold"])
+    assert nothing["unchanged"] and nothing["written"] and nothing["verification"] is None
+    assert report_of(runs["verify"])["sites"]  # the folds, each judged where it acts
 
 
 def test_a_not_equivalent_fold_has_a_report_with_exit_code_1(monkeypatch, tmp_path):

@@ -69,6 +69,11 @@ class Structure:
     def candidate_exposing(self) -> tuple[onnx.ModelProto, dict]:
         return _exposing(_copy(self.candidate), list(self.boundaries), self.types), self.arrays[1]
 
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes of both models' large initializers."""
+        return sum(a.nbytes for arrays in self.arrays for a in arrays.values())
+
     def whole_reference(self) -> onnx.ModelProto:
         """The reference with all its data, for the yardsticks (run only when something fails)."""
         return whole_model(self.sources[0])

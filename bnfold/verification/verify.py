@@ -92,7 +92,8 @@ def verify(
     structure = read_structure(reference, candidate)
     by_site = structure.reference is not None and structure.rewrite.isolated
     models = (structure.probe(), structure.candidate_exposing()) if by_site else (reference, candidate)
-    plain = structure.reference_exposing() if by_site else None
+    # a plain reference for the trials that judge no site, unless its weights are too large to load twice
+    plain = structure.reference_exposing() if by_site and structure.weight_bytes <= runtime.LARGE_WEIGHTS else None
     pair = runtime.SessionPair(models, providers, check_locations=False, cores=cores, plain_reference=plain)
     with pair:
         report.providers = runtime.providers_used([*pair.sessions, pair.plain], providers)
