@@ -422,3 +422,38 @@ def test_a_provider_onnxruntime_did_not_start_is_an_error_not_a_report():
     assert providers_used([session], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(BnfoldError, match="provider CUDAExecutionProvider was asked for but onnxruntime runs on CPU"):
         providers_used([session], ["CUDAExecutionProvider"])
+
+
+def test_one_box_more_after_non_max_suppression_is_explained(tmp_path):
+    # An SSD's last step: a score within float32 noise of NonMaxSuppression's threshold keeps
+    # its box in one model and drops it in the other, so the selected indices differ in size.
+    def model(threshold: float) -> onnx.ModelProto:
+        net = Net(seed=12)
+        x = net.conv_bn("x", 3, 4)
+        weight = next(t for t in net.inits if t.name == net.nodes[0].input[1])
+        values = numpy_helper.to_array(weight).copy()
+        values[2] = 0  # channel 2 scores every input alike: its score is known
+        weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+        scores = net.node("Sigmoid", [net.node("Flatten", [net.node("GlobalAveragePool", [net.node("Relu", [x])])])])
+        scores = net.node("Unsqueeze", [scores, net.const([1], np.int64)])  # [batch, classes 1, boxes 4]
+        boxes = net.const([[[0, 0, 1, 1], [2, 2, 3, 3], [4, 4, 5, 5], [6, 6, 7, 7]]])
+        limits = [net.const([10], np.int64), net.const([0.5]), net.const([threshold])]
+        net.node("NonMaxSuppression", [boxes, scores, *limits], "selected")
+        return net.model([float_input("x", [1, 3, 8, 8])], ["selected", scores])
+
+    from bnfold.testing import run
+
+    constant = float(run(model(0.0), {"x": np.zeros((1, 3, 8, 8), np.float32)})[1][0, 0, 2])
+    threshold = float(np.nextafter(np.float32(constant), np.float32(1)))  # just above it: dropped
+    original = save(model(threshold), tmp_path / "ssd.onnx")
+    candidate = nudged(folded(original, tmp_path), 2, 4e-6, tmp_path)  # …and just above it here
+    report = bnfold.verify(original, candidate)
+    selected = next(o for o in report.outputs if o.name == "selected")
+    assert report.equivalent, report.table()
+    assert (
+        selected.explained.startswith("ok: the candidate gives shape [")
+        and "after NonMaxSuppression" in selected.explained
+    )
+    broken, where = mistaken(candidate, tmp_path)
+    wrong = bnfold.verify(original, broken)
+    assert not wrong.equivalent and wrong.first_divergence.tensor in where

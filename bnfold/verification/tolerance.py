@@ -132,11 +132,18 @@ def compare(
 ) -> OutputComparison:
     """Compare one output of one trial under the tolerance policy, for an output computed in
     `precision` (default: its own dtype)."""
-    if got.shape != want.shape or got.dtype != want.dtype:
+    if got.dtype != want.dtype:
         return unmatched(
             name, f"candidate gives {got.dtype} {list(got.shape)}, reference {want.dtype} {list(want.shape)}",
             str(want.dtype), list(want.shape),
         )  # fmt: skip
+    if got.shape != want.shape:
+        return unmatched(
+            name,
+            f"candidate gives shape {list(got.shape)}, reference {list(want.shape)}",
+            str(want.dtype),
+            list(want.shape),
+        )
     result = OutputComparison(name, str(want.dtype), list(want.shape), elements=int(want.size))
     policy = precision.dtype if precision is not None and precision.dtype in DEFAULT_TOLERANCE else str(want.dtype)
     default = DEFAULT_TOLERANCE.get(policy, EXACT)
