@@ -4,6 +4,7 @@
     python sample_models/make_samples.py            # everything
     python sample_models/make_samples.py float16    # only the float16 conversions of the exports
     python sample_models/make_samples.py fixed-point    # only the LeViT/RepViT/FastViT-style networks
+    python sample_models/make_samples.py detector   # only the YOLOv8-style detector
 
 onnxscript is the dynamo exporter's; onnxconverter-common makes the `*_fp16io` samples: float32
 exports converted the way GPU deployments are (`convert_float_to_float16(keep_io_types=True)`:
@@ -251,6 +252,41 @@ class RepVGGTiny(nn.Module):
 
 
 # ---- the models' own re-parameterization (what their authors ship for deployment) --------------
+class YoloTiny(nn.Module):
+    """A YOLOv8-style detector: Conv-BN-SiLU with C2f blocks (split, bottlenecks, concat), an
+    upsampled neck, two heads whose class scores go through a sigmoid. Strides 8 and 16, so H and
+    W must be multiples of 16."""
+
+    class C2f(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.a = conv_bn(c, c, 1, act=nn.SiLU)
+            self.b = nn.Sequential(conv_bn(c // 2, c // 2, 3, act=nn.SiLU), conv_bn(c // 2, c // 2, 3, act=nn.SiLU))
+            self.o = conv_bn(c + c // 2, c, 1, act=nn.SiLU)
+
+        def forward(self, x):
+            y1, y2 = self.a(x).chunk(2, 1)
+            return self.o(torch.cat([y1, y2, self.b(y2)], 1))
+
+    def __init__(self, classes: int = 20):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 8, 3, 2, act=nn.SiLU), conv_bn(8, 16, 3, 2, act=nn.SiLU), self.C2f(16))
+        self.p4 = nn.Sequential(conv_bn(16, 32, 3, 2, act=nn.SiLU), self.C2f(32))
+        self.p5 = nn.Sequential(conv_bn(32, 64, 3, 2, act=nn.SiLU), self.C2f(64))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.neck = self.C2f(96)
+        self.head4 = nn.Sequential(conv_bn(96, 32, 3, act=nn.SiLU), nn.Conv2d(32, 4 + classes, 1))
+        self.head5 = nn.Sequential(conv_bn(64, 32, 3, act=nn.SiLU), nn.Conv2d(32, 4 + classes, 1))
+
+    def forward(self, x):
+        p3 = self.stem(x)
+        p4 = self.p4(p3)
+        p5 = self.p5(p4)
+        n4 = self.neck(torch.cat([self.up(p5), p4], 1))
+        out = torch.cat([self.head4(n4).flatten(2), self.head5(p5).flatten(2)], 2)
+        return torch.cat([out[:, :4], out[:, 4:].sigmoid()], 1)
+
+
 def fused(conv_bn_branch: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel, bias) of conv → BN at inference."""
     conv, bn = conv_bn_branch[0], conv_bn_branch[1]
@@ -641,10 +677,13 @@ def export(
     reference: nn.Module | None = None,
     dynamo: bool = False,
     deployed: nn.Module | None = None,
+    dynamic_spatial: bool = False,
 ) -> None:
     """Export `model` with BN kept; `<name>.npz` gets the inputs and eval outputs, and with a
-    `deployed` form (the model's own re-parameterization) its outputs and Conv count too."""
+    `deployed` form (the model's own re-parameterization) its outputs and Conv count too. With
+    `dynamic_spatial`, the batch, H and W of the input are symbolic."""
     path = HERE / f"{name}.onnx"
+    spatial = {0: "batch", 2: "height", 3: "width"}
     if dynamo:  # optimize=False keeps BN; one file, no external data
         torch.onnx.export(
             model,
@@ -656,6 +695,7 @@ def export(
             input_names=["input"],
             output_names=["output"],
             opset_version=opset,
+            dynamic_shapes={"x": spatial} if dynamic_spatial else None,
         )
     else:
         torch.onnx.export(
@@ -667,7 +707,11 @@ def export(
             opset_version=opset,
             input_names=["input"],
             output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+            dynamic_axes={"input": spatial}
+            if dynamic_spatial
+            else {"input": {0: "batch"}, "output": {0: "batch"}}
+            if dynamic_batch
+            else None,
         )
     onnx_model = onnx.load(str(path))
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -773,6 +817,7 @@ def main() -> None:
 
     convert_float16_io()
     export_fixed_point_networks()
+    export_detector()
 
 
 def export_fixed_point_networks() -> None:
@@ -788,6 +833,16 @@ def export_fixed_point_networks() -> None:
         example = torch.randn(2, 3, 32, 32, generator=gen)
         export(net, name, example, 17, dynamic_batch=False)
         export(net, f"{name}_dynamo", example, 18, dynamic_batch=False, dynamo=True)
+
+
+def export_detector() -> None:
+    """A YOLOv8-style detector through both exporters, with symbolic batch, H and W."""
+    gen = torch.Generator().manual_seed(7)
+    net = YoloTiny()
+    perturb_and_calibrate(net, lambda: torch.randn(4, 3, 64, 64, generator=gen) * 1.5 + 0.3, gen)
+    example = torch.randn(1, 3, 64, 64, generator=gen)
+    export(net, "yolo_tiny", example, 17, dynamic_batch=True, dynamic_spatial=True)
+    export(net, "yolo_tiny_dynamo", example, 18, dynamic_batch=True, dynamo=True, dynamic_spatial=True)
 
 
 FLOAT16_IO = ("resnet_tiny", "mobilenet_tiny", "efficientnet_tiny", "inception_tiny")
@@ -809,5 +864,5 @@ def convert_float16_io() -> None:
 if __name__ == "__main__":
     import sys
 
-    steps = {"float16": convert_float16_io, "fixed-point": export_fixed_point_networks}
+    steps = {"float16": convert_float16_io, "fixed-point": export_fixed_point_networks, "detector": export_detector}
     steps[sys.argv[1]]() if sys.argv[1:] else main()

@@ -55,6 +55,9 @@ EXPECTED = {
     "repvit_tiny_dynamo": (5, 5, 0),
     "fastvit_tiny": (6, 6, 1),  # Add(BN(x), 0) beside a conv; Conv → Mul(γ) → BN
     "fastvit_tiny_dynamo": (6, 6, 1),
+    # a YOLOv8-style detector (C2f blocks, SiLU, sigmoid scores), symbolic batch, H and W
+    "yolo_tiny": (22, 22, 0),
+    "yolo_tiny_dynamo": (22, 22, 0),
     # Keras through tf2onnx: BatchNormalization as Mul and Add, through Squeeze (Conv1D); the
     # channels-last CNN's other BNs tf2onnx fused itself
     "keras_conv1d": (0, 0, 4),
