@@ -42,6 +42,11 @@ def model_files(paths: list[Path]) -> list[Path]:
     return found
 
 
+def check_jobs(jobs: int) -> None:
+    if jobs < 1:
+        raise BnfoldError(f"--jobs {jobs}: must be at least 1")
+
+
 def optimize_many(
     paths: list[Path],
     output_folder: Path | None,
@@ -50,10 +55,11 @@ def optimize_many(
     on_done: Callable[[BatchItem], None] = lambda item: None,
     **options: Any,
 ) -> list[BatchItem]:
-    """optimize() for each model, `jobs` at a time in separate processes; one model's failure
-    does not stop the others. Results come back in input order."""
-    if jobs < 1:
-        raise BnfoldError("--jobs must be at least 1")
+    """optimize() for each model, `jobs` at a time in separate processes (never more than the
+    models, nor the cores); one model's failure does not stop the others. Results come back in
+    input order."""
+    check_jobs(jobs)
+    jobs = max(1, min(jobs, len(paths), os.cpu_count() or 1))
     if output_folder is not None:
         if output_folder.exists() and not output_folder.is_dir():
             raise BnfoldError(f"{output_folder}: with several models, -o must name a folder")

@@ -56,6 +56,9 @@ def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dic
         feeds = [check_feed(feed, specs, "calibration feed") for feed in calibration]
     if not feeds:
         raise BnfoldError("the calibration data holds no input set")
+    for feed in feeds:
+        for value in declared:
+            _refuse_wrong_shape(value, np.shape(feed[value.name]))
     graph_inputs = {v.name for v in graph_model.graph.input}
     names = list(dict.fromkeys(n.input[0] for n in graph_model.graph.node if is_onnx_op(n, "Conv") and n.input))
     totals: dict[str, list] = {}
@@ -70,6 +73,20 @@ def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dic
             for name, values in run_named(exposed, feed, "the model on the calibration inputs").items():
                 _add(totals, name, values)
     return {name: _moments(*total) for name, total in totals.items()}
+
+
+def _refuse_wrong_shape(value, shape: tuple[int, ...]) -> None:
+    """A calibration array must have the input's rank and its fixed sizes: another channel
+    count would measure statistics of another tensor, or none at all."""
+    if value.shape is None:
+        return
+    fixed = [d if isinstance(d, int) and d >= 0 else None for d in value.shape]
+    if len(shape) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, shape)):
+        declared = "x".join("?" if f is None else str(f) for f in fixed) or "scalar"
+        raise BnfoldError(
+            f"--calibration: input '{value.name}' is {'x'.join(map(str, shape)) or 'scalar'} in the data; "
+            f"the model takes {declared}"
+        )
 
 
 def _add(totals: dict, name: str, values: np.ndarray) -> None:

@@ -7,6 +7,7 @@ onnxruntime) are imported inside the commands, so `bnfold --help` starts fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -159,6 +160,9 @@ def optimize(
         }
 
     _json_for("optimize", json_report)
+    from bnfold.batch import check_jobs
+
+    _guard(lambda: check_jobs(jobs))
     if len(models) == 1 and not models[0].is_dir():
         result = _guard(lambda: pipeline.optimize(models[0], output, **options()))
         if not quiet:
@@ -189,7 +193,7 @@ def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
 
     def done(item) -> None:  # each model's line as it finishes, above the bar
         bar.clear()
-        if not quiet:
+        if not quiet or item.exit_code:  # -q still shows what failed
             _say(_batch_line(item))
         bar.advance()
 
@@ -208,11 +212,12 @@ def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
 def _batch_line(item) -> str:
     if item.result is not None and item.result.written:
         report = item.result.report
-        done = NOTHING_TO_FOLD if item.result.unchanged else f"folded {report.folded} of {len(report.batch_norms)}"
+        done = NOTHING_TO_FOLD if item.result.unchanged else report.summary().split(" · ")[0]
         return f"ok    {item.input} → {item.result.output} ({done})"
     if item.result is not None:
         return f"FAIL  {item.input}: the folded model is not equivalent; nothing written"
-    return f"FAIL  {item.input}: {item.error}"
+    error = str(item.error)
+    return f"FAIL  {error}" if error.startswith(f"{item.input}:") else f"FAIL  {item.input}: {error}"
 
 
 class _ProgressBar:
@@ -309,26 +314,46 @@ def inspect(
     """Report what optimize would fold and skip, and why, without writing anything."""
     from bnfold.pipeline import fold
 
-    _json_for("inspect", json_report and len(models) == 1)
-    foldable = []
+    _json_for("inspect", json_report)
+    foldable, items = [], []
     for model in models:
-        result = _guard(
-            lambda model=model: fold(
-                model, reparam=not no_reparam, bias_correction=bias_correction, calibration=calibration
-            )
-        )
+
+        def run(model=model):
+            return fold(model, reparam=not no_reparam, bias_correction=bias_correction, calibration=calibration)
+
+        if len(models) > 1:  # one model's failure does not stop the others
+            try:
+                result = run()
+            except BnfoldError as exc:
+                _say(f"bnfold: error: {exc}")
+                items.append({"input": str(model), "exit_code": EXIT_USER_ERROR, "error": str(exc)})
+                continue
+            except Exception:
+                result = _guard(run)  # internal errors: the one line and exit 3, as always
+        else:
+            result = _guard(run)
         report = result.report
         would = report.folded + sum(o.folded for o in report.branch_merges) + len(report.channel_affines)
         code = EXIT_FOLDABLE if check and would else 0
         data = {"input": str(model), "output": None, "written": False, **report.to_dict()}
         if len(models) == 1:
             _render(data, report, quiet or check, code)
+        else:
+            if not (quiet or check):
+                _say(f"{model}:\n{report.table()}")
+            items.append({**data, "exit_code": code, "error": None})
         if would:
             foldable.append(f"{model}: {report.summary().split(' · ')[0]}; run `bnfold optimize {model}`")
+    worst = max((item["exit_code"] for item in items), default=0)
+    if len(models) > 1:
+        worst = EXIT_USER_ERROR if any(item["error"] for item in items) else worst
+        summary = {"models": len(items), "failed": sum(item["error"] is not None for item in items)}
+        _emit({"models": items, "summary": summary}, worst)
     if check and foldable:
         for line in foldable:
             _say(f"bnfold: unfolded: {line}")
-        raise typer.Exit(EXIT_FOLDABLE)
+    if worst or (check and foldable):
+        raise typer.Exit(worst or EXIT_FOLDABLE)
 
 
 @app.command(epilog=EXIT_CODES)
@@ -355,6 +380,10 @@ def bench(
             if path is not None and not path.is_file():
                 raise BnfoldError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
         session_options = {"input_shapes": _input_shapes(input_shape), **_providers(provider)}
+        if provider:
+            from bnfold.verification.runtime import check_providers
+
+            check_providers(provider)  # here, not as a verification failure: bench has no --no-verify
         timing = {"runs": runs, "warmup": warmup, "progress": _progress(quiet), **session_options}
         if folded is not None:
             return benchmark.bench(model, folded, **timing)
@@ -445,7 +474,18 @@ def _emit(data: dict, exit_code: int, error: str | None = None) -> None:
         "exit_code": exit_code,
         "error": error,
     }
-    print(json.dumps({**envelope, **data}, indent=2))
+    try:
+        print(json.dumps({**envelope, **data}, indent=2), flush=True)
+    except BrokenPipeError:  # the reader left (`| head -c0`): the exit code still tells the outcome
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing later (nor the interpreter's own flush at exit)
+    fails on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _render(data: dict, report, quiet: bool, exit_code: int = 0) -> None:
@@ -472,4 +512,21 @@ def _fail(message: str, code: int) -> None:
 
 
 def main() -> None:
-    app()
+    """The `bnfold` command: Typer's app, with a usage error (an unknown option, a value that is
+    not a number) exit 2 and, with --json, a report on stdout like every other outcome."""
+    # click's UsageError (an unknown option, a bad value), whichever click Typer runs on
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(prog_name="bnfold", standalone_mode=False)
+    except usage_error as exc:
+        exc.show()
+        words = sys.argv[1:]
+        if "--json" in words:
+            _json_for(next((w for w in words if w in ("optimize", "verify", "inspect", "bench")), "usage"), True)
+            _emit({}, EXIT_USER_ERROR, exc.format_message())
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Abort:
+        _say("Aborted!")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

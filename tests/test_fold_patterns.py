@@ -118,6 +118,15 @@ def test_a_no_op_whose_output_is_also_read_elsewhere_blocks_a_fold():
     assert_refused(model, "Identity 'id' in between also feeds other nodes")
 
 
+def test_a_no_op_that_another_node_reads_blocks_a_fold():
+    # the Identity's second reader (not a graph output): the conv may not absorb the BN
+    model = conv_bn_model()
+    insert_between_conv_and_bn(model, helper.make_node("Identity", ["?"], ["id_out"], name="id"))
+    model.graph.node.append(helper.make_node("Sigmoid", ["id_out"], ["gate"], name="gate"))
+    model.graph.output.append(helper.make_tensor_value_info("gate", TensorProto.FLOAT, [2, 6, 5, 5]))
+    assert_refused(model, "Identity 'id' in between also feeds other nodes")
+
+
 # ---- per-channel Mul/Add/Sub/Div after a linear op ---------------------------------------------------
 def conv_then(ops: list[tuple[str, str, np.ndarray]], *, data_first: bool = True) -> onnx.ModelProto:
     """x → Conv (no bias) → op(·, constant) → … → y."""

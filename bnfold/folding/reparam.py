@@ -208,7 +208,10 @@ def _constant_term(name: str, add: onnx.NodeProto, ctx: GraphContext) -> Term | 
     shape = ctx.shapes.shape(add.output[0])
     if shape is None or len(shape) < 3 or shape[1] is None:
         return None
-    value = ctx.constant(name)
+    try:
+        value = ctx.constant(name)
+    except NotConstant:  # too large to evaluate (a gathered attention-bias table): not a leaf
+        return None
     if value.dtype not in (np.float16, np.float32, np.float64):
         return None
     vector = affine.channel_vector(value, len(shape), shape[1])

@@ -27,18 +27,20 @@ SUFFIX = ".folded.onnx"
 
 def output_path(model_path: str | os.PathLike, output: str | os.PathLike | None) -> Path:
     """Where the folded model goes: `-o` as given (a folder, or a name ending in `/`, gets
-    `<name>.folded.onnx` inside it, created if need be), else beside the input. Refuses a path
-    that is the input itself, or anything but a regular file (or a link to one)."""
+    `<name>.folded.onnx` inside it), else beside the input. A missing folder on the way is
+    created, as a batch creates its output folder. Refuses a path that is the input itself, or
+    anything but a regular file (or a link to one)."""
     src = Path(model_path)
     if output is None:
         dst = src.with_name(folded_name(src))
     else:
         dst = Path(output)
-        if str(output).endswith(("/", os.sep)) and not dst.is_dir():
+        folder = dst if str(output).endswith(("/", os.sep)) else dst.parent
+        if not folder.is_dir():
             try:
-                dst.mkdir(parents=True)
+                folder.mkdir(parents=True)
             except OSError as exc:
-                raise BnfoldError(f"{dst}: cannot create the folder ({exc.strerror or exc})") from None
+                raise BnfoldError(f"{folder}: cannot create the folder ({exc.strerror or exc})") from None
         if dst.is_dir():
             dst = dst / folded_name(src)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
@@ -198,7 +200,14 @@ class StagedModel:
             _unlink(self._hidden_data)
             self._hidden_data = None
             return
-        self.data_path = self.dest.with_name(f"{self.dest.name}.{_digest(self._hidden_data)[:8]}.data")
+        digest = _digest(self._hidden_data)
+        self.data_path = self.dest.with_name(f"{self.dest.name}.{digest[:8]}.data")
+        if self.data_path.exists() and not _holds(self.data_path, digest):
+            path, self.data_path = self.data_path, None
+            raise BnfoldError(
+                f"{path} exists with other bytes than its name says (edited, or another program's): "
+                "bnfold does not replace it; move it away or write to another output name"
+            )
         final = self.data_path.name.encode()
         renamed = self._temporary(".tmp")
         try:
@@ -244,6 +253,14 @@ def _digest(path: Path) -> str:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _holds(path: Path, digest: str) -> bool:
+    """Whether the file at `path` holds the bytes whose SHA-256 is `digest`."""
+    try:
+        return _digest(path) == digest
+    except OSError:
+        return False
 
 
 def _any_same(path: Path, others) -> bool:

@@ -35,12 +35,15 @@ class VerifyReport:
         sites = [s for s in self.sites if not s.passed]
         if self.equivalent:
             verdict = f"equivalent: all {len(self.outputs)} outputs match"
+        elif not self.outputs and not sites:  # nothing compared: the notes say why (the inputs differ)
+            verdict = "NOT equivalent: nothing could be compared"
         elif self.failed or not sites:
             verdict = f"NOT equivalent: {len(self.failed)} of {len(self.outputs)} outputs differ"
         else:
             verdict = f"NOT equivalent: {len(sites)} of {len(self.sites)} rewritten tensors differ"
         where = f", {len(self.sites)} rewritten tensors agree where they are made" if self.sites and not sites else ""
-        return f"{verdict}{where} over {self.trials} trials (seed {self.seed}) · {self.seconds:.2f} s"
+        trials = f" over {self.trials} trials (seed {self.seed})" if self.trials else ""
+        return f"{verdict}{where}{trials} · {self.seconds:.2f} s"
 
     def table(self, failed_only: bool = False) -> str:
         """Notes, one row per output (or per failing output), the first divergence, the verdict."""
@@ -60,7 +63,7 @@ class VerifyReport:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows] if rows[1:] else []
         divergence = [self.first_divergence.describe()] if self.first_divergence else []
         notes = [] if failed_only else self.notes
         return "\n".join([*notes, *lines, *divergence, self.summary()])
