@@ -243,3 +243,18 @@ def test_every_outcome_prints_one_json_report(args, code):
         assert len(report["models"]) == 2 and report["summary"]["failed"] == (code == 2)
     else:
         assert report["error"] and "Usage" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "candidate, code",
+    [
+        ("missing.onnx", 2),  # refused before verification starts
+        (SAMPLES / "audio_conv1d.onnx", 2),  # another input rank: fails in the first run, after both sessions load
+    ],
+)
+def test_a_verify_that_runs_nothing_leaves_no_evidence_folder(candidate, code, tmp_path):
+    saved = tmp_path / "saved"
+    result = bnfold_cli(
+        "verify", SAMPLE, tmp_path / candidate, "--save-inputs", saved, "--save-outputs", tmp_path / "o"
+    )
+    assert result.returncode == code and not saved.exists() and not (tmp_path / "o").exists()

@@ -12,12 +12,18 @@ from onnx import numpy_helper
 from bnfold.errors import BnfoldError
 
 
-def claim_folder(folder: Path) -> Path:
-    """`folder`, created if missing; refused if it already holds anything (bnfold never writes
-    over files it did not create)."""
+def check_folder(folder: Path) -> Path:
+    """`folder`, refused if it already holds anything (bnfold never writes over files it did not
+    create); created only when there is something to save (claim_folder), so a run that fails
+    leaves no empty folder behind."""
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise BnfoldError(f"{folder}: exists and is not an empty folder; choose a new one to save into")
-    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def claim_folder(folder: Path) -> Path:
+    """check_folder, then the folder created."""
+    check_folder(folder).mkdir(parents=True, exist_ok=True)
     return folder
 
 

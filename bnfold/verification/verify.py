@@ -14,7 +14,7 @@ from bnfold.errors import BnfoldError
 from bnfold.graph.protos import node_label
 from bnfold.io.source import as_model, check_external_data
 from bnfold.verification import regions, runtime
-from bnfold.verification.evidence import claim_folder, save_trials
+from bnfold.verification.evidence import check_folder, claim_folder, save_trials
 from bnfold.verification.inputs import (
     DEFAULT_INT_RANGE,
     DEFAULT_TRIALS,
@@ -80,7 +80,7 @@ def verify(
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise BnfoldError(f"{option} {value}: must be a finite number ≥ 0")
     runtime.check_providers(providers)
-    folders = {kind: claim_folder(Path(f)) for kind, f in (("inputs", save_inputs), ("outputs", save_outputs)) if f}
+    folders = {kind: check_folder(Path(f)) for kind, f in (("inputs", save_inputs), ("outputs", save_outputs)) if f}
     report = VerifyReport(
         runtime.describe(reference), runtime.describe(candidate), seed=seed, providers=list(providers)
     )
@@ -156,9 +156,9 @@ def verify(
     report.sites = [judge(trial_results) for trial_results in site_trials.values()]
     boundaries = {name: judge(results) for name, results in boundary_trials.items()}
     if "inputs" in folders:
-        save_trials(folders["inputs"], feeds, "input")
+        save_trials(claim_folder(folders["inputs"]), feeds, "input")
     if "outputs" in folders:
-        save_trials(folders["outputs"], [{n: r[n] for n in compared} for r in references], "output")
+        save_trials(claim_folder(folders["outputs"]), [{n: r[n] for n in compared} for r in references], "output")
         save_trials(claim_folder(folders["outputs"] / "candidate"), candidates, "output")
     if by_site and not all(s.passed for s in report.sites):
         progress("measuring the reference's own noise at the rewritten sites")
