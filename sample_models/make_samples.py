@@ -845,7 +845,14 @@ def export_detector() -> None:
     export(net, "yolo_tiny_dynamo", example, 18, dynamic_batch=True, dynamo=True, dynamic_spatial=True)
 
 
-FLOAT16_IO = ("resnet_tiny", "mobilenet_tiny", "efficientnet_tiny", "inception_tiny")
+FLOAT16_IO = (
+    "resnet_tiny",
+    "mobilenet_tiny",
+    "efficientnet_tiny",
+    "inception_tiny",
+    "decoder_convtranspose",
+    "preact_input_bn",
+)
 
 
 def convert_float16_io() -> None:

@@ -34,6 +34,8 @@ EXPECTED = {
     "mobilenet_tiny_fp16io": (11, 11, 0),
     "efficientnet_tiny_fp16io": (11, 11, 0),
     "inception_tiny_fp16io": (13, 13, 0),
+    "decoder_convtranspose_fp16io": (2, 2, 0),
+    "preact_input_bn_fp16io": (2, 1, 0),
     "decoder_convtranspose": (2, 2, 0),  # ConvTranspose, one of them grouped
     "mlp_batchnorm1d": (2, 2, 0),  # Linear → BatchNorm1d: a Gemm, and a bias-less Linear's MatMul
     "frozen_bn_backbone": (0, 0, 6),  # FrozenBatchNorm2d: x·scale + shift, computed constants
@@ -140,8 +142,10 @@ def test_patterns_beyond_conv_fold_where_onnxruntime_does_not():
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_bnfold_folds_every_batch_norm_onnxruntime_folds(name, tmp_path):
     model, _, _ = load(name)
-    kept_by_onnxruntime = {
-        n.output[0] for n in onnxruntime_folded(model, tmp_path).graph.node if n.op_type == "BatchNormalization"
+    kept_by_onnxruntime = {  # on CPU a float16 BN runs in float32 between casts, its output renamed
+        n.output[0].removeprefix("InsertedPrecisionFreeCast_")
+        for n in onnxruntime_folded(model, tmp_path).graph.node
+        if n.op_type == "BatchNormalization"
     }
     kept_by_bnfold = {o.output for o in bnfold.fold(model).report.outcomes if not o.folded}
     assert kept_by_bnfold <= kept_by_onnxruntime

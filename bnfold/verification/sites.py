@@ -28,7 +28,16 @@ from bnfold.verification import regions
 from bnfold.verification.precision import FLOAT_ORDER, Precisions
 from bnfold.verification.regions import Rewrite
 from bnfold.verification.runtime import make_session, run_named, weights_apart, whole_model
-from bnfold.verification.tolerance import NOISE_CAP, NOISE_FACTOR, OutputComparison, Precision, compare
+from bnfold.verification.tolerance import (
+    NOISE_CAP,
+    NOISE_FACTOR,
+    SHIFT_FACTOR,
+    SHIFT_FLOOR,
+    OutputComparison,
+    Precision,
+    channel_shift,
+    compare,
+)
 
 DISCONTINUOUS = (
     "TopK", "NonMaxSuppression", "ArgMax", "ArgMin", "Hardmax", "QuantizeLinear", "DynamicQuantizeLinear",
@@ -160,6 +169,28 @@ def judge_sites(results: list[OutputComparison], structure: Structure, feeds, pr
             _within_noise(r, noise[r.name], NOISE_CAP)
 
 
+def judge_shifts(results: list[OutputComparison], shifts: dict[str, tuple[float, int]], structure: Structure,
+                 feeds, providers) -> None:  # fmt: skip
+    """Fail passing 16-bit sites whose largest per-channel mean difference (`shifts`: shift, channel)
+    exceeds SHIFT_FACTOR times the reference's own there (its rewritten nodes re-rounded, in
+    isolation) and SHIFT_FLOOR: a bias or a mean that is off (bnfold.verification.tolerance)."""
+    judged = [r for r in results if r.passed and r.name in shifts]
+    if not judged:
+        return
+    model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
+    own = _noise(model, [r.name for r in judged], regions.REROUNDED, feeds, providers,
+                 measure=lambda want, other: channel_shift(want, other)[0])  # fmt: skip
+    for r in judged:
+        shift, channel = shifts[r.name]
+        r.channel_shift = shift
+        if r.name in own and shift > max(SHIFT_FACTOR * own[r.name], SHIFT_FLOOR):
+            r.passed = False
+            r.reason = (
+                f"FAIL: channel {channel} moves by {shift:.1e}·S on average, {shift / max(own[r.name], 1e-300):.1f}× "
+                f"what rounding the parameters the other way does ({own[r.name]:.1e}): a bias or a mean is off"
+            )
+
+
 def judge_outputs(outputs, boundaries, structure: Structure, feeds, references, providers, atol) -> None:
     """The second and third looks at failing outputs (module docstring). `boundaries` holds the
     comparisons of the boundary tensors, by name."""
@@ -220,9 +251,14 @@ def _within_noise(o: OutputComparison, noise: float, cap: float | None) -> None:
         o.reason = f"FAIL: this model's own {o.precision} noise ({noise:.1e}) is too large to tell a fold from noise"
 
 
-def _noise(model, names, suffix, feeds, providers, references=None) -> dict[str, float]:
-    """How far `names` move, as an atol: between the model's own tensor and its `suffix` copy,
-    or (without a suffix) between the model's tensors and `references` (per trial, by name)."""
+def _needed_atol(want, other) -> float:
+    return compare("", want, other, 0.0, 0.0).needed_atol
+
+
+def _noise(model, names, suffix, feeds, providers, references=None, measure=_needed_atol) -> dict[str, float]:
+    """How far `names` move (by `measure`, largest over the trials; default: as an atol):
+    between the model's own tensor and its `suffix` copy, or (without a suffix) between the
+    model's tensors and `references` (per trial, by name)."""
     try:
         session = make_session(model, providers=providers)
     except Exception:  # no yardstick, no relaxation: the policy's verdict stands
@@ -236,7 +272,7 @@ def _noise(model, names, suffix, feeds, providers, references=None) -> dict[str,
             if not all(hasattr(v, "dtype") and v.dtype.kind == "f" for v in (want, other)):
                 continue
             if other.shape == want.shape:
-                moved = compare(name, want, other.astype(want.dtype), 0.0, 0.0).needed_atol
+                moved = measure(want, other.astype(want.dtype))
                 noise[name] = max(noise.get(name, 0.0), moved)
     return noise
 

@@ -35,6 +35,15 @@ noisier than the cap fails with that reason. An output after sites that all pass
 the sites already bound the folds, and what follows them (a softmax over thousands of classes,
 a saturated sigmoid) can only magnify their noise. An explicit atol is taken literally: no
 second look.
+
+A 16-bit site is also judged by its channel means. float16 keeps 11 bits, so its atol (1e-2 · S)
+lets a whole channel move by several steps: a fold whose bias is 3% off (ResNet-18 float16
+inside, torchvision, converted with keep_io_types) moves its site by 5.7e-3 · S and passed. Such a
+mistake shifts every position of a channel alike, while rounding moves them this way and that and
+mostly averages out. So a 16-bit site fails when its largest per-channel mean difference (channels
+on axis 1) exceeds SHIFT_FACTOR times the reference's own when its rewritten nodes' parameters are
+rounded the other way (and SHIFT_FLOOR). Measured there: correct folds shift a channel by at most
+0.36× that yardstick (the rounding toward moments cancels the mean), the mistake by 5.9×.
 """
 
 from __future__ import annotations
@@ -83,6 +92,9 @@ DEFAULT_TOLERANCE = {
 EXACT = Tolerance(0.0, 0.0)
 NOISE_FACTOR = 4.0  # a failing output passes within this many times the model's own noise
 NOISE_CAP = 4.0  # …but never beyond this many times the policy's atol (ε 1e-3 for 1e-5 needs ≥ 10×)
+SHIFTED_PRECISIONS = ("float16", "bfloat16")  # sites whose channel means are judged too (module docstring)
+SHIFT_FACTOR = 3.0  # a 16-bit site fails past this many times the reference's own channel shift…
+SHIFT_FLOOR = 5e-5  # …and past the float32 atol: a shift float32 could not tell from noise is none
 SCALE_QUANTILE = 0.99  # S: this quantile of the non-zero |reference| values
 QUANT_FRACTION = 0.01  # on a quantization grid: the share of elements a correct fold may flip
 QUANT_STEPS = 2.0  # …by at most this many steps
@@ -111,6 +123,7 @@ class OutputComparison:
     precision: str = ""  # the policy it was judged by ("float16", "quantized", …)
     steps: float | None = None  # on a quantization grid: the largest error, in steps
     noise: float | None = None  # this model's own noise (as an atol), when measured
+    channel_shift: float | None = None  # at a 16-bit site: the largest per-channel mean difference / S
     explained: str = ""  # why a difference the policy refuses is not the rewrite's (bnfold.verification.sites)
 
 
@@ -194,6 +207,22 @@ def compare(
     if special_mismatch:
         result.reason = f"NaN/Inf at {special_mismatch} different positions"
     return result
+
+
+def channel_shift(want: np.ndarray, got: np.ndarray) -> tuple[float, int]:
+    """The largest per-channel mean of `got − want` as a fraction of want's S, and its channel
+    (axis 1; a vector is one channel). Non-finite positions are left out; (0, 0) when the two
+    cannot be compared."""
+    if want.shape != got.shape or want.dtype.kind != "f" or got.dtype.kind != "f" or not want.size:
+        return 0.0, 0
+    difference = got.astype(np.float64) - want.astype(np.float64)
+    rows = np.moveaxis(difference, 1, 0).reshape(want.shape[1], -1) if want.ndim >= 2 else difference.reshape(1, -1)
+    finite = np.isfinite(rows)
+    counts = finite.sum(axis=1)
+    means = np.where(finite, rows, 0.0).sum(axis=1) / np.maximum(counts, 1)
+    magnitude = np.abs(want[np.isfinite(want)].astype(np.float64))
+    channel = int(np.argmax(np.abs(means)))
+    return float(abs(means[channel])) / robust_scale(magnitude), channel
 
 
 EXACT_CHUNK = 1 << 22  # elements widened at a time to measure an exact output's largest difference

@@ -28,8 +28,8 @@ from bnfold.verification.inputs import (
 from bnfold.verification.localize import Divergence, first_divergence
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
-from bnfold.verification.sites import judge_outputs, judge_sites, read_structure
-from bnfold.verification.tolerance import OutputComparison, compare, judge, unmatched
+from bnfold.verification.sites import judge_outputs, judge_shifts, judge_sites, read_structure
+from bnfold.verification.tolerance import SHIFTED_PRECISIONS, OutputComparison, channel_shift, compare, judge, unmatched
 
 __all__ = ["ModelLoadError", "VerifyReport", "verify"]
 
@@ -116,7 +116,7 @@ def verify(
             if p.step is not None
             else f"note: output '{n}' is judged as {p.dtype}: {p.why}"
             for n, p in precisions.items()
-            if p.why != p.dtype
+            if p.dtype and p.why != p.dtype  # not a float tensor (p.dtype ""): compared exactly, no note
         ]
         if inputs:
             sources = ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs)
@@ -127,7 +127,8 @@ def verify(
         comparisons: dict[str, list[OutputComparison]] = {}
         site_trials: dict[str, list[OutputComparison]] = {}
         boundary_trials: dict[str, list[OutputComparison]] = {}
-        references, candidates, shapes_seen = [], [], set()
+        references, candidates, shapes_seen, site_feeds = [], [], set(), []
+        shifts: dict[str, tuple[float, int]] = {}  # 16-bit site → its largest channel shift, and where
         for t, feed in enumerate(feeds, 1):
             progress(f"trial {t} of {len(feeds)}")
             shapes = tuple((n, np.shape(v)) for n, v in sorted(feed.items()))
@@ -141,11 +142,14 @@ def verify(
                 for result in _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name)):
                     comparisons.setdefault(result.name, []).append(result)
             if at_sites:
+                site_feeds.append(feed)
                 for site, precision in structure.sites.items():
                     isolated = want[site + regions.ISOLATED]
                     site_trials.setdefault(site, []).extend(
                         _compare_value(site, want[site], isolated, atol, rtol, precision)
                     )
+                    if precision.dtype in SHIFTED_PRECISIONS and isinstance(isolated, np.ndarray):
+                        shifts[site] = max(shifts.get(site, (0.0, 0)), channel_shift(np.asarray(want[site]), isolated))
             if by_site:
                 for name in structure.boundaries:
                     boundary_trials.setdefault(name, []).extend(
@@ -163,6 +167,9 @@ def verify(
     if by_site and not all(s.passed for s in report.sites):
         progress("measuring the reference's own noise at the rewritten sites")
         judge_sites(report.sites, structure, feeds, providers, atol)
+    if shifts and atol is None:
+        progress("measuring the reference's own channel shifts at the 16-bit sites")
+        judge_shifts(report.sites, shifts, structure, site_feeds, providers)
     if all(s.passed for s in report.sites) and not all(o.passed for o in report.outputs):
         progress("measuring the reference's own noise at its outputs")
         judge_outputs(report.outputs, boundaries, structure, feeds, references, providers, atol)
