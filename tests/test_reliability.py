@@ -223,6 +223,26 @@ def test_models_whose_inputs_differ_say_so_not_zero_of_zero(tmp_path):
     assert "0 of 0" not in result.stderr and "over 0 trials" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "reference, candidate, code",
+    [
+        ("resnet_tiny", "resnet_tiny_fp16", 1),  # float16 inputs: the inputs differ
+        ("resnet_tiny_fp16io", "resnet_tiny", 0),  # float16 inside, judged as float16
+        ("resnet_tiny", "resnet_tiny_fp16io", 1),  # judged as the float32 reference computes
+    ],
+)
+def test_a_float32_model_against_its_float16_conversion_gets_a_verdict(reference, candidate, code):
+    # The probe (the reference with the candidate's rewrite spliced in) would mix float16 nodes
+    # with float32 tensors, which onnxruntime refuses: the outputs are compared instead.
+    result = bnfold_cli("verify", SAMPLES / f"{reference}.onnx", SAMPLES / f"{candidate}.onnx")
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr and "bnfold-session" not in result.stderr
+    if code == 1 and "fp16io" not in candidate:
+        assert "the models' inputs differ" in result.stderr
+    else:
+        assert "cannot be judged where it acts (Type Error" in result.stderr
+
+
 # ---- one JSON report for every outcome -----------------------------------------------------------
 @pytest.mark.parametrize(
     "args, code",

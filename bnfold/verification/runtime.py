@@ -293,12 +293,18 @@ class SessionPair:
         jobs = [*zip(models, ("reference", "candidate"))]
         if plain_reference is not None:
             jobs.append((plain_reference, "reference"))
-        loaded = list(
-            self._pool.map(
-                lambda job: load_session(job[0], job[1], providers, check_locations=check_locations, threads=threads),
-                jobs,
+        try:
+            loaded = list(
+                self._pool.map(
+                    lambda job: load_session(
+                        job[0], job[1], providers, check_locations=check_locations, threads=threads
+                    ),
+                    jobs,
+                )
             )
-        )
+        except BaseException:
+            self._pool.shutdown()
+            raise
         self.sessions = loaded[:2]
         self.plain = loaded[2] if plain_reference is not None else loaded[0]
 

@@ -91,10 +91,21 @@ def verify(
                 check_external_data(model)  # before anything reads a data file
     structure = read_structure(reference, candidate)
     by_site = structure.reference is not None and structure.rewrite.isolated
-    models = (structure.probe(), structure.candidate_exposing()) if by_site else (reference, candidate)
-    # a plain reference for the trials that judge no site, unless its weights are too large to load twice
-    plain = structure.reference_exposing() if by_site and structure.weight_bytes <= runtime.LARGE_WEIGHTS else None
-    pair = runtime.SessionPair(models, providers, check_locations=False, cores=cores, plain_reference=plain)
+    unprobed = ""
+    if by_site:
+        models = (structure.probe(), structure.candidate_exposing())
+        # a plain reference for the trials that judge no site, unless its weights are too large to load twice
+        plain = structure.reference_exposing() if structure.weight_bytes <= runtime.LARGE_WEIGHTS else None
+        try:
+            pair = runtime.SessionPair(models, providers, check_locations=False, cores=cores, plain_reference=plain)
+        except ModelLoadError as exc:
+            # the probe is bnfold's own graph: the candidate's rewrite may not read the
+            # reference's tensors (float16 nodes beside float32 ones); compare the models whole
+            by_site, structure.rewrite.whole = False, "onnxruntime cannot load the probe"
+            why = str(exc).split("failed:", 1)[-1].strip()  # onnxruntime's reason, without its temporary path
+            unprobed = f"note: the rewrite cannot be judged where it acts ({why}); only the outputs are compared"
+    if not by_site:
+        pair = runtime.SessionPair((reference, candidate), providers, check_locations=False, cores=cores)
     with pair:
         report.providers = runtime.providers_used([*pair.sessions, pair.plain], providers)
         counts = _declared_outputs(structure, pair.sessions)
@@ -111,13 +122,17 @@ def verify(
         else:
             feeds, chosen = choose_feeds(declared, trials, seed, input_shapes or {}, int_range, structure.reference,
                                          lambda feed: pair.try_reference(feed))  # fmt: skip
-        report.notes = shape_notes(declared, feeds, input_shapes or {}, chosen) + [
-            f"note: output '{n}' is judged {p.why}"
-            if p.step is not None
-            else f"note: output '{n}' is judged as {p.dtype}: {p.why}"
-            for n, p in precisions.items()
-            if p.dtype and p.why != p.dtype  # not a float tensor (p.dtype ""): compared exactly, no note
-        ]
+        report.notes = (
+            ([unprobed] if unprobed else [])
+            + shape_notes(declared, feeds, input_shapes or {}, chosen)
+            + [
+                f"note: output '{n}' is judged {p.why}"
+                if p.step is not None
+                else f"note: output '{n}' is judged as {p.dtype}: {p.why}"
+                for n, p in precisions.items()
+                if p.dtype and p.why != p.dtype  # not a float tensor (p.dtype ""): compared exactly, no note
+            ]
+        )
         if inputs:
             sources = ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs)
             report.inputs = [{"name": v.name, "source": sources} for v in declared]
