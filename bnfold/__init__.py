@@ -43,6 +43,11 @@ __all__ = [  # spelled out, so that linters and type checkers read it
 assert set(__all__) == {*_EXPORTS, "__version__"}
 
 
+def __dir__() -> list[str]:
+    """The public names too, though each is imported only on first use."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)

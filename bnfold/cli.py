@@ -33,6 +33,7 @@ EXIT_CODES = (
 )
 
 app = typer.Typer(
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Fold BatchNormalization into the linear op next to it in ONNX models (and merge re-parameterizable "
     "branches into one Conv), and prove the result.\n\n"
     "See docs/verification.md for the tolerance policy behind verification.",
@@ -63,7 +64,7 @@ def _main(
     """Fold BatchNormalization into the linear op next to it in ONNX models, and prove the result."""
 
 
-MODEL_ARG = typer.Argument(..., help="The ONNX model file.", show_default=False)
+MODEL_ARG = typer.Argument(..., metavar="MODEL", help="The ONNX model file.", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
 NOTHING_TO_FOLD = "nothing to fold: written unchanged"
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
@@ -71,7 +72,10 @@ QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr e
 TRIALS_OPT = typer.Option(3, "--trials", help="Input sets to generate.")
 SEED_OPT = typer.Option(0, "--seed", help="Seed for generated inputs.")
 ATOL_OPT = typer.Option(
-    None, "--atol", help="Allowed error as a fraction of each output's largest magnitude. Default by dtype."
+    None,
+    "--atol",
+    help="Allowed error as a fraction of each output's scale S (the 99th percentile of its non-zero "
+    "magnitudes; docs/verification.md). Default by the precision it is computed in.",
 )
 RTOL_OPT = typer.Option(None, "--rtol", help="Allowed error as a fraction of each element. Default 0.")
 SHAPE_OPT = typer.Option(
@@ -81,7 +85,10 @@ INT_RANGE_OPT = typer.Option(
     "0:10", "--int-range", metavar="LOW:HIGH", help="Integer inputs are drawn from [LOW, HIGH)."
 )
 INPUTS_OPT = typer.Option(
-    None, "--inputs", help=".npz (arrays by input name) or onnx test-data folder; one trial each (repeatable)."
+    None,
+    "--inputs",
+    metavar="FILE|DIR",
+    help=".npz (arrays by input name) or onnx test-data folder; one trial each (repeatable).",
 )
 NO_REPARAM_OPT = typer.Option(
     False,
@@ -102,16 +109,21 @@ BIAS_CORRECTION_OPT = typer.Option(
     "shifts the outputs as little as it can (statistics of each conv's input from the graph or "
     "--calibration; docs/folding.md). --no-bias-correction keeps plain sum-preserving rounding.",
 )
-PROVIDER_OPT = typer.Option(None, "--provider", help="onnxruntime execution provider (repeatable). Default CPU.")
+PROVIDER_OPT = typer.Option(
+    None, "--provider", metavar="NAME", help="onnxruntime execution provider (repeatable). Default CPU."
+)
 
 
 @app.command(epilog=EXIT_CODES)
 def optimize(
-    models: list[Path] = typer.Argument(..., help="ONNX model files, or folders of them.", show_default=False),
+    models: list[Path] = typer.Argument(
+        ..., metavar="MODEL", help="ONNX model files, or folders of them.", show_default=False
+    ),
     output: str | None = typer.Option(  # a str: a trailing "/" (a new folder) must survive
         None,
         "--output",
         "-o",
+        metavar="PATH",
         help="Where to write: a file or a folder (a folder with several models). "
         "Default: beside each MODEL, with .folded.onnx.",
     ),
@@ -245,8 +257,10 @@ class _ProgressBar:
 
 @app.command(epilog=EXIT_CODES)
 def verify(
-    reference: Path = typer.Argument(..., help="The original model.", show_default=False),
-    candidate: Path = typer.Argument(..., help="The model that should compute the same function.", show_default=False),
+    reference: Path = typer.Argument(..., metavar="REFERENCE", help="The original model.", show_default=False),
+    candidate: Path = typer.Argument(
+        ..., metavar="CANDIDATE", help="The model that should compute the same function.", show_default=False
+    ),
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
@@ -298,7 +312,7 @@ def verify(
 
 @app.command(epilog=EXIT_CODES)
 def inspect(
-    models: list[Path] = typer.Argument(..., help="ONNX model files.", show_default=False),
+    models: list[Path] = typer.Argument(..., metavar="MODEL", help="ONNX model files.", show_default=False),
     no_reparam: bool = NO_REPARAM_OPT,
     bias_correction: bool = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
@@ -360,7 +374,10 @@ def inspect(
 def bench(
     model: Path = MODEL_ARG,
     folded: Path | None = typer.Argument(
-        None, help="The folded model. Default: fold MODEL now (verified) into a temporary folder.", show_default=False
+        None,
+        metavar="FOLDED",
+        help="The folded model. Default: fold MODEL now (verified) into a temporary folder.",
+        show_default=False,
     ),
     runs: int = typer.Option(20, "--runs", help="Timed runs per model and setting (median reported)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),

@@ -21,7 +21,7 @@ from bnfold.graph.protos import all_nodes
 from bnfold.graph.tensors import TensorReader, store_pending
 from bnfold.io import output as io_output
 from bnfold.io.output import StagedModel, output_path, refuse_input_data, serialized_size
-from bnfold.io.source import ModelSource, as_model, load_model
+from bnfold.io.source import ModelSource, as_model, is_onnx_ir, load_model
 from bnfold.io.tensors import payload_bytes, read_tensor
 from bnfold.report import FoldOutcome, FoldReport
 
@@ -36,7 +36,7 @@ ModelLike = Any  # a path, an onnx.ModelProto, an onnx_ir model or an ONNXProgra
 class FoldResult:
     """The folded model and the record of what was folded and what was not, and why."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # an onnx_ir.Model when `fold` was given one
     report: FoldReport
 
 
@@ -52,11 +52,13 @@ def fold(
     graph or measured on `calibration` (a path or feeds: bnfold.calibration).
 
     `model` is a path, a ModelProto (never modified: the fold works on a copy), an onnx_ir model
-    or a torch.onnx.ONNXProgram (bnfold.io.source.as_model). With `check`,
+    or a torch.onnx.ONNXProgram (bnfold.io.source.as_model); the folded model is an onnx_ir
+    model when an onnx_ir model came in, else a ModelProto. With `check`,
     the result must pass `onnx.checker` (full check) or this raises: BnfoldError when the input
     itself is invalid, InternalError when the fold broke a valid model.
     """
     start = time.perf_counter()
+    given_ir = is_onnx_ir(model)
     model = as_model(model)
     if isinstance(model, Path):
         original: onnx.ModelProto | str = str(model)
@@ -81,6 +83,10 @@ def fold(
                 "`bnfold optimize` checks it there (fold(..., check=False) skips the check)"
             )
         validate(folded, original)
+    if given_ir:
+        import onnx_ir
+
+        folded = onnx_ir.from_proto(folded)
     report.seconds = time.perf_counter() - start
     return FoldResult(folded, report)
 
@@ -176,6 +182,11 @@ def optimize(
     the file (bench/run.py measures it).
     """
     start = time.perf_counter()
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise BnfoldError(
+            f"optimize reads and writes model files, and was given {type(model_path).__name__}: "
+            "save the model first, or fold it in memory with bnfold.fold()"
+        )
     if external_data not in EXTERNAL_DATA_MODES:
         raise BnfoldError(f"--external-data {external_data!r}: choose one of {', '.join(EXTERNAL_DATA_MODES)}")
     src = Path(model_path)

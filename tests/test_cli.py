@@ -307,6 +307,21 @@ def test_help_documents_exit_codes():
         assert "Exit codes: 0 success" in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize("command", [[], ["optimize"], ["verify"], ["inspect"], ["bench"]])
+def test_dash_h_is_help_and_metavars_name_the_domain(command):
+    result = runner.invoke(app, [*command, "-h"], prog_name="bnfold")
+    assert (
+        result.exit_code == 0 and result.stdout == runner.invoke(app, [*command, "--help"], prog_name="bnfold").stdout
+    )
+    text = " ".join(result.stdout.split())
+    assert "Usage: bnfold" in text
+    for internal in ("{models}", "{reference}", "{model}", "<str>", "<list[str]>", "--inputs <list[Path]>"):
+        assert internal not in text, internal
+    if command == ["verify"]:
+        assert "{REFERENCE} {CANDIDATE}" in text and "--provider NAME" in text and "--inputs FILE|DIR" in text
+        assert "99th percentile" in text  # --atol says what S is
+
+
 def test_unexpected_exception_is_exit_3_not_1(capsys):
     # Exit 1 means "not equivalent"; a crash must never be read as that.
     with pytest.raises(typer.Exit) as exit_info:

@@ -26,3 +26,13 @@ def test_the_first_command_writes_nothing_into_sample_models():
     first = readme_commands()[0]
     output = first.split(" -o ", 1)[1].split()[0]
     assert not output.startswith("sample_models/")
+
+
+def test_the_installed_package_says_what_it_is_for_and_which_pythons():
+    from importlib.metadata import metadata
+
+    about = metadata("bnfold")
+    classifiers = about.get_all("Classifier") or []
+    assert "onnx" in about["Keywords"] and "Typing :: Typed" in classifiers
+    lowest = about["Requires-Python"].removeprefix(">=")
+    assert f"Programming Language :: Python :: {lowest}" in classifiers  # the lowest Python allowed is named

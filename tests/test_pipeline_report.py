@@ -146,9 +146,24 @@ def test_fold_and_verify_take_onnx_ir_models_programs_and_arrays():
     from_ir, from_program = bnfold.fold(ir_model), bnfold.fold(Program())
     assert from_ir.report.folded == from_program.report.folded == 9
     assert from_program.model == bnfold.fold(proto).model  # onnx_ir's round trip adds value_info
-    assert [n.op_type for n in from_ir.model.graph.node] == [n.op_type for n in from_program.model.graph.node]
+    assert isinstance(from_ir.model, onnx_ir.Model)  # what came in goes out
+    assert [n.op_type for n in from_ir.model.graph] == [n.op_type for n in from_program.model.graph.node]
     x = np.load(SAMPLES / "resnet_tiny.npz")["in.input"]
     report = bnfold.verify(ir_model, from_program.model, inputs=[{"input": x}, {"input": x[:1]}])
     assert report and report.trials == 2 and report.inputs[0]["source"] == "arrays, arrays"
     with pytest.raises(TypeError, match="expected an ONNX model"):
         bnfold.fold(42)
+
+
+@pytest.mark.parametrize("given", ["proto", "ir"])
+def test_optimize_given_a_model_in_memory_says_so_in_one_sentence(given):
+    import onnx
+    import onnx_ir
+
+    proto = onnx.load(str(SAMPLES / "resnet_tiny.onnx"))
+    with pytest.raises(bnfold.BnfoldError, match=r"reads and writes model files.*bnfold\.fold\(\)"):
+        bnfold.optimize(proto if given == "proto" else onnx_ir.from_proto(proto))
+
+
+def test_dir_lists_the_public_names():
+    assert set(bnfold.__all__) <= set(dir(bnfold))

@@ -221,6 +221,11 @@ def _text_is_valid(model: onnx.ModelProto) -> bool:
     return True
 
 
+def is_onnx_ir(model) -> bool:
+    """Whether `model` is an onnx_ir object (without importing onnx_ir)."""
+    return type(model).__module__.split(".")[0] == "onnx_ir"
+
+
 def as_model(model) -> onnx.ModelProto | Path:
     """What the library accepts as a model, as a ModelProto or a path: a path or str, an
     onnx.ModelProto, an `onnx_ir` model (`torch.onnx.export(..., dynamo=True).model`), or
@@ -233,7 +238,7 @@ def as_model(model) -> onnx.ModelProto | Path:
     proto = getattr(model, "model_proto", None)  # torch.onnx.ONNXProgram
     if isinstance(proto, onnx.ModelProto):
         return proto
-    if type(model).__module__.split(".")[0] == "onnx_ir":
+    if is_onnx_ir(model):
         import onnx_ir
 
         return onnx_ir.to_proto(model)
