@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time each name is imported o
     from bnfold.errors import BnfoldError, InternalError
     from bnfold.pipeline import FoldResult, OptimizeResult, fold, optimize
     from bnfold.report import FoldOutcome, FoldReport
+    from bnfold.verification.golden import verify_against_outputs
     from bnfold.verification.report import VerifyReport
     from bnfold.verification.verify import verify
 
@@ -31,6 +32,7 @@ _EXPORTS = {
     "BnfoldError": "bnfold.errors",
     "InternalError": "bnfold.errors",
     "verify": "bnfold.verification.verify",
+    "verify_against_outputs": "bnfold.verification.golden",
     "VerifyReport": "bnfold.verification.report",
     "bench": "bnfold.benchmark",
     "BenchReport": "bnfold.benchmark",
@@ -38,7 +40,7 @@ _EXPORTS = {
 
 __all__ = [  # spelled out, so that linters and type checkers read it
     "fold", "FoldResult", "FoldReport", "FoldOutcome", "optimize", "OptimizeResult", "BnfoldError",
-    "InternalError", "verify", "VerifyReport", "bench", "BenchReport", "__version__",
+    "InternalError", "verify", "verify_against_outputs", "VerifyReport", "bench", "BenchReport", "__version__",
 ]  # fmt: skip
 assert set(__all__) == {*_EXPORTS, "__version__"}
 

@@ -258,8 +258,11 @@ class _ProgressBar:
 @app.command(epilog=EXIT_CODES)
 def verify(
     reference: Path = typer.Argument(..., metavar="REFERENCE", help="The original model.", show_default=False),
-    candidate: Path = typer.Argument(
-        ..., metavar="CANDIDATE", help="The model that should compute the same function.", show_default=False
+    candidate: Path | None = typer.Argument(
+        None,
+        metavar="CANDIDATE",
+        help="The model that should compute the same function (none with --load-outputs).",
+        show_default=False,
     ),
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
@@ -284,20 +287,45 @@ def verify(
     save_outputs: Path | None = typer.Option(
         None, "--save-outputs", help="Save both models' outputs to this new folder (onnx test-data layout)."
     ),
+    load_outputs: Path | None = typer.Option(
+        None,
+        "--load-outputs",
+        metavar="FILE|DIR",
+        help="Compare one model with stored outputs instead of a second model: .npz (out.NAME, with in.NAME "
+        "inputs), Polygraphy's --save-outputs JSON (inputs from --inputs), or onnx test data.",
+    ),
 ) -> None:
     """Run both models with onnxruntime (graph optimizations off) and compare every output, by name.
 
+    With --load-outputs, run one model on stored inputs and compare it with stored outputs.
     Exit 0 when every output matches within the tolerance policy, 1 when one does not.
     """
-    from bnfold.verification.verify import verify as run_verify
 
     def run():
-        for path in (reference, candidate):
+        models = [reference] if load_outputs is not None else [reference, candidate]
+        if load_outputs is not None and candidate is not None:
+            raise BnfoldError("--load-outputs compares one model with stored outputs: give one model")
+        if candidate is None and load_outputs is None:
+            raise BnfoldError("verify needs two models, or one with --load-outputs")
+        for path in models:
             if path.is_dir():
                 raise BnfoldError(f"{path}: is a directory, not an ONNX model")
             if not path.exists():
                 raise BnfoldError(f"{path}: no such file")
         options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider)
+        if load_outputs is not None:
+            from bnfold.verification.golden import verify_against_outputs
+
+            unused = [o for o, v in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs),
+                                     ("--localize", localize)) if v]  # fmt: skip
+            if unused:
+                raise BnfoldError(f"{', '.join(unused)}: not with --load-outputs")
+            keep = ("inputs", "atol", "rtol", "input_shapes", "providers")
+            return verify_against_outputs(
+                reference, load_outputs, progress=_progress(quiet), **{k: options[k] for k in keep if k in options}
+            )
+        from bnfold.verification.verify import verify as run_verify
+
         saving = {"save_inputs": save_inputs, "save_outputs": save_outputs}
         return run_verify(reference, candidate, progress=_progress(quiet), localize=localize, **saving, **options)
 

@@ -318,7 +318,7 @@ def test_dash_h_is_help_and_metavars_name_the_domain(command):
     for internal in ("{models}", "{reference}", "{model}", "<str>", "<list[str]>", "--inputs <list[Path]>"):
         assert internal not in text, internal
     if command == ["verify"]:
-        assert "{REFERENCE} {CANDIDATE}" in text and "--provider NAME" in text and "--inputs FILE|DIR" in text
+        assert "{REFERENCE} [CANDIDATE]" in text and "--provider NAME" in text and "--inputs FILE|DIR" in text
         assert "99th percentile" in text  # --atol says what S is
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.errors import BnfoldError, first_line
+from bnfold.errors import BnfoldError
+from bnfold.verification import stored
 
 DEFAULT_TRIALS = 3
 DEFAULT_INT_RANGE = (0, 10)
@@ -257,19 +258,20 @@ def describe_inputs(declared: list[InputSpec], feeds: list[dict]) -> list[dict]:
 
 
 def load_input_sets(path: Path, specs: dict) -> list[dict]:
-    """Input sets from an .npz (arrays by input name) or an onnx test-data folder: a folder of
-    `input_K.pb` files, or a model folder of `test_data_set_N` folders. Pickles are refused."""
+    """Input sets from an .npz (arrays by input name, or `in.NAME` beside `out.NAME`), Polygraphy's
+    saved inputs (.json, one set per iteration), or an onnx test-data folder: a folder of
+    `input_K.pb` files, or a model folder of `test_data_set_N` folders (bnfold.verification.stored).
+    Pickles are refused."""
     if path.is_dir():
         sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir()) or [path]
         return [_load_test_data_set(folder, specs) for folder in sets]
     if not path.is_file():
         raise BnfoldError(f"{path}: no such input file or folder")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise BnfoldError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
-    return [check_feed(arrays, specs, path)]
+    if path.suffix.lower() == ".json":
+        return [check_feed(feed, specs, path) for feed in stored.polygraphy_inputs(path)]
+    arrays = stored.npz_arrays(path)
+    inputs = stored.with_prefix(arrays, stored.INPUT_PREFIX)
+    return [check_feed(arrays if inputs is None else inputs, specs, path)]
 
 
 def _load_test_data_set(folder: Path, specs: dict) -> dict:
@@ -282,14 +284,8 @@ def _load_test_data_set(folder: Path, specs: dict) -> dict:
         raise BnfoldError(f"{folder}: no input_*.pb files")
     arrays = {}
     for index, file in enumerate(files):
-        tensor = onnx.TensorProto()
-        try:
-            tensor.ParseFromString(file.read_bytes())
-            value = numpy_helper.to_array(tensor)
-        except Exception as exc:
-            raise BnfoldError(f"{file}: not a TensorProto ({first_line(exc)})") from None
-        name = tensor.name or (list(specs)[index] if index < len(specs) else f"input_{index}")
-        arrays[name] = value
+        name, value = stored.read_tensor_file(file)
+        arrays[name or (list(specs)[index] if index < len(specs) else f"input_{index}")] = value
     return check_feed(arrays, specs, folder)
 
 

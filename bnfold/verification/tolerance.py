@@ -127,6 +127,15 @@ class OutputComparison:
     explained: str = ""  # why a difference the policy refuses is not the rewrite's (bnfold.verification.sites)
 
 
+def check_tolerances(atol: float | None, rtol: float | None) -> None:
+    """Refuse a tolerance that cannot fail (NaN) or cannot pass (negative)."""
+    from bnfold.errors import BnfoldError
+
+    for option, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None and not (np.isfinite(value) and value >= 0):
+            raise BnfoldError(f"{option} {value}: must be a finite number ≥ 0")
+
+
 def unmatched(name: str, reason: str, dtype: str = "", shape: list | None = None) -> OutputComparison:
     """An output that could not be compared number by number, and why."""
     return OutputComparison(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,7 +28,15 @@ from bnfold.verification.localize import Divergence, first_divergence
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
 from bnfold.verification.sites import judge_outputs, judge_shifts, judge_sites, read_structure
-from bnfold.verification.tolerance import SHIFTED_PRECISIONS, OutputComparison, channel_shift, compare, judge, unmatched
+from bnfold.verification.tolerance import (
+    SHIFTED_PRECISIONS,
+    OutputComparison,
+    channel_shift,
+    check_tolerances,
+    compare,
+    judge,
+    unmatched,
+)
 
 __all__ = ["ModelLoadError", "VerifyReport", "verify"]
 
@@ -76,9 +83,7 @@ def verify(
         raise BnfoldError("--trials must be at least 1")
     if int_range[0] >= int_range[1]:
         raise BnfoldError(f"--int-range {int_range[0]}:{int_range[1]} is empty")
-    for option, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise BnfoldError(f"{option} {value}: must be a finite number ≥ 0")
+    check_tolerances(atol, rtol)
     runtime.check_providers(providers)
     folders = {kind: check_folder(Path(f)) for kind, f in (("inputs", save_inputs), ("outputs", save_outputs)) if f}
     report = VerifyReport(

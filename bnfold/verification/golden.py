@@ -1,0 +1,85 @@
+"""Verify one model against stored outputs: what the training framework computed, or what
+Polygraphy saved (`polygraphy run --save-outputs`), on stored inputs (bnfold.verification.stored).
+
+The stored outputs are the reference. Each output the file holds is compared with the model's
+output of that name under the tolerance policy of the arithmetic the model performs
+(bnfold.verification.tolerance); an output the model does not give fails. There is no reference
+model here, so no yardstick: a model whose own arithmetic differs from the framework's by more
+than the policy (float16 against a float32 framework, say) needs an explicit `--atol`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bnfold.errors import BnfoldError
+from bnfold.verification import runtime, stored
+from bnfold.verification.inputs import check_feed, input_specs, load_input_sets
+from bnfold.verification.precision import Precisions, value_types
+from bnfold.verification.report import VerifyReport
+from bnfold.verification.runtime import DEFAULT_PROVIDERS
+from bnfold.verification.tolerance import check_tolerances, compare, judge, unmatched
+
+
+def verify_against_outputs(
+    model,
+    outputs: str | Path,
+    *,
+    inputs: Sequence[str | Path] = (),
+    atol: float | None = None,
+    rtol: float | None = None,
+    input_shapes: dict[str, Sequence[int]] | None = None,
+    providers: Sequence[str] = DEFAULT_PROVIDERS,
+    progress: Callable[[str], None] = lambda stage: None,
+) -> VerifyReport:
+    """`model` (a path or ModelProto) run on the inputs stored with `outputs` (or on `inputs`,
+    one trial per set, in order) against the stored outputs. Raises BnfoldError when the
+    comparison cannot run; a difference is reported, not raised."""
+    start = time.perf_counter()
+    check_tolerances(atol, rtol)
+    runtime.check_providers(providers)
+    source, expected, stored_inputs = stored.load_outputs(Path(outputs))
+    progress("loading the model in onnxruntime")
+    session = runtime.load_session(model, "model", providers)  # external-data locations checked first
+    declared = runtime.input_declarations(session)
+    specs = input_specs(declared, input_shapes or {})
+    if inputs:
+        feeds = [feed for given in inputs for feed in load_input_sets(Path(given), specs)]
+    elif stored_inputs is not None:
+        feeds = [check_feed(feed, specs, outputs) for feed in stored_inputs]
+    elif Path(outputs).is_dir():
+        feeds = load_input_sets(Path(outputs), specs)
+    else:
+        raise BnfoldError(f"{outputs}: holds no inputs; give the inputs they were computed on with --inputs")
+    if len(feeds) != len(expected):
+        raise BnfoldError(f"{len(feeds)} input sets for {len(expected)} sets of stored outputs: give one for each")
+    skeleton, arrays = runtime.weights_apart(model)
+    precisions = Precisions(skeleton, value_types(skeleton), arrays)
+    report = VerifyReport(source, runtime.describe(model), providers=list(providers), trials=len(feeds))
+    report.providers = runtime.providers_used([session], providers)
+    report.inputs = [{"name": v.name, "source": ", ".join(map(str, inputs)) or str(outputs)} for v in declared]
+    trials: dict[str, list] = {}
+    for t, (feed, want) in enumerate(zip(feeds, expected), 1):
+        progress(f"trial {t} of {len(feeds)}")
+        got = runtime.run_named(session, feed, "the model")
+        for name, value in want.items():
+            trials.setdefault(name, []).append(_compare(name, value, got.get(name), atol, rtol, precisions))
+    report.outputs = [judge(results) for results in trials.values()]
+    report.equivalent = bool(report.outputs) and all(o.passed for o in report.outputs)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _compare(name, want: np.ndarray, got, atol, rtol, precisions: Precisions):
+    """One stored output against the model's: a float output in the model's own float type
+    (a float32 framework's output for a float16 model), anything else as it is."""
+    if got is None:
+        return unmatched(name, "the model gives no output of this name", str(want.dtype), list(want.shape))
+    got = np.asarray(got)
+    if want.dtype.kind == "f" and got.dtype.kind == "f":
+        want = want.astype(got.dtype)
+    return compare(name, want, got, atol, rtol, precisions.of_output(name))
