@@ -1,3 +1,4 @@
 from bnfold.cli import main
 
-main()
+if __name__ == "__main__":  # not in a batch worker, which imports this module again (spawn)
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,13 +89,17 @@ def optimize_many(
 def _in_processes(tasks, jobs: int, items: dict, on_done, died: bool = False) -> list:
     """Run `tasks` in `jobs` worker processes, each item reported as it finishes. Returns the
     tasks lost to a worker that died; with `died`, such a task is reported as exit 3."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
     from bnfold.errors import EXIT_INTERNAL_ERROR
 
     broken = []
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    # spawn, not fork: a process forked while other threads hold locks (onnxruntime's pools, a
+    # library caller's threads, a test runner's) can wait forever on one; measured under pytest
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_exit_on_terminate) as pool:
         futures = {pool.submit(_optimize_one, task): task for task in tasks}
         for future in as_completed(futures):
             task = futures[future]
@@ -120,6 +125,15 @@ def _refuse_shared_outputs(paths: list[Path], output_folder: Path | None) -> Non
         if target in writers:
             raise BnfoldError(f"{path} and {writers[target]} would both be written to {target}; fold them separately")
         writers[target] = path
+
+
+def _exit_on_terminate() -> None:
+    """In a worker: SIGTERM exits through Python. When one worker dies the pool terminates the
+    others, and one that was writing its output then unwinds through its staging, which removes
+    its hidden files, as any failure does (killed outright, it would leave them behind)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _optimize_one(task) -> BatchItem:

@@ -262,16 +262,20 @@ def test_a_worker_that_dies_costs_only_its_own_model(tmp_path):
     # still written, each model gets its line, and b's is exit 3.
     for name in ("a", "b", "c"):
         shutil.copy(SAMPLE, tmp_path / f"{name}.onnx")
-    script = (
-        "import os, signal, sys; import bnfold.batch as b; real = b.optimize\n"
+    # Workers are fresh interpreters (spawn), so the kill is installed in every process of the
+    # run, workers included, by a sitecustomize module on PYTHONPATH.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\nimport bnfold.batch as b\nreal = b.optimize\n"
         "def dying(path, *a, **k):\n"
         "    if path.name == 'b.onnx': os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return real(path, *a, **k)\n"
         "b.optimize = dying\n"
-        "from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()"
     )
-    command = [sys.executable, "-c", script, "optimize", str(tmp_path), "-o", str(tmp_path / "out"), "--jobs", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "bnfold", "optimize", str(tmp_path), "-o", str(tmp_path / "out"), "--jobs", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 3, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.folded.onnx", "c.folded.onnx"]
     assert "FAIL  " + str(tmp_path / "b.onnx") + ": its worker process died" in result.stderr
