@@ -87,6 +87,7 @@ class BenchReport:
         }
 
 
+@runtime.takes_custom_ops
 def bench(
     original: str | os.PathLike,
     folded: str | os.PathLike,

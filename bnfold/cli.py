@@ -109,6 +109,12 @@ BIAS_CORRECTION_OPT = typer.Option(
     "shifts the outputs as little as it can (statistics of each conv's input from the graph or "
     "--calibration; docs/folding.md). --no-bias-correction keeps plain sum-preserving rounding.",
 )
+CUSTOM_LIB_OPT = typer.Option(
+    None,
+    "--custom-lib",
+    metavar="FILE",
+    help="An onnxruntime custom-op library (.so, .dll) for ops of another domain (repeatable).",
+)
 PROVIDER_OPT = typer.Option(
     None, "--provider", metavar="NAME", help="onnxruntime execution provider (repeatable). Default CPU."
 )
@@ -150,6 +156,7 @@ def optimize(
     int_range: str = INT_RANGE_OPT,
     inputs: list[Path] | None = INPUTS_OPT,
     provider: list[str] | None = PROVIDER_OPT,
+    custom_lib: list[Path] | None = CUSTOM_LIB_OPT,
 ) -> None:
     """Fold every foldable BatchNormalization and write the folded model.
 
@@ -168,7 +175,9 @@ def optimize(
             "reparam": not no_reparam,
             "bias_correction": bias_correction,
             "calibration": calibration,
-            "verify_options": _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider),
+            "verify_options": _verify_options(
+                trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib
+            ),
         }
 
     _json_for("optimize", json_report)
@@ -274,6 +283,7 @@ def verify(
     int_range: str = INT_RANGE_OPT,
     inputs: list[Path] | None = INPUTS_OPT,
     provider: list[str] | None = PROVIDER_OPT,
+    custom_lib: list[Path] | None = CUSTOM_LIB_OPT,
     localize: bool = typer.Option(
         False,
         "--localize",
@@ -312,15 +322,18 @@ def verify(
                 raise BnfoldError(f"{path}: is a directory, not an ONNX model")
             if not path.exists():
                 raise BnfoldError(f"{path}: no such file")
-        options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider)
+        options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib)
         if load_outputs is not None:
             from bnfold.verification.golden import verify_against_outputs
 
-            unused = [o for o, v in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs),
-                                     ("--localize", localize)) if v]  # fmt: skip
+            unused = [
+                o
+                for o, v in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs), ("--localize", localize))
+                if v
+            ]
             if unused:
                 raise BnfoldError(f"{', '.join(unused)}: not with --load-outputs")
-            keep = ("inputs", "atol", "rtol", "input_shapes", "providers")
+            keep = ("inputs", "atol", "rtol", "input_shapes", "providers", "custom_ops")
             return verify_against_outputs(
                 reference, load_outputs, progress=_progress(quiet), **{k: options[k] for k in keep if k in options}
             )
@@ -411,6 +424,7 @@ def bench(
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
     input_shape: list[str] | None = SHAPE_OPT,
     provider: list[str] | None = PROVIDER_OPT,
+    custom_lib: list[Path] | None = CUSTOM_LIB_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
@@ -424,7 +438,8 @@ def bench(
         for path in (model, folded):
             if path is not None and not path.is_file():
                 raise BnfoldError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
-        session_options = {"input_shapes": _input_shapes(input_shape), **_providers(provider)}
+        libraries = [str(p) for p in custom_lib or []]
+        session_options = {"input_shapes": _input_shapes(input_shape), **_providers(provider), "custom_ops": libraries}
         if provider:
             from bnfold.verification.runtime import check_providers
 
@@ -445,7 +460,7 @@ def bench(
     _render(report.to_dict(), report, quiet)
 
 
-def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider) -> dict:
+def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib) -> dict:
     """The CLI's verification options as keyword arguments of bnfold.verify."""
     shapes = _input_shapes(input_shape)
     low, _, high = int_range.partition(":")
@@ -461,6 +476,7 @@ def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, pr
         "input_shapes": shapes,
         "int_range": int_bounds,
         "inputs": list(inputs or []),
+        "custom_ops": [str(p) for p in custom_lib or []],
         **_providers(provider),
     }
 

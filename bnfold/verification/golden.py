@@ -25,6 +25,7 @@ from bnfold.verification.runtime import DEFAULT_PROVIDERS
 from bnfold.verification.tolerance import check_tolerances, compare, judge, unmatched
 
 
+@runtime.takes_custom_ops
 def verify_against_outputs(
     model,
     outputs: str | Path,

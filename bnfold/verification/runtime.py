@@ -6,6 +6,9 @@ itself, and a check of the original would then compare bnfold against onnxruntim
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import mmap
 import os
 import platform
@@ -44,6 +47,36 @@ def check_providers(providers: Sequence[str]) -> None:
         raise BnfoldError(f"provider {missing[0]} is not available; have {', '.join(available)}")
 
 
+_CUSTOM_OPS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("custom_op_libraries", default=())
+
+
+@contextlib.contextmanager
+def custom_op_libraries(paths: Sequence[str | os.PathLike]):
+    """Within: every session registers these onnxruntime custom-op libraries
+    (`SessionOptions.register_custom_ops_library`), for models with ops of another domain."""
+    libraries = tuple(str(Path(p)) for p in paths)
+    for library in libraries:
+        if not Path(library).is_file():
+            raise BnfoldError(f"--custom-lib {library}: no such file")
+    token = _CUSTOM_OPS.set(libraries)
+    try:
+        yield
+    finally:
+        _CUSTOM_OPS.reset(token)
+
+
+def takes_custom_ops(function):
+    """`function` with one more keyword, `custom_ops` (paths of custom-op libraries), registered in
+    every session it creates (custom_op_libraries)."""
+
+    @functools.wraps(function)
+    def with_libraries(*args, custom_ops: Sequence[str | os.PathLike] = (), **kwargs):
+        with custom_op_libraries(custom_ops):
+            return function(*args, **kwargs)
+
+    return with_libraries
+
+
 def make_session(
     model: onnx.ModelProto | str | Path,
     *,
@@ -63,6 +96,11 @@ def make_session(
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    for library in _CUSTOM_OPS.get():
+        try:
+            options.register_custom_ops_library(library)
+        except Exception as exc:
+            raise BnfoldError(f"--custom-lib {library}: onnxruntime cannot load it ({one_line(exc)})") from None
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(str(model), options, providers=list(providers))
     if arrays is None:
@@ -293,15 +331,13 @@ class SessionPair:
         jobs = [*zip(models, ("reference", "candidate"))]
         if plain_reference is not None:
             jobs.append((plain_reference, "reference"))
+
+        def load(job):  # in a pool thread, with the caller's context (custom-op libraries)
+            model, role, context = job
+            return context.run(load_session, model, role, providers, check_locations=check_locations, threads=threads)
+
         try:
-            loaded = list(
-                self._pool.map(
-                    lambda job: load_session(
-                        job[0], job[1], providers, check_locations=check_locations, threads=threads
-                    ),
-                    jobs,
-                )
-            )
+            loaded = list(self._pool.map(load, [(*job, contextvars.copy_context()) for job in jobs]))
         except BaseException:
             self._pool.shutdown()
             raise

@@ -41,6 +41,7 @@ from bnfold.verification.tolerance import (
 __all__ = ["ModelLoadError", "VerifyReport", "verify"]
 
 
+@runtime.takes_custom_ops
 def verify(
     reference,
     candidate,
@@ -75,7 +76,8 @@ def verify(
     intermediate tensor both models share that differs (`report.first_divergence`).
     `save_inputs` and `save_outputs` name new folders for what was run, in onnx's test-data
     layout (`bnfold.verification.evidence`); the candidate's outputs go to `candidate/` inside.
-    `cores` caps the cores the two sessions share (default: every core).
+    `cores` caps the cores the two sessions share (default: every core). `custom_ops` (a keyword
+    runtime.takes_custom_ops adds): onnxruntime custom-op libraries every session registers.
     """
     start = time.perf_counter()
     reference, candidate = (_model_or_path(m) for m in (reference, candidate))
