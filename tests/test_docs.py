@@ -36,3 +36,14 @@ def test_the_installed_package_says_what_it_is_for_and_which_pythons():
     assert "onnx" in about["Keywords"] and "Typing :: Typed" in classifiers
     lowest = about["Requires-Python"].removeprefix(">=")
     assert f"Programming Language :: Python :: {lowest}" in classifiers  # the lowest Python allowed is named
+
+
+def test_the_changelog_opens_with_the_version_being_built():
+    # the release step (docs/development.md): a .devN version is the CHANGELOG's unreleased one
+    import bnfold
+
+    heading = next(line for line in (ROOT / "CHANGELOG.md").read_text().splitlines() if line.startswith("## "))
+    version, _, state = heading.removeprefix("## ").partition(" ")
+    released = ".dev" not in bnfold.__version__
+    assert version == bnfold.__version__.split(".dev")[0]
+    assert (state == "(unreleased)") != released and (not released or re.fullmatch(r"\(\d{4}-\d\d-\d\d\)", state))

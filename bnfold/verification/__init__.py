@@ -3,7 +3,14 @@
 - `tolerance`: the policy that judges one output (pure numpy; no onnxruntime).
 - `inputs`: which inputs to feed: generated from the models' signatures, or loaded from files.
 - `runtime`: the onnxruntime adapter, the only module of bnfold that imports onnxruntime.
-- `noise`: a second look at a failing output against the model's own float32 noise.
+- `precision`: the arithmetic each tensor is computed in, read from the graph.
+- `regions`: what the candidate rewrote, the probe that runs each rewrite in isolation, and the
+  yardstick (the reference's rewritten parameters rounded the other way).
+- `sites`: the verdict where each rewrite acts, and on outputs knowing what lies between.
+- `localize`: the first tensor that differs, when the graphs cannot be compared node by node.
+- `stored`, `golden`: inputs and outputs other tools saved (.npz, Polygraphy's JSON, onnx test
+  data), and one model judged against stored outputs.
+- `evidence`: what was run, saved in onnx's test-data layout.
 - `report`: the verdict, as a table and as JSON.
 - `verify`: the check itself, tying them together.
 """
