@@ -88,7 +88,8 @@ INPUTS_OPT = typer.Option(
     None,
     "--inputs",
     metavar="FILE|DIR",
-    help=".npz (arrays by input name) or onnx test-data folder; one trial each (repeatable).",
+    help=".npz (arrays by input name, or in.NAME beside out.NAME), Polygraphy's saved inputs (.json, one "
+    "trial per iteration) or onnx test-data folder; one trial per set (repeatable).",
 )
 NO_REPARAM_OPT = typer.Option(
     False,

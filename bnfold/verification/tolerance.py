@@ -42,8 +42,9 @@ inside, torchvision, converted with keep_io_types) moves its site by 5.7e-3 · S
 mistake shifts every position of a channel alike, while rounding moves them this way and that and
 mostly averages out. So a 16-bit site fails when its largest per-channel mean difference (channels
 on axis 1) exceeds SHIFT_FACTOR times the reference's own when its rewritten nodes' parameters are
-rounded the other way (and SHIFT_FLOOR). Measured there: correct folds shift a channel by at most
-0.36× that yardstick (the rounding toward moments cancels the mean), the mistake by 5.9×.
+rounded the other way (and SHIFT_FLOOR). Measured at 436 sites in 24 float16 models, with and
+without bias correction: correct folds shift a channel by at most 1.6× that yardstick (median
+about 0.6); that ResNet-18 mistake by 5.8×. SHIFT_FACTOR 3 leaves about 2× on either side.
 """
 
 from __future__ import annotations
