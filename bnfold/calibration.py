@@ -28,6 +28,7 @@ from bnfold.verification.runtime import (
     input_declarations,
     load_session,
     run_named,
+    takes_custom_ops,
     whole_model,
     with_outputs,
 )
@@ -36,10 +37,12 @@ CHUNK = 64  # tensors measured per session
 SOURCE = "the calibration inputs"
 
 
+@takes_custom_ops
 def measure(model: onnx.ModelProto | str, calibration: str | Path | Iterable[dict]) -> dict[str, InputMoments]:
     """Per-channel moments of the data input of every Conv in `model`'s main graph, over the
     calibration inputs: a path (an .npz of arrays by input name, or onnx test-data folders, as
-    `verify --inputs` takes) or feeds (dicts of arrays by input name)."""
+    `verify --inputs` takes) or feeds (dicts of arrays by input name). `custom_ops`: paths of
+    onnxruntime custom-op libraries the sessions register."""
     try:
         graph_model = whole_model(model)  # our copy: each chunk's outputs are set on it
     except BnfoldError as exc:

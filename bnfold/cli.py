@@ -47,6 +47,17 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
+class _Command(typer.core.TyperCommand):
+    """Typer's command, with its arguments' help lines free of Typer's annotation label
+    (`MODEL <list[Path]>`): each argument's help says what it takes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument):
+                param.display_type_rich = lambda ctx: None
+
+
 def _print_version(value: bool) -> None:
     if value:
         from bnfold import __version__
@@ -69,15 +80,16 @@ JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report o
 NOTHING_TO_FOLD = "nothing to fold: written unchanged"
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
 # Verification options, shared by `verify` and `optimize`.
-TRIALS_OPT = typer.Option(3, "--trials", help="Input sets to generate.")
-SEED_OPT = typer.Option(0, "--seed", help="Seed for generated inputs.")
+TRIALS_OPT = typer.Option(3, "--trials", metavar="N", help="Input sets to generate.")
+SEED_OPT = typer.Option(0, "--seed", metavar="N", help="Seed for generated inputs.")
 ATOL_OPT = typer.Option(
     None,
     "--atol",
+    metavar="X",
     help="Allowed error as a fraction of each output's scale S (the 99th percentile of its non-zero "
     "magnitudes; docs/verification.md). Default by the precision it is computed in.",
 )
-RTOL_OPT = typer.Option(None, "--rtol", help="Allowed error as a fraction of each element. Default 0.")
+RTOL_OPT = typer.Option(None, "--rtol", metavar="X", help="Allowed error as a fraction of each element. Default 0.")
 SHAPE_OPT = typer.Option(
     None, "--input-shape", metavar="NAME:DIMS", help="Shape for an input, e.g. input:1x3x224x224 (repeatable)."
 )
@@ -121,7 +133,7 @@ PROVIDER_OPT = typer.Option(
 )
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def optimize(
     models: list[Path] = typer.Argument(
         ..., metavar="MODEL", help="ONNX model files, or folders of them.", show_default=False
@@ -143,7 +155,7 @@ def optimize(
         metavar="auto|always|never",
         help="Keep tensors in a data file beside the output: auto = when the input did or past 2 GiB.",
     ),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Models processed in parallel."),
+    jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Models processed in parallel."),
     no_reparam: bool = NO_REPARAM_OPT,
     bias_correction: bool = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
@@ -265,7 +277,7 @@ class _ProgressBar:
             sys.stderr.flush()
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def verify(
     reference: Path = typer.Argument(..., metavar="REFERENCE", help="The original model.", show_default=False),
     candidate: Path | None = typer.Argument(
@@ -293,10 +305,14 @@ def verify(
     save_inputs: Path | None = typer.Option(
         None,
         "--save-inputs",
+        metavar="DIR",
         help="Save the inputs run to this new folder (onnx test-data layout; replay with --inputs).",
     ),
     save_outputs: Path | None = typer.Option(
-        None, "--save-outputs", help="Save both models' outputs to this new folder (onnx test-data layout)."
+        None,
+        "--save-outputs",
+        metavar="DIR",
+        help="Save both models' outputs to this new folder (onnx test-data layout).",
     ),
     load_outputs: Path | None = typer.Option(
         None,
@@ -352,7 +368,7 @@ def verify(
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def inspect(
     models: list[Path] = typer.Argument(..., metavar="MODEL", help="ONNX model files.", show_default=False),
     no_reparam: bool = NO_REPARAM_OPT,
@@ -412,7 +428,7 @@ def inspect(
         raise typer.Exit(worst or EXIT_FOLDABLE)
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(cls=_Command, epilog=EXIT_CODES)
 def bench(
     model: Path = MODEL_ARG,
     folded: Path | None = typer.Argument(
@@ -421,8 +437,8 @@ def bench(
         help="The folded model. Default: fold MODEL now (verified) into a temporary folder.",
         show_default=False,
     ),
-    runs: int = typer.Option(20, "--runs", help="Timed runs per model and setting (median reported)."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
+    runs: int = typer.Option(20, "--runs", metavar="N", help="Timed runs per model and setting (median reported)."),
+    warmup: int = typer.Option(3, "--warmup", metavar="N", help="Untimed runs first."),
     input_shape: list[str] | None = SHAPE_OPT,
     provider: list[str] | None = PROVIDER_OPT,
     custom_lib: list[Path] | None = CUSTOM_LIB_OPT,

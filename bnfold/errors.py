@@ -6,6 +6,11 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 EXIT_FOLDABLE = 4  # `bnfold inspect --check`: a model still holds what bnfold would fold
 
+NO_RUNTIME = (
+    "onnxruntime is not installed: verification runs the models in it; "
+    "pip install 'bnfold[cpu]' (or 'bnfold[gpu]' for onnxruntime-gpu), or fold with --no-verify"
+)
+
 
 class BnfoldError(Exception):
     """Something the user can fix: a missing file, a file that is not a valid model, a bad option.

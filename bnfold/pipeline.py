@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,13 @@ class FoldResult:
 
 
 def fold(
-    model: ModelLike, *, check: bool = True, reparam: bool = True, bias_correction: bool = True, calibration=None
+    model: ModelLike,
+    *,
+    check: bool = True,
+    reparam: bool = True,
+    bias_correction: bool = True,
+    calibration=None,
+    custom_ops: Sequence[str | os.PathLike] = (),
 ) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
     op next to it; see docs/folding.md for the patterns and their preconditions.
@@ -49,7 +55,8 @@ def fold(
     With `reparam`, sums of parallel branches affine in one tensor are then merged into one
     Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks). `bias_correction`
     chooses 16-bit weights' second rounding with each conv's input statistics, read from the
-    graph or measured on `calibration` (a path or feeds: bnfold.calibration).
+    graph or measured on `calibration` (a path or feeds: bnfold.calibration), in onnxruntime
+    sessions that register the custom-op libraries `custom_ops`.
 
     `model` is a path, a ModelProto (never modified: the fold works on a copy), an onnx_ir model
     or a torch.onnx.ONNXProgram (bnfold.io.source.as_model); the folded model is an onnx_ir
@@ -70,7 +77,7 @@ def fold(
     report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
         report.dropped_value_info = check_input(folded)  # before folding: see checker.validate_input_skeleton
-    calibrated = _calibrated(original, calibration) if bias_correction else {}
+    calibrated = _calibrated(original, calibration, custom_ops) if bias_correction else {}
     report.outcomes, pending = fold_in_place(
         folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
     )
@@ -97,13 +104,13 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(node.op_type for node in nodes).items()))
 
 
-def _calibrated(original: onnx.ModelProto | str, calibration) -> dict:
+def _calibrated(original: onnx.ModelProto | str, calibration, custom_ops: Sequence[str | os.PathLike]) -> dict:
     """Measured input statistics (bnfold.calibration), or none without calibration data."""
     if calibration is None:
         return {}
     from bnfold.calibration import measure  # runs onnxruntime: imported only when asked for
 
-    return measure(original, calibration)
+    return measure(original, calibration, custom_ops=custom_ops)
 
 
 def fold_in_place(
@@ -200,7 +207,8 @@ def optimize(
         payload_before = payload_bytes(model.graph)
         if calibration is not None and bias_correction:
             progress("measuring input statistics on the calibration data")
-        calibrated = _calibrated(str(src), calibration) if bias_correction else {}
+        custom_ops = (verify_options or {}).get("custom_ops", ())  # the calibration session loads them too
+        calibrated = _calibrated(str(src), calibration, custom_ops) if bias_correction else {}
         report.outcomes, pending = fold_in_place(
             model, str(src), source.read, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
         )

@@ -15,6 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.verification.precision import widen_floats  # noqa: F401 (part of this module's kit)
 
+# onnx >= 1.22 writes IR version 13 by default, which onnxruntime loads from 1.24 on (and 1.24 has
+# no Python 3.10 build); models built here say 10, which every onnxruntime bnfold allows loads.
+IR_VERSION = 10
+
 
 def bn_parameters(rng: np.random.Generator, channels: int) -> dict[str, np.ndarray]:
     """Trained-looking statistics: γ and var away from 1, β and mean away from 0."""
@@ -120,7 +124,7 @@ class BranchGraph:
             [helper.make_tensor_value_info(relu, elem, None)],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", opset)])
         return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 

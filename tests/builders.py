@@ -8,7 +8,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.testing import bn_parameters, random_inputs, run, widen_floats  # noqa: F401 (shared with bench/)
+from bnfold.testing import IR_VERSION, bn_parameters, random_inputs, run, widen_floats  # noqa: F401 (shared with bench/)
+
+
+def make_model(graph: onnx.GraphProto, **kwargs) -> onnx.ModelProto:
+    """helper.make_model, at an IR version and opset (17 unless given) that the oldest
+    onnxruntime bnfold allows can load: onnx's own defaults are its newest."""
+    kwargs.setdefault("ir_version", IR_VERSION)
+    kwargs.setdefault("opset_imports", [helper.make_opsetid("", 17)])
+    return helper.make_model(graph, **kwargs)
+
 
 ONNX_TYPE = {
     np.dtype(np.float16): TensorProto.FLOAT16,
@@ -77,7 +86,7 @@ def conv_bn_model(
     if ir_version is not None and ir_version < 4:
         # Before IR v4 every initializer must also be listed as a graph input.
         graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
+    return make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
 
 
 def assert_same_function(original: onnx.ModelProto, folded: onnx.ModelProto, feeds=None) -> float:
@@ -129,7 +138,7 @@ def linear_bn_model(
         [helper.make_tensor_value_info("lin_out", elem, None)],
         inits,
     )
-    probe = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+    probe = onnx.shape_inference.infer_shapes(make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
     out_shape = [d.dim_value for d in probe.graph.output[0].type.tensor_type.shape.dim]
     channels = out_shape[1]
     params = bn_params if bn_params is not None else bn_parameters(rng, channels)
@@ -143,7 +152,7 @@ def linear_bn_model(
     )
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info("y", elem, out_shape))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def assert_refused(model: onnx.ModelProto, reason: str | None = None, *, check: bool = True):

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from builders import assert_same_function, run
+from builders import assert_same_function, make_model, run
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -51,7 +51,7 @@ def constant_input_model(channels: int = 64) -> onnx.ModelProto:
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 6, 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 4, 4])
-    return helper.make_model(
+    return make_model(
         helper.make_graph(nodes, "constant", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
     )
 
@@ -136,7 +136,7 @@ def test_a_forward_fold_rounds_with_the_running_statistics_of_the_bn():
     inits = [numpy_helper.from_array(v.astype(np.float16), k) for k, v in params.items()]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, c, 6, 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 16, 4, 4])
-    model = helper.make_model(
+    model = make_model(
         helper.make_graph(nodes, "forward", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]
     )
     corrected, plain = bnfold.fold(model), bnfold.fold(model, bias_correction=False)

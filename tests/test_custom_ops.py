@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import bn_parameters
+from builders import bn_parameters, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -36,7 +36,7 @@ def custom_op_model(path: Path) -> Path:
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("negative", "positive")]
     graph = helper.make_graph(nodes, "custom", [x], outputs, inits)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.contrib", 1)]
-    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    onnx.save(make_model(graph, opset_imports=opsets), str(path))
     return path
 
 
@@ -63,3 +63,17 @@ def test_a_custom_op_library_that_is_missing_or_not_one_is_one_line(tmp_path):
         result = bnfold_cli("verify", model, model, "--custom-lib", library)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_calibration_sessions_register_the_library_too(tmp_path):
+    # --calibration runs the original model to measure each conv's input statistics
+    model = custom_op_model(tmp_path / "m.onnx")
+    np.savez(tmp_path / "calibration.npz", x=np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32))
+    args = ("optimize", model, "--calibration", tmp_path / "calibration.npz", "--no-verify")
+    without = bnfold_cli(*args, "-o", tmp_path / "a.onnx")
+    assert without.returncode == 2 and "NegPos" in without.stderr and not (tmp_path / "a.onnx").exists()
+    result = bnfold_cli(*args, "-o", tmp_path / "f.onnx", "--custom-lib", LIBRARY)
+    assert result.returncode == 0, result.stderr
+    assert [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node] == ["Conv", "NegPos"]
+    folded = bnfold.fold(model, calibration=tmp_path / "calibration.npz", custom_ops=[LIBRARY])
+    assert folded.report.folded == 1

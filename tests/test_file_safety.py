@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from builders import make_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_tiny.onnx"
 
@@ -359,7 +360,7 @@ def test_the_input_cap_bounds_all_inputs_of_a_trial_together(tmp_path):
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [100, 1000, 1000]) for n in "abc"]
     nodes = [helper.make_node("Sum", ["a", "b", "c"], ["y"])]
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [100, 1000, 1000])
-    model = helper.make_model(helper.make_graph(nodes, "big", inputs, [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(helper.make_graph(nodes, "big", inputs, [y]), opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "big.onnx"
     onnx.save(model, str(path))
     one_line_error(bnfold("verify", path, path), "one trial's inputs together need more than 1 GiB")

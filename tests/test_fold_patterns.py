@@ -9,7 +9,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import assert_refused, assert_same_function, bn_parameters, conv_bn_model, linear_bn_model, op_types
+from builders import (
+    assert_refused,
+    assert_same_function,
+    bn_parameters,
+    conv_bn_model,
+    linear_bn_model,
+    make_model,
+    op_types,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -143,7 +151,7 @@ def conv_then(ops: list[tuple[str, str, np.ndarray]], *, data_first: bool = True
         inputs = [f"t{i - 1}", name] if data_first else [name, f"t{i - 1}"]
         graph.node.append(helper.make_node(op, inputs, [f"t{i}"], name=f"{op.lower()}{i}"))
     graph.output.append(helper.make_tensor_value_info(f"t{len(ops)}", TensorProto.FLOAT, [2, 6, 5, 5]))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 PER_CHANNEL = np.random.default_rng(2).uniform(0.5, 1.5, (6, 1, 1))
@@ -248,7 +256,7 @@ def bn_then(op: str, weight: np.ndarray, *, x_shape, bias=None, attrs=None) -> o
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     inferred = onnx.shape_inference.infer_shapes(model).graph.output[0]
     model.graph.output[0].CopyFrom(inferred)
     return model
@@ -328,7 +336,7 @@ def matmul_model(x_shape: list[int], *, bias: bool) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -392,11 +400,11 @@ def concat_bn_model(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         inits,
     )
-    graph.output[0].CopyFrom(onnx.shape_inference.infer_shapes(helper.make_model(graph)).graph.output[0])
+    graph.output[0].CopyFrom(onnx.shape_inference.infer_shapes(make_model(graph)).graph.output[0])
     if extra_reader:
-        inferred = onnx.shape_inference.infer_shapes(helper.make_model(graph)).graph.value_info
+        inferred = onnx.shape_inference.infer_shapes(make_model(graph)).graph.value_info
         graph.output.append(next(v for v in inferred if v.name == extra_reader))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("axis", [1, -3])
@@ -499,7 +507,7 @@ def token_model(kind: str, *, bias: bool = True) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 6])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("kind", ["reshape", "flatten", "transpose"])
@@ -566,7 +574,7 @@ def add_chain_model(depth: int, *, cycle: bool = False) -> onnx.ModelProto:
             numpy_helper.from_array(np.float32(1), "one"),
         ],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_a_long_non_constant_chain_is_walked_once_without_deep_recursion():
@@ -602,7 +610,7 @@ def bn_before(op: str, *, rank: int = 2, **attrs) -> onnx.ModelProto:
         [bn, linear], "forward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
     )  # fmt: skip
-    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return onnx.shape_inference.infer_shapes(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_a_bn_before_a_2d_matmul_folds_forward_and_the_matmul_becomes_a_gemm():
@@ -698,7 +706,7 @@ def keras_model(layout: str, *, affine: str = "mul_add") -> onnx.ModelProto:
         )
     nodes.append(helper.make_node("Relu", ["shifted"], ["y"]))
     graph = helper.make_graph(nodes, "keras", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return onnx.shape_inference.infer_shapes(model)
 
 
@@ -764,7 +772,7 @@ def bn_unsqueeze_conv(perm: list[int] | None = None) -> onnx.ModelProto:
     nodes.append(helper.make_node("Conv", [data, "W"], ["y"], name="conv"))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9])
     graph = helper.make_graph(nodes, "fwd", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return onnx.shape_inference.infer_shapes(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_a_bn_folds_forward_through_an_unsqueeze_into_the_conv():

@@ -14,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import onnx
 import pytest
+from builders import make_model
 
 import bnfold
 
@@ -40,7 +41,7 @@ def test_every_report_kind_follows_the_schema(tmp_path):
     shutil.copy(SAMPLES / "mobilenet_tiny.onnx", tmp_path / "b.onnx")
     x, y = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 4]) for n in ("x", "y"))
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
-    onnx.save(onnx.helper.make_model(graph), str(tmp_path / "relu.onnx"))
+    onnx.save(make_model(graph), str(tmp_path / "relu.onnx"))
     runs = {
         "optimize, nothing to fold": bnfold_cli("optimize", tmp_path / "relu.onnx", "--json"),
         "optimize": bnfold_cli("optimize", tmp_path / "a.onnx", "-o", tmp_path / "a.out.onnx", "--json"),

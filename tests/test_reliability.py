@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import bn_parameters, conv_bn_model
+from builders import bn_parameters, conv_bn_model, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -63,7 +63,7 @@ def attention_bias_model() -> onnx.ModelProto:
         nodes, "attention_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4096, 1100])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits,
     )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_a_constant_too_large_to_evaluate_beside_a_branch_is_not_a_crash():
@@ -217,7 +217,7 @@ def test_models_whose_inputs_differ_say_so_not_zero_of_zero(tmp_path):
     for dtype, name in ((TensorProto.FLOAT, "f32"), (TensorProto.FLOAT16, "f16")):
         x, y = (helper.make_tensor_value_info(n, dtype, [1, 4]) for n in ("x", "y"))
         graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
-        onnx.save(helper.make_model(graph), str(tmp_path / f"{name}.onnx"))
+        onnx.save(make_model(graph), str(tmp_path / f"{name}.onnx"))
     result = bnfold_cli("verify", tmp_path / "f32.onnx", tmp_path / "f16.onnx")
     assert result.returncode == 1 and "the models' inputs differ" in result.stderr
     assert "0 of 0" not in result.stderr and "over 0 trials" not in result.stderr

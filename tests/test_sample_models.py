@@ -142,9 +142,13 @@ def test_patterns_beyond_conv_fold_where_onnxruntime_does_not():
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_bnfold_folds_every_batch_norm_onnxruntime_folds(name, tmp_path):
     model, _, _ = load(name)
+    try:
+        theirs = onnxruntime_folded(model, tmp_path)
+    except ort.capi.onnxruntime_pybind11_state.Fail as exc:  # onnxruntime 1.20's MatMul+BN fusion on LeViT
+        pytest.skip(f"onnxruntime {ort.__version__} cannot optimize {name} itself: {exc}")
     kept_by_onnxruntime = {  # on CPU a float16 BN runs in float32 between casts, its output renamed
         n.output[0].removeprefix("InsertedPrecisionFreeCast_")
-        for n in onnxruntime_folded(model, tmp_path).graph.node
+        for n in theirs.graph.node
         if n.op_type == "BatchNormalization"
     }
     kept_by_bnfold = {o.output for o in bnfold.fold(model).report.outcomes if not o.folded}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from builders import assert_refused, assert_same_function, bn_parameters
+from builders import assert_refused, assert_same_function, bn_parameters, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -45,7 +45,7 @@ def if_model() -> onnx.ModelProto:
         [value("y")],
         parameters("t_", 1),  # in the main graph, read by the then-branch from the enclosing scope
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_fold_inside_an_if_branch_with_outer_scope_parameters():
@@ -91,7 +91,7 @@ def loop_model(state_is_parameter: bool = False) -> onnx.ModelProto:
         [numpy_helper.from_array(np.array(2, np.int64), "trips")]
         + ([numpy_helper.from_array(np.zeros(4, np.float32), "mean0")] if state_is_parameter else []),
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_fold_inside_a_loop_body():
@@ -137,7 +137,7 @@ def function_model(epsilon_from_caller: bool = False) -> onnx.ModelProto:
         [value("x")],
         [value("y")],
     )
-    return helper.make_model(
+    return make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[function]
     )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from builders import make_model
 from typer.testing import CliRunner
 
 from bnfold.cli import app
@@ -244,7 +245,7 @@ def test_deeply_nested_subgraphs_are_exit_0_or_2_without_a_traceback(tmp_path):
         [value],
     )
     path = tmp_path / "nested.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    path.write_bytes(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
     result = runner.invoke(app, ["optimize", str(path), "--no-verify"])
     assert result.exit_code in (0, 2) and "Traceback" not in result.output, result.output
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from builders import bn_parameters
+from builders import bn_parameters, make_model
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -56,7 +57,7 @@ class Net:
         """The model, its outputs typed by shape inference."""
         untyped = [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in outputs]
         graph = helper.make_graph(self.nodes, "net", inputs, untyped, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model = make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         inferred = onnx.shape_inference.infer_shapes(model).graph
         typed = {v.name: v for v in (*inferred.value_info, *inferred.output)}
         del model.graph.output[:]
@@ -326,14 +327,18 @@ def audio_model() -> onnx.ModelProto:
     net.nodes.append(helper.make_node("If", [matches], ["y"], then_branch=then, else_branch=other, name="if"))
     inputs = [float_input("audio", ["batch", "samples"]), helper.make_tensor_value_info("sr", TensorProto.INT64, [])]
     graph = helper.make_graph(net.nodes, "vad", inputs, [float_input("y", frames)], net.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_an_audio_model_with_a_sample_rate_input(tmp_path):
     original = save(audio_model(), tmp_path / "vad.onnx")
     report = assert_verdicts(original, tmp_path)
     assert "note: input 'sr' takes 16000: the values the graph compares it with" in report.notes
-    assert "note: input 'audio' axis 1 is samples: used 512 and 1024" in report.notes
+    # onnxruntime >= 1.25 refuses a reflect pad wider than the input, so bnfold grows N past 256;
+    # 1.20 to 1.24 run it at 16
+    refuses = tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 25)
+    lengths = "512 and 1024" if refuses else "16 and 32"
+    assert f"note: input 'audio' axis 1 is samples: used {lengths}" in report.notes
 
 
 # ---- what is not the model -----------------------------------------------------------------------

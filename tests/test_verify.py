@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import bn_parameters, conv_bn_model
+from builders import bn_parameters, conv_bn_model, make_model
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
@@ -429,7 +429,7 @@ def qdq_model(layers: int = 6) -> onnx.ModelProto:
         [helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, 8, 16, 16])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("trials", [3, 10, 30])
@@ -458,7 +458,7 @@ def two_outputs(first: str, second: str, swap: bool = False) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("A", "B")]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     graph = helper.make_graph(nodes, "two", [x], outputs[::-1] if swap else outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_outputs_are_paired_by_name_not_by_position(tmp_path):
@@ -478,7 +478,7 @@ def sequence_model(negate: bool = False) -> onnx.ModelProto:
     ]
     output = helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, [2, 3])
     graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], [output])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_sequence_outputs_are_compared_element_by_element(tmp_path):
@@ -498,7 +498,7 @@ def test_a_map_output_is_one_line_and_exit_2(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
         [helper.make_value_info("m", helper.make_sequence_type_proto(probabilities))],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
     path = save(model, tmp_path / "map.onnx")
     result = invoke("verify", path, path)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
@@ -614,7 +614,7 @@ def test_a_rewrite_that_only_holds_at_batch_1_is_caught(tmp_path):
         else:
             nodes = [helper.make_node("Relu", ["x"], ["y"])]
         graph = helper.make_graph(nodes, "batch", [x], [y])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
     reference, candidate = save(model(False), tmp_path / "r.onnx"), save(model(True), tmp_path / "c.onnx")
     assert bnfold.verify(reference, candidate, trials=1)  # batch 1 alone cannot tell them apart
@@ -639,7 +639,7 @@ def test_a_mixed_precision_output_is_judged_by_the_arithmetic_on_its_path():
     ]
     names = ("wide", "both", "sigmoid16", "through16")
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in names]
-    model = helper.make_model(helper.make_graph(nodes, "mixed", [x], outputs, [weight]))
+    model = make_model(helper.make_graph(nodes, "mixed", [x], outputs, [weight]))
     precisions = output_precisions(model)
     assert precisions["wide"].dtype == "float32" and precisions["both"].dtype == "float16"
     assert precisions["both"].why == "float16 inside: 1 of 1 linear ops compute in float16"

@@ -19,14 +19,18 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
-from bnfold.errors import BnfoldError, one_line
+from bnfold.errors import NO_RUNTIME, BnfoldError, one_line
 from bnfold.io.source import ModelSource, check_external_data, load_model
 from bnfold.io.tensors import payload_bytes
 from bnfold.io.wire import shell
 from bnfold.verification.inputs import InputSpec
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # bnfold installs without a runtime; the extras name the two builds
+    raise BnfoldError(f"{NO_RUNTIME} ({one_line(exc)})") from exc
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 EMPTY_DATA = "bnfold-weights-passed-as-arrays.data"
