@@ -112,7 +112,7 @@ def measure(network: onnx.ModelProto, seed: int, shape: tuple, count: int, data:
     models = {
         "unfolded": unfolded,
         "no correction": bnfold.fold(unfolded, bias_correction=False).model,
-        "bias correction": bnfold.fold(unfolded).model,
+        "bias correction": bnfold.fold(unfolded, bias_correction=True).model,
         "calibrated": bnfold.fold(unfolded, calibration=calibration).model,
         "onnxruntime fusion": onnxruntime_fusion(unfolded),
         # what a user who still has the float32 model gets: one rounding instead of two

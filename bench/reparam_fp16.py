@@ -62,9 +62,9 @@ def main() -> None:
             want = run(reference, {k: v.astype(np.float32) for k, v in feeds.items()})[0].astype(np.float64)
             models = (
                 half,
-                bnfold.fold(half, reparam=False).model,
+                bnfold.fold(half, reparam=False, bias_correction=True).model,
                 bnfold.fold(half, bias_correction=False).model,
-                bnfold.fold(half).model,
+                bnfold.fold(half, bias_correction=True).model,
             )
             rows.append([_deviation(run(m, feeds)[0], want) for m in models])
         r = np.array(rows)

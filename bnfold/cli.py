@@ -113,14 +113,15 @@ CALIBRATION_OPT = typer.Option(
     "--calibration",
     metavar="FILE|DIR",
     help="Inputs (.npz by input name, or an onnx test-data folder, as verify --inputs) on which to measure "
-    "each conv's input statistics for --bias-correction, instead of reading them from the graph.",
+    "each conv's input statistics, to choose 16-bit folds' rounding with (turns --bias-correction on).",
 )
 BIAS_CORRECTION_OPT = typer.Option(
-    True,
+    None,
     "--bias-correction/--no-bias-correction",
-    help="For float16/bfloat16 weights: round each folded weight and bias so that their rounding "
-    "shifts the outputs as little as it can (statistics of each conv's input from the graph or "
-    "--calibration; docs/folding.md). --no-bias-correction keeps plain sum-preserving rounding.",
+    help="For float16/bfloat16 weights: choose each folded weight's second rounding with the statistics "
+    "of its conv's input (from the graph, or measured on --calibration) instead of plain sum-preserving "
+    "rounding. Default: on with --calibration, else off (docs/folding.md says where it helps).",
+    show_default=False,
 )
 CUSTOM_LIB_OPT = typer.Option(
     None,
@@ -157,7 +158,7 @@ def optimize(
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Models processed in parallel."),
     no_reparam: bool = NO_REPARAM_OPT,
-    bias_correction: bool = BIAS_CORRECTION_OPT,
+    bias_correction: bool | None = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
@@ -372,7 +373,7 @@ def verify(
 def inspect(
     models: list[Path] = typer.Argument(..., metavar="MODEL", help="ONNX model files.", show_default=False),
     no_reparam: bool = NO_REPARAM_OPT,
-    bias_correction: bool = BIAS_CORRECTION_OPT,
+    bias_correction: bool | None = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
     check: bool = typer.Option(
         False,

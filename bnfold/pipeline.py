@@ -45,7 +45,7 @@ def fold(
     *,
     check: bool = True,
     reparam: bool = True,
-    bias_correction: bool = True,
+    bias_correction: bool | None = None,
     calibration=None,
     custom_ops: Sequence[str | os.PathLike] = (),
 ) -> FoldResult:
@@ -53,10 +53,12 @@ def fold(
     op next to it; see docs/folding.md for the patterns and their preconditions.
 
     With `reparam`, sums of parallel branches affine in one tensor are then merged into one
-    Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks). `bias_correction`
-    chooses 16-bit weights' second rounding with each conv's input statistics, read from the
-    graph or measured on `calibration` (a path or feeds: bnfold.calibration), in onnxruntime
-    sessions that register the custom-op libraries `custom_ops`.
+    Conv (bnfold.folding.reparam: RepVGG, MobileOne, RepMixer blocks). 16-bit weights are
+    rounded a second time sum-preserving; `bias_correction` chooses that rounding with each
+    conv's input statistics instead, read from the graph or measured on `calibration` (a path or
+    feeds: bnfold.calibration) in onnxruntime sessions that register the custom-op libraries
+    `custom_ops`. By default (None) it is on only with `calibration`: on held-out networks and
+    inputs unlike the statistics it reads, it was worse as often as better (docs/folding.md).
 
     `model` is a path, a ModelProto (never modified: the fold works on a copy), an onnx_ir model
     or a torch.onnx.ONNXProgram (bnfold.io.source.as_model); the folded model is an onnx_ir
@@ -77,6 +79,7 @@ def fold(
     report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
         report.dropped_value_info = check_input(folded)  # before folding: see checker.validate_input_skeleton
+    bias_correction = corrects_rounding(bias_correction, calibration)
     calibrated = _calibrated(original, calibration, custom_ops) if bias_correction else {}
     report.outcomes, pending = fold_in_place(
         folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
@@ -102,6 +105,12 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Nodes per op type in the model's graphs (subgraphs included) and functions."""
     nodes = [*all_nodes(model.graph), *(node for function in model.functions for node in function.node)]
     return dict(sorted(Counter(node.op_type for node in nodes).items()))
+
+
+def corrects_rounding(bias_correction: bool | None, calibration) -> bool:
+    """Whether 16-bit folds choose their rounding with input statistics: as asked, else only
+    when calibration data measures them."""
+    return calibration is not None if bias_correction is None else bias_correction
 
 
 def _calibrated(original: onnx.ModelProto | str, calibration, custom_ops: Sequence[str | os.PathLike]) -> dict:
@@ -169,7 +178,7 @@ def optimize(
     verify: bool = True,
     external_data: str = "auto",
     reparam: bool = True,
-    bias_correction: bool = True,
+    bias_correction: bool | None = None,
     calibration=None,
     verify_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] = lambda stage: None,
@@ -205,6 +214,7 @@ def optimize(
         dropped = validate_input_skeleton(model, source, str(src))
         report = FoldReport(bytes_before=source.bytes_on_disk, ops_before=op_counts(model), dropped_value_info=dropped)
         payload_before = payload_bytes(model.graph)
+        bias_correction = corrects_rounding(bias_correction, calibration)
         if calibration is not None and bias_correction:
             progress("measuring input statistics on the calibration data")
         custom_ops = (verify_options or {}).get("custom_ops", ())  # the calibration session loads them too

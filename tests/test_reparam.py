@@ -140,12 +140,12 @@ def test_float16_merge_rounds_with_the_moments_of_its_input():
     g.nodes.append(helper.make_node("Relu", [g.conv()], ["r"]))
     model = g.model(g.sum(g.conv("r", k=3), g.conv("r", k=1), g.bn("r")))
     folded = assert_merged(model, convs=2)
-    (merge,) = bnfold.fold(model).report.branch_merges
+    (merge,) = bnfold.fold(model, bias_correction=True).report.branch_merges
     assert (
         merge.rounding
         == "bias correction, E[x] from the statistics of BatchNormalization 'bn4' through Relu (output 'r')"
     )
-    plain = bnfold.fold(model, bias_correction=False)
+    plain = bnfold.fold(model)
     assert plain.report.branch_merges[0].rounding == "sum-preserving rounding"
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.FLOAT16}
 
