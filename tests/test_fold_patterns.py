@@ -275,10 +275,34 @@ def test_batch_norm_before_an_unpadded_conv_folds_forward(group, bias):
     assert "into the following Conv linear" in result.report.table()
 
 
-@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"auto_pad": "SAME_UPPER"}], ids=["pads", "same"])
-def test_batch_norm_before_a_padded_conv_is_refused(attrs):
-    model = bn_then("Conv", np.ones((4, 4, 3, 3)), x_shape=[1, 4, 6, 6], attrs=attrs)
-    assert_refused(model, "pads its input, and zero padding of a shifted input is not a shifted zero")
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "attrs",
+    [{"pads": [1, 1, 1, 1]}, {"pads": [0, 2, 1, 0], "strides": [2, 2]}, {"auto_pad": "SAME_UPPER"}],
+    ids=["pads", "uneven-strided", "same"],
+)
+def test_batch_norm_before_a_padded_conv_takes_the_scale_and_leaves_its_shift_as_an_add(attrs, group, bias):
+    # issue 23: Conv(pad(s·x + t); W) = Conv(pad(x + t/s); W·s), the border reads 0 either way
+    rng = np.random.default_rng(group)
+    weight = rng.normal(0, 0.5, (4, 4 // group, 3, 3))
+    attrs = {**attrs, "group": group}
+    model = bn_then("Conv", weight, x_shape=[2, 4, 7, 7], bias=rng.normal(size=4) if bias else None, attrs=attrs)
+    result = assert_folds(model, ["Add", "Conv"])
+    (outcome,) = result.report.outcomes
+    assert outcome.folded and outcome.forward and outcome.via == "its shift is a new Add before the padding"
+    add = result.model.graph.node[0]
+    assert add.input[0] == "x" and add.output[0] == "bn_out"  # the BN's place and name
+    shift = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == add.input[1]))
+    assert shift.shape == (4, 1, 1)
+
+
+def test_a_padded_conv_after_a_batch_norm_with_a_zero_scale_is_refused():
+    model = bn_then("Conv", np.ones((4, 4, 3, 3)), x_shape=[1, 4, 6, 6], attrs={"pads": [1, 1, 1, 1]})
+    next(t for t in model.graph.initializer if t.name == "gamma").CopyFrom(
+        numpy_helper.from_array(np.array([1.0, 0.0, 1.0, 1.0], np.float32), "gamma")
+    )
+    assert_refused(model, "a channel's scale is 0, so its shift cannot move in front of the padding")
 
 
 def test_a_padded_1x1_same_conv_pads_nothing_and_folds():

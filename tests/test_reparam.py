@@ -254,18 +254,43 @@ def test_merged_weights_that_overflow_are_reported():
     assert any("the merged weights overflow float16" in (r or "") for r in reasons), reasons
 
 
-def test_the_fixed_point_is_bounded_on_a_cascade_that_needs_a_round_per_level():
+def test_the_fixed_point_runs_until_nothing_changes_on_a_cascade_that_needs_a_round_per_level():
     # level i: BN(level i−1 + conv(x)); each BN folds one round after the sum below it merges
-    from bnfold.folding.walk import MAX_ROUNDS
-
     g = BranchGraph()
     level = g.conv(k=1, bn=False)
-    for _ in range(MAX_ROUNDS + 4):
+    for _ in range(40):
         level = g.bn(g.sum(level, g.conv(k=1, bn=False)))
     model = g.model(level)
     result = bnfold.fold(model)
-    folded = result.report.folded
-    assert MAX_ROUNDS - 1 <= folded < MAX_ROUNDS + 4, result.report.table()
-    assert all(o.reason for o in result.report.batch_norms if not o.folded)  # each left one says why
+    assert result.report.folded == 40 and op_types(result.model) == ["Conv", "Relu"], result.report.table()
+    assert_same_function(model, result.model)
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_a_chain_of_a_thousand_branch_sums_merges_completely():
+    # issue 23: the round cap and the nesting bound left 744 of the 1000 Convs unmerged
+    g = BranchGraph(channels=4, spatial=(6, 6))
+    total = g.conv(k=3)
+    for _ in range(999):
+        total = g.sum(total, g.conv(k=3))
+    model = g.model(total)
+    result = bnfold.fold(model)
+    assert op_types(result.model) == ["Conv", "Relu"], result.report.table()
+    assert result.report.folded == 1000 and len(result.report.branch_merges) == 1
+    assert_same_function(model, result.model)
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_a_sum_node_of_branches_merges_like_a_chain_of_adds():
+    # tf2onnx writes TensorFlow's AddN as one Sum
+    g = BranchGraph()
+    branches = [g.conv(k=3), g.conv(k=1), g.bn("x")]
+    out = g._name("sum")
+    g.nodes.append(helper.make_node("Sum", branches, [out], name=out))
+    model = g.model(out)
+    result = bnfold.fold(model)
+    assert op_types(result.model) == ["Conv", "Relu"], result.report.table()
+    (merge,) = result.report.branch_merges
+    assert merge.folded_into and "3 branches" in merge.via
     assert_same_function(model, result.model)
     onnx.checker.check_model(result.model, full_check=True)

@@ -20,13 +20,13 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, single_reader
-from bnfold.folding.linear import LINEAR_OPS, fold_output, folded_name
+from bnfold.folding.linear import LINEAR_OPS, become_shift, fold_output, folded_name
 from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.shape_ops import TOKEN_SHAPE_OPS, axis_before
 from bnfold.folding.sources import float_constant, read_batch_norm
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, is_onnx_op, node_label
+from bnfold.graph.protos import ONNX_DOMAINS, is_onnx_op, node_label
 
-SHAPE_OPS = ("Reshape", "Flatten", "Transpose")
 MATMUL = LINEAR_OPS["MatMul"]
 
 
@@ -54,34 +54,23 @@ class ChannelLastPlan(Plan):
         old_weight = self.matmul.input[1]
         ctx.index.set_input(self.matmul, 1, ctx.add_initializer(self.weight, folded_name(old_weight)))
         if self.add is None:
-            self._become_the_shift(ctx)
+            become_shift(ctx, self.source, self.bias)
             return
         old_bias = self.add.input[self.bias_position]
         ctx.index.set_input(self.add, self.bias_position, ctx.add_initializer(self.bias, folded_name(old_bias)))
         ctx.index.remove_node(self.source)
         ctx.index.set_output(self.shape_ops[0], 0, self.source.output[0])
 
-    def _become_the_shift(self, ctx: GraphContext) -> None:
-        """The BN node, in its place and with its output name, becomes Add(its input, t)."""
-        bn = self.source
-        shift = ctx.add_initializer(self.bias, folded_name(bn.input[2]))
-        ctx.index.set_input(bn, 1, shift)
-        for position in range(len(bn.input) - 1, 1, -1):
-            ctx.index.set_input(bn, position, "")
-        del bn.input[2:]
-        bn.op_type, bn.domain = "Add", ""
-        del bn.attribute[:]
-
 
 def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | None:
     """None when the BN is not behind shape-only ops at all (another mechanism decides it)."""
     # match: walk back through shape ops to the axis the BN's channels come from
     node, reader, axis, shape_ops = ctx.index.producer(bn.input[0]), bn, 1, []
-    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in SHAPE_OPS:
+    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in TOKEN_SHAPE_OPS:
         blocked = call_site_attributes(node) or single_reader(node, reader, ctx)
         if blocked:
             return blocked
-        axis = _axis_before(node, axis, ctx)
+        axis = axis_before(node, axis, ctx)
         if axis is None:
             return Skip(f"{node_label(node)} between it and the linear op does not carry the channel axis over whole")
         shape_ops.append(node)
@@ -161,15 +150,3 @@ def _matmul_weight(matmul: onnx.NodeProto, ctx: GraphContext) -> np.ndarray | Sk
 
 def _producer(ctx: GraphContext, name: str) -> onnx.NodeProto:
     return ctx.index.producer(name) or onnx.NodeProto()
-
-
-def _axis_before(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
-    """Which input axis becomes output `axis` of a shape-only op, if it passes through whole."""
-    if node.op_type == "Transpose":
-        rank = ctx.shapes.rank(node.input[0])
-        perm = ints_attr(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
-        return perm[axis] if perm is not None and axis < len(perm) else None
-    before, after = ctx.shapes.shape(node.input[0]), ctx.shapes.shape(node.output[0])
-    if before is None or after is None or axis != len(after) - 1:
-        return None  # Reshape/Flatten: only a last axis that stays the last axis, whole
-    return len(before) - 1 if before[-1] is not None and before[-1] == after[-1] else None

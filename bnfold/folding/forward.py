@@ -1,9 +1,12 @@
 """A BatchNormalization whose producer cannot absorb it folds into the one op it feeds:
 linear(BN(x)) → linear'(x) (pre-activation networks, a BN on the network's input).
 
-Exact only when every output reads the shift of every tap: a padded border reads 0, and 0 is
-not s·0 + t. Conv and Gemm take it (affine.fold_input_affine): W'[o, i] = W[o, i]·s_i,
-b'_o = b_o + Σ W[o, i]·t_i; so does a 2-D MatMul (a Gemm without C; it becomes one). A
+Whole only when every output reads the shift of every tap. Conv and Gemm take it
+(affine.fold_input_affine): W'[o, i] = W[o, i]·s_i, b'_o = b_o + Σ W[o, i]·t_i; so does a 2-D
+MatMul (a Gemm without C; it becomes one). A Conv that pads its input takes the scale only: a
+padded border reads 0, not s·0 + t, but s·x + t = s·(x + t/s) and zero padding commutes with the
+scale, so Conv(pad(s·x + t); W) = Conv(pad(x + t/s); W·s) exactly, and the BN becomes the Add
+of t/s in front of the Conv (every s ≠ 0). A
 ConvTranspose takes it when every output position receives every tap: stride 1, no
 output_padding, and pads that crop (kernel − 1)·dilation from each border; then
 W'[i] = W[i]·s_i and b'_o = b_o + Σ_i Σ_k W[i, o, k]·t_i within each group.
@@ -19,7 +22,7 @@ import onnx
 from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes
 from bnfold.folding.correction import InputMoments, batch_norm_input_moments, rounding_note
-from bnfold.folding.linear import LinearOp, cast_folded, give_parameters, linear_op
+from bnfold.folding.linear import LinearOp, become_shift, cast_folded, give_parameters, linear_op
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after
 from bnfold.folding.sources import read_batch_norm
@@ -38,6 +41,7 @@ class ForwardPlan(Plan):
     bias: np.ndarray
     shape_ops: tuple[onnx.NodeProto, ...] = ()  # between the BN and the linear op, in order
     rounding: str | None = None  # how a 16-bit weight's second rounding was chosen
+    shift: np.ndarray | None = None  # a padded Conv: what stays of the BN, as an Add (t/s)
 
     @property
     def linears(self):
@@ -49,10 +53,16 @@ class ForwardPlan(Plan):
 
     @property
     def via(self) -> str | None:
-        return "through " + ", ".join(node_label(n) for n in self.shape_ops) if self.shape_ops else None
+        parts = ["through " + ", ".join(node_label(n) for n in self.shape_ops)] if self.shape_ops else []
+        if self.shift is not None:
+            parts.append("its shift is a new Add before the padding")
+        return "; ".join(parts) or None
 
     def rewrite(self, ctx: GraphContext) -> None:
         give_parameters(ctx, self.op, self.linear, self.source, self.weight, self.bias)
+        if self.shift is not None:
+            become_shift(ctx, self.source, self.shift)
+            return
         ctx.index.remove_node(self.source)
         ctx.index.set_input(self.shape_ops[0] if self.shape_ops else self.linear, 0, self.source.input[0])
 
@@ -93,6 +103,12 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     if isinstance(params, Skip):
         return params
     moments = None
+    if op.op_type == "Conv" and _pads(consumer, params[0]):
+        folded = _scale_into_padded_conv(bn, consumer, op, *params, ctx)
+        if isinstance(folded, Skip):
+            return folded
+        rounding = rounding_note(params[0].dtype, None, ctx.scope.bias_correction)
+        return ForwardPlan(bn, op, consumer, *folded[:2], tuple(shape_ops), rounding, shift=folded[2])
     if op.op_type == "Conv":
         moments = batch_norm_input_moments(ctx, bn, params[0].dtype)
         folded = _into_conv(bn, consumer, op, *params, ctx, moments)
@@ -105,14 +121,43 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     return ForwardPlan(bn, op, consumer, *folded, tuple(shape_ops), rounding)
 
 
+def _pads(conv: onnx.NodeProto, weight: np.ndarray) -> bool:
+    """Whether the Conv reads zeros beyond its input's border."""
+    auto_pad = next((a.s.decode() for a in conv.attribute if a.name == "auto_pad"), "NOTSET")
+    return any(ints_attr(conv, "pads") or []) or (auto_pad.startswith("SAME") and any(k > 1 for k in weight.shape[2:]))
+
+
+def _scale_into_padded_conv(bn, conv, op, weight, bias, ctx):
+    """(W·s on the input channels, b, t/s): the BN's scale into a Conv that pads its input, its
+    shift moved in front of the padding (module docstring)."""
+    group = int_attr(conv, "group", 1)
+    if bias is not None and (bad := op.check_bias(bias, weight.shape[0])):
+        return bad
+    rank = ctx.shapes.rank(bn.input[0])
+    if rank is None or rank < 2:
+        return Skip(f"{node_label(conv)} after it pads its input, and the rank of the BN's input is not known")
+    scale_shift = read_batch_norm(bn, ctx, weight.shape[1] * group)
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
+    if not scale.all():
+        return Skip(
+            f"{node_label(conv)} after it pads its input, and a channel's scale is 0, so its shift cannot move "
+            "in front of the padding"
+        )
+    new_weight, new_bias = affine.fold_input_affine(weight, bias, scale, np.zeros_like(shift), group=group)
+    folded = cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv))
+    if isinstance(folded, Skip):
+        return folded
+    with np.errstate(over="ignore"):  # the Conv's input, so the BN's output, has the weight's type
+        moved = (shift / scale).astype(weight.dtype).reshape((-1,) + (1,) * (rank - 2))
+    if not np.isfinite(affine.float_operand(moved)).all():
+        return Skip(f"the BN's shift over its scale overflows {weight.dtype}")
+    return (*folded, moved)
+
+
 def _into_conv(bn, conv, op, weight, bias, ctx, moments: InputMoments | None):
     group = int_attr(conv, "group", 1)
-    pads = ints_attr(conv, "pads") or []
-    auto_pad = next((a.s.decode() for a in conv.attribute if a.name == "auto_pad"), "NOTSET")
-    if any(pads) or (auto_pad.startswith("SAME") and any(k > 1 for k in weight.shape[2:])):
-        return Skip(
-            f"{node_label(conv)} after it pads its input, and zero padding of a shifted input is not a shifted zero"
-        )
     if bias is not None and (bad := op.check_bias(bias, weight.shape[0])):
         return bad
     scale_shift = read_batch_norm(bn, ctx, weight.shape[1] * group)

@@ -261,6 +261,15 @@ def give_parameters(
     op.after_bias_rewrite(node)
 
 
+def become_shift(ctx: GraphContext, bn: onnx.NodeProto, shift: np.ndarray) -> None:
+    """The BN node, in its place and with its output name, becomes Add(its input, shift): what
+    is left of it when its scale went into a linear op and its shift could not."""
+    ctx.index.set_input(bn, 1, ctx.add_initializer(shift, folded_name(bn.input[2])))
+    ctx.index.truncate_inputs(bn, 2)
+    bn.op_type, bn.domain = "Add", ""
+    del bn.attribute[:]
+
+
 def folded_name(name: str) -> str:
     """`W` → `W_bnfold`; a tensor folded again keeps one suffix (`W_bnfold` → `W_bnfold_1`)."""
     return re.sub(r"_bnfold(_\d+)?$", "", name) + "_bnfold"

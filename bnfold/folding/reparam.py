@@ -36,7 +36,7 @@ from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import is_onnx_op, node_label
 
-MAX_DEPTH = 32  # nested Add/Sub/Mul around one sum: real blocks need < 10; bounds the work per Add
+MAX_DEPTH = 32  # layer scales (Mul) nested in one sum: real blocks need < 10; bounds the work per sum
 
 
 @dataclass
@@ -85,17 +85,21 @@ class Refusal:
 
 
 def merge_branches(ctx: GraphContext, version: int) -> tuple[list[Merge], list[Refusal]]:
-    """Merge every Add/Sub tree of branches affine in one tensor into one Conv. Trees are
+    """Merge every Add/Sub/Sum tree of branches affine in one tensor into one Conv. Trees are
     tried from the graph's end, so the largest tree around a sum is merged, not a part of it.
     Returns the merges (in graph order) and the refusals worth reporting (Mismatch)."""
-    merges, refusals, removed = [], [], set()
+    merges, refusals, removed = [], [], set()  # removed: merged, or part of a tree that cannot merge
+    failed: dict[int, Skip] = {}  # sums whose tree cannot merge: each is walked once, not once per root
     for node in reversed(ctx.index.live_nodes()):
-        if id(node) in removed or not (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")):
+        if id(node) in removed or not is_sum(node):
             continue
-        term = _term(node.output[0], ctx, version, root=True)
+        term = _term(node.output[0], ctx, version, root=True, failed=failed)
         if isinstance(term, Mismatch):
             refusals.append(Refusal(node, term.reason))
-        if isinstance(term, Skip) or term.convs == 0 or len(term.branches) < 2:
+        if isinstance(term, Skip):
+            continue
+        if term.convs == 0 or len(term.branches) < 2:
+            removed.update(id(old) for old in term.nodes)  # nor can a part of it: not tried again
             continue
         root_name = node.name or node.output[0]
         if not _replace(node, term, ctx):
@@ -107,28 +111,17 @@ def merge_branches(ctx: GraphContext, version: int) -> tuple[list[Merge], list[R
     return merges[::-1], refusals[::-1]
 
 
-def _term(name: str, ctx: GraphContext, version: int, root: bool = False, depth: int = 0) -> Term | Skip:
-    """`name` as a Term in some x (`.x`), or why it is not one."""
+def _term(
+    name: str, ctx: GraphContext, version: int, root: bool = False, depth: int = 0, failed: dict | None = None
+) -> Term | Skip:
+    """`name` as a Term in some x (`.x`), or why it is not one (`failed`: _sum_term's)."""
     if depth > MAX_DEPTH:
-        return Skip(f"the sum nests more than {MAX_DEPTH} Add/Sub/Mul nodes")
+        return Skip(f"the sum nests more than {MAX_DEPTH} layer scales (Mul) and sums")
     node = ctx.index.producer(name)
     if node is not None and not root and (len(ctx.index.readers(name)) != 1 or name in ctx.index.graph_outputs):
         node = None  # read elsewhere too: it cannot disappear into the merge, so it is the x
-    if node is not None and (is_onnx_op(node, "Add") or is_onnx_op(node, "Sub")) and len(node.input) == 2:
-        left, right = (_constant_term(n, node, ctx) or _term(n, ctx, version, depth=depth + 1) for n in node.input)
-        for side in (left, right):
-            if isinstance(side, Skip):
-                return side
-        if left.x and right.x and left.x != right.x:
-            return Skip(f"{node_label(node)} sums terms of different tensors ('{left.x}', '{right.x}')")
-        if is_onnx_op(node, "Sub"):
-            right.kernel, right.bias = -right.kernel, -right.bias
-        merged = _add(left, right)
-        if isinstance(merged, Skip):
-            return merged
-        merged.x = left.x or right.x  # a constant term is affine in any x
-        merged.nodes.append(node)
-        return merged
+    if node is not None and is_sum(node):
+        return _sum_term(node, ctx, version, depth, {} if failed is None else failed)
     if node is not None and is_onnx_op(node, "Mul") and len(node.input) == 2 and not root:
         return _scaled_term(node, ctx, version, depth)
     if node is not None and is_onnx_op(node, "Conv") and not root:
@@ -136,6 +129,76 @@ def _term(name: str, ctx: GraphContext, version: int, root: bool = False, depth:
     if node is not None and is_onnx_op(node, "BatchNormalization") and not root:
         return _batch_norm_term(node, ctx, version)
     return _identity(name)
+
+
+def is_sum(node: onnx.NodeProto) -> bool:
+    """An Add or Sub of two tensors, or a Sum of any number (how tf2onnx writes TF's AddN)."""
+    if is_onnx_op(node, "Add") or is_onnx_op(node, "Sub"):
+        return len(node.input) == 2
+    return is_onnx_op(node, "Sum") and len(node.input) >= 1
+
+
+def _sum_term(root: onnx.NodeProto, ctx: GraphContext, version: int, depth: int, failed: dict) -> Term | Skip:
+    """The tree of sums at `root` as one Term. A sum's input made by another sum that nothing
+    else reads belongs to the tree; every other input is a leaf term. Walked with a stack, not
+    recursion, so a chain of any length is one tree; each sum adds its inputs' terms left to
+    right (a Sub negates its second). A tree that cannot merge fails for every sum above the
+    one that failed: `failed` keeps them, so a later root inside the tree is not walked again."""
+    leaves: dict[str, Term | Skip | None] = {}  # an input's constant term, evaluated once
+
+    def inner(name: str, reader: onnx.NodeProto) -> onnx.NodeProto | None:
+        node = ctx.index.producer(name)
+        if node is None or not is_sum(node) or len(ctx.index.readers(name)) != 1 or name in ctx.index.graph_outputs:
+            return None
+        leaves[name] = _constant_term(name, reader, ctx)
+        return node if leaves[name] is None else None  # a sum of constants is a constant leaf
+
+    def fail(why: Skip) -> Skip:
+        failed.update((id(node), why) for node in stack)
+        return why
+
+    done: dict[int, Term] = {}
+    stack = [root]
+    while stack:
+        node = stack[-1]
+        if id(node) in failed:
+            return fail(failed[id(node)])
+        pending = [n for n in (inner(name, node) for name in node.input) if n is not None and id(n) not in done]
+        if pending:
+            stack.extend(reversed(pending))
+            continue
+        terms = []
+        for name in node.input:
+            below = inner(name, node)
+            term = done.pop(id(below)) if below is not None else leaves.get(name) or _constant_term(name, node, ctx)
+            term = term or _term(name, ctx, version, depth=depth + 1)
+            if isinstance(term, Skip):
+                return fail(term)
+            terms.append(term)
+        stack.pop()
+        if is_onnx_op(node, "Sub"):
+            terms[1].kernel, terms[1].bias = -terms[1].kernel, -terms[1].bias
+        merged = _add_all(node, terms)
+        if isinstance(merged, Skip):
+            stack.append(node)
+            return fail(merged)
+        done[id(node)] = merged
+    return done[id(root)]
+
+
+def _add_all(node: onnx.NodeProto, terms: list[Term]) -> Term | Skip:
+    """The sum `node` of its inputs' terms, left to right."""
+    merged = terms[0]
+    for term in terms[1:]:
+        if merged.x and term.x and merged.x != term.x:
+            return Skip(f"{node_label(node)} sums terms of different tensors ('{merged.x}', '{term.x}')")
+        x = merged.x or term.x  # a constant term is affine in any x
+        merged = _add(merged, term)
+        if isinstance(merged, Skip):
+            return merged
+        merged.x = x
+    merged.nodes.append(node)
+    return merged
 
 
 def _conv_term(conv: onnx.NodeProto, ctx: GraphContext) -> Term | Skip:
@@ -385,7 +448,7 @@ def _regroup(kernel: np.ndarray, group: int, target: int) -> np.ndarray:
 
 
 def _replace(root: onnx.NodeProto, term: Term, ctx: GraphContext) -> bool:
-    """Turn the root Add/Sub into the one Conv (in place: it keeps its output name and its
+    """Turn the root Add/Sub/Sum into the one Conv (in place: it keeps its output name and its
     place in the graph's order, after x) and remove the other nodes; False if the merged
     weights overflow the model's dtype."""
     dtype = np.dtype(term.dtype)
@@ -408,6 +471,7 @@ def _replace(root: onnx.NodeProto, term: Term, ctx: GraphContext) -> bool:
     for old in term.nodes:
         if old is not root:
             ctx.index.remove_node(old)
+    ctx.index.truncate_inputs(root, 3)  # a Sum's others
     ctx.index.set_input(root, 0, term.x)
     ctx.index.set_input(root, 1, ctx.add_initializer(weight, f"{base}_reparam_W"))
     ctx.index.set_input(root, 2, ctx.add_initializer(bias, f"{base}_reparam_B"))

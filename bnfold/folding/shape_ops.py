@@ -25,7 +25,12 @@ from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, node_label
 
+# The shape-only ops a fold looks through, and the two directions an axis is followed through
+# them: axis_after (input axis → output axis: from a linear op to the map after it, or from a BN
+# to the linear op it feeds) and axis_before (output axis → input axis: from a BN back to a token
+# MatMul). TOKEN_SHAPE_OPS are the ones exporters put around BatchNorm1d over tokens.
 SHAPE_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+TOKEN_SHAPE_OPS = ("Reshape", "Flatten", "Transpose")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,20 @@ def axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None
         if size == before[axis] and _same_elements(before[:axis], after[:b]):
             return b
     return None
+
+
+def axis_before(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
+    """Which input axis of a shape-only op becomes output `axis`, if it passes through whole: for
+    a Transpose by its perm; for a Reshape or Flatten only a last axis that stays the last axis,
+    with its size (how a token Linear's features reach a BatchNorm1d and back)."""
+    if node.op_type == "Transpose":
+        rank = ctx.shapes.rank(node.input[0])
+        perm = ints_attr(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
+        return perm[axis] if perm is not None and axis < len(perm) else None
+    before, after = ctx.shapes.shape(node.input[0]), ctx.shapes.shape(node.output[0])
+    if before is None or after is None or axis != len(after) - 1:
+        return None
+    return len(before) - 1 if before[-1] is not None and before[-1] == after[-1] else None
 
 
 def _same_elements(a: tuple, b: tuple) -> bool:

@@ -2,7 +2,7 @@
 
 Each graph is folded in graph order, so chains fold step by step (Conv → Mul → Add: the Mul
 folds, then the Add folds into the same Conv); then sums of branches are merged (reparam); then
-what became dead is swept; and again, until a round changes nothing (MAX_ROUNDS at most).
+what became dead is swept; and again, until a round changes nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from bnfold.report import BRANCH_MERGE, FoldOutcome
 
 FOLD_KINDS = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS)
 # Folding and merging run to a fixed point: a merge makes a Conv that a BN after the sum folds
-# into, a fold makes a Conv that joins a sum. Each round that changes the graph removes nodes;
-# the cap keeps the cost linear in the graph's size on adversarial graphs.
-MAX_ROUNDS = 8
+# into, a fold makes a Conv that joins a sum. Each round that changes the graph removes at least
+# one node, so there are at most as many rounds as nodes; real networks need two or three.
 
 
 def fold_model_graph(
@@ -47,7 +46,7 @@ def fold_model_graph(
     streamed write gives them their data. `read_tensor` reads the model's own initializers;
     `calibrated`: measured moments of the main graph's tensors (bnfold.calibration)."""
     outcomes = _fold_functions(model, read_tensor, reparam, bias_correction)
-    kinds = (*FOLD_KINDS, "Add", "Sub") if reparam else FOLD_KINDS
+    kinds = (*FOLD_KINDS, "Add", "Sub", "Sum") if reparam else FOLD_KINDS
     if not any(n.op_type in kinds for n in all_nodes(model.graph)):
         return outcomes, {}
     opset = _onnx_opset(model.opset_import)
@@ -113,13 +112,13 @@ def _fold_graph(
             outcomes += _fold_graph(body, scope, ctx, label, reparam)
             ctx.index.refresh_reads(node)
     candidates = [n for n in graph.node if n.domain in ONNX_DOMAINS and n.op_type in FOLD_KINDS]
-    sums = reparam and any(n.op_type in ("Add", "Sub") for n in graph.node)
+    sums = reparam and any(n.op_type in ("Add", "Sub", "Sum") for n in graph.node)
     if not candidates and not sums and (ctx is None or not ctx.index.has_orphans):
         return outcomes
     ctx = ctx or GraphContext.build(graph, scope, parent)
     version = batch_norm_version(scope.opset)
     found: dict[tuple[str, str], FoldOutcome] = {}  # by (op, node): a later round's outcome replaces
-    for _ in range(MAX_ROUNDS):
+    for _ in range(len(graph.node) + 1):
         folded = 0
         for node in [n for n in ctx.index.live_nodes() if n.domain in ONNX_DOMAINS and n.op_type in FOLD_KINDS]:
             outcome = _fold_node(node, ctx, version, prefix)

@@ -110,6 +110,13 @@ class GraphIndex:
         if name:
             self._readers[name].append(node)
 
+    def truncate_inputs(self, node: onnx.NodeProto, count: int) -> None:
+        """Drop `node`'s inputs after the first `count`."""
+        for name in node.input[count:]:
+            if name:
+                self._unread(name, node)
+        del node.input[count:]
+
     def set_output(self, node: onnx.NodeProto, position: int, name: str) -> None:
         old = node.output[position]
         if self._producer.get(old) is node:
