@@ -27,6 +27,18 @@ class BatchItem:
         data = self.result.to_dict() if self.result else {"input": str(self.input), "written": False}
         return {**data, "exit_code": self.exit_code, "error": self.error}
 
+    def line(self) -> str:
+        """Its line in `bnfold optimize`'s batch output."""
+        from bnfold.console import NOTHING_TO_FOLD
+
+        if self.result is not None and self.result.written:
+            done = NOTHING_TO_FOLD if self.result.unchanged else self.result.report.summary().split(" · ")[0]
+            return f"ok    {self.input} → {self.result.output} ({done})"
+        if self.result is not None:
+            return f"FAIL  {self.input}: the folded model is not equivalent; nothing written"
+        error = str(self.error)
+        return f"FAIL  {error}" if error.startswith(f"{self.input}:") else f"FAIL  {self.input}: {error}"
+
 
 def model_files(paths: list[Path]) -> list[Path]:
     """The models to fold: files as given, and the `*.onnx` entries in a folder (not earlier

@@ -1,4 +1,5 @@
-"""The `bnfold` command: parse, call the library, render, exit. Nothing else lives here.
+"""The `bnfold` command: parse, call the library, render, exit. The shared options are declared
+in bnfold.options, the output (stderr lines, the `--json` report, exit codes) in bnfold.console.
 
 Human output goes to stderr, `--json` reports to stdout. Heavy modules (onnx, numpy,
 onnxruntime) are imported inside the commands, so `bnfold --help` starts fast.
@@ -6,23 +7,32 @@ onnxruntime) are imported inside the commands, so `bnfold --help` starts fast.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import typer
 
-from bnfold.errors import (
-    EXIT_FOLDABLE,
-    EXIT_INTERNAL_ERROR,
-    EXIT_NOT_EQUIVALENT,
-    EXIT_USER_ERROR,
-    BnfoldError,
-    InternalError,
+from bnfold.console import NOTHING_TO_FOLD, Console, ProgressBar, say
+from bnfold.errors import EXIT_FOLDABLE, EXIT_NOT_EQUIVALENT, EXIT_USER_ERROR, BnfoldError
+from bnfold.options import (
+    ATOL_OPT,
+    BIAS_CORRECTION_OPT,
+    CALIBRATION_OPT,
+    CUSTOM_LIB_OPT,
+    INPUTS_OPT,
+    INT_RANGE_OPT,
+    JSON_OPT,
+    MODEL_ARG,
+    NO_REPARAM_OPT,
+    PROVIDER_OPT,
+    QUIET_OPT,
+    RTOL_OPT,
+    SEED_OPT,
+    SHAPE_OPT,
+    TRIALS_OPT,
+    input_shapes,
+    providers,
+    verify_options,
 )
 
 EXIT_CODES = (
@@ -43,8 +53,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-T = TypeVar("T")
 
 
 class _Command(typer.core.TyperCommand):
@@ -73,65 +81,6 @@ def _main(
     ),
 ) -> None:
     """Fold BatchNormalization into the linear op next to it in ONNX models, and prove the result."""
-
-
-MODEL_ARG = typer.Argument(..., metavar="MODEL", help="The ONNX model file.", show_default=False)
-JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
-NOTHING_TO_FOLD = "nothing to fold: written unchanged"
-QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
-# Verification options, shared by `verify` and `optimize`.
-TRIALS_OPT = typer.Option(3, "--trials", metavar="N", help="Input sets to generate.")
-SEED_OPT = typer.Option(0, "--seed", metavar="N", help="Seed for generated inputs.")
-ATOL_OPT = typer.Option(
-    None,
-    "--atol",
-    metavar="X",
-    help="Allowed error as a fraction of each output's scale S (the 99th percentile of its non-zero "
-    "magnitudes; docs/verification.md). Default by the precision it is computed in.",
-)
-RTOL_OPT = typer.Option(None, "--rtol", metavar="X", help="Allowed error as a fraction of each element. Default 0.")
-SHAPE_OPT = typer.Option(
-    None, "--input-shape", metavar="NAME:DIMS", help="Shape for an input, e.g. input:1x3x224x224 (repeatable)."
-)
-INT_RANGE_OPT = typer.Option(
-    "0:10", "--int-range", metavar="LOW:HIGH", help="Integer inputs are drawn from [LOW, HIGH)."
-)
-INPUTS_OPT = typer.Option(
-    None,
-    "--inputs",
-    metavar="FILE|DIR",
-    help=".npz (arrays by input name, or in.NAME beside out.NAME), Polygraphy's saved inputs (.json, one "
-    "trial per iteration) or onnx test-data folder; one trial per set (repeatable).",
-)
-NO_REPARAM_OPT = typer.Option(
-    False,
-    "--no-reparam",
-    help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv.",
-)
-CALIBRATION_OPT = typer.Option(
-    None,
-    "--calibration",
-    metavar="FILE|DIR",
-    help="Inputs (.npz by input name, or an onnx test-data folder, as verify --inputs) on which to measure "
-    "each conv's input statistics, to choose 16-bit folds' rounding with (turns --bias-correction on).",
-)
-BIAS_CORRECTION_OPT = typer.Option(
-    None,
-    "--bias-correction/--no-bias-correction",
-    help="For float16/bfloat16 weights: choose each folded weight's second rounding with the statistics "
-    "of its conv's input (from the graph, or measured on --calibration) instead of plain sum-preserving "
-    "rounding. Default: on with --calibration, else off (docs/folding.md says where it helps).",
-    show_default=False,
-)
-CUSTOM_LIB_OPT = typer.Option(
-    None,
-    "--custom-lib",
-    metavar="FILE",
-    help="An onnxruntime custom-op library (.so, .dll) for ops of another domain (repeatable).",
-)
-PROVIDER_OPT = typer.Option(
-    None, "--provider", metavar="NAME", help="onnxruntime execution provider (repeatable). Default CPU."
-)
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES)
@@ -185,97 +134,64 @@ def optimize(
         return {
             "verify": not no_verify,
             "external_data": external_data,
-            "progress": _progress(quiet),
+            "progress": out.progress(),
             "reparam": not no_reparam,
             "bias_correction": bias_correction,
             "calibration": calibration,
-            "verify_options": _verify_options(
+            "verify_options": verify_options(
                 trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib
             ),
         }
 
-    _json_for("optimize", json_report)
+    out = Console("optimize", json=json_report, quiet=quiet)
     from bnfold.batch import check_jobs
 
-    _guard(lambda: check_jobs(jobs))
+    out.guard(lambda: check_jobs(jobs))
     if len(models) == 1 and not models[0].is_dir():
-        result = _guard(lambda: pipeline.optimize(models[0], output, **options()))
+        result = out.guard(lambda: pipeline.optimize(models[0], output, **options()))
         if not quiet:
-            _say(result.report.table())
+            say(result.report.table())
             if result.verification is not None:
-                _say(result.verification.table())
+                say(result.verification.table())
         elif result.verification is not None and not result.verification.equivalent:
-            _say(result.verification.table(failed_only=True))
+            say(result.verification.table(failed_only=True))
         if not result.written:
             message = "the folded model is not equivalent to the original; nothing was written"
-            _emit(result.to_dict(), EXIT_NOT_EQUIVALENT, message)
-            _fail(message, EXIT_NOT_EQUIVALENT)
-        _emit(result.to_dict(), 0)
+            out.emit(result.to_dict(), EXIT_NOT_EQUIVALENT, message)
+            out.fail(message, EXIT_NOT_EQUIVALENT)
+        out.emit(result.to_dict(), 0)
         if not quiet:
-            _say(f"{NOTHING_TO_FOLD} ({result.output})" if result.unchanged else f"wrote {result.output}")
+            say(f"{NOTHING_TO_FOLD} ({result.output})" if result.unchanged else f"wrote {result.output}")
         return
-    _optimize_batch(models, output, jobs, json_report, quiet, options)
+    _optimize_batch(models, output, jobs, out, options)
 
 
-def _optimize_batch(models, output, jobs, json_report, quiet, options) -> None:
+def _optimize_batch(models, output, jobs, out: Console, options) -> None:
+    quiet = out.quiet
     from bnfold import batch
 
-    paths = _guard(lambda: batch.model_files(models))
-    bar = _ProgressBar(len(paths), enabled=not quiet and sys.stderr.isatty())
-    batch_options = _guard(options)
+    paths = out.guard(lambda: batch.model_files(models))
+    bar = ProgressBar(len(paths), enabled=not quiet and sys.stderr.isatty())
+    batch_options = out.guard(options)
     del batch_options["progress"]  # per-model stages would garble the bar (and cannot be pickled)
     folder = Path(output) if output is not None else None
 
     def done(item) -> None:  # each model's line as it finishes, above the bar
         bar.clear()
         if not quiet or item.exit_code:  # -q still shows what failed
-            _say(_batch_line(item))
+            say(item.line())
         bar.advance()
 
-    items = _guard(lambda: batch.optimize_many(paths, folder, jobs=jobs, on_done=done, **batch_options))
+    items = out.guard(lambda: batch.optimize_many(paths, folder, jobs=jobs, on_done=done, **batch_options))
     bar.clear()
     written = sum(item.exit_code == 0 for item in items)
     if not quiet:
-        _say(f"{len(items)} models: {written} written, {len(items) - written} failed")
+        say(f"{len(items)} models: {written} written, {len(items) - written} failed")
     worst = max(item.exit_code for item in items)  # 3 internal, 2 could not run, 1 not equivalent, 0
     summary = {"models": len(items), "written": written, "failed": len(items) - written}
-    _emit({"models": [item.to_dict() for item in items], "summary": summary}, worst)
+    out.emit({"models": [item.to_dict() for item in items], "summary": summary}, worst)
     if worst:
         raise typer.Exit(worst)
-
-
-def _batch_line(item) -> str:
-    if item.result is not None and item.result.written:
-        report = item.result.report
-        done = NOTHING_TO_FOLD if item.result.unchanged else report.summary().split(" · ")[0]
-        return f"ok    {item.input} → {item.result.output} ({done})"
-    if item.result is not None:
-        return f"FAIL  {item.input}: the folded model is not equivalent; nothing written"
-    error = str(item.error)
-    return f"FAIL  {error}" if error.startswith(f"{item.input}:") else f"FAIL  {item.input}: {error}"
-
-
-class _ProgressBar:
-    """`[#####-----] 5/10` on stderr, redrawn in place: only on a terminal, never with --quiet."""
-
-    def __init__(self, total: int, *, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled
-        self._draw()
-
-    def advance(self) -> None:
-        self.done += 1
-        self._draw()
-
-    def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-    def _draw(self) -> None:
-        if self.enabled:
-            filled = 30 * self.done // max(self.total, 1)
-            sys.stderr.write(f"\r[{'#' * filled}{'-' * (30 - filled)}] {self.done}/{self.total} models")
-            sys.stderr.flush()
 
 
 @app.command(cls=_Command, epilog=EXIT_CODES)
@@ -340,7 +256,7 @@ def verify(
                 raise BnfoldError(f"{path}: is a directory, not an ONNX model")
             if not path.exists():
                 raise BnfoldError(f"{path}: no such file")
-        options = _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib)
+        options = verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib)
         if load_outputs is not None:
             from bnfold.verification.golden import verify_against_outputs
 
@@ -353,18 +269,18 @@ def verify(
                 raise BnfoldError(f"{', '.join(unused)}: not with --load-outputs")
             keep = ("inputs", "atol", "rtol", "input_shapes", "providers", "custom_ops")
             return verify_against_outputs(
-                reference, load_outputs, progress=_progress(quiet), **{k: options[k] for k in keep if k in options}
+                reference, load_outputs, progress=out.progress(), **{k: options[k] for k in keep if k in options}
             )
         from bnfold.verification.verify import verify as run_verify
 
         saving = {"save_inputs": save_inputs, "save_outputs": save_outputs}
-        return run_verify(reference, candidate, progress=_progress(quiet), localize=localize, **saving, **options)
+        return run_verify(reference, candidate, progress=out.progress(), localize=localize, **saving, **options)
 
-    _json_for("verify", json_report)
-    report = _guard(run)
-    _render(report.to_dict(), report, quiet, 0 if report.equivalent else EXIT_NOT_EQUIVALENT)
+    out = Console("verify", json=json_report, quiet=quiet)
+    report = out.guard(run)
+    out.render(report.to_dict(), report, 0 if report.equivalent else EXIT_NOT_EQUIVALENT)
     if quiet and not report.equivalent:
-        _say(report.table(failed_only=True))
+        say(report.table(failed_only=True))
     if not report.equivalent:
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
 
@@ -387,7 +303,7 @@ def inspect(
     """Report what optimize would fold and skip, and why, without writing anything."""
     from bnfold.pipeline import fold
 
-    _json_for("inspect", json_report)
+    out = Console("inspect", json=json_report, quiet=quiet)
     foldable, items = [], []
     for model in models:
 
@@ -398,22 +314,22 @@ def inspect(
             try:
                 result = run()
             except BnfoldError as exc:
-                _say(f"bnfold: error: {exc}")
+                say(f"bnfold: error: {exc}")
                 items.append({"input": str(model), "exit_code": EXIT_USER_ERROR, "error": str(exc)})
                 continue
             except Exception:
-                result = _guard(run)  # internal errors: the one line and exit 3, as always
+                result = out.guard(run)  # internal errors: the one line and exit 3, as always
         else:
-            result = _guard(run)
+            result = out.guard(run)
         report = result.report
         would = report.folded + sum(o.folded for o in report.branch_merges) + len(report.channel_affines)
         code = EXIT_FOLDABLE if check and would else 0
         data = {"input": str(model), "output": None, "written": False, **report.to_dict()}
         if len(models) == 1:
-            _render(data, report, quiet or check, code)
+            out.render(data, report, code, quiet=quiet or check)
         else:
             if not (quiet or check):
-                _say(f"{model}:\n{report.table()}")
+                say(f"{model}:\n{report.table()}")
             items.append({**data, "exit_code": code, "error": None})
         if would:
             foldable.append(f"{model}: {report.summary().split(' · ')[0]}; run `bnfold optimize {model}`")
@@ -421,10 +337,10 @@ def inspect(
     if len(models) > 1:
         worst = EXIT_USER_ERROR if any(item["error"] for item in items) else worst
         summary = {"models": len(items), "failed": sum(item["error"] is not None for item in items)}
-        _emit({"models": items, "summary": summary}, worst)
+        out.emit({"models": items, "summary": summary}, worst)
     if check and foldable:
         for line in foldable:
-            _say(f"bnfold: unfolded: {line}")
+            say(f"bnfold: unfolded: {line}")
     if worst or (check and foldable):
         raise typer.Exit(worst or EXIT_FOLDABLE)
 
@@ -457,137 +373,25 @@ def bench(
             if path is not None and not path.is_file():
                 raise BnfoldError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
         libraries = [str(p) for p in custom_lib or []]
-        session_options = {"input_shapes": _input_shapes(input_shape), **_providers(provider), "custom_ops": libraries}
+        session_options = {"input_shapes": input_shapes(input_shape), **providers(provider), "custom_ops": libraries}
         if provider:
             from bnfold.verification.runtime import check_providers
 
             check_providers(provider)  # here, not as a verification failure: bench has no --no-verify
-        timing = {"runs": runs, "warmup": warmup, "progress": _progress(quiet), **session_options}
+        timing = {"runs": runs, "warmup": warmup, "progress": out.progress(), **session_options}
         if folded is not None:
             return benchmark.bench(model, folded, **timing)
         with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as folder:
-            result = pipeline.optimize(model, Path(folder), verify_options=session_options, progress=_progress(quiet))
+            result = pipeline.optimize(model, Path(folder), verify_options=session_options, progress=out.progress())
             if not result.written:
                 raise BnfoldError("the folded model is not equivalent to the original; nothing to time")
             report = benchmark.bench(model, result.output, **timing)
             report.folded, report.fold_summary = None, result.report.summary()  # the file is gone
             return report
 
-    _json_for("bench", json_report)
-    report = _guard(run)
-    _render(report.to_dict(), report, quiet)
-
-
-def _verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib) -> dict:
-    """The CLI's verification options as keyword arguments of bnfold.verify."""
-    shapes = _input_shapes(input_shape)
-    low, _, high = int_range.partition(":")
-    try:
-        int_bounds = (int(low), int(high))
-    except ValueError:
-        raise BnfoldError(f"--int-range {int_range!r}: expected LOW:HIGH such as 0:1000") from None
-    return {
-        "trials": trials,
-        "seed": seed,
-        "atol": atol,
-        "rtol": rtol,
-        "input_shapes": shapes,
-        "int_range": int_bounds,
-        "inputs": list(inputs or []),
-        "custom_ops": [str(p) for p in custom_lib or []],
-        **_providers(provider),
-    }
-
-
-def _input_shapes(input_shape: list[str] | None) -> dict[str, list[int]]:
-    """--input-shape NAME:DIMS values as {name: dims}."""
-    shapes = {}
-    for item in input_shape or []:
-        name, _, dims = item.rpartition(":")  # input names may themselves contain ':'
-        try:
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
-        except ValueError:
-            raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224") from None
-        if not name or any(d < 0 for d in shapes[name]):
-            raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224")
-    return shapes
-
-
-def _providers(provider: list[str] | None) -> dict:
-    """--provider as bnfold.verify's `providers` keyword, or nothing (its default)."""
-    return {"providers": list(provider)} if provider else {}
-
-
-def _guard(action: Callable[[], T]) -> T:
-    """Run a library call; turn its failures into one line and the documented exit code."""
-    try:
-        return action()
-    except BnfoldError as exc:
-        _fail(str(exc), EXIT_USER_ERROR)
-    except InternalError as exc:
-        _fail(f"internal error, please report: {exc}", EXIT_INTERNAL_ERROR)
-    except Exception:  # anything else is a bug: show where, but never exit 1 ("not equivalent")
-        traceback.print_exc()
-        _fail("internal error, please report the traceback above", EXIT_INTERNAL_ERROR)
-    raise AssertionError("unreachable")
-
-
-REPORT_SCHEMA_VERSION = 1  # bnfold/report.schema.json; raised when a field changes meaning or goes
-_json_command: list[str] = []  # the running command when --json was given: errors print a report too
-
-
-def _json_for(command: str, enabled: bool) -> None:
-    _json_command[:] = [command] if enabled else []
-
-
-def _emit(data: dict, exit_code: int, error: str | None = None) -> None:
-    """The --json report on stdout, once: every command's, every outcome's, one envelope."""
-    if not _json_command:
-        return
-    from bnfold import __version__
-
-    envelope = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "bnfold_version": __version__,
-        "command": _json_command.pop(),
-        "exit_code": exit_code,
-        "error": error,
-    }
-    try:
-        print(json.dumps({**envelope, **data}, indent=2), flush=True)
-    except BrokenPipeError:  # the reader left (`| head -c0`): the exit code still tells the outcome
-        _silence_stdout()
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so that nothing later (nor the interpreter's own flush at exit)
-    fails on the closed pipe again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
-def _render(data: dict, report, quiet: bool, exit_code: int = 0) -> None:
-    if not quiet:
-        _say(report.table())
-    _emit(data, exit_code)
-
-
-def _progress(quiet: bool) -> Callable[[str], None]:
-    """Stage messages for a person watching a terminal; silent in pipes and with --quiet."""
-    if quiet or not sys.stderr.isatty():
-        return lambda stage: None
-    return lambda stage: _say(f"… {stage}")
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-def _fail(message: str, code: int) -> None:
-    _say(f"bnfold: error: {message}")
-    _emit({}, code, message)  # with --json, a report even when nothing ran
-    raise typer.Exit(code)
+    out = Console("bench", json=json_report, quiet=quiet)
+    report = out.guard(run)
+    out.render(report.to_dict(), report)
 
 
 def main() -> None:
@@ -602,10 +406,10 @@ def main() -> None:
         exc.show()
         words = sys.argv[1:]
         if "--json" in words:
-            _json_for(next((w for w in words if w in ("optimize", "verify", "inspect", "bench")), "usage"), True)
-            _emit({}, EXIT_USER_ERROR, exc.format_message())
+            command = next((w for w in words if w in ("optimize", "verify", "inspect", "bench")), "usage")
+            Console(command, json=True).emit({}, EXIT_USER_ERROR, exc.format_message())
         sys.exit(EXIT_USER_ERROR)
     except typer.Abort:
-        _say("Aborted!")
+        say("Aborted!")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -16,7 +16,8 @@ from builders import conv_bn_model, op_types
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from bnfold.cli import _guard, app
+from bnfold.cli import app
+from bnfold.console import Console
 from bnfold.errors import EXIT_INTERNAL_ERROR
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_tiny.onnx"
@@ -328,7 +329,7 @@ def test_dash_h_is_help_and_metavars_name_the_domain(command):
 def test_unexpected_exception_is_exit_3_not_1(capsys):
     # Exit 1 means "not equivalent"; a crash must never be read as that.
     with pytest.raises(typer.Exit) as exit_info:
-        _guard(lambda: 1 / 0)
+        Console("verify", json=False).guard(lambda: 1 / 0)
     assert exit_info.value.exit_code == EXIT_INTERNAL_ERROR
     assert "ZeroDivisionError" in capsys.readouterr().err
 

@@ -1,0 +1,105 @@
+"""The command line's shared options, declared once for Typer, and their parsing into the
+library's keyword arguments."""
+
+from __future__ import annotations
+
+import typer
+
+from bnfold.errors import BnfoldError
+
+MODEL_ARG = typer.Argument(..., metavar="MODEL", help="The ONNX model file.", show_default=False)
+JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
+# Verification options, shared by `verify` and `optimize`.
+TRIALS_OPT = typer.Option(3, "--trials", metavar="N", help="Input sets to generate.")
+SEED_OPT = typer.Option(0, "--seed", metavar="N", help="Seed for generated inputs.")
+ATOL_OPT = typer.Option(
+    None,
+    "--atol",
+    metavar="X",
+    help="Allowed error as a fraction of each output's scale S (the 99th percentile of its non-zero "
+    "magnitudes; docs/verification.md). Default by the precision it is computed in.",
+)
+RTOL_OPT = typer.Option(None, "--rtol", metavar="X", help="Allowed error as a fraction of each element. Default 0.")
+SHAPE_OPT = typer.Option(
+    None, "--input-shape", metavar="NAME:DIMS", help="Shape for an input, e.g. input:1x3x224x224 (repeatable)."
+)
+INT_RANGE_OPT = typer.Option(
+    "0:10", "--int-range", metavar="LOW:HIGH", help="Integer inputs are drawn from [LOW, HIGH)."
+)
+INPUTS_OPT = typer.Option(
+    None,
+    "--inputs",
+    metavar="FILE|DIR",
+    help=".npz (arrays by input name, or in.NAME beside out.NAME), Polygraphy's saved inputs (.json, one "
+    "trial per iteration) or onnx test-data folder; one trial per set (repeatable).",
+)
+NO_REPARAM_OPT = typer.Option(
+    False,
+    "--no-reparam",
+    help="Keep parallel branches (RepVGG, MobileOne, RepMixer) instead of merging them into one Conv.",
+)
+CALIBRATION_OPT = typer.Option(
+    None,
+    "--calibration",
+    metavar="FILE|DIR",
+    help="Inputs (.npz by input name, or an onnx test-data folder, as verify --inputs) on which to measure "
+    "each conv's input statistics, to choose 16-bit folds' rounding with (turns --bias-correction on).",
+)
+BIAS_CORRECTION_OPT = typer.Option(
+    None,
+    "--bias-correction/--no-bias-correction",
+    help="For float16/bfloat16 weights: choose each folded weight's second rounding with the statistics "
+    "of its conv's input (from the graph, or measured on --calibration) instead of plain sum-preserving "
+    "rounding. Default: on with --calibration, else off (docs/folding.md says where it helps).",
+    show_default=False,
+)
+CUSTOM_LIB_OPT = typer.Option(
+    None,
+    "--custom-lib",
+    metavar="FILE",
+    help="An onnxruntime custom-op library (.so, .dll) for ops of another domain (repeatable).",
+)
+PROVIDER_OPT = typer.Option(
+    None, "--provider", metavar="NAME", help="onnxruntime execution provider (repeatable). Default CPU."
+)
+
+
+def verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib) -> dict:
+    """The CLI's verification options as keyword arguments of bnfold.verify."""
+    shapes = input_shapes(input_shape)
+    low, _, high = int_range.partition(":")
+    try:
+        int_bounds = (int(low), int(high))
+    except ValueError:
+        raise BnfoldError(f"--int-range {int_range!r}: expected LOW:HIGH such as 0:1000") from None
+    return {
+        "trials": trials,
+        "seed": seed,
+        "atol": atol,
+        "rtol": rtol,
+        "input_shapes": shapes,
+        "int_range": int_bounds,
+        "inputs": list(inputs or []),
+        "custom_ops": [str(p) for p in custom_lib or []],
+        **providers(provider),
+    }
+
+
+def input_shapes(input_shape: list[str] | None) -> dict[str, list[int]]:
+    """--input-shape NAME:DIMS values as {name: dims}."""
+    shapes = {}
+    for item in input_shape or []:
+        name, _, dims = item.rpartition(":")  # input names may themselves contain ':'
+        try:
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224") from None
+        if not name or any(d < 0 for d in shapes[name]):
+            raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224")
+    return shapes
+
+
+def providers(provider: list[str] | None) -> dict:
+    """--provider as bnfold.verify's `providers` keyword, or nothing (its default)."""
+    return {"providers": list(provider)} if provider else {}
