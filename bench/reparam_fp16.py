@@ -15,12 +15,16 @@ variance are known: the merged weights' rounding uses them).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold.testing import BranchGraph, random_inputs, run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the builders tests share
+from builders import BranchGraph, random_inputs, run  # noqa: E402
 
 
 def repvgg_block(dtype, seed: int, inside: bool = False):

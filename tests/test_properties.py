@@ -94,7 +94,7 @@ def assert_same_function_over_inputs(model: onnx.ModelProto, folded: onnx.ModelP
 def branch_sums(draw):
     """x → 2 to 4 branches (Conv of any kernel, group, dilation and padding that keeps the output
     size; BN; x itself; some scaled by a layer scale, one maybe subtracted) → Add → Relu."""
-    from bnfold.testing import BranchGraph
+    from builders import BranchGraph
 
     rank = draw(st.integers(1, 3))
     channels = draw(st.sampled_from([2, 3, 4, 6]))

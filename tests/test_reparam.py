@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import assert_same_function, op_types, run
+from builders import BranchGraph, assert_same_function, op_types, run
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold.testing import BranchGraph
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

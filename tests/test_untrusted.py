@@ -103,8 +103,7 @@ def test_mutated_model_files_exit_0_or_2_and_never_leave_a_partial_output(seed, 
     bytes): exit 0 with a valid model written, or exit 2 (or 1: a valid but numerically broken
     model whose fold does not verify) with one line and nothing written."""
     import numpy as np
-
-    from bnfold.testing import mutate
+    from builders import mutate
 
     rng = np.random.default_rng([2026, seed])
     for case in range(60):

@@ -475,7 +475,7 @@ def test_one_box_more_after_non_max_suppression_is_explained(tmp_path):
         net.node("NonMaxSuppression", [boxes, scores, *limits], "selected")
         return net.model([float_input("x", [1, 3, 8, 8])], ["selected", scores])
 
-    from bnfold.testing import run
+    from builders import run
 
     constant = float(run(model(0.0), {"x": np.zeros((1, 3, 8, 8), np.float32)})[1][0, 0, 2])
     threshold = float(np.nextafter(np.float32(constant), np.float32(1)))  # just above it: dropped
