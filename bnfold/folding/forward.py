@@ -113,8 +113,7 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
         moments = batch_norm_input_moments(ctx, bn, params[0].dtype)
         folded = _into_conv(bn, consumer, op, *params, ctx, moments)
     else:
-        build = {"ConvTranspose": _into_conv_transpose}.get(op.op_type, _into_gemm)
-        folded = build(bn, consumer, op, *params, ctx)
+        folded = _BUILDS[op.op_type](bn, consumer, op, *params, ctx)
     if isinstance(folded, Skip):
         return folded
     rounding = rounding_note(params[0].dtype, moments, op.op_type == "Conv" and ctx.scope.bias_correction)
@@ -130,7 +129,7 @@ def _pads(conv: onnx.NodeProto, weight: np.ndarray) -> bool:
 def _scale_into_padded_conv(bn, conv, op, weight, bias, ctx):
     """(W·s on the input channels, b, t/s): the BN's scale into a Conv that pads its input, its
     shift moved in front of the padding (module docstring)."""
-    group = int_attr(conv, "group", 1)
+    group = op.groups(conv)
     if bias is not None and (bad := op.check_bias(bias, weight.shape[0])):
         return bad
     rank = ctx.shapes.rank(bn.input[0])
@@ -157,7 +156,7 @@ def _scale_into_padded_conv(bn, conv, op, weight, bias, ctx):
 
 
 def _into_conv(bn, conv, op, weight, bias, ctx, moments: InputMoments | None):
-    group = int_attr(conv, "group", 1)
+    group = op.groups(conv)
     if bias is not None and (bad := op.check_bias(bias, weight.shape[0])):
         return bad
     scale_shift = read_batch_norm(bn, ctx, weight.shape[1] * group)
@@ -217,3 +216,8 @@ def _into_gemm(bn, gemm, op, weight, bias, ctx):
     new_weight = folded if axis == 0 else folded.T
     new_bias = float_attr(gemm, "alpha", 1.0) * shift_term + (0.0 if bias is None else bias)
     return cast_folded(weight.dtype, new_weight, new_bias, axis)
+
+
+# the input-side fold of each op but Conv, which also takes the rounding statistics (above);
+# a 2-D MatMul is a Gemm without C, and becomes one
+_BUILDS = {"ConvTranspose": _into_conv_transpose, "Gemm": _into_gemm, "MatMul": _into_gemm}

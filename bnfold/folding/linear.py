@@ -32,6 +32,12 @@ class LinearOp:
         raise NotImplementedError
 
     def groups(self, node: onnx.NodeProto) -> int:
+        """The op's group count (its `group` attribute; 1 for Gemm and MatMul)."""
+        return int_attr(node, "group", 1)
+
+    def output_blocks(self, node: onnx.NodeProto) -> int:
+        """How many blocks the weight's output-channel axis holds (ConvTranspose: one per group;
+        a Conv's axis 0 runs over every output channel, whatever the group)."""
         return 1
 
     def output_rank(self, weight: np.ndarray) -> int:
@@ -50,7 +56,7 @@ class LinearOp:
         return None
 
     def output_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
-        return weight.shape[self.weight_axis(node)] * self.groups(node)
+        return weight.shape[self.weight_axis(node)] * self.output_blocks(node)
 
     def bias_scale(self, node: onnx.NodeProto) -> float:
         """What the op multiplies its bias input by (Gemm's β; 1 for convs)."""
@@ -98,8 +104,8 @@ class ConvTranspose(LinearOp):
     def weight_axis(self, node):
         return 1
 
-    def groups(self, node):
-        return int_attr(node, "group", 1)
+    def output_blocks(self, node):
+        return self.groups(node)
 
     def check_weight(self, weight, node):
         if weight.ndim < 3:
@@ -206,16 +212,15 @@ def fold_output_affine(
     scale, shift = scale_shift
     axis = op.weight_axis(node)
     scaled = affine.scale_weights(
-        weight, scale, axis=axis, group=op.groups(node), dtype=affine.product_dtype(weight.dtype)
+        weight, scale, axis=axis, group=op.output_blocks(node), dtype=affine.product_dtype(weight.dtype)
     )
     if bias is not None:
         bias = bias.astype(np.float64) * op.bias_scale(node)
     new_bias = affine.fold_bias(bias, scale, shift)
     if moments is None:
         return cast_folded(weight.dtype, scaled, new_bias, axis)
-    group = int_attr(node, "group", 1)
     rounded, rounded_bias = affine.cast_conv_toward_moments(
-        scaled, new_bias, weight.dtype, group, moments.mean, moments.var
+        scaled, new_bias, weight.dtype, op.groups(node), moments.mean, moments.var
     )
     return cast_folded(weight.dtype, scaled, new_bias, axis, rounded, rounded_bias)
 
@@ -227,7 +232,7 @@ def fold_output(
     (bnfold.folding.correction), and the report's note on how the weights were rounded."""
     moments, conv = None, op.op_type == "Conv"
     if conv:
-        moments = conv_input_moments(ctx, node.input[0], weight.shape[1] * int_attr(node, "group", 1), weight.dtype)
+        moments = conv_input_moments(ctx, node.input[0], weight.shape[1] * op.groups(node), weight.dtype)
     folded = fold_output_affine(op, node, weight, bias, scale_shift, moments)
     if isinstance(folded, Skip):
         return folded
