@@ -232,6 +232,23 @@ def fold_input_affine(
     return w * s, b + (taps * t).sum(axis=1)
 
 
+def fold_input_affine_transposed(
+    weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray, group: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold x ↦ s·x + t on a ConvTranspose's *input* channels into it (float64 results).
+
+    Weight W [C_in, C_out/group, k…]: input channel i scatters through row W[i] into the outputs
+    of its group, so W'[i] = W[i]·s_i and b'_o = b_o + Σ_i Σ_k W[i, j, k]·t_i over the inputs i
+    of output o's group (o = g·(C_out/group) + j). Exact only where every output receives every
+    tap (stride 1, no output_padding, (k − 1)·dilation cropped from each border).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    new_weight = w * np.asarray(scale, dtype=np.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+    taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) * np.asarray(shift, dtype=np.float64)[:, None]
+    from_shift = taps.reshape(group, -1, w.shape[1]).sum(axis=1).reshape(-1)  # [C_out]
+    return new_weight, from_shift + (0.0 if bias is None else np.asarray(bias, dtype=np.float64))
+
+
 def channel_vector(constant: np.ndarray, rank: int, channels: int, axis: int = 1) -> np.ndarray | None:
     """The per-channel values of a constant that broadcasts along `axis` (default 1) of a
     rank-`rank` tensor with `channels` channels ([C,1,…], [1,C,1,…], a scalar for axis 1;

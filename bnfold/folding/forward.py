@@ -192,12 +192,7 @@ def _into_conv_transpose(bn, deconv, op, weight, bias, ctx):
     scale_shift = read_batch_norm(bn, ctx, weight.shape[0])
     if isinstance(scale_shift, Skip):
         return scale_shift
-    scale, shift = scale_shift
-    w = weight.astype(np.float64)
-    new_weight = w * np.asarray(scale).reshape((-1,) + (1,) * (w.ndim - 1))
-    taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) * np.asarray(shift)[:, None]  # [C_in, C_out/g]
-    from_shift = taps.reshape(group, -1, w.shape[1]).sum(axis=1).reshape(-1)
-    new_bias = from_shift + (0.0 if bias is None else bias.astype(np.float64))
+    new_weight, new_bias = affine.fold_input_affine_transposed(weight, bias, *scale_shift, group=group)
     return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(deconv))
 
 
