@@ -22,7 +22,7 @@ import onnx
 from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes
 from bnfold.folding.correction import InputMoments, batch_norm_input_moments, rounding_note
-from bnfold.folding.linear import LinearOp, become_shift, cast_folded, give_parameters, linear_op
+from bnfold.folding.linear import LinearOp, become_shift, cast_conv, cast_folded, give_parameters, linear_op
 from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after
 from bnfold.folding.sources import read_batch_norm
@@ -163,10 +163,7 @@ def _into_conv(bn, conv, op, weight, bias, ctx, moments: InputMoments | None):
     if isinstance(scale_shift, Skip):
         return scale_shift
     new_weight, new_bias = affine.fold_input_affine(weight, bias, *scale_shift, group=group)
-    if moments is None:
-        return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv))
-    rounded = affine.cast_conv_toward_moments(new_weight, new_bias, weight.dtype, group, moments.mean, moments.var)
-    return cast_folded(weight.dtype, new_weight, new_bias, op.weight_axis(conv), *rounded)
+    return cast_conv(weight.dtype, new_weight, new_bias, group, moments)
 
 
 def _into_conv_transpose(bn, deconv, op, weight, bias, ctx):

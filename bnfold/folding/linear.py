@@ -219,10 +219,7 @@ def fold_output_affine(
     new_bias = affine.fold_bias(bias, scale, shift)
     if moments is None:
         return cast_folded(weight.dtype, scaled, new_bias, axis)
-    rounded, rounded_bias = affine.cast_conv_toward_moments(
-        scaled, new_bias, weight.dtype, op.groups(node), moments.mean, moments.var
-    )
-    return cast_folded(weight.dtype, scaled, new_bias, axis, rounded, rounded_bias)
+    return cast_conv(weight.dtype, scaled, new_bias, op.groups(node), moments)  # moments: a Conv's
 
 
 def fold_output(
@@ -237,6 +234,18 @@ def fold_output(
     if isinstance(folded, Skip):
         return folded
     return (*folded, rounding_note(weight.dtype, moments, conv and ctx.scope.bias_correction))
+
+
+def cast_conv(
+    dtype, weight64: np.ndarray, bias64: np.ndarray, group: int, moments: InputMoments | None
+) -> tuple[np.ndarray, np.ndarray] | Skip:
+    """A Conv's folded or merged float64 weight [C_out, C_in/group, k…] and bias in `dtype`:
+    rounded with its input's `moments` when they are known (bias correction), else as
+    cast_folded rounds; a Skip if they overflow it."""
+    if moments is None:
+        return cast_folded(dtype, weight64, bias64, 0)
+    rounded = affine.cast_conv_toward_moments(weight64, bias64, dtype, group, moments.mean, moments.var)
+    return cast_folded(dtype, weight64, bias64, 0, *rounded)
 
 
 def cast_folded(

@@ -30,6 +30,7 @@ import onnx
 
 from bnfold.folding import affine
 from bnfold.folding.correction import conv_input_moments, corrects, input_moments, rounding_note
+from bnfold.folding.linear import cast_conv
 from bnfold.folding.plan import Skip
 from bnfold.folding.sources import check_inference_mode, read_batch_norm
 from bnfold.graph.constants import NotConstant
@@ -455,17 +456,11 @@ def _replace(root: onnx.NodeProto, term: Term, ctx: GraphContext) -> bool:
     if corrects(ctx, dtype):
         input_moments(ctx, root.output[0])  # the sum's statistics, while its branches still tell them
     moments = conv_input_moments(ctx, term.x, term.in_channels, dtype)
-    if moments is not None:
-        weight, bias = affine.cast_conv_toward_moments(
-            term.kernel, term.bias, dtype, term.group, moments.mean, moments.var
-        )
-    else:
-        weight = affine.cast_weights(term.kernel, dtype, axis=0)
-        with np.errstate(over="ignore"):
-            bias = term.bias.astype(dtype)
+    cast = cast_conv(dtype, term.kernel, term.bias, term.group, moments)
     term.rounding = rounding_note(dtype, moments, ctx.scope.bias_correction)
-    if not (np.isfinite(affine.float_operand(weight)).all() and np.isfinite(affine.float_operand(bias)).all()):
+    if isinstance(cast, Skip):
         return False
+    weight, bias = cast
     first_conv = next(n for n in term.nodes if is_onnx_op(n, "Conv"))
     base = first_conv.name or first_conv.output[0]
     for old in term.nodes:
