@@ -249,7 +249,7 @@ class BranchGraph:
             [helper.make_tensor_value_info(relu, elem, None)],
             self.inits,
         )
-        model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", opset)])
+        model = make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 

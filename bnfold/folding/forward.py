@@ -27,7 +27,7 @@ from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after
 from bnfold.folding.sources import read_batch_norm
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import ONNX_DOMAINS, float_attr, int_attr, ints_attr, node_label
+from bnfold.graph.protos import ONNX_DOMAINS, float_attr, int_attr, ints_attr, node_label, str_attr
 
 FORWARD_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -122,7 +122,7 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
 
 def _pads(conv: onnx.NodeProto, weight: np.ndarray) -> bool:
     """Whether the Conv reads zeros beyond its input's border."""
-    auto_pad = next((a.s.decode() for a in conv.attribute if a.name == "auto_pad"), "NOTSET")
+    auto_pad = str_attr(conv, "auto_pad", "NOTSET")
     return any(ints_attr(conv, "pads") or []) or (auto_pad.startswith("SAME") and any(k > 1 for k in weight.shape[2:]))
 
 
@@ -172,7 +172,7 @@ def _into_conv_transpose(bn, deconv, op, weight, bias, ctx):
     dilations = ints_attr(deconv, "dilations") or [1] * len(kernel)
     pads = ints_attr(deconv, "pads") or [0] * (2 * len(kernel))
     strides = ints_attr(deconv, "strides") or [1] * len(kernel)
-    auto_pad = next((a.s.decode() for a in deconv.attribute if a.name == "auto_pad"), "NOTSET")
+    auto_pad = str_attr(deconv, "auto_pad", "NOTSET")
     reach = [d * (k - 1) for d, k in zip(dilations, kernel)]
     every_tap = (
         all(pads[a] >= reach[a] and pads[len(kernel) + a] >= reach[a] for a in range(len(kernel)))

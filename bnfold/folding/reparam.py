@@ -35,7 +35,7 @@ from bnfold.folding.plan import Skip
 from bnfold.folding.sources import check_inference_mode, read_batch_norm
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import is_onnx_op, node_label
+from bnfold.graph.protos import is_onnx_op, node_label, str_attr
 
 MAX_DEPTH = 32  # layer scales (Mul) nested in one sum: real blocks need < 10; bounds the work per sum
 
@@ -145,14 +145,19 @@ def _sum_term(root: onnx.NodeProto, ctx: GraphContext, version: int, depth: int,
     recursion, so a chain of any length is one tree; each sum adds its inputs' terms left to
     right (a Sub negates its second). A tree that cannot merge fails for every sum above the
     one that failed: `failed` keeps them, so a later root inside the tree is not walked again."""
-    leaves: dict[str, Term | Skip | None] = {}  # an input's constant term, evaluated once
+    leaves: dict[str, Term | None] = {}  # an input's constant term, evaluated once
+    inners: dict[str, onnx.NodeProto | None] = {}  # the sum that makes an input, if in the tree
 
     def inner(name: str, reader: onnx.NodeProto) -> onnx.NodeProto | None:
-        node = ctx.index.producer(name)
-        if node is None or not is_sum(node) or len(ctx.index.readers(name)) != 1 or name in ctx.index.graph_outputs:
-            return None
-        leaves[name] = _constant_term(name, reader, ctx)
-        return node if leaves[name] is None else None  # a sum of constants is a constant leaf
+        if name not in inners:
+            node = ctx.index.producer(name)
+            single = len(ctx.index.readers(name)) == 1 and name not in ctx.index.graph_outputs
+            in_tree = node is not None and is_sum(node) and single
+            if in_tree:
+                leaves[name] = _constant_term(name, reader, ctx)
+                in_tree = leaves[name] is None  # a sum of constants is a constant leaf
+            inners[name] = node if in_tree else None
+        return inners[name]
 
     def fail(why: Skip) -> Skip:
         failed.update((id(node), why) for node in stack)
@@ -204,7 +209,7 @@ def _add_all(node: onnx.NodeProto, terms: list[Term]) -> Term | Skip:
 
 def _conv_term(conv: onnx.NodeProto, ctx: GraphContext) -> Term | Skip:
     attrs = {a.name: a for a in conv.attribute}
-    auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+    auto_pad = str_attr(conv, "auto_pad", "NOTSET")
     try:
         weight = ctx.constant(conv.input[1])
         bias = ctx.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None

@@ -29,6 +29,10 @@ def float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
     return next((float(a.f) for a in node.attribute if a.name == name), default)
 
 
+def str_attr(node: onnx.NodeProto, name: str, default: str) -> str:
+    return next((a.s.decode() for a in node.attribute if a.name == name), default)
+
+
 def ints_attr(node: onnx.NodeProto, name: str) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == name), None)
 
