@@ -8,40 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
-from bnfold.folding.linear import (
-    LINEAR_OPS,
-    LinearOp,
-    fold_output,
-    give_parameters,
-    linear_op,
-    output_parameters,
-)
-from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.linear import LINEAR_OPS, linear_op
+from bnfold.folding.linear_plan import LinearPlan, fold_after
+from bnfold.folding.plan import Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import node_label
 
 
 @dataclass(frozen=True)
-class BackwardPlan(Plan):
-    source: onnx.NodeProto
-    op: LinearOp
-    linear: onnx.NodeProto
-    weight: np.ndarray  # folded, in the weight's own dtype
-    bias: np.ndarray  # folded, in the weight's dtype (Conv's B and Gemm's C share W's type)
+class BackwardPlan(LinearPlan):
     passthrough: tuple[onnx.NodeProto, ...] = ()  # no-ops between them, removed with the source
-    rounding: str | None = None  # how a 16-bit weight's second rounding was handled
 
-    @property
-    def linears(self):
-        return (self.linear,)
-
-    def rewrite(self, ctx: GraphContext) -> None:
-        give_parameters(ctx, self.op, self.linear, self.source, self.weight, self.bias)
+    def rewire(self, ctx: GraphContext) -> None:
         for node in (self.source, *self.passthrough):
             ctx.index.remove_node(node)
         ctx.index.set_output(self.linear, 0, self.source.output[0])
@@ -65,16 +47,9 @@ def plan_backward(source: AffineSource, ctx: GraphContext, reader: onnx.NodeProt
     failed = call_site_attributes(source.node, linear, *passthrough) or single_reader(linear, first, ctx)
     if failed:
         return failed
-    params = output_parameters(op, linear, ctx)
-    if isinstance(params, Skip):
-        return params
-    weight, bias, channels = params
-    scale_shift = source.affine(ctx, channels, op.output_rank(weight))
-    if isinstance(scale_shift, Skip):
-        return scale_shift
-    # build
-    folded = fold_output(ctx, op, linear, weight, bias, scale_shift)
+    # plan
+    folded = fold_after(ctx, op, linear, lambda channels, rank: source.affine(ctx, channels, rank))
     if isinstance(folded, Skip):
         return folded
     new_weight, new_bias, rounding = folded
-    return BackwardPlan(source.node, op, linear, new_weight, new_bias, tuple(passthrough), rounding)
+    return BackwardPlan(source.node, op, linear, new_weight, new_bias, rounding, passthrough=tuple(passthrough))

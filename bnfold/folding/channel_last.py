@@ -20,12 +20,13 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, single_reader
-from bnfold.folding.linear import LINEAR_OPS, become_shift, fold_output, folded_name
-from bnfold.folding.plan import Plan, Skip
-from bnfold.folding.shape_ops import TOKEN_SHAPE_OPS, axis_before
+from bnfold.folding.linear import LINEAR_OPS
+from bnfold.folding.linear_plan import become_shift, fold_output, folded_name
+from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Skip
+from bnfold.folding.shape_ops import TOKEN_SHAPE_OPS, back_through
 from bnfold.folding.sources import float_constant, read_batch_norm
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import ONNX_DOMAINS, is_onnx_op, node_label
+from bnfold.graph.protos import is_onnx_op, node_label
 
 MATMUL = LINEAR_OPS["MatMul"]
 
@@ -62,32 +63,27 @@ class ChannelLastPlan(Plan):
         ctx.index.set_output(self.shape_ops[0], 0, self.source.output[0])
 
 
-def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | None:
-    """None when the BN is not behind shape-only ops at all (another mechanism decides it)."""
+def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | NotMine:
+    """NOT_MINE unless the BN is behind token shape ops whose input's last axis is its channel
+    axis, and they come from a MatMul or its bias Add."""
     # match: walk back through shape ops to the axis the BN's channels come from
-    node, reader, axis, shape_ops = ctx.index.producer(bn.input[0]), bn, 1, []
-    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in TOKEN_SHAPE_OPS:
-        blocked = call_site_attributes(node) or single_reader(node, reader, ctx)
-        if blocked:
-            return blocked
-        axis = axis_before(node, axis, ctx)
-        if axis is None:
-            return Skip(f"{node_label(node)} between it and the linear op does not carry the channel axis over whole")
-        shape_ops.append(node)
-        reader, node = node, ctx.index.producer(node.input[0])
+    walked = back_through(bn.input[0], bn, TOKEN_SHAPE_OPS, ctx, axis=1)
+    if isinstance(walked, Skip):
+        return walked
+    node, reader, shape_ops, axis = walked
     if not shape_ops:
-        return None
+        return NOT_MINE
     rank = ctx.shapes.rank(shape_ops[-1].input[0])
     if node is None or rank is None or axis != rank - 1:
-        return None
+        return NOT_MINE
     if is_onnx_op(node, "MatMul"):
         return _without_bias(bn, node, reader, tuple(shape_ops), ctx)
     if not is_onnx_op(node, "Add"):
-        return None
+        return NOT_MINE
     add = node
     position = next((i for i, name in enumerate(add.input) if is_onnx_op(_producer(ctx, name), "MatMul")), None)
     if position is None:
-        return None
+        return NOT_MINE
     matmul = ctx.index.producer(add.input[position])
     # checks
     blocked = (
@@ -109,7 +105,7 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     scale_shift = read_batch_norm(bn, ctx, channels)
     if isinstance(scale_shift, Skip):
         return scale_shift
-    # build
+    # plan
     folded = fold_output(ctx, MATMUL, matmul, weight, bias.reshape(-1), scale_shift)
     if isinstance(folded, Skip):
         return folded

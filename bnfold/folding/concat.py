@@ -14,11 +14,12 @@ import onnx
 
 from bnfold.folding.backward import BackwardPlan, plan_backward
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
-from bnfold.folding.linear import give_parameters, linear_op
-from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.linear import linear_op
+from bnfold.folding.linear_plan import give_parameters
+from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Skip
 from bnfold.folding.sources import ChannelAffine, KnownAffine, read_batch_norm
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import int_attr, node_label
+from bnfold.graph.protos import int_attr, is_onnx_op, node_label
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,12 @@ class ConcatPlan(Plan):
         ctx.index.set_output(self.concat, 0, self.source.output[0])
 
 
-def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, ctx: GraphContext) -> ConcatPlan | Skip:
+def plan_concat(bn: onnx.NodeProto, ctx: GraphContext) -> ConcatPlan | Skip | NotMine:
+    """A BN right after a Concat is this mechanism's, whether or not the split can fold."""
+    # match
+    concat = ctx.index.producer(bn.input[0])
+    if concat is None or not is_onnx_op(concat, "Concat"):
+        return NOT_MINE
     # checks on the Concat
     bound = call_site_attributes(bn, concat)
     if bound:
@@ -86,7 +92,7 @@ def plan_concat(bn: onnx.NodeProto, concat: onnx.NodeProto, ctx: GraphContext) -
     whole = read_batch_norm(bn, ctx, sum(channels))
     if isinstance(whole, Skip):
         return whole
-    # build: one backward fold per input, with its slice of the BN
+    # plan: one backward fold per input, with its slice of the BN
     parts, offset = [], 0
     for data, count in zip(concat.input, channels):
         piece = ChannelAffine(whole.scale[offset : offset + count], whole.shift[offset : offset + count])

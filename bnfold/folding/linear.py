@@ -1,25 +1,46 @@
-"""The linear ops a per-channel affine map folds into, described by their weight layout only.
+"""The linear ops a per-channel affine map folds into: their weight layout, their geometry, and
+both sides of their algebra (the formulas are affine.py's; each op says which applies how).
 
 Output channel c of each is computed by one slice of its weight:
 - Conv: weight [C_out, C_in/group, k…], output channels on axis 0.
 - ConvTranspose: weight [C_in, C_out/group, k…], output channels on axis 1 within each group.
 - Gemm: Y = α·A·B + β·C, B [K, N] (transB=0: channels on axis 1) or [N, K] (transB=1: axis 0).
 - MatMul with a 2-D input and a constant [K, N] B: a Gemm without C, rewritten as one.
+
+An affine map on the output folds the same way into each (`fold_output_affine`: W·s on the
+output-channel axis); one on the input by the op's own `fold_input`.
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from bnfold.folding import affine
-from bnfold.folding.correction import InputMoments, conv_input_moments, rounding_note
+from bnfold.folding.correction import InputMoments
 from bnfold.folding.plan import Skip
 from bnfold.folding.sources import ChannelAffine, float_constant
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import ONNX_DOMAINS, float_attr, int_attr, node_label, set_float_attr
+from bnfold.graph.protos import ONNX_DOMAINS, float_attr, int_attr, ints_attr, node_label, set_float_attr, str_attr
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Where a Conv's or ConvTranspose's kernel reads, with `auto_pad` resolved once."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...] | None  # begins, then ends; None: auto_pad SAME at a stride, sized by the input
+    output_padding: tuple[int, ...]  # ConvTranspose's (zeros for Conv)
+    auto_pad: str
+
+    @property
+    def pads_input(self) -> bool:
+        """Whether the op reads zeros beyond its input's border."""
+        return self.pads is None or any(self.pads)
 
 
 class LinearOp:
@@ -58,12 +79,36 @@ class LinearOp:
     def output_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
         return weight.shape[self.weight_axis(node)] * self.output_blocks(node)
 
+    def input_channels(self, weight: np.ndarray, node: onnx.NodeProto) -> int:
+        raise NotImplementedError
+
     def bias_scale(self, node: onnx.NodeProto) -> float:
         """What the op multiplies its bias input by (Gemm's β; 1 for convs)."""
         return 1.0
 
     def after_bias_rewrite(self, node: onnx.NodeProto) -> None:
         """Attribute changes the folded bias needs (Gemm: β = 1)."""
+
+    def geometry(self, node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry | Skip:
+        """Where the kernel reads (a Gemm or MatMul: nowhere beyond its input, no padding)."""
+        return ConvGeometry((), (), (), (), (), "NOTSET")
+
+    def check_input_fold(self, node: onnx.NodeProto, weight: np.ndarray, geometry: ConvGeometry) -> Skip | None:
+        """Why an affine map on the op's input cannot become one weight and bias, or None."""
+        return None
+
+    def fold_input(
+        self, node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None, scale_shift: ChannelAffine
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """op(s·x + t) as op'(x): the float64 weight and bias (the bias input's scale included)."""
+        raise NotImplementedError
+
+    def cast(
+        self, node: onnx.NodeProto, dtype, weight64: np.ndarray, bias64: np.ndarray, moments: InputMoments | None
+    ) -> tuple[np.ndarray, np.ndarray] | Skip:
+        """A folded float64 weight and bias in `dtype` (cast_folded: sum-preserving per output
+        channel); a Skip if they overflow it."""
+        return cast_folded(dtype, weight64, bias64, self.weight_axis(node))
 
     def parameters(self, node: onnx.NodeProto, ctx: GraphContext) -> tuple[np.ndarray, np.ndarray | None] | Skip:
         """(weight, bias or None) if both are constant and sane, else Skip."""
@@ -81,7 +126,45 @@ class LinearOp:
         return weight, bias
 
 
-class Conv(LinearOp):
+class _Convolution(LinearOp):
+    """What Conv and ConvTranspose share: a weight of rank 3 or more, the window attributes."""
+
+    def check_weight(self, weight, node):
+        if weight.ndim < 3:
+            return Skip(f"{self.op_type} weight has rank {weight.ndim}; it needs rank 3 or more")
+        return None
+
+    def geometry(self, node, weight):
+        kernel = tuple(weight.shape[2:])
+        spatial = len(kernel)
+        strides = tuple(ints_attr(node, "strides") or (1,) * spatial)
+        dilations = tuple(ints_attr(node, "dilations") or (1,) * spatial)
+        output_padding = tuple(ints_attr(node, "output_padding") or (0,) * spatial)
+        auto_pad = str_attr(node, "auto_pad", "NOTSET")
+        if auto_pad == "NOTSET":
+            pads = tuple(ints_attr(node, "pads") or (0,) * (2 * spatial))
+        elif auto_pad == "VALID":
+            pads = (0,) * (2 * spatial)
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = self._same_pads(kernel, strides, dilations, auto_pad)
+        else:
+            return Skip(f"{node_label(node)} has auto_pad={auto_pad}")
+        return ConvGeometry(kernel, strides, dilations, pads, output_padding, auto_pad)
+
+    def _same_pads(self, kernel, strides, dilations, auto_pad) -> tuple[int, ...] | None:
+        """A Conv's SAME pads: the reach d·(k − 1) split with the odd one at the end for
+        SAME_UPPER; at a stride > 1 they depend on the input's size (None), unless every kernel
+        is 1 wide."""
+        totals = [d * (k - 1) for d, k in zip(dilations, kernel)]
+        if not any(totals):
+            return (0,) * (2 * len(kernel))
+        if any(s != 1 for s in strides):
+            return None
+        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+        return tuple(begins) + tuple(t - b for t, b in zip(totals, begins))
+
+
+class Conv(_Convolution):
     """Conv weight [C_out, C_in/group, k…]: output channels on axis 0, whatever the group."""
 
     op_type = "Conv"
@@ -89,13 +172,22 @@ class Conv(LinearOp):
     def weight_axis(self, node):
         return 0
 
+    def input_channels(self, weight, node):
+        return weight.shape[1] * self.groups(node)
+
     def check_weight(self, weight, node):
         if weight.ndim < 3:
             return Skip(f"Conv weight has rank {weight.ndim}; a Conv weight has rank 3 or more")
         return None
 
+    def fold_input(self, node, weight, bias, scale_shift):
+        return affine.fold_input_affine(weight, bias, *scale_shift, group=self.groups(node))
 
-class ConvTranspose(LinearOp):
+    def cast(self, node, dtype, weight64, bias64, moments):
+        return cast_conv(dtype, weight64, bias64, self.groups(node), moments)
+
+
+class ConvTranspose(_Convolution):
     """ConvTranspose weight [C_in, C_out/group, k…]: output channel g·(C_out/group) + j is column
     j of group g's block of rows, so the scale goes on axis 1 per group."""
 
@@ -107,12 +199,38 @@ class ConvTranspose(LinearOp):
     def output_blocks(self, node):
         return self.groups(node)
 
+    def input_channels(self, weight, node):
+        return weight.shape[0]
+
     def check_weight(self, weight, node):
         if weight.ndim < 3:
             return Skip(f"ConvTranspose weight has rank {weight.ndim}; it needs rank 3 or more")
         if weight.shape[0] % self.groups(node):
             return Skip(f"ConvTranspose weight has {weight.shape[0]} input channels, not divisible by group")
         return None
+
+    def _same_pads(self, kernel, strides, dilations, auto_pad):
+        return None  # a ConvTranspose's SAME pads follow from its output shape
+
+    def check_input_fold(self, node, weight, geometry):
+        """The input's shift is one bias only where every output position receives every tap:
+        stride 1, no output_padding, and pads that crop (k − 1)·dilation from each border."""
+        spatial, pads = len(geometry.kernel), geometry.pads
+        reach = [d * (k - 1) for d, k in zip(geometry.dilations, geometry.kernel)]
+        every_tap = (
+            geometry.auto_pad == "NOTSET"
+            and pads is not None
+            and all(pads[a] >= reach[a] and pads[spatial + a] >= reach[a] for a in range(spatial))
+        )
+        if any(s != 1 for s in geometry.strides) or any(geometry.output_padding) or not every_tap:
+            return Skip(
+                f"{node_label(node)} after it has border outputs that miss some taps (stride, output_padding or "
+                "too little cropping), so the shift is not one bias"
+            )
+        return None
+
+    def fold_input(self, node, weight, bias, scale_shift):
+        return affine.fold_input_affine_transposed(weight, bias, *scale_shift, group=self.groups(node))
 
 
 class Gemm(LinearOp):
@@ -122,6 +240,9 @@ class Gemm(LinearOp):
 
     def weight_axis(self, node):
         return 0 if int_attr(node, "transB", 0) else 1
+
+    def input_channels(self, weight, node):
+        return weight.shape[1 - self.weight_axis(node)]
 
     def output_rank(self, weight):
         return 2
@@ -142,19 +263,27 @@ class Gemm(LinearOp):
     def after_bias_rewrite(self, node):
         set_float_attr(node, "beta", 1.0)
 
+    def check_input_fold(self, node, weight, geometry):
+        if int_attr(node, "transA", 0):
+            return Skip(f"{node_label(node)} after it transposes its input (transA=1)")
+        return None
 
-class MatMul(LinearOp):
-    """MatMul(A, B) with a constant B [K, N] and a 2-D A is a Gemm without C; the fold turns it
-    into one (Gemm, α = β = 1, transB = 0, C = the folded bias). With a higher-rank A the BN's
+    def fold_input(self, node, weight, bias, scale_shift):
+        """α·(A·s + t)·B + β·C = α·A·(s·B) + (α·t·B + β·C): in [N, K] layout B is a k-less conv
+        weight (output n reads input channel k), so affine.fold_input_affine applies."""
+        axis = self.weight_axis(node)
+        n_by_k = weight if axis == 0 else weight.T
+        folded, shift_term = affine.fold_input_affine(n_by_k, None, *scale_shift)
+        beta_c = 0.0 if bias is None else bias.astype(np.float64) * self.bias_scale(node)
+        return (folded if axis == 0 else folded.T), float_attr(node, "alpha", 1.0) * shift_term + beta_c
+
+
+class MatMul(Gemm):
+    """MatMul(A, B) with a constant B [K, N] and a 2-D A is a Gemm without C (transB = 0, α = β
+    = 1); the fold turns it into one, C being the folded bias. With a higher-rank A the BN's
     channel axis 1 is not the MatMul's output axis, and the fold is refused."""
 
     op_type = "MatMul"
-
-    def weight_axis(self, node):
-        return 1
-
-    def output_rank(self, weight):
-        return 2
 
     def check_node(self, node, ctx):
         rank = ctx.shapes.rank(node.input[0])
@@ -175,6 +304,13 @@ class MatMul(LinearOp):
 LINEAR_OPS = {op.op_type: op for op in (Conv(), ConvTranspose(), Gemm(), MatMul())}
 
 
+def linear_op(node: onnx.NodeProto | None) -> LinearOp | None:
+    """The layout of `node` if it is a linear op bnfold folds into."""
+    if node is None or node.domain not in ONNX_DOMAINS:
+        return None
+    return LINEAR_OPS.get(node.op_type)
+
+
 def output_parameters(
     op: LinearOp, node: onnx.NodeProto, ctx: GraphContext
 ) -> tuple[np.ndarray, np.ndarray | None, int] | Skip:
@@ -188,13 +324,6 @@ def output_parameters(
     if bias is not None and (bad := op.check_bias(bias, channels)):
         return bad
     return weight, bias, channels
-
-
-def linear_op(node: onnx.NodeProto | None) -> LinearOp | None:
-    """The layout of `node` if it is a linear op bnfold folds into."""
-    if node is None or node.domain not in ONNX_DOMAINS:
-        return None
-    return LINEAR_OPS.get(node.op_type)
 
 
 def fold_output_affine(
@@ -219,21 +348,7 @@ def fold_output_affine(
     new_bias = affine.fold_bias(bias, scale, shift)
     if moments is None:
         return cast_folded(weight.dtype, scaled, new_bias, axis)
-    return cast_conv(weight.dtype, scaled, new_bias, op.groups(node), moments)  # moments: a Conv's
-
-
-def fold_output(
-    ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, weight: np.ndarray, bias, scale_shift: ChannelAffine
-) -> tuple[np.ndarray, np.ndarray, str | None] | Skip:
-    """fold_output_affine with what a 16-bit fold knows of a Conv's inputs
-    (bnfold.folding.correction), and the report's note on how the weights were rounded."""
-    moments, conv = None, op.op_type == "Conv"
-    if conv:
-        moments = conv_input_moments(ctx, node.input[0], weight.shape[1] * op.groups(node), weight.dtype)
-    folded = fold_output_affine(op, node, weight, bias, scale_shift, moments)
-    if isinstance(folded, Skip):
-        return folded
-    return (*folded, rounding_note(weight.dtype, moments, conv and ctx.scope.bias_correction))
+    return op.cast(node, weight.dtype, scaled, new_bias, moments)  # moments: a Conv's
 
 
 def cast_conv(
@@ -260,30 +375,3 @@ def cast_folded(
         if not np.isfinite(affine.float_operand(values)).all():
             return Skip(f"the folded {what} overflow {dtype}")
     return weight, bias
-
-
-def give_parameters(
-    ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, source: onnx.NodeProto, weight, bias
-) -> None:
-    """Point the linear op at fresh initializers holding its folded weight and bias; a tensor
-    another node may read is never rewritten in place. The new bias is named after the old
-    one, else after the BN's bias (`source`), else after the weight."""
-    old_weight, old_bias = node.input[1], node.input[2] if len(node.input) > 2 else ""
-    bias_base = old_bias or (source.input[2] if source.op_type == "BatchNormalization" else old_weight + "_bias")
-    ctx.index.set_input(node, 1, ctx.add_initializer(weight, folded_name(old_weight)))
-    ctx.index.set_input(node, 2, ctx.add_initializer(bias, folded_name(bias_base)))
-    op.after_bias_rewrite(node)
-
-
-def become_shift(ctx: GraphContext, bn: onnx.NodeProto, shift: np.ndarray) -> None:
-    """The BN node, in its place and with its output name, becomes Add(its input, shift): what
-    is left of it when its scale went into a linear op and its shift could not."""
-    ctx.index.set_input(bn, 1, ctx.add_initializer(shift, folded_name(bn.input[2])))
-    ctx.index.truncate_inputs(bn, 2)
-    bn.op_type, bn.domain = "Add", ""
-    del bn.attribute[:]
-
-
-def folded_name(name: str) -> str:
-    """`W` → `W_bnfold`; a tensor folded again keeps one suffix (`W_bnfold` → `W_bnfold_1`)."""
-    return re.sub(r"_bnfold(_\d+)?$", "", name) + "_bnfold"

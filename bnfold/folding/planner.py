@@ -1,4 +1,19 @@
-"""Which fold a node gets: the mechanisms in order, and how their refusals combine."""
+"""Which fold a node gets: for each kind of candidate, its mechanisms in order and what their
+refusals mean (plan.decide reads these tables; plan.py says what a mechanism returns).
+
+A BatchNormalization in inference mode folds, in this order of preference:
+1. after a channel Concat: split across the Concat's inputs (that decides it);
+2. backward, into the linear op that produces its input;
+3. over the last axis of a token MatMul behind shape-only ops (decides it when it matches);
+4. through shape-only ops, into a linear op (its refusal says more than backward's);
+5. forward, into the one Conv, ConvTranspose, Gemm or MatMul it feeds.
+Refused, the reason names why backward and why forward failed, unless the BN sits inside a
+quantized model, which explains it.
+
+A Mul/Add/Sub/Div by a per-channel constant folds backward into the linear op behind the first
+of its inputs that comes from one, else through shape-only ops; refused, it is not reported
+(most such nodes are no BN at all).
+"""
 
 from __future__ import annotations
 
@@ -10,44 +25,25 @@ from bnfold.folding.checks import producer_through_no_ops
 from bnfold.folding.concat import plan_concat
 from bnfold.folding.forward import plan_forward
 from bnfold.folding.linear import linear_op
-from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.plan import NOT_MINE, Answer, Mechanism, Mechanisms, Plan, Role, Skip, decide
 from bnfold.folding.shape_ops import plan_through_shape_ops
-from bnfold.folding.sources import BatchNormSource, ElementwiseSource, check_inference_mode
+from bnfold.folding.sources import (
+    ELEMENTWISE_AFFINE,
+    RUNTIME_NORMALIZATIONS,
+    RUNTIME_STATISTICS,
+    BatchNormSource,
+    ElementwiseSource,
+    check_inference_mode,
+)
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import is_onnx_op, node_label
 
 
-def plan_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Plan | Skip:
-    """A BN in inference mode folds, in this order of preference:
-    1. after a channel Concat: split across the Concat's inputs (that decides it);
-    2. backward, into the linear op that produces its input;
-    3. through shape-only ops, into a token Linear (decides it when the BN is behind them);
-    4. forward, into the one Conv or Gemm it feeds.
-    Refused, the reason names why backward and why forward failed."""
-    mode = check_inference_mode(bn, version, ctx)
-    if mode:
-        return mode
-    producer = ctx.index.producer(bn.input[0])
-    if producer is not None and is_onnx_op(producer, "Concat"):
-        return plan_concat(bn, producer, ctx)
-    backward = plan_backward(BatchNormSource(bn), ctx)
-    if not isinstance(backward, Skip):
-        return backward
-    channel_last = plan_channel_last(bn, ctx)
-    if channel_last is not None:
-        return channel_last
-    through = plan_through_shape_ops(BatchNormSource(bn), ctx)
-    if isinstance(through, Plan):
-        return through
-    if through is not None:
-        backward = through  # its reason says more than "its input comes from Reshape"
-    forward = plan_forward(bn, ctx)
-    if not isinstance(forward, Skip):
-        return forward
-    return _quantized(bn, ctx) or Skip(f"{backward.reason}; nor forward: {forward.reason}")
+def _inference_mode(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
+    return check_inference_mode(bn, version, ctx) or NOT_MINE
 
 
-def _quantized(bn: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
+def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     """A BN between DequantizeLinear and QuantizeLinear: a model quantized before folding."""
     producer = ctx.index.producer(bn.input[0])
     readers = ctx.index.readers(bn.output[0])
@@ -58,18 +54,58 @@ def _quantized(bn: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
             "it sits between DequantizeLinear and QuantizeLinear: the model was quantized before folding, and "
             "quantized weights cannot absorb a scale exactly; fold before quantizing"
         )
-    return None
+    return NOT_MINE
 
 
-def plan_elementwise(node: onnx.NodeProto, ctx: GraphContext) -> Plan | Skip:
-    """A Mul/Add/Sub/Div by a per-channel constant, folded into the linear op before it (the
-    first of its inputs that comes from one)."""
+def _elementwise_backward(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     for data in node.input:
         producer, _, _ = producer_through_no_ops(data, ctx)
         if linear_op(producer) is not None:
             return plan_backward(ElementwiseSource(node, data), ctx)
+    return NOT_MINE
+
+
+def _elementwise_through_shape_ops(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     for data in node.input:
         through = plan_through_shape_ops(ElementwiseSource(node, data), ctx)
         if isinstance(through, Plan):
             return through
-    return Skip(f"{node_label(node)} does not follow a linear op")
+    return NOT_MINE
+
+
+BATCH_NORM = Mechanisms(
+    order=(
+        Mechanism("inference mode", _inference_mode, Role.DECIDES),
+        Mechanism("split at a Concat", lambda bn, ctx, _: plan_concat(bn, ctx), Role.DECIDES),
+        Mechanism("backward", lambda bn, ctx, _: plan_backward(BatchNormSource(bn), ctx), Role.BACKWARD),
+        Mechanism("token MatMul, channel last", lambda bn, ctx, _: plan_channel_last(bn, ctx), Role.DECIDES),
+        Mechanism(
+            "through shape ops", lambda bn, ctx, _: plan_through_shape_ops(BatchNormSource(bn), ctx), Role.BACKWARD
+        ),
+        Mechanism("forward", lambda bn, ctx, _: plan_forward(bn, ctx), Role.FORWARD),
+        Mechanism("quantized", _quantized, Role.EXPLAINS),
+    ),
+    refused=lambda bn, why: Skip(f"{why[Role.BACKWARD].reason}; nor forward: {why[Role.FORWARD].reason}"),
+)
+
+ELEMENTWISE = Mechanisms(
+    order=(
+        Mechanism("backward", _elementwise_backward, Role.DECIDES),
+        Mechanism("through shape ops", _elementwise_through_shape_ops, Role.DECIDES),
+    ),
+    refused=lambda node, why: Skip(f"{node_label(node)} does not follow a linear op"),
+    reported=False,
+)
+
+# reported, so a user who asks why sees the answer
+RUNTIME_NORMALIZATION = Mechanisms(order=(), refused=lambda node, why: RUNTIME_STATISTICS)
+
+CANDIDATES = {
+    "BatchNormalization": BATCH_NORM,
+    **{op: ELEMENTWISE for op in ELEMENTWISE_AFFINE},
+    **{op: RUNTIME_NORMALIZATION for op in RUNTIME_NORMALIZATIONS},
+}
+
+
+def plan_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Plan | Skip:
+    return decide(bn, BATCH_NORM, ctx, version)

@@ -7,7 +7,7 @@ works along. TensorFlow models converted with tf2onnx are the common case: a Ker
 `Unsqueeze → Conv → Squeeze` with the BatchNormalization written as Mul/Add by [1, C, 1]
 constants after the Squeeze, and a channels-last graph puts a Transpose between a Conv and a
 Mul/Add whose constant is [C] on the *last* axis. The affine map folds into the linear op as
-usual (linear.fold_output_affine), and the shape op nearest to it takes over its output name.
+usual (linear_plan.fold_after), and the shape op nearest to it takes over its output name.
 (A MatMul over tokens, with or without its bias Add, is `channel_last`'s.)
 """
 
@@ -19,8 +19,9 @@ import numpy as np
 import onnx
 
 from bnfold.folding.checks import call_site_attributes, single_reader
-from bnfold.folding.linear import LinearOp, fold_output, give_parameters, linear_op, output_parameters
-from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.linear import linear_op
+from bnfold.folding.linear_plan import LinearPlan, fold_after
+from bnfold.folding.plan import NOT_MINE, NotMine, Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, node_label
@@ -34,52 +35,34 @@ TOKEN_SHAPE_OPS = ("Reshape", "Flatten", "Transpose")
 
 
 @dataclass(frozen=True)
-class ThroughShapeOpsPlan(Plan):
-    source: onnx.NodeProto
-    op: LinearOp
-    linear: onnx.NodeProto
-    weight: np.ndarray
-    bias: np.ndarray
-    shape_ops: tuple[onnx.NodeProto, ...]  # from the source back towards the linear op
-    rounding: str | None = None  # how a 16-bit weight's second rounding was chosen
-
-    @property
-    def linears(self):
-        return (self.linear,)
+class ThroughShapeOpsPlan(LinearPlan):
+    shape_ops: tuple[onnx.NodeProto, ...] = ()  # from the source back towards the linear op
 
     @property
     def via(self) -> str:
         return "through " + ", ".join(node_label(n) for n in reversed(self.shape_ops))
 
-    def rewrite(self, ctx: GraphContext) -> None:
-        give_parameters(ctx, self.op, self.linear, self.source, self.weight, self.bias)
+    def rewire(self, ctx: GraphContext) -> None:
         ctx.index.remove_node(self.source)
         ctx.index.set_output(self.shape_ops[0], 0, self.source.output[0])
 
 
-def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughShapeOpsPlan | Skip | None:
-    """None when the source does not read a shape op chain ending at a Conv, ConvTranspose,
-    Gemm or 2-D MatMul (another mechanism decides it)."""
+def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughShapeOpsPlan | Skip | NotMine:
+    """NOT_MINE when the source does not read a shape op chain ending at a Conv, ConvTranspose,
+    Gemm or 2-D MatMul."""
     # match: back through shape ops to a linear op
-    node, reader, shape_ops = ctx.index.producer(source.data), source.node, []
-    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in SHAPE_OPS:
-        blocked = call_site_attributes(node) or single_reader(node, reader, ctx)
-        if blocked:
-            return blocked
-        shape_ops.append(node)
-        reader, node = node, ctx.index.producer(node.input[0])
+    walked = back_through(source.data, source.node, SHAPE_OPS, ctx)
+    if isinstance(walked, Skip):
+        return walked
+    node, reader, shape_ops, _ = walked
     op = linear_op(node)
     if not shape_ops or op is None or (op.op_type == "MatMul" and ctx.shapes.rank(node.input[0]) != 2):
-        return None
+        return NOT_MINE
     linear = node
     # checks
     failed = call_site_attributes(source.node, linear) or single_reader(linear, reader, ctx, shape_readers=True)
     if failed:
         return failed
-    params = output_parameters(op, linear, ctx)
-    if isinstance(params, Skip):
-        return params
-    weight, bias, channels = params
     axis = 1  # the output channel axis of every linear op here
     for shape_op in reversed(shape_ops):
         axis = axis_after(shape_op, axis, ctx)
@@ -90,15 +73,35 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
     rank = ctx.shapes.rank(source.data)
     if rank is None:
         return Skip(f"the rank of '{source.data}' is not known")
-    scale_shift = source.affine(ctx, channels, rank, axis)
-    if isinstance(scale_shift, Skip):
-        return scale_shift
-    # build
-    folded = fold_output(ctx, op, linear, weight, bias, scale_shift)
+    # plan
+    folded = fold_after(ctx, op, linear, lambda channels, _: source.affine(ctx, channels, rank, axis))
     if isinstance(folded, Skip):
         return folded
     new_weight, new_bias, rounding = folded
-    return ThroughShapeOpsPlan(source.node, op, linear, new_weight, new_bias, tuple(shape_ops), rounding)
+    return ThroughShapeOpsPlan(source.node, op, linear, new_weight, new_bias, rounding, shape_ops=tuple(shape_ops))
+
+
+def back_through(
+    data: str, reader: onnx.NodeProto, ops: tuple[str, ...], ctx: GraphContext, axis: int | None = None
+) -> tuple[onnx.NodeProto | None, onnx.NodeProto, list[onnx.NodeProto], int | None] | Skip:
+    """Walk back from tensor `data` (read by `reader`) through the shape-only `ops`, each of
+    which must be read by the next alone: (the node before them or None, the one that reads it,
+    the shape ops from `data` backwards, and `axis` followed back through them by axis_before
+    when one is given); a Skip where a shape op is shared or loses the axis."""
+    node, shape_ops = ctx.index.producer(data), []
+    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in ops:
+        blocked = call_site_attributes(node) or single_reader(node, reader, ctx)
+        if blocked:
+            return blocked
+        if axis is not None:
+            axis = axis_before(node, axis, ctx)
+            if axis is None:
+                return Skip(
+                    f"{node_label(node)} between it and the linear op does not carry the channel axis over whole"
+                )
+        shape_ops.append(node)
+        reader, node = node, ctx.index.producer(node.input[0])
+    return node, reader, shape_ops, axis
 
 
 def axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:

@@ -11,21 +11,16 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.folding.plan import Skip
-from bnfold.folding.planner import plan_batch_norm, plan_elementwise
-from bnfold.folding.reparam import Merge, merge_branches
-from bnfold.folding.sources import (
-    ELEMENTWISE_AFFINE,
-    RUNTIME_NORMALIZATIONS,
-    RUNTIME_STATISTICS,
-    batch_norm_version,
-)
+from bnfold.folding.plan import Skip, decide
+from bnfold.folding.planner import CANDIDATES
+from bnfold.folding.reparam import MergePlan, MergeWalk, is_sum, plan_merge
+from bnfold.folding.sources import batch_norm_version
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import ONNX_DOMAINS, all_names, all_nodes, named_subgraphs
 from bnfold.graph.tensors import Names, TensorReader, TensorStore, store_pending
 from bnfold.report import BRANCH_MERGE, FoldOutcome
 
-FOLD_KINDS = ("BatchNormalization", *ELEMENTWISE_AFFINE, *RUNTIME_NORMALIZATIONS)
+FOLD_KINDS = tuple(CANDIDATES)
 # Folding and merging run to a fixed point: a merge makes a Conv that a BN after the sum folds
 # into, a fold makes a Conv that joins a sum. Each round that changes the graph removes at least
 # one node, so there are at most as many rounds as nodes; real networks need two or three.
@@ -125,10 +120,7 @@ def _fold_graph(
             if outcome is not None:
                 folded += outcome.folded
                 found[(outcome.op, outcome.node)] = outcome
-        merges = []
-        if sums:
-            merges, refusals = merge_branches(ctx, version)
-            _record_merges(found, merges, refusals, prefix)
+        merges = _merge_sums(ctx, version, prefix, found) if sums else 0
         ctx.finish()
         if not folded and not merges:
             break
@@ -136,19 +128,13 @@ def _fold_graph(
 
 
 def _fold_node(node: onnx.NodeProto, ctx: GraphContext, version: int, prefix: str) -> FoldOutcome | None:
-    """Plan and apply one candidate's fold; its outcome, or None for a Mul/Add/Sub/Div that is
-    no candidate (most are not, and only their folds are reported)."""
+    """Plan and apply one candidate's fold; its outcome, or None for a refusal the report does
+    not list (a Mul/Add/Sub/Div: most are no candidate, and only their folds are reported)."""
     name, output, op = _name(prefix, node), node.output[0], node.op_type  # (a rewrite may change the node)
-    if node.op_type == "BatchNormalization":
-        plan = plan_batch_norm(node, ctx, version)
-    elif node.op_type in RUNTIME_NORMALIZATIONS:
-        plan = RUNTIME_STATISTICS  # reported, so a user who asks why sees the answer
-    else:
-        plan = plan_elementwise(node, ctx)
-        if isinstance(plan, Skip):
-            return None
+    mechanisms = CANDIDATES[node.op_type]
+    plan = decide(node, mechanisms, ctx, version)
     if isinstance(plan, Skip):
-        return FoldOutcome(name, output, op=op, reason=plan.reason)
+        return FoldOutcome(name, output, op=op, reason=plan.reason) if mechanisms.reported else None
     # read before the rewrite renames outputs (and turns a MatMul into a Gemm)
     into = ", ".join(linear.name or linear.output[0] for linear in plan.linears)
     into_op = "/".join(sorted({linear.op_type for linear in plan.linears}))
@@ -163,31 +149,51 @@ def _name(prefix: str, node: onnx.NodeProto) -> str:
     return prefix + (node.name or node.output[0])
 
 
-def _record_merges(found: dict, merges: list[Merge], refusals: list, prefix: str) -> None:
+def _merge_sums(ctx: GraphContext, version: int, prefix: str, found: dict) -> int:
+    """Offer every sum to the branch merge, from the graph's end (reparam.plan_merge), apply the
+    plans and record them; how many merged."""
+    walk, merged, refused = MergeWalk(), [], []
+    for node in reversed(ctx.index.live_nodes()):
+        if not is_sum(node):
+            continue
+        answer = plan_merge(node, ctx, version, walk)
+        if isinstance(answer, Skip):
+            refused.append((node, answer))
+        elif isinstance(answer, MergePlan):
+            root_name = node.name or node.output[0]  # before it becomes the Conv
+            answer.rewrite(ctx)
+            walk.settle(answer.term.nodes)
+            merged.append((root_name, answer))
+    _record_merges(found, merged[::-1], refused[::-1], prefix)
+    return len(merged)
+
+
+def _record_merges(found: dict, merged: list[tuple[str, MergePlan]], refused: list, prefix: str) -> None:
     """Each merged BatchNormalization shown as folded into the merged Conv, one outcome per
-    merge (replacing an earlier round's refusal of that sum), one per refusal."""
-    for merge in merges:
-        for node in merge.removed:
+    merge (replacing an earlier round's refusal of that sum), one per refusal; in graph order."""
+    for _, plan in merged:
+        for node in plan.removed:
             key = ("BatchNormalization", _name(prefix, node))
             if node.op_type == "BatchNormalization" and key in found:
                 found[key] = FoldOutcome(
                     found[key].node,
                     found[key].output,
-                    folded_into=merge.conv.name,
+                    folded_into=plan.source.name,
                     folded_into_op="Conv",
                     via="merged with the branches beside it",
                 )
-    for merge in merges:
-        found.pop((BRANCH_MERGE, prefix + merge.root_name), None)
-        found[(BRANCH_MERGE, prefix + merge.conv.name)] = FoldOutcome(
-            prefix + merge.conv.name,
-            merge.conv.output[0],
+    for root_name, plan in merged:
+        conv = plan.source
+        found.pop((BRANCH_MERGE, prefix + root_name), None)
+        found[(BRANCH_MERGE, prefix + conv.name)] = FoldOutcome(
+            prefix + conv.name,
+            conv.output[0],
             op=BRANCH_MERGE,
-            folded_into=merge.conv.name,
+            folded_into=conv.name,
             folded_into_op="Conv",
-            via=f"{len(merge.branches)} branches ({', '.join(merge.branches)})",
-            rounding=merge.rounding,
+            via=plan.via,
+            rounding=plan.rounding,
         )
-    for refusal in refusals:
-        name = _name(prefix, refusal.root)
-        found[(BRANCH_MERGE, name)] = FoldOutcome(name, refusal.root.output[0], op=BRANCH_MERGE, reason=refusal.reason)
+    for root, skip in refused:
+        name = _name(prefix, root)
+        found[(BRANCH_MERGE, name)] = FoldOutcome(name, root.output[0], op=BRANCH_MERGE, reason=skip.reason)
