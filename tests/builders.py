@@ -239,7 +239,7 @@ class BranchGraph:
         return total
 
     def model(self, y, out_channels=None, in_channels=None, opset=17):
-        elem = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}[self.dtype]
+        elem = ONNX_TYPE[np.dtype(self.dtype)]
         relu = self._name("relu")
         self.nodes.append(helper.make_node("Relu", [y], [relu], name=relu))
         graph = helper.make_graph(

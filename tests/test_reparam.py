@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +17,7 @@ from builders import BranchGraph, assert_same_function, op_types, run
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
+from bnfold.testing import random_inputs, widen_floats
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -131,6 +133,27 @@ def test_float16():
     g = BranchGraph(dtype=np.float16)
     folded = assert_merged(g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn())))
     assert {t.data_type for t in folded.graph.initializer} == {TensorProto.FLOAT16}
+
+
+def test_bfloat16_branches_merge_as_every_other_bfloat16_fold():
+    # onnxruntime's CPU provider has no bfloat16 Conv: the numbers are checked on the float32-
+    # widened models, up to one bfloat16 rounding of the merged weights.
+    g = BranchGraph(dtype=ml_dtypes.bfloat16)
+    model = g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn()), opset=22)  # Conv takes bfloat16 from 22
+    result = bnfold.fold(model)
+    folded = result.model
+    assert op_types(folded) == ["Conv", "Relu"] and result.report.branch_merges[0].folded
+    assert {t.data_type for t in folded.graph.initializer} == {TensorProto.BFLOAT16}
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = {k: v.astype(np.float32) for k, v in random_inputs(model).items()}
+
+    def widened(m: onnx.ModelProto) -> onnx.ModelProto:  # float32 Conv is the same from 11 to 22,
+        m = widen_floats(m)  # and onnxruntime < 1.21 loads opsets up to 21
+        m.opset_import[0].version = 17
+        return m
+
+    want, got = run(widened(model), feeds)[0], run(widened(folded), feeds)[0]
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()  # bfloat16 keeps 8 bits
 
 
 def test_float16_merge_rounds_with_the_moments_of_its_input():
