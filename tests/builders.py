@@ -253,6 +253,316 @@ class BranchGraph:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
+# ---- the patterns of test_fold_patterns.py --------------------------------------------------------
+def add_initializer(model: onnx.ModelProto, name: str, value) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+
+
+def insert_between_conv_and_bn(model: onnx.ModelProto, *nodes: onnx.NodeProto) -> None:
+    """conv → nodes[0] → … → bn, each node reading the previous output."""
+    graph = model.graph
+    previous = "conv_out"
+    for position, node in enumerate(nodes, start=1):
+        node.input[0] = previous
+        previous = node.output[0]
+        graph.node.insert(position, node)
+    next(n for n in graph.node if n.name == "bn").input[0] = previous
+
+
+def conv_then(ops: list[tuple[str, str, np.ndarray]], *, data_first: bool = True) -> onnx.ModelProto:
+    """x → Conv (no bias) → op(·, constant) → … → y."""
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["t0"], name="conv")],
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 7])],
+        [],
+        [numpy_helper.from_array(rng.normal(0, 0.5, (6, 4, 3, 3)).astype(np.float32), "W")],
+    )
+    for i, (op, name, value) in enumerate(ops, start=1):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        inputs = [f"t{i - 1}", name] if data_first else [name, f"t{i - 1}"]
+        graph.node.append(helper.make_node(op, inputs, [f"t{i}"], name=f"{op.lower()}{i}"))
+    graph.output.append(helper.make_tensor_value_info(f"t{len(ops)}", TensorProto.FLOAT, [2, 6, 5, 5]))
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def bn_then(op: str, weight: np.ndarray, *, x_shape, bias=None, attrs=None) -> onnx.ModelProto:
+    """x → BatchNormalization 'bn' → <op> 'linear' → y (a BN on the input, as in pre-activation
+    and input-normalizing nets)."""
+    rng = np.random.default_rng(6)
+    channels = x_shape[1]
+    params = bn_parameters(rng, channels)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits.append(numpy_helper.from_array(weight.astype(np.float32), "W"))
+    inputs = ["bn_out", "W"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
+        inputs.append("B")
+    graph = helper.make_graph(
+        [
+            helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+            helper.make_node(op, inputs, ["y"], name="linear", **(attrs or {})),
+        ],
+        "forward",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inferred = onnx.shape_inference.infer_shapes(model).graph.output[0]
+    model.graph.output[0].CopyFrom(inferred)
+    return model
+
+
+def matmul_model(x_shape: list[int], *, bias: bool) -> onnx.ModelProto:
+    """x → MatMul 'mm' (constant B [5, 6]) → [Add 'add' (bias [6])] → BatchNormalization → y."""
+    rng = np.random.default_rng(11)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (5, 6)).astype(np.float32), "B")]
+    inits += [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["mm_out"], name="mm")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, 6).astype(np.float32), "bias"))
+        nodes.append(helper.make_node("Add", ["mm_out", "bias"], ["add_out"], name="add"))
+    nodes.append(
+        helper.make_node("BatchNormalization", [nodes[-1].output[0], "gamma", "beta", "mean", "var"], ["y"], name="bn")
+    )
+    out_shape = x_shape[:-1] + [6]
+    graph = helper.make_graph(
+        nodes,
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        inits,
+    )
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+MIXED_KERNELS = (("c1", 4, 1, 1), ("c3", 6, 3, 1), ("c5", 2, 5, 2))  # name, channels, kernel, group
+
+
+def concat_bn_model(
+    *,
+    axis: int = 1,
+    extra_reader: str | None = None,
+    pool_branch: bool = False,
+    branches=MIXED_KERNELS,
+    repeat: bool = False,
+) -> onnx.ModelProto:
+    """x → {Conv 1×1 (4 ch), Conv 3×3 padded (6 ch), Conv 5×5 padded, grouped (2 ch)} → Concat → BN → y.
+    With `repeat`, the Concat takes each branch twice."""
+    rng = np.random.default_rng(12)
+    bn_channels = sum(b[1] for b in branches) * (1 + repeat) if axis in (1, -3) else branches[0][1]
+    params = bn_parameters(rng, bn_channels)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    nodes, outputs = [], []
+    for name, channels, kernel, group in branches:
+        inits.append(
+            numpy_helper.from_array(
+                rng.normal(0, 0.5, (channels, 4 // group, kernel, kernel)).astype(np.float32), f"W_{name}"
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "Conv", ["x", f"W_{name}"], [f"{name}_out"], name=name, pads=[kernel // 2] * 4, group=group
+            )
+        )
+        outputs.append(f"{name}_out")
+    if pool_branch:
+        nodes[0] = helper.make_node("MaxPool", ["x"], ["c1_out"], name="pool", kernel_shape=[1, 1])
+        inits = [t for t in inits if t.name != "W_c1"]
+    if repeat:
+        outputs = outputs * 2
+    nodes.append(helper.make_node("Concat", outputs, ["cat"], name="cat", axis=axis))
+    nodes.append(helper.make_node("BatchNormalization", ["cat", "gamma", "beta", "mean", "var"], ["y"], name="bn"))
+    graph = helper.make_graph(
+        nodes,
+        "concat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    graph.output[0].CopyFrom(onnx.shape_inference.infer_shapes(make_model(graph)).graph.output[0])
+    if extra_reader:
+        inferred = onnx.shape_inference.infer_shapes(make_model(graph)).graph.value_info
+        graph.output.append(next(v for v in inferred if v.name == extra_reader))
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def token_model(kind: str, *, bias: bool = True) -> onnx.ModelProto:
+    """x [2, 5, 4] → MatMul (B [4, 6]) → Add (bias [6]) → <shape op> → BN over 6 → <back> → y."""
+    rng = np.random.default_rng(13)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 6)).astype(np.float32), "B")]
+    inits += [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits += [
+        numpy_helper.from_array(np.array([-1, 6], np.int64), "flat"),
+        numpy_helper.from_array(np.array([2, 5, 6], np.int64), "tokens"),
+        numpy_helper.from_array(np.array([-1, 3], np.int64), "halves"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "B"], ["mm"], name="mm")]
+    last = "mm"
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, 6).astype(np.float32), "bias"))
+        nodes.append(helper.make_node("Add", ["mm", "bias"], ["biased"], name="add"))
+        last = "biased"
+    into, back = {
+        "reshape": (
+            helper.make_node("Reshape", [last, "flat"], ["bn_in"], name="to_2d"),
+            helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back"),
+        ),
+        "flatten": (
+            helper.make_node("Flatten", [last], ["bn_in"], name="to_2d", axis=2),
+            helper.make_node("Reshape", ["bn_out", "tokens"], ["y"], name="back"),
+        ),
+        "transpose": (
+            helper.make_node("Transpose", [last], ["bn_in"], name="to_ncl", perm=[0, 2, 1]),
+            helper.make_node("Transpose", ["bn_out"], ["y"], name="back", perm=[0, 2, 1]),
+        ),
+    }[kind]
+    nodes += [
+        into,
+        helper.make_node("BatchNormalization", ["bn_in", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+        back,
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tokens",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 6])],
+        inits,
+    )
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def add_chain_model(depth: int, *, cycle: bool = False) -> onnx.ModelProto:
+    """Conv(x) + (z + 1 + 1 + … depth times): a residual-stream-like chain beside a conv."""
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv")]
+    previous = "z"
+    for i in range(depth):
+        nodes.append(helper.make_node("Add", [previous, "one"], [f"a{i}"]))
+        previous = f"a{i}"
+    if cycle:  # an invalid graph: the chain's first Add reads its own last output
+        nodes[1].input[0] = previous
+    nodes.append(helper.make_node("Add", ["c", previous], ["y"], name="final"))
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [
+            numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "W"),
+            numpy_helper.from_array(np.float32(1), "one"),
+        ],
+    )
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def bn_before(op: str, *, rank: int = 2, **attrs) -> onnx.ModelProto:
+    """x → BN (6 channels) → MatMul (B [6, 4]) or ConvTranspose (W [6, 4/g, 3, 3]) → y."""
+    rng = np.random.default_rng(17)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    bn = helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn")
+    if op == "MatMul":
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (6, 4)).astype(np.float32), "B"))
+        linear = helper.make_node("MatMul", ["bn_out", "B"], ["y"], name="mm")
+        shape = [3, 6] if rank == 2 else [2, 6, 6]
+    else:
+        group = attrs.get("group", 1)
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (6, 4 // group, 3, 3)).astype(np.float32), "W"))
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, 4).astype(np.float32), "b"))
+        linear = helper.make_node("ConvTranspose", ["bn_out", "W", "b"], ["y"], name="deconv", **attrs)
+        shape = [1, 6, 7, 7]
+    graph = helper.make_graph(
+        [bn, linear], "forward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    return onnx.shape_inference.infer_shapes(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def keras_model(layout: str, *, affine: str = "mul_add") -> onnx.ModelProto:
+    """The shapes tf2onnx writes around a conv, then a Keras BatchNormalization as Mul/Add.
+    conv1d: x [1, 4, 9] → Unsqueeze(2) → Conv 1×3 → Squeeze(2) → ·[1, 6, 1] +[1, 6, 1] → Relu.
+    channels_last: x [1, 7, 7, 4] → Transpose → Conv 3×3 → Transpose back → ·[6] +[6] → Relu.
+    merged: like conv1d, but a Reshape folds the channels into the next axis ([1, 6·9]): no fold."""
+    rng = np.random.default_rng(23)
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(0, 0.4, (6, 4, 1, 3) if layout != "channels_last" else (6, 4, 3, 3)).astype(np.float32), "W"
+        ),
+        numpy_helper.from_array(rng.normal(0, 0.2, 6).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+    ]
+    if layout == "channels_last":
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 7, 7, 4])
+        nodes = [
+            helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "W", "b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Transpose", ["conv"], ["z"], name="to_nhwc", perm=[0, 2, 3, 1]),
+        ]
+        constant_shape = (6,)
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9])
+        nodes = [
+            helper.make_node("Unsqueeze", ["x", "axis2"], ["x4"]),
+            helper.make_node("Conv", ["x4", "W", "b"], ["conv"], name="conv", pads=[0, 1, 0, 1]),
+            helper.make_node("Squeeze", ["conv", "axis2"], ["z"], name="squeeze"),
+        ]
+        constant_shape = (1, 6, 1)
+        if layout == "merged":
+            inits.append(numpy_helper.from_array(np.array([1, 54, 1], np.int64), "flat"))
+            nodes.append(helper.make_node("Reshape", ["z", "flat"], ["z_flat"], name="merge"))
+            constant_shape = (1, 54, 1)
+    data = nodes[-1].output[0]
+    if affine == "mul_add":
+        inits += [
+            numpy_helper.from_array(rng.uniform(0.5, 1.5, constant_shape).astype(np.float32), "gamma"),
+            numpy_helper.from_array(rng.normal(0, 0.3, constant_shape).astype(np.float32), "beta"),
+        ]
+        nodes += [
+            helper.make_node("Mul", [data, "gamma"], ["scaled"], name="bn_mul"),
+            helper.make_node("Add", ["scaled", "beta"], ["shifted"], name="bn_add"),
+        ]
+    else:  # a BatchNormalization over the squeezed [1, 6, 9]
+        params = bn_parameters(rng, 6)
+        inits += [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+        nodes.append(
+            helper.make_node("BatchNormalization", [data, "gamma", "beta", "mean", "var"], ["shifted"], name="bn")
+        )
+    nodes.append(helper.make_node("Relu", ["shifted"], ["y"]))
+    graph = helper.make_graph(nodes, "keras", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def bn_unsqueeze_conv(perm: list[int] | None = None) -> onnx.ModelProto:
+    """x [1, 4, 9] → BN → Unsqueeze(2) [→ Transpose perm] → Conv 1×3, unpadded → y."""
+    rng = np.random.default_rng(29)
+    params = bn_parameters(rng, 4)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits += [
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(rng.normal(0, 0.4, (6, 4, 1, 3)).astype(np.float32), "W"),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+        helper.make_node("Unsqueeze", ["bn_out", "axis2"], ["x4"], name="unsqueeze"),
+    ]
+    data = "x4"
+    if perm is not None:
+        nodes.append(helper.make_node("Transpose", ["x4"], ["moved"], perm=perm))
+        data = "moved"
+    nodes.append(helper.make_node("Conv", [data, "W"], ["y"], name="conv"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9])
+    graph = helper.make_graph(nodes, "fwd", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return onnx.shape_inference.infer_shapes(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
     """One of: flipped bits, a truncation, inserted or deleted bytes, or two chunks swapped."""
     buf = bytearray(data)
