@@ -30,6 +30,8 @@ from bnfold.options import (
     SEED_OPT,
     SHAPE_OPT,
     TRIALS_OPT,
+    Command,
+    check_verify_models,
     input_shapes,
     providers,
     verify_options,
@@ -55,17 +57,6 @@ app = typer.Typer(
 )
 
 
-class _Command(typer.core.TyperCommand):
-    """Typer's command, with its arguments' help lines free of Typer's annotation label
-    (`MODEL <list[Path]>`): each argument's help says what it takes."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if isinstance(param, typer.core.TyperArgument):
-                param.display_type_rich = lambda ctx: None
-
-
 def _print_version(value: bool) -> None:
     if value:
         from bnfold import __version__
@@ -83,7 +74,7 @@ def _main(
     """Fold BatchNormalization into the linear op next to it in ONNX models, and prove the result."""
 
 
-@app.command(cls=_Command, epilog=EXIT_CODES)
+@app.command(cls=Command, epilog=EXIT_CODES)
 def optimize(
     models: list[Path] = typer.Argument(
         ..., metavar="MODEL", help="ONNX model files, or folders of them.", show_default=False
@@ -194,7 +185,7 @@ def _optimize_batch(models, output, jobs, out: Console, options) -> None:
         raise typer.Exit(worst)
 
 
-@app.command(cls=_Command, epilog=EXIT_CODES)
+@app.command(cls=Command, epilog=EXIT_CODES)
 def verify(
     reference: Path = typer.Argument(..., metavar="REFERENCE", help="The original model.", show_default=False),
     candidate: Path | None = typer.Argument(
@@ -246,27 +237,12 @@ def verify(
     """
 
     def run():
-        models = [reference] if load_outputs is not None else [reference, candidate]
-        if load_outputs is not None and candidate is not None:
-            raise BnfoldError("--load-outputs compares one model with stored outputs: give one model")
-        if candidate is None and load_outputs is None:
-            raise BnfoldError("verify needs two models, or one with --load-outputs")
-        for path in models:
-            if path.is_dir():
-                raise BnfoldError(f"{path}: is a directory, not an ONNX model")
-            if not path.exists():
-                raise BnfoldError(f"{path}: no such file")
+        stored_only = {"--save-inputs": save_inputs, "--save-outputs": save_outputs, "--localize": localize}
+        check_verify_models(reference, candidate, load_outputs, stored_only)
         options = verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib)
         if load_outputs is not None:
             from bnfold.verification.golden import verify_against_outputs
 
-            unused = [
-                o
-                for o, v in (("--save-inputs", save_inputs), ("--save-outputs", save_outputs), ("--localize", localize))
-                if v
-            ]
-            if unused:
-                raise BnfoldError(f"{', '.join(unused)}: not with --load-outputs")
             keep = ("inputs", "atol", "rtol", "input_shapes", "providers", "custom_ops")
             return verify_against_outputs(
                 reference, load_outputs, progress=out.progress(), **{k: options[k] for k in keep if k in options}
@@ -285,7 +261,7 @@ def verify(
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
 
 
-@app.command(cls=_Command, epilog=EXIT_CODES)
+@app.command(cls=Command, epilog=EXIT_CODES)
 def inspect(
     models: list[Path] = typer.Argument(..., metavar="MODEL", help="ONNX model files.", show_default=False),
     no_reparam: bool = NO_REPARAM_OPT,
@@ -345,7 +321,7 @@ def inspect(
         raise typer.Exit(worst or EXIT_FOLDABLE)
 
 
-@app.command(cls=_Command, epilog=EXIT_CODES)
+@app.command(cls=Command, epilog=EXIT_CODES)
 def bench(
     model: Path = MODEL_ARG,
     folded: Path | None = typer.Argument(

@@ -1,11 +1,23 @@
-"""The command line's shared options, declared once for Typer, and their parsing into the
-library's keyword arguments."""
+"""The command line's shared options, declared once for Typer, their parsing into the library's
+keyword arguments and checks, and the command class every command's help is rendered by."""
 
 from __future__ import annotations
 
 import typer
 
 from bnfold.errors import BnfoldError
+
+
+class Command(typer.core.TyperCommand):
+    """Typer's command, with its arguments' help lines free of Typer's annotation label
+    (`MODEL <list[Path]>`): each argument's help says what it takes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument):
+                param.display_type_rich = lambda ctx: None
+
 
 MODEL_ARG = typer.Argument(..., metavar="MODEL", help="The ONNX model file.", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
@@ -84,6 +96,23 @@ def verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, pro
         "custom_ops": [str(p) for p in custom_lib or []],
         **providers(provider),
     }
+
+
+def check_verify_models(reference, candidate, load_outputs, not_with_stored: dict) -> None:
+    """`verify` runs two models, or one with --load-outputs (and then none of `not_with_stored`,
+    option → value); each must be a file that exists."""
+    if load_outputs is not None and candidate is not None:
+        raise BnfoldError("--load-outputs compares one model with stored outputs: give one model")
+    if candidate is None and load_outputs is None:
+        raise BnfoldError("verify needs two models, or one with --load-outputs")
+    for path in [reference] if load_outputs is not None else [reference, candidate]:
+        if path.is_dir():
+            raise BnfoldError(f"{path}: is a directory, not an ONNX model")
+        if not path.exists():
+            raise BnfoldError(f"{path}: no such file")
+    unused = [option for option, value in not_with_stored.items() if value]
+    if load_outputs is not None and unused:
+        raise BnfoldError(f"{', '.join(unused)}: not with --load-outputs")
 
 
 def input_shapes(input_shape: list[str] | None) -> dict[str, list[int]]:
