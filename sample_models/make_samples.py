@@ -1,10 +1,12 @@
 """Regenerate the sample models: small real PyTorch networks exported to ONNX with BN kept.
 
     pip install torch==2.13.0 onnx onnxscript onnxconverter-common
-    python sample_models/make_samples.py            # everything
-    python sample_models/make_samples.py float16    # only the float16 conversions of the exports
-    python sample_models/make_samples.py fixed-point    # only the LeViT/RepViT/FastViT-style networks
-    python sample_models/make_samples.py detector   # only the YOLOv8-style detector
+    python sample_models/make_samples.py                        # every sample in SAMPLES
+    python sample_models/make_samples.py resnet_tiny yolo_tiny  # those rows only
+
+SAMPLES is the table: one row per network, with its own seed, so a row regenerates the same
+files alone or among the others, and a new row changes no other sample's bytes (torch runs on
+one thread, so its reductions add in one order).
 
 onnxscript is the dynamo exporter's; onnxconverter-common makes the `*_fp16io` samples: float32
 exports converted the way GPU deployments are (`convert_float_to_float16(keep_io_types=True)`:
@@ -26,6 +28,8 @@ are the float32 network's: the reference a float16 deployment is judged against.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -668,6 +672,102 @@ def perturb_and_calibrate(model: nn.Module, make_batch, generator: torch.Generat
     model.eval()
 
 
+def images(x: torch.Tensor) -> torch.Tensor:
+    """What the image networks see: N(0.3, 1.5²) pixels."""
+    return x * 1.5 + 0.3
+
+
+def log_spectrum(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().log1p()
+
+
+def unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def grouped_blocks_deployed(net: nn.Module) -> nn.Module:
+    deployed = copy.deepcopy(net)
+    deployed.blocks = nn.Sequential(*(block.reparameterize() for block in net.blocks))
+    return deployed
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One network and the files made from it: `<name>.onnx` and `.npz` (TorchScript exporter),
+    and, when asked for, `<name>_dynamo` (dynamo exporter, opset 18), `<name>_fp16` (the network
+    in half precision, judged against the float32 one) and `<name>_fp16io` (the export converted
+    to float16 inside with float32 inputs and outputs)."""
+
+    name: str
+    seed: int
+    network: Callable[[], nn.Module]
+    shape: tuple[int, ...]  # one input row, batch excluded
+    opset: int = 17
+    rows: int = 2  # in the exported example
+    calibration_rows: int = 8  # per calibration batch
+    data: Callable[[torch.Tensor], torch.Tensor] = images  # N(0, 1) draws → the network's inputs
+    dynamic_batch: bool = True
+    dynamic_spatial: bool = False  # batch, H and W symbolic
+    dynamo: bool = False
+    float16: bool = False
+    float16_io: bool = False
+    deployed: Callable[[nn.Module], nn.Module] | None = None  # the network's own re-parameterization
+    frozen: bool = False  # FrozenBatchNorm2d: statistics drawn, not calibrated
+
+
+SAMPLES = (
+    Sample("resnet_tiny", 1, ResNetTiny, (3, 32, 32), dynamo=True, float16=True, float16_io=True),
+    Sample("mobilenet_tiny", 2, MobileNetTiny, (3, 32, 32), opset=13, float16_io=True),
+    Sample("audio_conv1d", 3, AudioConv1d, (40, 100), opset=11, rows=1, data=log_spectrum, dynamic_batch=False),
+    Sample("video_conv3d", 4, VideoConv3d, (3, 8, 16, 16), opset=15, rows=1, calibration_rows=4, data=unchanged,
+           dynamic_batch=False),
+    Sample("shared_conv_output", 5, SharedConvOutput, (3, 32, 32), rows=1, dynamic_batch=False),
+    Sample("efficientnet_tiny", 6, EfficientNetTiny, (3, 32, 32), float16_io=True),
+    Sample("inception_tiny", 7, InceptionTiny, (3, 32, 32), opset=13, float16_io=True),
+    Sample("repvgg_tiny", 8, RepVGGTiny, (3, 32, 32)),
+    Sample("decoder_convtranspose", 9, Decoder, (32, 4, 4), data=unchanged, dynamo=True, float16_io=True),
+    Sample("mlp_batchnorm1d", 10, MLPHead, (64,), rows=4, calibration_rows=32, data=unchanged, dynamo=True),
+    Sample("frozen_bn_backbone", 11, FrozenBackbone, (3, 32, 32), rows=1, dynamic_batch=False, dynamo=True,
+           frozen=True),
+    Sample("preact_input_bn", 12, PreActNet, (3, 32, 32), dynamo=True, float16_io=True),
+    Sample("token_mlp_batchnorm1d", 13, TokenMLP, (10, 16), data=unchanged, dynamic_batch=False),
+    Sample("repvgg_grouped", 14, RepVGGGrouped, (3, 32, 32), deployed=grouped_blocks_deployed),
+    Sample("mobileone_tiny", 15, MobileOneTiny, (3, 32, 32), deployed=lambda net: net.reparameterize()),
+    Sample("repmixer_tiny", 16, RepMixerTiny, (3, 32, 32), deployed=lambda net: net.reparameterize()),
+    Sample("levit_tiny", 17, LeViTTiny, (3, 32, 32), dynamic_batch=False, dynamo=True),
+    Sample("repvit_tiny", 18, RepViTTiny, (3, 32, 32), dynamic_batch=False, dynamo=True),
+    Sample("fastvit_tiny", 19, FastViTTiny, (3, 32, 32), dynamic_batch=False, dynamo=True),
+    Sample("yolo_tiny", 20, YoloTiny, (3, 64, 64), rows=1, calibration_rows=4, dynamic_spatial=True, dynamo=True),
+)  # fmt: skip
+
+
+def make(sample: Sample) -> None:
+    """Build, calibrate and export one row of SAMPLES, from its own seed only."""
+    torch.manual_seed(sample.seed)  # the layers' initial weights
+    gen = torch.Generator().manual_seed(sample.seed)
+
+    def draw(rows: int) -> torch.Tensor:
+        return sample.data(torch.randn(rows, *sample.shape, generator=gen))
+
+    net = sample.network()
+    if sample.frozen:
+        net.eval()
+        randomize_frozen(net, gen)
+    else:
+        perturb_and_calibrate(net, lambda: draw(sample.calibration_rows), gen)
+    example = draw(sample.rows)
+    deployed = sample.deployed(net).eval() if sample.deployed else None
+    common = {"dynamic_spatial": sample.dynamic_spatial}
+    export(net, sample.name, example, sample.opset, sample.dynamic_batch, deployed=deployed, **common)
+    if sample.dynamo:  # optimize=False keeps BN
+        export(net, f"{sample.name}_dynamo", example, 18, sample.dynamic_batch, dynamo=True, **common)
+    if sample.float16:  # many rows: float16 error is statistical
+        half_example = draw(32).half()
+        export(copy.deepcopy(net).half(), f"{sample.name}_fp16", half_example, sample.opset, True, reference=net)
+    if sample.float16_io:
+        convert_float16_io(sample.name)
+
+
 def export(
     model: nn.Module,
     name: str,
@@ -684,7 +784,7 @@ def export(
     `dynamic_spatial`, the batch, H and W of the input are symbolic."""
     path = HERE / f"{name}.onnx"
     spatial = {0: "batch", 2: "height", 3: "width"}
-    if dynamo:  # optimize=False keeps BN; one file, no external data
+    if dynamo:  # one file, no external data
         torch.onnx.export(
             model,
             (example,),
@@ -729,147 +829,29 @@ def export(
     print(f"{name}.onnx: {path.stat().st_size / 1e3:.0f} kB, opset {opset}, {bn_count} BatchNormalization")
 
 
-def main() -> None:
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-
-    def images(n=8, size=32):
-        return lambda: torch.randn(n, 3, size, size, generator=gen) * 1.5 + 0.3
-
-    resnet = ResNetTiny()
-    perturb_and_calibrate(resnet, images(), gen)
-    export(resnet, "resnet_tiny", torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True)
-
-    mobilenet = MobileNetTiny()
-    perturb_and_calibrate(mobilenet, images(), gen)
-    export(mobilenet, "mobilenet_tiny", torch.randn(2, 3, 32, 32, generator=gen), 13, dynamic_batch=True)
-
-    audio = AudioConv1d()
-    perturb_and_calibrate(audio, lambda: torch.randn(8, 40, 100, generator=gen).abs().log1p(), gen)
-    export(audio, "audio_conv1d", torch.randn(1, 40, 100, generator=gen).abs().log1p(), 11, dynamic_batch=False)
-
-    video = VideoConv3d()
-    perturb_and_calibrate(video, lambda: torch.randn(4, 3, 8, 16, 16, generator=gen), gen)
-    export(video, "video_conv3d", torch.randn(1, 3, 8, 16, 16, generator=gen), 15, dynamic_batch=False)
-
-    shared = SharedConvOutput()
-    perturb_and_calibrate(shared, images(), gen)
-    export(shared, "shared_conv_output", torch.randn(1, 3, 32, 32, generator=gen), 17, dynamic_batch=False)
-
-    for name, net, opset in (
-        ("efficientnet_tiny", EfficientNetTiny(), 17),
-        ("inception_tiny", InceptionTiny(), 13),
-        ("repvgg_tiny", RepVGGTiny(), 17),
-    ):
-        perturb_and_calibrate(net, images(), gen)
-        export(net, name, torch.randn(2, 3, 32, 32, generator=gen), opset, dynamic_batch=True)
-
-    # The float16 model is the calibrated ResNet in half precision; its reference outputs come
-    # from the float32 network on the same (float16-representable) inputs.
-    example = torch.randn(32, 3, 32, 32, generator=gen).half()  # many rows: float16 error is statistical
-    export(copy.deepcopy(resnet).half(), "resnet_tiny_fp16", example, 17, dynamic_batch=True, reference=resnet)
-
-    # Patterns beyond Conv → BN (added after the models above, so those stay byte-identical).
-    decoder = Decoder()
-    perturb_and_calibrate(decoder, lambda: torch.randn(8, 32, 4, 4, generator=gen), gen)
-    export(decoder, "decoder_convtranspose", torch.randn(2, 32, 4, 4, generator=gen), 17, dynamic_batch=True)
-
-    mlp = MLPHead()
-    perturb_and_calibrate(mlp, lambda: torch.randn(32, 64, generator=gen), gen)
-    export(mlp, "mlp_batchnorm1d", torch.randn(4, 64, generator=gen), 17, dynamic_batch=True)
-
-    frozen = FrozenBackbone().eval()
-    randomize_frozen(frozen, gen)
-    export(frozen, "frozen_bn_backbone", torch.randn(1, 3, 32, 32, generator=gen), 17, dynamic_batch=False)
-
-    preact = PreActNet()
-    perturb_and_calibrate(preact, images(), gen)
-    export(preact, "preact_input_bn", torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True)
-
-    export(resnet, "resnet_tiny_dynamo", torch.randn(2, 3, 32, 32, generator=gen), 18, dynamic_batch=False, dynamo=True)
-
-    # The same pattern networks through the dynamo exporter (optimize=False keeps BN).
-    for name, net, example in (
-        ("decoder_convtranspose", decoder, torch.randn(2, 32, 4, 4, generator=gen)),
-        ("mlp_batchnorm1d", mlp, torch.randn(4, 64, generator=gen)),
-        ("frozen_bn_backbone", frozen, torch.randn(1, 3, 32, 32, generator=gen)),
-        ("preact_input_bn", preact, torch.randn(2, 3, 32, 32, generator=gen)),
-    ):
-        export(net, f"{name}_dynamo", example, 18, dynamic_batch=False, dynamo=True)
-
-    tokens = TokenMLP()
-    perturb_and_calibrate(tokens, lambda: torch.randn(8, 10, 16, generator=gen), gen)
-    export(tokens, "token_mlp_batchnorm1d", torch.randn(2, 10, 16, generator=gen), 17, dynamic_batch=False)
-
-    # Re-parameterizable networks in their training form, with their own deployment merge.
-    for name, net in (
-        ("repvgg_grouped", RepVGGGrouped()),
-        ("mobileone_tiny", MobileOneTiny()),
-        ("repmixer_tiny", RepMixerTiny()),
-    ):
-        perturb_and_calibrate(net, images(), gen)
-        if isinstance(net, RepVGGGrouped):
-            deployed = copy.deepcopy(net)
-            deployed.blocks = nn.Sequential(*(block.reparameterize() for block in net.blocks))
-        else:
-            deployed = net.reparameterize()
-        export(net, name, torch.randn(2, 3, 32, 32, generator=gen), 17, dynamic_batch=True, deployed=deployed.eval())
-
-    convert_float16_io()
-    export_fixed_point_networks()
-    export_detector()
-
-
-def export_fixed_point_networks() -> None:
-    """LeViT-, RepViT- and FastViT-style networks: the BNs that only fold with a new bias, after
-    a branch merge, or past a constant leaf or a layer scale (TorchScript and dynamo exports)."""
-    gen = torch.Generator().manual_seed(5)
-
-    def images():
-        return torch.randn(8, 3, 32, 32, generator=gen) * 1.5 + 0.3
-
-    for name, net in (("levit_tiny", LeViTTiny()), ("repvit_tiny", RepViTTiny()), ("fastvit_tiny", FastViTTiny())):
-        perturb_and_calibrate(net, images, gen)
-        example = torch.randn(2, 3, 32, 32, generator=gen)
-        export(net, name, example, 17, dynamic_batch=False)
-        export(net, f"{name}_dynamo", example, 18, dynamic_batch=False, dynamo=True)
-
-
-def export_detector() -> None:
-    """A YOLOv8-style detector through both exporters, with symbolic batch, H and W."""
-    gen = torch.Generator().manual_seed(7)
-    net = YoloTiny()
-    perturb_and_calibrate(net, lambda: torch.randn(4, 3, 64, 64, generator=gen) * 1.5 + 0.3, gen)
-    example = torch.randn(1, 3, 64, 64, generator=gen)
-    export(net, "yolo_tiny", example, 17, dynamic_batch=True, dynamic_spatial=True)
-    export(net, "yolo_tiny_dynamo", example, 18, dynamic_batch=True, dynamo=True, dynamic_spatial=True)
-
-
-FLOAT16_IO = (
-    "resnet_tiny",
-    "mobilenet_tiny",
-    "efficientnet_tiny",
-    "inception_tiny",
-    "decoder_convtranspose",
-    "preact_input_bn",
-)
-
-
-def convert_float16_io() -> None:
-    """`<name>_fp16io.onnx` for the FLOAT16_IO exports, with the float32 network's `.npz`."""
+def convert_float16_io(name: str) -> None:
+    """`<name>_fp16io.onnx` from `<name>.onnx`, with the float32 network's `.npz`."""
     from onnxconverter_common import float16
 
-    for name in FLOAT16_IO:
-        model = float16.convert_float_to_float16(onnx.load(str(HERE / f"{name}.onnx")), keep_io_types=True)
-        onnx.checker.check_model(model, full_check=True)
-        path = HERE / f"{name}_fp16io.onnx"
-        onnx.save(model, str(path))
-        (HERE / f"{name}_fp16io.npz").write_bytes((HERE / f"{name}.npz").read_bytes())
-        print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB, float16 inside, float32 inputs and outputs")
+    model = float16.convert_float_to_float16(onnx.load(str(HERE / f"{name}.onnx")), keep_io_types=True)
+    onnx.checker.check_model(model, full_check=True)
+    path = HERE / f"{name}_fp16io.onnx"
+    onnx.save(model, str(path))
+    (HERE / f"{name}_fp16io.npz").write_bytes((HERE / f"{name}.npz").read_bytes())
+    print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB, float16 inside, float32 inputs and outputs")
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)
+    rows = {sample.name: sample for sample in SAMPLES}
+    unknown = [name for name in names if name not in rows]
+    if unknown:
+        raise SystemExit(f"no such sample: {', '.join(unknown)} (SAMPLES has {', '.join(rows)})")
+    for name in names or rows:
+        make(rows[name])
 
 
 if __name__ == "__main__":
     import sys
 
-    steps = {"float16": convert_float16_io, "fixed-point": export_fixed_point_networks, "detector": export_detector}
-    steps[sys.argv[1]]() if sys.argv[1:] else main()
+    main(sys.argv[1:])

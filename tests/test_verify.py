@@ -88,7 +88,11 @@ def test_folded_samples_verify(name, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["equivalent"] is True and report["trials"] == 3
-    assert all(o["passed"] and o["needed_atol"] < o["atol"] / 10 for o in report["outputs"])
+    # well inside the policy: a tenth of it, or a quarter for an output judged as float16, whose own
+    # rounding (2^-11 per op) moves a 10-logit output of 12 to 18 float16 layers by 1e-3 to 2e-3
+    # of its scale (mobilenet_tiny_fp16io, efficientnet_tiny_fp16io)
+    margin = {"float16": 4}
+    assert all(o["passed"] and o["needed_atol"] < o["atol"] / margin.get(o["precision"], 10) for o in report["outputs"])
 
 
 def multi_io_model() -> onnx.ModelProto:
@@ -210,7 +214,7 @@ def one_bias_off(model: onnx.ModelProto) -> None:
         ("conv bias dropped", "audio_conv1d"),  # the sample whose convs have biases
         ("scale on the wrong axis", "resnet_tiny"),  # has convs with C_in = C_out
         ("one channel's bias 3% off", "resnet_tiny"),
-        ("one channel's bias 3% off", "shared_conv_output"),  # the smallest signal measured
+        ("one channel's bias 3% off", "shared_conv_output"),  # a conv whose output has two readers
     ],
 )
 def test_seeded_folding_mistakes_are_not_equivalent(mistake, sample, monkeypatch, tmp_path):
