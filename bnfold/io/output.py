@@ -3,6 +3,7 @@ in the destination folder, checked, then committed with one rename."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -127,7 +128,7 @@ class StagedModel:
         self._hidden_data: Path | None = None  # …and until then
         self._committed = False
         self.path = self._temporary(".tmp")
-        try:
+        with self._discarded_on_error():
             if external:
                 # hidden until the commit names it after its content (a random name of one length)
                 self._hidden_data = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
@@ -145,9 +146,15 @@ class StagedModel:
                         "the folded model is over 2 GiB, more than one ONNX file can hold; use --external-data auto"
                     )
             self.bytes = self.path.stat().st_size + (self._hidden_data.stat().st_size if self._hidden_data else 0)
+
+    @contextlib.contextmanager
+    def _discarded_on_error(self):
+        """Whatever goes wrong while staging removes what was staged; an OSError becomes one line."""
+        try:
+            yield
         except OSError as exc:
             self.discard()
-            raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
+            raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
         except BaseException:
             self.discard()
             raise
@@ -158,17 +165,11 @@ class StagedModel:
         staged = cls.__new__(cls)
         staged.dest, staged.data_path, staged._hidden_data, staged._committed = dest, None, None, False
         staged.path = staged._temporary(".tmp")
-        try:
+        with staged._discarded_on_error():
             with open(src, "rb") as data, open(staged.path, "wb") as out:
                 shutil.copyfileobj(data, out, 1 << 24)
                 _sync(out)
             staged.bytes = staged.path.stat().st_size
-        except OSError as exc:
-            staged.discard()
-            raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
-        except BaseException:
-            staged.discard()
-            raise
         return staged
 
     def commit(self, keep: list[Path] = ()) -> None:
