@@ -11,7 +11,7 @@ from onnx import helper
 
 from bnfold.folding import planner
 from bnfold.folding.plan import NOT_MINE, Mechanism, Mechanisms, Plan, Role, Skip, decide
-from bnfold.folding.reparam import MergeWalk, is_sum, plan_merge
+from bnfold.folding.reparam import MergeMemo, is_sum, plan_merge
 from bnfold.folding.sources import batch_norm_version
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import all_names
@@ -106,6 +106,6 @@ def test_no_mechanism_touches_the_graph_before_its_plan_is_applied(path):
         if node.op_type in planner.CANDIDATES:
             answers.append(decide(node, planner.CANDIDATES[node.op_type], ctx, batch_norm_version(opset)))
         if is_sum(node):
-            answers.append(plan_merge(node, ctx, batch_norm_version(opset), MergeWalk()))
+            answers.append(plan_merge(node, ctx, batch_norm_version(opset), MergeMemo()))
     assert model.graph.SerializeToString(deterministic=True) == before
     assert any(isinstance(a, Plan) for a in answers) or "shared_conv_output" in path.stem

@@ -82,7 +82,7 @@ class MergePlan(Plan):
 
 
 @dataclass
-class MergeWalk:
+class MergeMemo:
     """What one pass over a graph's sums has learnt: the sums whose tree cannot merge (each tree
     is walked once, not once per root in it), and the nodes already decided."""
 
@@ -93,17 +93,17 @@ class MergeWalk:
         self.settled.update(id(node) for node in nodes)
 
 
-def plan_merge(root: onnx.NodeProto, ctx: GraphContext, version: int, walk: MergeWalk) -> MergePlan | Skip | NotMine:
+def plan_merge(root: onnx.NodeProto, ctx: GraphContext, version: int, memo: MergeMemo) -> MergePlan | Skip | NotMine:
     """The merge of the tree of sums at `root` (module docstring). Sums are offered from the
     graph's end, so the largest tree around a sum is merged, not a part of it."""
-    if id(root) in walk.settled or not is_sum(root):
+    if id(root) in memo.settled or not is_sum(root):
         return NOT_MINE
     # match and checks: the tree as one term
-    term = _term(root.output[0], ctx, version, root=True, failed=walk.failed)
+    term = _term(root.output[0], ctx, version, root=True, failed=memo.failed)
     if isinstance(term, (Skip, NotMine)):
         return term
     if term.convs == 0 or len(term.branches) < 2:
-        walk.settle(term.nodes)  # nor can a part of it: not tried again
+        memo.settle(term.nodes)  # nor can a part of it: not tried again
         return NotMine("no conv among the branches, or only one branch")
     # plan
     dtype = np.dtype(term.dtype)

@@ -13,7 +13,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.folding.plan import Skip, decide
 from bnfold.folding.planner import CANDIDATES
-from bnfold.folding.reparam import MergePlan, MergeWalk, is_sum, plan_merge
+from bnfold.folding.reparam import MergeMemo, MergePlan, is_sum, plan_merge
 from bnfold.folding.sources import batch_norm_version
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import ONNX_DOMAINS, all_names, all_nodes, named_subgraphs
@@ -152,17 +152,17 @@ def _name(prefix: str, node: onnx.NodeProto) -> str:
 def _merge_sums(ctx: GraphContext, version: int, prefix: str, found: dict) -> int:
     """Offer every sum to the branch merge, from the graph's end (reparam.plan_merge), apply the
     plans and record them; how many merged."""
-    walk, merged, refused = MergeWalk(), [], []
+    memo, merged, refused = MergeMemo(), [], []
     for node in reversed(ctx.index.live_nodes()):
         if not is_sum(node):
             continue
-        answer = plan_merge(node, ctx, version, walk)
+        answer = plan_merge(node, ctx, version, memo)
         if isinstance(answer, Skip):
             refused.append((node, answer))
         elif isinstance(answer, MergePlan):
             root_name = node.name or node.output[0]  # before it becomes the Conv
             answer.rewrite(ctx)
-            walk.settle(answer.term.nodes)
+            memo.settle(answer.term.nodes)
             merged.append((root_name, answer))
     _record_merges(found, merged[::-1], refused[::-1], prefix)
     return len(merged)
