@@ -58,6 +58,7 @@ def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
 
 
 def _elementwise_backward(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
+    """Into the linear op behind the first input that comes from one; that decides it."""
     for data in node.input:
         producer, _, _ = producer_through_no_ops(data, ctx)
         if linear_op(producer) is not None:
@@ -66,11 +67,17 @@ def _elementwise_backward(node: onnx.NodeProto, ctx: GraphContext, version: int)
 
 
 def _elementwise_through_shape_ops(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
+    """Through shape-only ops, from any input; only a plan counts (refusals go unreported)."""
     for data in node.input:
         through = plan_through_shape_ops(ElementwiseSource(node, data), ctx)
         if isinstance(through, Plan):
             return through
     return NOT_MINE
+
+
+def _backward_nor_forward(why: dict[Role, Skip]) -> Skip:
+    unmatched = Skip("no mechanism matched it")
+    return Skip(f"{why.get(Role.BACKWARD, unmatched).reason}; nor forward: {why.get(Role.FORWARD, unmatched).reason}")
 
 
 BATCH_NORM = Mechanisms(
@@ -85,7 +92,7 @@ BATCH_NORM = Mechanisms(
         Mechanism("forward", lambda bn, ctx, _: plan_forward(bn, ctx), Role.FORWARD),
         Mechanism("quantized", _quantized, Role.EXPLAINS),
     ),
-    refused=lambda bn, why: Skip(f"{why[Role.BACKWARD].reason}; nor forward: {why[Role.FORWARD].reason}"),
+    refused=lambda bn, why: _backward_nor_forward(why),
 )
 
 ELEMENTWISE = Mechanisms(
