@@ -129,6 +129,16 @@ def test_same_padding_at_stride_1():
     assert_merged(g.model(g.sum(*branches)))
 
 
+def test_same_padding_of_a_1x1_kernel_at_stride_2_pads_nothing_and_merges():
+    # A 1-wide kernel reaches nothing beyond its input, so SAME pads 0 at any stride (Conv's
+    # output is then ceil(n / stride) either way); a wider SAME kernel at stride 2 pads by the
+    # input's size, which a merge does not know, and stays.
+    g = BranchGraph()
+    assert_merged(g.model(g.sum(g.conv(k=3, stride=2), g.conv(k=1, stride=2, auto_pad="SAME_UPPER"))))
+    g = BranchGraph()
+    assert_not_merged(g.model(g.sum(g.conv(k=3, stride=2, auto_pad="SAME_UPPER"), g.conv(k=1, stride=2))))
+
+
 def test_float16():
     g = BranchGraph(dtype=np.float16)
     folded = assert_merged(g.model(g.sum(g.conv(k=3), g.conv(k=1), g.bn())))
