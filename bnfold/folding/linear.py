@@ -203,8 +203,8 @@ class ConvTranspose(_Convolution):
         return weight.shape[0]
 
     def check_weight(self, weight, node):
-        if weight.ndim < 3:
-            return Skip(f"ConvTranspose weight has rank {weight.ndim}; it needs rank 3 or more")
+        if bad := super().check_weight(weight, node):
+            return bad
         if weight.shape[0] % self.groups(node):
             return Skip(f"ConvTranspose weight has {weight.shape[0]} input channels, not divisible by group")
         return None
@@ -339,16 +339,13 @@ def fold_output_affine(
     Conv's input channels, a 16-bit result is rounded to keep the expected effect of its
     rounding small (bnfold.folding.correction)."""
     scale, shift = scale_shift
-    axis = op.weight_axis(node)
     scaled = affine.scale_weights(
-        weight, scale, axis=axis, group=op.output_blocks(node), dtype=affine.product_dtype(weight.dtype)
+        weight, scale, axis=op.weight_axis(node), group=op.output_blocks(node), dtype=affine.product_dtype(weight.dtype)
     )
     if bias is not None:
         bias = bias.astype(np.float64) * op.bias_scale(node)
     new_bias = affine.fold_bias(bias, scale, shift)
-    if moments is None:
-        return cast_folded(weight.dtype, scaled, new_bias, axis)
-    return op.cast(node, weight.dtype, scaled, new_bias, moments)  # moments: a Conv's
+    return op.cast(node, weight.dtype, scaled, new_bias, moments)
 
 
 def cast_conv(

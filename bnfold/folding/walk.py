@@ -13,7 +13,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.folding.plan import Skip, decide
 from bnfold.folding.planner import CANDIDATES
-from bnfold.folding.reparam import MergeMemo, MergePlan, is_sum, plan_merge
+from bnfold.folding.reparam import MergeMemo, MergePlan, plan_merge
 from bnfold.folding.sources import batch_norm_version
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import ONNX_DOMAINS, all_names, all_nodes, named_subgraphs
@@ -154,9 +154,7 @@ def _merge_sums(ctx: GraphContext, version: int, prefix: str, found: dict) -> in
     plans and record them; how many merged."""
     memo, merged, refused = MergeMemo(), [], []
     for node in reversed(ctx.index.live_nodes()):
-        if not is_sum(node):
-            continue
-        answer = plan_merge(node, ctx, version, memo)
+        answer = plan_merge(node, ctx, version, memo)  # NOT_MINE for all but sums
         if isinstance(answer, Skip):
             refused.append((node, answer))
         elif isinstance(answer, MergePlan):
