@@ -326,15 +326,34 @@ def test_a_fold_within_the_models_own_float32_noise_is_equivalent(tmp_path):
     assert "within 4× this model's float32 noise" in report.table()
 
 
-def test_a_model_too_noisy_to_tell_a_fold_from_noise_is_not_called_equivalent(tmp_path):
-    # At 1e4 the reference's own rounding needs more than 4× the atol: past the cap nothing passes.
-    original = save(cancelling_model(1e4), tmp_path / "noisy.onnx")
-    folded = save(bnfold.fold(original).model, tmp_path / "folded.onnx")
-    report = bnfold.verify(original, folded)
+@pytest.mark.parametrize("big", [1e4, 3e4])
+def test_a_fold_within_large_float32_noise_passes_and_its_mistakes_fail_by_their_channels(big, tmp_path):
+    # Issue 31: at 1e4 and beyond the reference's own rounding needs more than 4× the atol, and
+    # the old cap refused the correct fold as "too noisy". A site whose channels are judged has
+    # no cap: a mistake moves or scales a whole channel, which rounding does not.
+    original = save(cancelling_model(big), tmp_path / "noisy.onnx")
+    folded = bnfold.fold(original).model
+    report = bnfold.verify(original, save(folded, tmp_path / "folded.onnx"))
     (site,) = report.sites
-    assert not report.equivalent and not site.passed
-    assert site.needed_atol <= 4 * site.noise  # within noise, but the noise is past the cap
-    assert "is too large to tell a fold from noise" in site.reason
+    assert site.needed_atol > 4 * site.atol and site.noise is not None  # past the old cap…
+    assert report.equivalent and site.rule == "noise", report.table()  # …within this model's noise
+    # The mistakes are sized by the output (its channels' RMS is about 1): 3% of this folded bias
+    # (0.029) would be 8.6e-4, under one ulp of the original's bias at 1e4 (9.8e-4), which the
+    # original cannot tell either.
+    bias, weight = (
+        next(t for t in folded.graph.initializer if t.name == n) for n in folded.graph.node[0].input[2:0:-1]
+    )
+    for tensor, wrong in ((bias, lambda b: b + 0.03), (weight, lambda w: w * 1.01)):
+        mistaken = onnx.ModelProto()
+        mistaken.CopyFrom(folded)
+        target = next(t for t in mistaken.graph.initializer if t.name == tensor.name)
+        values = numpy_helper.to_array(target).copy()
+        values[2] = wrong(values[2])
+        target.CopyFrom(numpy_helper.from_array(values, target.name))
+        wrong_report = bnfold.verify(original, save(mistaken, tmp_path / "mistaken.onnx"))
+        (wrong_site,) = wrong_report.sites
+        assert not wrong_report.equivalent and not wrong_site.passed, wrong_report.table()
+        assert wrong_site.rule in ("noise", "channel") and wrong_site.reason.startswith("FAIL: ")
 
 
 def test_an_explicit_atol_is_taken_literally(tmp_path):

@@ -1,19 +1,8 @@
-"""The verdict where a rewrite acts, and on outputs knowing what lies between them and it.
-
-1. Every site (bnfold.verification.regions) is compared in isolation, in every trial, under the
-   policy of the arithmetic its rewritten nodes perform. A site that fails the policy gets a
-   second look against the reference's own noise there, capped at NOISE_CAP times the policy's
-   atol, so that the mildest mistakes measured (ε 1e-3 for 1e-5: ≥ 5e-4 · S) still fail.
-2. An output that fails the policy while every site passes, and every difference between the
-   models lies in a rewritten node, is float32 noise made larger by what comes after the sites
-   (a softmax over thousands of classes, a saturated sigmoid, a long chain of folds): it passes
-   within NOISE_FACTOR times how far the reference's outputs move when the rewritten nodes'
-   parameters are rounded the other way, with no cap, since the sites already bound the folds.
-3. What still differs passes only when a discontinuous op (TopK, NonMaxSuppression, ArgMax, a
-   QuantizeLinear, a comparison, a Cast to an integer, …) lies between the sites and the
-   output, and the inputs of the first such ops agree within noise: near-ties that reorder, a
-   value within noise of a rounding boundary. The report names the op.
-A difference at a site is a failure, localized to that site, whatever the outputs do.
+"""What verification reads off both graphs before it runs anything (`Structure`: the rewrite,
+its sites, the precision of each tensor, the inputs of the discontinuous ops after the sites),
+and the yardsticks the verdict's rules measure against (`Yardsticks`): how far the reference
+itself moves when parameters are rounded the other way. The rules are in
+bnfold.verification.verdict.
 """
 
 from __future__ import annotations
@@ -31,11 +20,11 @@ from bnfold.verification.runtime import make_session, run_named, weights_apart, 
 from bnfold.verification.tolerance import (
     NOISE_CAP,
     NOISE_FACTOR,
-    SHIFT_FACTOR,
-    SHIFT_FLOOR,
+    ChannelStats,
+    Kind,
     OutputComparison,
     Precision,
-    channel_shift,
+    channel_stats,
     compare,
 )
 
@@ -44,7 +33,6 @@ DISCONTINUOUS = (
     "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Round", "Floor", "Ceil", "Sign", "NonZero",
     "Unique", "Mod",
 )  # fmt: skip
-RESIZED = "candidate gives shape"  # the start of compare's reason for another shape
 INTEGER_TYPES = {TensorProto.BOOL, *range(TensorProto.UINT8, TensorProto.INT64 + 1), TensorProto.UINT32}
 
 
@@ -156,114 +144,75 @@ def _discontinuous(node: onnx.NodeProto) -> bool:
     return node.op_type in DISCONTINUOUS
 
 
-def judge_sites(results: list[OutputComparison], structure: Structure, feeds, providers, atol) -> None:
-    """Pass failing sites that stay within NOISE_FACTOR times the reference's own noise at that
-    site (its rewritten nodes re-rounded, in isolation), capped at NOISE_CAP times the atol."""
-    failing = [r for r in results if not r.passed and not r.reason and r.precision != "quantized"]
-    if not failing or atol is not None:
-        return
-    model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
-    noise = _noise(model, [r.name for r in failing], regions.REROUNDED, feeds, providers)
-    for r in failing:
-        if r.name in noise:
-            _within_noise(r, noise[r.name], NOISE_CAP)
+class Yardsticks:
+    """How far the reference itself moves when parameters are rounded the other way, measured
+    for the verdict's rules (bnfold.verification.verdict.Evidence asks, once each):
+    - at the sites, the reference's rewritten nodes re-rounded in isolation (regions.yardstick):
+      the error a correct fold is entitled to there, as an atol and per channel;
+    - at the outputs and boundary tensors, every parameter the rewritten nodes read re-rounded,
+      end to end (regions.rerounded_end_to_end), against the reference's own outputs."""
 
+    def __init__(self, structure: Structure, feeds, references, outputs: list[str], providers):
+        self.structure, self.feeds, self.references = structure, feeds, references
+        self.outputs, self.providers = outputs, providers
+        self._sites: tuple[dict, dict] | None = None
 
-def judge_shifts(results: list[OutputComparison], shifts: dict[str, tuple[float, int]], structure: Structure,
-                 feeds, providers) -> None:  # fmt: skip
-    """Fail passing 16-bit sites whose largest per-channel mean difference (`shifts`: shift, channel)
-    exceeds SHIFT_FACTOR times the reference's own there (its rewritten nodes re-rounded, in
-    isolation) and SHIFT_FLOOR: a bias or a mean that is off (bnfold.verification.tolerance)."""
-    judged = [r for r in results if r.passed and r.name in shifts]
-    if not judged:
-        return
-    model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
-    own = _noise(model, [r.name for r in judged], regions.REROUNDED, feeds, providers,
-                 measure=lambda want, other: channel_shift(want, other)[0])  # fmt: skip
-    for r in judged:
-        shift, channel = shifts[r.name]
-        r.channel_shift = shift
-        if r.name in own and shift > max(SHIFT_FACTOR * own[r.name], SHIFT_FLOOR):
-            r.passed = False
-            r.reason = (
-                f"FAIL: channel {channel} moves by {shift:.1e}·S on average, {shift / max(own[r.name], 1e-300):.1f}× "
-                f"what rounding the parameters the other way does ({own[r.name]:.1e}): a bias or a mean is off"
-            )
+    def site_noise(self) -> dict[str, float]:
+        return self._at_sites()[0]
 
+    def site_channels(self) -> dict[str, ChannelStats]:
+        return self._at_sites()[1]
 
-def judge_outputs(outputs, boundaries, structure: Structure, feeds, references, providers, atol) -> None:
-    """The second and third looks at failing outputs (module docstring). `boundaries` holds the
-    comparisons of the boundary tensors, by name."""
-    failing = [o for o in outputs if not o.passed and not o.reason]
-    # a data-dependent size after a discontinuity (NonMaxSuppression keeps one box more)
-    resized = [o for o in outputs if not o.passed and o.reason.startswith(RESIZED)]
-    if not (failing or resized) or atol is not None or structure.reference is None:
-        return
-    names = {o.name.split("[")[0] for o in failing} | set(boundaries)
-    model = regions.rerounded_end_to_end(structure.whole_reference(), structure.rewrite, seed=0)
-    model = _exposing(model, list(boundaries), structure.types)
-    noise = _noise(model, sorted(names), None, feeds, providers, references)
-    cap = None if structure.rewrite.isolated else NOISE_CAP
-    for o in [*failing, *(b for b in boundaries.values() if not b.passed and not b.reason)]:
-        if o.name in noise and o.precision != "quantized" and o.needed_atol is not None:
-            _within_noise(o, noise[o.name], cap)
-    if not structure.rewrite.isolated:
-        return
-    for o in [*failing, *resized]:
-        if o.passed:
-            continue
-        before = [boundaries[b] for b in structure.explains.get(o.name.split("[")[0], []) if b in boundaries]
-        if before and all(b.passed for b in before):
-            worst = max(before, key=lambda b: b.needed_atol or 0.0)
-            what = (
-                o.reason.replace(RESIZED, "the candidate gives shape", 1)
-                if o.reason
-                else f"{o.mismatched} of {o.elements} differ"
-            )
-            o.passed, o.reason = True, ""
-            o.explained = (
-                f"ok: {what} after {structure.boundaries[worst.name]}, whose inputs agree within noise "
-                f"(needed atol {worst.needed_atol:.1e}): near-ties or rounding boundaries"
-            )
+    def _at_sites(self) -> tuple[dict, dict]:
+        if self._sites is None:
+            structure = self.structure
+            if structure.reference is None or not structure.sites:
+                self._sites = ({}, {})
+            else:
+                model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
+                self._sites = _measure(model, list(structure.sites), regions.REROUNDED, self.feeds, self.providers)
+        return self._sites
+
+    def output_noise(self) -> dict[str, float]:
+        structure = self.structure
+        if structure.reference is None:
+            return {}
+        names = sorted({name.split("[")[0] for name in self.outputs} | set(structure.boundaries))
+        model = regions.rerounded_end_to_end(structure.whole_reference(), structure.rewrite, seed=0)
+        model = _exposing(model, list(structure.boundaries), structure.types)
+        return _measure(model, names, None, self.feeds, self.providers, self.references)[0]
 
 
 def judge_by_rerounding(results: list[OutputComparison], reference: onnx.ModelProto, feed, want, providers) -> None:
-    """Pass failing tensors of `reference` (which exposes them) that stay within noise of every
-    float parameter rounded the other way, capped: the second look without a rewrite to isolate."""
-    failing = [r for r in results if not r.passed and not r.reason and r.precision != "quantized"]
+    """Pass failing tensors of `reference` (which exposes them) that stay within NOISE_FACTOR
+    times how far they move when every float parameter is rounded the other way, never past
+    NOISE_CAP times the atol: the second look without a rewrite to isolate (localize)."""
+    failing = [r for r in results if not r.passed and r.kind == Kind.NUMBERS and r.precision != "quantized"]
     if not failing:
         return
     model = regions.rerounded_end_to_end(_copy(reference), Rewrite(whole="every parameter"), seed=0)
-    noise = _noise(model, [r.name for r in failing], None, [feed], providers, [want])
+    noise = _measure(model, [r.name for r in failing], None, [feed], providers, [want])[0]
     for r in failing:
         if r.name in noise and r.needed_atol is not None:
-            _within_noise(r, noise[r.name], NOISE_CAP)
+            r.noise, r.rule = noise[r.name], "noise"
+            r.passed = r.needed_atol <= min(NOISE_FACTOR * r.noise, NOISE_CAP * r.atol)
+            if not r.passed and NOISE_FACTOR * r.noise > NOISE_CAP * r.atol:
+                r.reason = (
+                    f"FAIL: this model's own {r.precision} noise ({r.noise:.1e}) is too large to tell a fold from noise"
+                )
 
 
-def _within_noise(o: OutputComparison, noise: float, cap: float | None) -> None:
-    """Pass `o` within NOISE_FACTOR × `noise`, never past `cap` × its atol; past the cap, say that
-    this model is too noisy to tell a fold from noise."""
-    o.noise = noise
-    bound = NOISE_FACTOR * noise if cap is None else min(NOISE_FACTOR * noise, cap * o.atol)
-    if o.needed_atol <= bound:
-        o.passed = True  # mismatched keeps counting the elements beyond the policy
-    elif cap is not None and NOISE_FACTOR * noise > cap * o.atol:
-        o.reason = f"FAIL: this model's own {o.precision} noise ({noise:.1e}) is too large to tell a fold from noise"
-
-
-def _needed_atol(want, other) -> float:
-    return compare("", want, other, 0.0, 0.0).needed_atol
-
-
-def _noise(model, names, suffix, feeds, providers, references=None, measure=_needed_atol) -> dict[str, float]:
-    """How far `names` move (by `measure`, largest over the trials; default: as an atol):
+def _measure(model, names, suffix, feeds, providers, references=None) -> tuple[dict[str, float], dict]:
+    """How far `names` move, largest over the trials, as an atol and per channel (ChannelStats):
     between the model's own tensor and its `suffix` copy, or (without a suffix) between the
-    model's tensors and `references` (per trial, by name)."""
+    model's tensors and `references` (per trial, by name). Nothing, when the model does not load:
+    no yardstick, no relaxation."""
     try:
         session = make_session(model, providers=providers)
-    except Exception:  # no yardstick, no relaxation: the policy's verdict stands
-        return {}
+    except Exception:
+        return {}, {}
     noise: dict[str, float] = {}
+    channels: dict[str, ChannelStats] = {}
     for t, feed in enumerate(feeds):
         got = run_named(session, feed, "the reference with its parameters rounded the other way")
         for name in names:
@@ -272,9 +221,11 @@ def _noise(model, names, suffix, feeds, providers, references=None, measure=_nee
             if not all(hasattr(v, "dtype") and v.dtype.kind == "f" for v in (want, other)):
                 continue
             if other.shape == want.shape:
-                moved = measure(want, other.astype(want.dtype))
-                noise[name] = max(noise.get(name, 0.0), moved)
-    return noise
+                other = other.astype(want.dtype)
+                noise[name] = max(noise.get(name, 0.0), compare("", want, other, 0.0, 0.0).needed_atol)
+                if suffix:
+                    channels[name] = channels.get(name, ChannelStats()).worst(channel_stats(want, other))
+    return noise, channels
 
 
 def _exposing(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.ModelProto:

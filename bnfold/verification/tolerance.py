@@ -93,12 +93,29 @@ DEFAULT_TOLERANCE = {
 EXACT = Tolerance(0.0, 0.0)
 NOISE_FACTOR = 4.0  # a failing output passes within this many times the model's own noise
 NOISE_CAP = 4.0  # …but never beyond this many times the policy's atol (ε 1e-3 for 1e-5 needs ≥ 10×)
-SHIFTED_PRECISIONS = ("float16", "bfloat16")  # sites whose channel means are judged too (module docstring)
-SHIFT_FACTOR = 3.0  # a 16-bit site fails past this many times the reference's own channel shift…
-SHIFT_FLOOR = 5e-5  # …and past the float32 atol: a shift float32 could not tell from noise is none
+SHIFT_FACTOR = 3.0  # a site fails past this many times the reference's own channel shift or gain…
+# …and past this floor for its precision, (shift, gain): what rounding in that type cannot tell from none.
+# A channel's shift is in units of its own RMS, its gain is a pure number (module docstring).
+CHANNEL_FLOOR = {
+    "float64": (1e-12, 1e-12),
+    "float32": (2e-5, 2e-5),
+    "float16": (5e-5, 2e-3),
+    "bfloat16": (4e-4, 1.6e-2),
+}
+CHANNEL_MIN_ELEMENTS = 16  # a channel of fewer elements has no mean to speak of (a Gemm's (N, C) output)
 SCALE_QUANTILE = 0.99  # S: this quantile of the non-zero |reference| values
 QUANT_FRACTION = 0.01  # on a quantization grid: the share of elements a correct fold may flip
 QUANT_STEPS = 2.0  # …by at most this many steps
+
+
+class Kind:
+    """What a comparison could compare: numbers, or why it had none (a kind, not a message)."""
+
+    NUMBERS = "numbers"
+    MISSING = "missing"  # an output one of the models does not give, or gives as absent
+    TYPE = "type"  # another declared type or dtype
+    SHAPE = "shape"  # another shape: a data-dependent size after a discontinuity, or a mistake
+    SPECIAL = "special"  # NaN or ±Inf at different positions
 
 
 @dataclass
@@ -111,6 +128,7 @@ class OutputComparison:
     shape: list
     passed: bool = True
     reason: str = ""  # why it failed, when it failed for something other than numbers
+    kind: str = Kind.NUMBERS
     max_abs_error: float | None = 0.0
     max_rel_error: float | None = 0.0
     rel_l2_error: float | None = 0.0
@@ -124,8 +142,10 @@ class OutputComparison:
     precision: str = ""  # the policy it was judged by ("float16", "quantized", …)
     steps: float | None = None  # on a quantization grid: the largest error, in steps
     noise: float | None = None  # this model's own noise (as an atol), when measured
-    channel_shift: float | None = None  # at a 16-bit site: the largest per-channel mean difference / S
-    explained: str = ""  # why a difference the policy refuses is not the rewrite's (bnfold.verification.sites)
+    channel_shift: float | None = None  # at a site: the largest per-channel mean difference / that channel's RMS
+    channel_gain: float | None = None  # at a site: the largest per-channel slope of the difference
+    explained: str = ""  # why a difference the policy refuses is not the rewrite's (bnfold.verification.verdict)
+    rule: str = "policy"  # the rule of the verdict's table whose judgement stands
 
 
 def check_tolerances(atol: float | None, rtol: float | None) -> None:
@@ -137,11 +157,12 @@ def check_tolerances(atol: float | None, rtol: float | None) -> None:
             raise BnfoldError(f"{option} {value}: must be a finite number ≥ 0")
 
 
-def unmatched(name: str, reason: str, dtype: str = "", shape: list | None = None) -> OutputComparison:
+def unmatched(name: str, reason: str, dtype: str = "", shape: list | None = None,
+              kind: str = Kind.MISSING) -> OutputComparison:  # fmt: skip
     """An output that could not be compared number by number, and why."""
     return OutputComparison(
-        name, dtype, shape or [], passed=False, reason=reason, max_abs_error=None, max_rel_error=None,
-        rel_l2_error=None, cosine_similarity=None, needed_atol=None,
+        name, dtype, shape or [], passed=False, reason=reason, kind=kind, max_abs_error=None, max_rel_error=None,
+        rel_l2_error=None, cosine_similarity=None, needed_atol=None, rule="comparable",
     )  # fmt: skip
 
 
@@ -158,7 +179,7 @@ def compare(
     if got.dtype != want.dtype:
         return unmatched(
             name, f"candidate gives {got.dtype} {list(got.shape)}, reference {want.dtype} {list(want.shape)}",
-            str(want.dtype), list(want.shape),
+            str(want.dtype), list(want.shape), Kind.TYPE,
         )  # fmt: skip
     if got.shape != want.shape:
         return unmatched(
@@ -166,6 +187,7 @@ def compare(
             f"candidate gives shape {list(got.shape)}, reference {list(want.shape)}",
             str(want.dtype),
             list(want.shape),
+            Kind.SHAPE,
         )
     result = OutputComparison(name, str(want.dtype), list(want.shape), elements=int(want.size))
     policy = precision.dtype if precision is not None and precision.dtype in DEFAULT_TOLERANCE else str(want.dtype)
@@ -215,24 +237,70 @@ def compare(
     beyond_rtol = np.maximum(error - tolerance.rtol * magnitude, 0) if tolerance.rtol else error
     result.needed_atol = float(beyond_rtol.max(initial=0.0)) / scale
     if special_mismatch:
-        result.reason = f"NaN/Inf at {special_mismatch} different positions"
+        result.reason, result.kind = f"NaN/Inf at {special_mismatch} different positions", Kind.SPECIAL
+    if result.precision == "quantized":
+        result.rule = "grid"
     return result
 
 
-def channel_shift(want: np.ndarray, got: np.ndarray) -> tuple[float, int]:
-    """The largest per-channel mean of `got − want` as a fraction of want's S, and its channel
-    (axis 1; a vector is one channel). Non-finite positions are left out; (0, 0) when the two
-    cannot be compared."""
+@dataclass(frozen=True)
+class ChannelStats:
+    """How the channels (axis 1) of a difference move as a whole: the largest mean difference
+    of a channel in units of that channel's RMS (a bias or a mean that is off), and the largest
+    slope of the difference against the reference's values (a scale that is off: `got − want ≈
+    gain · want` within the channel), each with its channel. Rounding moves elements this way
+    and that and averages out of both; a folding mistake moves a whole channel."""
+
+    shift: float = 0.0
+    shift_channel: int = 0
+    gain: float = 0.0
+    gain_channel: int = 0
+    judged: int = 0  # channels with enough elements to be judged
+
+    def worst(self, other: ChannelStats) -> ChannelStats:
+        """The larger of each figure (over trials)."""
+        shift = max((self.shift, self.shift_channel), (other.shift, other.shift_channel))
+        gain = max((self.gain, self.gain_channel), (other.gain, other.gain_channel))
+        return ChannelStats(*shift, *gain, max(self.judged, other.judged))
+
+
+def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
+    """The per-channel shift and gain of `got` against `want` (ChannelStats). Non-finite
+    positions are left out, and so are channels of fewer than CHANNEL_MIN_ELEMENTS values; all
+    zero when the two cannot be compared."""
     if want.shape != got.shape or want.dtype.kind != "f" or got.dtype.kind != "f" or not want.size:
-        return 0.0, 0
-    difference = got.astype(np.float64) - want.astype(np.float64)
-    rows = np.moveaxis(difference, 1, 0).reshape(want.shape[1], -1) if want.ndim >= 2 else difference.reshape(1, -1)
-    finite = np.isfinite(rows)
+        return ChannelStats()
+    channels = want.shape[1] if want.ndim >= 2 else 1
+    reference = np.moveaxis(want, 1, 0).reshape(channels, -1) if want.ndim >= 2 else want.reshape(1, -1)
+    candidate = np.moveaxis(got, 1, 0).reshape(channels, -1) if want.ndim >= 2 else got.reshape(1, -1)
+    w = reference.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # ±Inf − ±Inf: left out below
+        d = candidate.astype(np.float64) - w
+    finite = np.isfinite(w) & np.isfinite(d)
     counts = finite.sum(axis=1)
-    means = np.where(finite, rows, 0.0).sum(axis=1) / np.maximum(counts, 1)
-    magnitude = np.abs(want[np.isfinite(want)].astype(np.float64))
-    channel = int(np.argmax(np.abs(means)))
-    return float(abs(means[channel])) / robust_scale(magnitude), channel
+    judged = counts >= CHANNEL_MIN_ELEMENTS
+    if not judged.any():
+        return ChannelStats()
+    w, d = np.where(finite, w, 0.0), np.where(finite, d, 0.0)
+    n = np.maximum(counts, 1)
+    mean_d, mean_w = d.sum(axis=1) / n, w.sum(axis=1) / n
+    rms = np.sqrt((w * w).sum(axis=1) / n)
+    fallback = robust_scale(np.abs(w[finite]))  # a channel of zeros: the tensor's S
+    shifts = np.where(judged, np.abs(mean_d) / np.where(rms > 0, rms, fallback), 0.0)
+    centred_w = np.where(finite, w - mean_w[:, None], 0.0)
+    centred_d = np.where(finite, d - mean_d[:, None], 0.0)
+    spread = (centred_w * centred_w).sum(axis=1)
+    varies = judged & (spread > 1e-24 * np.maximum(rms * rms, 1e-300) * n)  # a constant channel has no slope
+    gains = np.where(varies, np.abs((centred_w * centred_d).sum(axis=1)) / np.where(varies, spread, 1.0), 0.0)
+    s, g = int(np.argmax(shifts)), int(np.argmax(gains))
+    return ChannelStats(float(shifts[s]), s, float(gains[g]), g, int(judged.sum()))
+
+
+def channel_shift(want: np.ndarray, got: np.ndarray) -> tuple[float, int]:
+    """The largest per-channel mean of `got − want` in units of the channel's RMS, and its
+    channel (ChannelStats.shift)."""
+    stats = channel_stats(want, got)
+    return stats.shift, stats.shift_channel
 
 
 EXACT_CHUNK = 1 << 22  # elements widened at a time to measure an exact output's largest difference

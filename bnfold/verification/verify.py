@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.graph.protos import node_label
 from bnfold.io.source import as_model, check_external_data
-from bnfold.verification import regions, runtime
+from bnfold.verification import regions, runtime, verdict
 from bnfold.verification.evidence import check_folder, claim_folder, save_trials
 from bnfold.verification.inputs import (
     DEFAULT_INT_RANGE,
@@ -27,16 +28,17 @@ from bnfold.verification.inputs import (
 from bnfold.verification.localize import Divergence, first_divergence
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
-from bnfold.verification.sites import judge_outputs, judge_shifts, judge_sites, read_structure
+from bnfold.verification.sites import Yardsticks, read_structure
 from bnfold.verification.tolerance import (
-    SHIFTED_PRECISIONS,
+    ChannelStats,
     OutputComparison,
-    channel_shift,
+    channel_stats,
     check_tolerances,
     compare,
     judge,
     unmatched,
 )
+from bnfold.verification.verdict import BOUNDARY, OUTPUT, SITE, Evidence, Measured
 
 __all__ = ["ModelLoadError", "VerifyReport", "verify"]
 
@@ -146,65 +148,86 @@ def verify(
         else:
             report.inputs = describe_inputs(declared, feeds)
         report.trials = len(feeds)
-        comparisons: dict[str, list[OutputComparison]] = {}
-        site_trials: dict[str, list[OutputComparison]] = {}
-        boundary_trials: dict[str, list[OutputComparison]] = {}
-        references, candidates, shapes_seen, site_feeds = [], [], set(), []
-        shifts: dict[str, tuple[float, int]] = {}  # 16-bit site → its largest channel shift, and where
-        for t, feed in enumerate(feeds, 1):
-            progress(f"trial {t} of {len(feeds)}")
-            shapes = tuple((n, np.shape(v)) for n, v in sorted(feed.items()))
-            at_sites = by_site and shapes not in shapes_seen  # each fold judged once per set of input shapes
-            shapes_seen.add(shapes)
-            want, got = pair.run(feed, (report.reference, report.candidate), plain=not at_sites)
-            references.append({n: want[n] for n in [*compared, *structure.boundaries] if n in want})
-            if "outputs" in folders:
-                candidates.append({n: got[n] for n in compared})
-            for name in compared:
-                for result in _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name)):
-                    comparisons.setdefault(result.name, []).append(result)
-            if at_sites:
-                site_feeds.append(feed)
-                for site, precision in structure.sites.items():
-                    isolated = want[site + regions.ISOLATED]
-                    site_trials.setdefault(site, []).extend(
-                        _compare_value(site, want[site], isolated, atol, rtol, precision)
-                    )
-                    if precision.dtype in SHIFTED_PRECISIONS and isinstance(isolated, np.ndarray):
-                        shifts[site] = max(shifts.get(site, (0.0, 0)), channel_shift(np.asarray(want[site]), isolated))
-            if by_site:
-                for name in structure.boundaries:
-                    boundary_trials.setdefault(name, []).extend(
-                        _compare_value(name, want[name], got[name], atol, rtol, None)
-                    )
-            del want, got  # before the next run: its outputs then reuse this trial's memory
-    report.outputs = [judge(trial_results) for trial_results in comparisons.values()] + unpaired
-    report.sites = [judge(trial_results) for trial_results in site_trials.values()]
-    boundaries = {name: judge(results) for name, results in boundary_trials.items()}
+        run = _run_trials(pair, feeds, compared, structure, by_site, report, progress, atol, rtol, precisions,
+                          keep_candidates="outputs" in folders)  # fmt: skip
     if "inputs" in folders:
         save_trials(claim_folder(folders["inputs"]), feeds, "input")
     if "outputs" in folders:
-        save_trials(claim_folder(folders["outputs"]), [{n: r[n] for n in compared} for r in references], "output")
-        save_trials(claim_folder(folders["outputs"] / "candidate"), candidates, "output")
-    if by_site and not all(s.passed for s in report.sites):
-        progress("measuring the reference's own noise at the rewritten sites")
-        judge_sites(report.sites, structure, feeds, providers, atol)
-    if shifts and atol is None:
-        progress("measuring the reference's own channel shifts at the 16-bit sites")
-        judge_shifts(report.sites, shifts, structure, site_feeds, providers)
-    if all(s.passed for s in report.sites) and not all(o.passed for o in report.outputs):
-        progress("measuring the reference's own noise at its outputs")
-        judge_outputs(report.outputs, boundaries, structure, feeds, references, providers, atol)
+        save_trials(claim_folder(folders["outputs"]), [{n: r[n] for n in compared} for r in run.references], "output")
+        save_trials(claim_folder(folders["outputs"] / "candidate"), run.candidates, "output")
+    progress("judging")
+    evidence = Evidence(
+        Yardsticks(structure, feeds, run.references, compared, providers), structure, explicit=atol is not None
+    )
+    report.outputs, report.sites = verdict.judge(
+        [Measured(SITE, judge(results), run.channels.get(site)) for site, results in run.sites.items()],
+        [Measured(BOUNDARY, judge(results)) for results in run.boundaries.values()],
+        [Measured(OUTPUT, judge(results)) for results in run.outputs.values()],
+        evidence,
+    )
+    report.outputs += unpaired
     report.equivalent = all(o.passed for o in [*report.outputs, *report.sites])
     failed_site = next((s for s in report.sites if not s.passed), None)
     if failed_site is not None:
         report.first_divergence = _site_divergence(failed_site, structure)
     elif localize and report.failed:
         progress("looking for the first tensor that differs")
-        feed = feeds[_first_failing_trial(report.failed, comparisons)]
+        feed = feeds[_first_failing_trial(report.failed, run.outputs)]
         report.first_divergence = first_divergence(reference, candidate, feed, providers, atol, rtol)
     report.seconds = time.perf_counter() - start
     return report
+
+
+@dataclass
+class Run:
+    """What the trials measured, per tensor and trial, before anything is judged."""
+
+    outputs: dict[str, list[OutputComparison]] = field(default_factory=dict)
+    sites: dict[str, list[OutputComparison]] = field(default_factory=dict)
+    boundaries: dict[str, list[OutputComparison]] = field(default_factory=dict)
+    channels: dict[str, ChannelStats] = field(default_factory=dict)  # per site, the worst trial's
+    references: list[dict] = field(default_factory=list)  # per trial: the reference's outputs and boundaries
+    candidates: list[dict] = field(default_factory=list)  # per trial: the candidate's outputs (when saved)
+
+
+def _run_trials(pair, feeds, compared, structure, by_site, report, progress, atol, rtol, precisions,
+                keep_candidates: bool) -> Run:  # fmt: skip
+    """Run every trial and compare what it gives under the policy. The sites are measured on
+    the first trial of each set of input shapes, and on every trial whose outputs differ (so a
+    difference at an output is never excused by sites judged on other inputs)."""
+    run, shapes_seen = Run(), set()
+    for t, feed in enumerate(feeds, 1):
+        progress(f"trial {t} of {len(feeds)}")
+        shapes = tuple((n, np.shape(v)) for n, v in sorted(feed.items()))
+        at_sites = by_site and shapes not in shapes_seen
+        shapes_seen.add(shapes)
+        want, got = pair.run(feed, (report.reference, report.candidate), plain=not at_sites)
+        outputs = {name: _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name))
+                   for name in compared}  # fmt: skip
+        if by_site and not at_sites and not all(r.passed for results in outputs.values() for r in results):
+            del want, got
+            want, got = pair.run(feed, (report.reference, report.candidate), plain=False)
+            at_sites = True
+        for results in outputs.values():
+            for result in results:
+                run.outputs.setdefault(result.name, []).append(result)
+        run.references.append({n: want[n] for n in [*compared, *structure.boundaries] if n in want})
+        if keep_candidates:
+            run.candidates.append({n: got[n] for n in compared})
+        if at_sites:
+            for site, precision in structure.sites.items():
+                isolated = want[site + regions.ISOLATED]
+                run.sites.setdefault(site, []).extend(_compare_value(site, want[site], isolated, atol, rtol, precision))
+                if isinstance(isolated, np.ndarray) and np.asarray(want[site]).dtype.kind == "f":
+                    stats = channel_stats(np.asarray(want[site]), isolated)
+                    run.channels[site] = run.channels.get(site, ChannelStats()).worst(stats)
+        if by_site:
+            for name in structure.boundaries:
+                run.boundaries.setdefault(name, []).extend(
+                    _compare_value(name, want[name], got[name], atol, rtol, None)
+                )
+        del want, got  # before the next run: its outputs then reuse this trial's memory
+    return run
 
 
 def _site_divergence(site: OutputComparison, structure) -> Divergence:

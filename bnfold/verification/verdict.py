@@ -1,0 +1,241 @@
+"""The verdict as a table of rules: run → measure → judge, with values between the steps.
+
+`verify` runs both models and measures each tensor it compares (a `Measured`: the policy's
+figures over all trials, and at a site how its channels move). `judge` then reads the table
+`RULES` top to bottom for each tensor. A rule takes the measurement and the judgement so far
+and returns a new `Judgement` with its sentence, or None when it has nothing to say; no rule
+edits an earlier judgement, and the last one standing is the verdict (its rule is named in the
+report). Sites are judged first, then the inputs of discontinuous ops, then the outputs: the
+later rules of an output read how the sites and those inputs fared.
+
+What a rule needs beyond the run (how far the reference moves when its parameters are rounded
+the other way) is measured by `Evidence` on first use, so a verdict that no rule questions costs
+no extra session.
+
+| rule | judges | says |
+| --- | --- | --- |
+| comparable | all | no numbers to compare (missing, another type or shape, NaN elsewhere): FAIL |
+| policy | all | the tolerance policy of the precision it is computed in (bnfold.verification.tolerance) |
+| noise | all, default tolerance | a failure by numbers within NOISE_FACTOR × the reference's own noise passes |
+| channel | sites, default tolerance | a channel shifted or scaled beyond SHIFT_FACTOR × the reference's own: FAIL |
+| discontinuity | outputs, default tolerance | a difference after a discontinuous op whose inputs agree passes |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+from bnfold.verification.tolerance import (
+    CHANNEL_FLOOR,
+    NOISE_CAP,
+    NOISE_FACTOR,
+    SHIFT_FACTOR,
+    ChannelStats,
+    Kind,
+    OutputComparison,
+)
+
+SITE, BOUNDARY, OUTPUT = "site", "boundary", "output"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the run measured of one tensor: the policy's figures over all trials (the worst
+    trial's, tolerance.judge), and at a site the largest per-channel shift and gain."""
+
+    role: str
+    comparison: OutputComparison
+    channels: ChannelStats | None = None
+
+    @property
+    def name(self) -> str:
+        return self.comparison.name
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A verdict and the rule that reached it; `reason` says why it failed, `explained` why a
+    difference the policy refuses passes, `noise` the yardstick the rule read."""
+
+    passed: bool
+    rule: str
+    reason: str = ""
+    explained: str = ""
+    noise: float | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    roles: tuple[str, ...]
+    judge: Callable[[Measured, Judgement, Evidence], Judgement | None]
+
+
+class Evidence:
+    """What the rules may ask beyond the run, each measured once, on first use (a verdict no
+    rule questions runs nothing more). `yardsticks` measures; see verify.Yardsticks."""
+
+    def __init__(self, yardsticks, structure, explicit: bool):
+        self.yardsticks = yardsticks
+        self.explicit = explicit  # the user gave --atol: taken literally
+        self.isolated = structure.rewrite.isolated  # every difference between the models lies in a rewritten node
+        self.explains = structure.explains  # output → the boundary tensors (inputs of discontinuous ops) before it
+        self.boundary_ops = structure.boundaries  # boundary tensor → the op it feeds
+        self.sites: dict[str, OutputComparison] = {}  # judged sites, by name
+        self.boundaries: dict[str, OutputComparison] = {}  # judged boundary tensors, by name
+
+    @property
+    def sites_pass(self) -> bool:
+        return all(s.passed for s in self.sites.values())
+
+    @cached_property
+    def site_noise(self) -> dict[str, float]:
+        return self.yardsticks.site_noise()
+
+    @cached_property
+    def site_channels(self) -> dict[str, ChannelStats]:
+        return self.yardsticks.site_channels()
+
+    @cached_property
+    def output_noise(self) -> dict[str, float]:
+        return self.yardsticks.output_noise()
+
+
+# ---- the rules ---------------------------------------------------------------------------------------
+def _comparable(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
+    c = m.comparison
+    return None if c.kind == Kind.NUMBERS else Judgement(False, "comparable", reason=c.reason)
+
+
+def _policy(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
+    c = m.comparison
+    if c.kind != Kind.NUMBERS:
+        return None
+    return Judgement(c.passed, "grid" if c.precision == "quantized" else "policy")
+
+
+def _noise(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
+    """A failure by numbers within NOISE_FACTOR × how far the reference moves when the rewritten
+    nodes' parameters are rounded the other way. At a site, capped at NOISE_CAP × the atol unless
+    its channels are judged too (the channel rule then catches a mistake that hides in the
+    noise of a model that cancels large numbers). At an output and a boundary, asked only once
+    every site agrees, uncapped when every difference lies in a rewritten node: the sites bound
+    the folds, and what follows them can only magnify their noise."""
+    c = m.comparison
+    if ev.explicit or so_far.passed or c.kind != Kind.NUMBERS or c.precision == "quantized" or c.needed_atol is None:
+        return None
+    if m.role == SITE:
+        noise = ev.site_noise.get(m.name)
+        cap = None if m.channels is not None and m.channels.judged else NOISE_CAP
+    else:
+        if not ev.sites_pass:
+            return None
+        noise = ev.output_noise.get(m.name)
+        cap = None if ev.isolated else NOISE_CAP
+    if noise is None:
+        return None
+    bound = NOISE_FACTOR * noise if cap is None else min(NOISE_FACTOR * noise, cap * c.atol)
+    if c.needed_atol <= bound:
+        return Judgement(True, "noise", noise=noise)
+    if cap is not None and NOISE_FACTOR * noise > cap * c.atol:
+        why = f"FAIL: this model's own {c.precision} noise ({noise:.1e}) is too large to tell a fold from noise"
+        return Judgement(False, "noise", reason=why, noise=noise)
+    why = f"FAIL: beyond {NOISE_FACTOR:.0f}× this model's own {c.precision} noise ({noise:.1e})"
+    return Judgement(False, "noise", reason=why, noise=noise)
+
+
+def _channel(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
+    """A passing site fails when a channel moves as a whole (its mean: a bias or a mean is off)
+    or scales (its slope against the reference: a scale or a variance is off) by more than
+    SHIFT_FACTOR × the reference's own at that site with its parameters rounded the other way,
+    and more than its precision's floor. Under the floor no yardstick is run."""
+    c, measured = m.comparison, m.channels
+    if ev.explicit or not so_far.passed or measured is None or c.precision not in CHANNEL_FLOOR:
+        return None
+    floor_shift, floor_gain = CHANNEL_FLOOR[c.precision]
+    if measured.shift <= floor_shift and measured.gain <= floor_gain:
+        return None
+    own = ev.site_channels.get(m.name)
+    if own is None:
+        return None
+    yardstick = "what rounding the parameters the other way does"
+    if measured.shift > max(SHIFT_FACTOR * own.shift, floor_shift):
+        ratio = measured.shift / max(own.shift, 1e-300)
+        why = (
+            f"FAIL: channel {measured.shift_channel} moves by {measured.shift:.1e} of its RMS on average, "
+            f"{ratio:.1f}× {yardstick} ({own.shift:.1e}): a bias or a mean is off"
+        )
+        return Judgement(False, "channel", reason=why, noise=so_far.noise)
+    if measured.gain > max(SHIFT_FACTOR * own.gain, floor_gain):
+        ratio = measured.gain / max(own.gain, 1e-300)
+        why = (
+            f"FAIL: channel {measured.gain_channel} is scaled by {measured.gain:.1e} more or less, "
+            f"{ratio:.1f}× {yardstick} ({own.gain:.1e}): a scale or a variance is off"
+        )
+        return Judgement(False, "channel", reason=why, noise=so_far.noise)
+    return None
+
+
+def _discontinuity(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
+    """A failing output passes when a discontinuous op (TopK, NonMaxSuppression, a comparison,
+    a QuantizeLinear, …) lies between the sites and it, every site agrees on every trial in
+    which the output differs, and the inputs of the first such ops agree: near-ties that reorder,
+    a value within noise of a rounding boundary, one box more."""
+    c = m.comparison
+    if ev.explicit or so_far.passed or not ev.isolated or not ev.sites_pass:
+        return None
+    if c.kind not in (Kind.NUMBERS, Kind.SHAPE):
+        return None
+    before = [ev.boundaries[b] for b in ev.explains.get(m.name.split("[")[0], []) if b in ev.boundaries]
+    if not before or not all(b.passed for b in before):
+        return None
+    worst = max(before, key=lambda b: b.needed_atol or 0.0)
+    what = f"the {c.reason}" if c.kind == Kind.SHAPE else f"{c.mismatched} of {c.elements} differ"
+    explained = (
+        f"ok: {what} after {ev.boundary_ops[worst.name]}, whose inputs agree within noise "
+        f"(needed atol {worst.needed_atol:.1e}): near-ties or rounding boundaries"
+    )
+    return Judgement(True, "discontinuity", explained=explained, noise=so_far.noise)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("comparable", (SITE, BOUNDARY, OUTPUT), _comparable),
+    Rule("policy", (SITE, BOUNDARY, OUTPUT), _policy),
+    Rule("noise", (SITE, BOUNDARY, OUTPUT), _noise),
+    Rule("channel", (SITE,), _channel),
+    Rule("discontinuity", (OUTPUT,), _discontinuity),
+)
+
+
+def judge_one(m: Measured, ev: Evidence, rules: tuple[Rule, ...] | None = None) -> OutputComparison:
+    """The verdict on one tensor: every rule of `rules` (default RULES) for its role, in order;
+    the row the report shows, with the rule whose judgement stands."""
+    judgement = Judgement(False, "none", reason="FAIL: no rule judged it")  # a table must speak to pass
+    for rule in RULES if rules is None else rules:
+        if m.role in rule.roles:
+            judgement = rule.judge(m, judgement, ev) or judgement
+    c = m.comparison
+    channels = m.channels or ChannelStats()
+    return replace(
+        c,
+        passed=judgement.passed,
+        reason=judgement.reason if not judgement.passed else "",
+        explained=judgement.explained,
+        noise=judgement.noise,
+        rule=judgement.rule,
+        channel_shift=channels.shift if m.channels is not None else c.channel_shift,
+        channel_gain=channels.gain if m.channels is not None else c.channel_gain,
+    )
+
+
+def judge(
+    sites: list[Measured], boundaries: list[Measured], outputs: list[Measured], ev: Evidence,
+    rules: tuple[Rule, ...] | None = None,
+) -> tuple[list[OutputComparison], list[OutputComparison]]:  # fmt: skip
+    """Sites first, then the boundary tensors, then the outputs (which read both)."""
+    judged_sites = [judge_one(m, ev, rules) for m in sites]
+    ev.sites = {s.name: s for s in judged_sites}
+    ev.boundaries = {b.name: judge_one(b, ev, rules) for b in boundaries}
+    return [judge_one(m, ev, rules) for m in outputs], judged_sites
