@@ -18,7 +18,7 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.verification import runtime, stored
-from bnfold.verification.inputs import check_feed, input_specs, load_input_sets
+from bnfold.verification.inputs import check_comparable, check_feed, input_specs, load_input_sets
 from bnfold.verification.precision import Precisions, value_types
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS
@@ -43,9 +43,10 @@ def verify_against_outputs(
     start = time.perf_counter()
     check_tolerances(atol, rtol)
     runtime.check_providers(providers)
-    source, expected, stored_inputs = stored.load_outputs(Path(outputs))
     progress("loading the model in onnxruntime")
     session = runtime.load_session(model, "model", providers)  # external-data locations checked first
+    output_names = [o.name for o in session.get_outputs()]
+    source, expected, stored_inputs = stored.load_outputs(Path(outputs), output_names)
     declared = runtime.input_declarations(session)
     specs = input_specs(declared, input_shapes or {})
     if inputs:
@@ -56,6 +57,7 @@ def verify_against_outputs(
         feeds = load_input_sets(Path(outputs), specs)
     else:
         raise BnfoldError(f"{outputs}: holds no inputs; give the inputs they were computed on with --inputs")
+    feeds = check_comparable(feeds, ", ".join(map(str, inputs)) or str(outputs))
     if len(feeds) != len(expected):
         raise BnfoldError(f"{len(feeds)} input sets for {len(expected)} sets of stored outputs: give one for each")
     skeleton, arrays = runtime.weights_apart(model)

@@ -263,7 +263,7 @@ def load_input_sets(path: Path, specs: dict) -> list[dict]:
     `input_K.pb` files, or a model folder of `test_data_set_N` folders (bnfold.verification.stored).
     Pickles are refused."""
     if path.is_dir():
-        sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir()) or [path]
+        sets = sorted((p for p in path.glob("test_data_set_*") if p.is_dir()), key=stored.test_data_position) or [path]
         return [_load_test_data_set(folder, specs) for folder in sets]
     if not path.is_file():
         raise BnfoldError(f"{path}: no such input file or folder")
@@ -275,11 +275,7 @@ def load_input_sets(path: Path, specs: dict) -> list[dict]:
 
 
 def _load_test_data_set(folder: Path, specs: dict) -> dict:
-    def position(file: Path) -> int:
-        number = file.stem.split("_")[1]
-        return int(number) if number.isdigit() else 0
-
-    files = sorted(folder.glob("input_*.pb"), key=position)
+    files = sorted(folder.glob("input_*.pb"), key=stored.test_data_position)
     if not files:
         raise BnfoldError(f"{folder}: no input_*.pb files")
     arrays = {}
@@ -287,6 +283,23 @@ def _load_test_data_set(folder: Path, specs: dict) -> dict:
         name, value = stored.read_tensor_file(file)
         arrays[name or (list(specs)[index] if index < len(specs) else f"input_{index}")] = value
     return check_feed(arrays, specs, folder)
+
+
+def check_comparable(feeds: list[dict], source: str) -> list[dict]:
+    """Given input sets that can show a difference: at least one, and no float input without a
+    finite value (a model fed only NaN gives NaN wherever it computes, and NaN agrees with NaN)."""
+    if not feeds:
+        raise BnfoldError(f"{source}: holds no input set, so there is nothing to compare")
+    for number, feed in enumerate(feeds):
+        for name, array in feed.items():
+            array = np.asarray(array)
+            if array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16:
+                values = array.astype(np.float32) if array.dtype == ml_dtypes.bfloat16 else array
+                if array.size and not np.isfinite(values).any():
+                    raise BnfoldError(
+                        f"{source}: input '{name}' of set {number} holds no finite value, so it can show no difference"
+                    )
+    return feeds
 
 
 def check_feed(arrays: dict, specs: dict, source: Path | str) -> dict:

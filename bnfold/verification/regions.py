@@ -48,6 +48,8 @@ class Rewrite:
     reference_nodes: list[onnx.NodeProto] = field(default_factory=list)
     whole: str = ""
     shared: set[str] = field(default_factory=set)  # initializers both models hold, with equal values
+    # rewritten tensors that only Shape or Size read after the rewrite: their shapes must agree
+    shape_sites: list[str] = field(default_factory=list)
 
     @property
     def isolated(self) -> bool:
@@ -63,7 +65,9 @@ def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=
     if _functions(reference) != _functions(candidate):
         return Rewrite(whole="the models' local functions differ")
     shared = _shared(reference, candidate, arrays)
-    contents = [{t.name: "same" if t.name in shared else side for t in m.graph.initializer}
+    sparse = _shared_sparse(reference, candidate)
+    contents = [{**{t.name: "same" if t.name in shared else side for t in m.graph.initializer},
+                 **{t.values.name: "same" if t.values.name in sparse else side for t in m.graph.sparse_initializer}}
                 for m, side in ((reference, "reference"), (candidate, "candidate"))]  # fmt: skip
     signatures = [_signatures(m, c) for m, c in zip((reference, candidate), contents)]
     kept = set(signatures[0]) & set(signatures[1])
@@ -76,8 +80,11 @@ def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=
     kept_nodes = [node for node, sig in zip(candidate.graph.node, signatures[1]) if sig in kept]
     read_after = {name for node in kept_nodes if node.op_type not in READS_SHAPE_ONLY for name in _reads(node)}
     read_after |= {o.name for o in candidate.graph.output}
-    sites = [out for node in rewritten[0] for out in node.output if out in made and out in read_after]
-    return Rewrite(sites, rewritten[1], rewritten[0], shared=shared)
+    shape_read = {name for node in kept_nodes if node.op_type in READS_SHAPE_ONLY for name in node.input}
+    remade = [out for node in rewritten[0] for out in node.output if out in made]
+    sites = [out for out in remade if out in read_after]
+    shape_sites = [out for out in remade if out in shape_read and out not in read_after]
+    return Rewrite(sites, rewritten[1], rewritten[0], shared=shared | sparse, shape_sites=shape_sites)
 
 
 def _moved_through(candidate: onnx.ModelProto, signatures: list[tuple], kept: set) -> set:
@@ -117,8 +124,9 @@ def probe(reference: onnx.ModelProto, candidate: onnx.ModelProto, rewrite: Rewri
     and as outputs its own, then each site, then each site as the candidate computes it. The
     copies read the reference's initializers where they are `rewrite.shared`, else the
     candidate's, renamed; so either model may be a skeleton whose large tensors are stubs."""
-    _splice(reference, rewrite.candidate_nodes, candidate.graph.initializer, ISOLATED, keep=rewrite.shared)
-    _expose(reference, rewrite.sites, types, ISOLATED)
+    _splice(reference, rewrite.candidate_nodes, candidate.graph.initializer, ISOLATED, keep=rewrite.shared,
+            sparse=candidate.graph.sparse_initializer)  # fmt: skip
+    _expose(reference, [*rewrite.sites, *rewrite.shape_sites], types, ISOLATED)
     return reference
 
 
@@ -186,10 +194,11 @@ def _rerounded_constants(node: onnx.NodeProto, rng: np.random.Generator) -> onnx
     return copy
 
 
-def _splice(model, nodes: Iterable[onnx.NodeProto], initializers, suffix: str, keep: set[str] = frozenset()) -> None:
+def _splice(model, nodes: Iterable[onnx.NodeProto], initializers, suffix: str, keep: set[str] = frozenset(),
+            sparse=()) -> None:  # fmt: skip
     """Append renamed copies of `nodes` to model's graph: their outputs get `suffix`, their
-    inputs read each other's copies, and each initializer they read is added under a new name,
-    but those in `keep` (which the model holds with the same values)."""
+    inputs read each other's copies, and each initializer (dense, or `sparse`) they read is
+    added under a new name, but those in `keep` (which the model holds with the same values)."""
     graph = model.graph
     nodes = list(nodes)
     read = {name for node in nodes for name in _reads(node)}
@@ -202,6 +211,13 @@ def _splice(model, nodes: Iterable[onnx.NodeProto], initializers, suffix: str, k
             added.CopyFrom(tensor)
             added.name = name + suffix
             graph.initializer.append(added)
+    for tensor in sparse:
+        name = tensor.values.name
+        if name in read and name not in keep:
+            renamed[name] = name + suffix
+            added = graph.sparse_initializer.add()
+            added.CopyFrom(tensor)
+            added.values.name = name + suffix
     for node in nodes:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
@@ -262,6 +278,13 @@ def _shared(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays) -> s
     ours = {t.name: t for t in reference.graph.initializer}
     theirs = {t.name: t for t in candidate.graph.initializer}
     return {name for name in ours.keys() & theirs.keys() if _equal(ours[name], theirs[name], arrays, name)}
+
+
+def _shared_sparse(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> set[str]:
+    """The sparse initializers both models hold under one name with equal contents."""
+    ours, theirs = ({t.values.name: t.SerializeToString(deterministic=True) for t in m.graph.sparse_initializer}
+                    for m in (reference, candidate))  # fmt: skip
+    return {name for name in ours.keys() & theirs.keys() if ours[name] == theirs[name]}
 
 
 def _equal(a: TensorProto, b: TensorProto, arrays, name: str) -> bool:

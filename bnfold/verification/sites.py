@@ -49,6 +49,8 @@ class Structure:
     outputs: dict[str, Precision] = field(default_factory=dict)
     sites: dict[str, Precision] = field(default_factory=dict)
     boundaries: dict[str, str] = field(default_factory=dict)  # tensor → the discontinuous op it feeds
+    # a rewritten If's condition → (the If, its rewritten branches): which ones the trials take
+    conditions: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     explains: dict[str, list[str]] = field(default_factory=dict)  # output → its boundary tensors
 
     def probe(self) -> tuple[onnx.ModelProto, dict]:
@@ -58,11 +60,17 @@ class Structure:
         ours, theirs = self.arrays
         model = regions.probe(_copy(self.reference), self.candidate, self.rewrite, self.types)
         arrays = {**ours, **{name + regions.ISOLATED: array for name, array in theirs.items()}}
-        return _exposing(model, list(self.boundaries), self.types), arrays
+        return _exposing(model, [*self.boundaries, *self._computed_conditions()], self.types), arrays
 
     def reference_exposing(self) -> tuple[onnx.ModelProto, dict]:
         """The reference alone, with the boundary tensors exposed: for trials that judge no site."""
-        return _exposing(_copy(self.reference), list(self.boundaries), self.types), self.arrays[0]
+        exposed = [*self.boundaries, *self._computed_conditions()]
+        return _exposing(_copy(self.reference), exposed, self.types), self.arrays[0]
+
+    def _computed_conditions(self) -> list[str]:
+        """The rewritten Ifs' conditions that are not graph inputs (those the feed holds)."""
+        fed = {i.name for i in self.reference.graph.input}
+        return [cond for cond in self.conditions if cond not in fed]
 
     def candidate_exposing(self) -> tuple[onnx.ModelProto, dict]:
         return _exposing(_copy(self.candidate), list(self.boundaries), self.types), self.arrays[1]
@@ -99,7 +107,24 @@ def read_structure(reference, candidate) -> Structure:
     region = {id(node) for node in rewrite.candidate_nodes}
     structure.sites = {s: candidate_precisions.arithmetic(s, within=region) for s in rewrite.sites}
     _find_boundaries(structure, elem)
+    structure.conditions = _rewritten_branches(rewrite)
     return structure
+
+
+def _rewritten_branches(rewrite: Rewrite) -> dict[str, tuple[str, list[str]]]:
+    """Each rewritten If whose condition is computed or fed (not a constant): its condition, and
+    which of its branches the candidate rewrote."""
+    by_outputs = {tuple(n.output): n for n in rewrite.reference_nodes if n.op_type == "If"}
+    found = {}
+    for node in rewrite.candidate_nodes:
+        theirs = by_outputs.get(tuple(node.output))
+        if node.op_type != "If" or theirs is None or not node.input:
+            continue
+        branches = {a.name: a.g.SerializeToString(deterministic=True) for a in theirs.attribute}
+        changed = [a.name for a in node.attribute if branches.get(a.name) != a.g.SerializeToString(deterministic=True)]
+        if changed:
+            found[node.input[0]] = (node_label(node), changed)
+    return found
 
 
 def _find_boundaries(structure: Structure, elem: dict[str, int]) -> None:

@@ -91,14 +91,17 @@ def _decode(obj: dict):
     return obj
 
 
-def load_outputs(path: Path) -> tuple[str, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]] | None]:
+def load_outputs(
+    path: Path, output_names: list[str] = ()
+) -> tuple[str, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]] | None]:
     """Stored outputs, one set per trial: (where they came from, the sets, the inputs stored
     with them or None). An .npz names them `out.NAME` (and may hold `in.NAME`); a .json is
     Polygraphy's RunResults (its first runner); a folder is onnx test data (`output_K.pb`
-    beside `input_K.pb`, in one folder or in `test_data_set_N` folders)."""
+    beside `input_K.pb`, in one folder or in `test_data_set_N` folders), where an unnamed
+    `output_K.pb` is the model's output K (`output_names`), as onnx's own test runner pairs them."""
     if path.is_dir():
-        folders = sorted(p for p in path.glob("test_data_set_*") if p.is_dir()) or [path]
-        return str(path), [_test_data_outputs(folder) for folder in folders], None
+        folders = sorted((p for p in path.glob("test_data_set_*") if p.is_dir()), key=test_data_position) or [path]
+        return str(path), [_test_data_outputs(folder, output_names) for folder in folders], None
     if not path.is_file():
         raise BnfoldError(f"{path}: no such file or folder of stored outputs")
     if path.suffix.lower() == ".json":
@@ -125,12 +128,21 @@ def read_tensor_file(file: Path) -> tuple[str, np.ndarray]:
         raise BnfoldError(f"{file}: not a TensorProto ({first_line(exc)})") from None
 
 
-def _test_data_outputs(folder: Path) -> dict[str, np.ndarray]:
+def test_data_position(file: Path) -> int:
+    """K of `input_K.pb`, `output_K.pb` or `test_data_set_K` (numbers, not text: 2 before 10)."""
+    number = file.name.split(".")[0].rsplit("_", 1)[-1]
+    return int(number) if number.isdigit() else 0
+
+
+def _test_data_outputs(folder: Path, output_names: list[str]) -> dict[str, np.ndarray]:
     outputs = {}
-    for file in sorted(folder.glob("output_*.pb")):
+    for file in sorted(folder.glob("output_*.pb"), key=test_data_position):
         name, value = read_tensor_file(file)
         if not name:
-            raise BnfoldError(f"{file}: the tensor has no name, so no output to compare it with")
+            k = test_data_position(file)
+            if k >= len(output_names):
+                raise BnfoldError(f"{file}: the tensor has no name, and the model has no output {k} to pair it with")
+            name = output_names[k]
         outputs[name] = value
     if not outputs:
         raise BnfoldError(f"{folder}: no output_*.pb files")

@@ -18,6 +18,7 @@ from bnfold.verification.evidence import check_folder, claim_folder, save_trials
 from bnfold.verification.inputs import (
     DEFAULT_INT_RANGE,
     DEFAULT_TRIALS,
+    check_comparable,
     check_feed,
     choose_feeds,
     describe_inputs,
@@ -31,6 +32,7 @@ from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
 from bnfold.verification.sites import Yardsticks, read_structure
 from bnfold.verification.tolerance import (
     ChannelStats,
+    Kind,
     OutputComparison,
     channel_stats,
     check_tolerances,
@@ -152,9 +154,12 @@ def verify(
                           keep_candidates="outputs" in folders)  # fmt: skip
     if "inputs" in folders:
         save_trials(claim_folder(folders["inputs"]), feeds, "input")
-    if "outputs" in folders:
-        save_trials(claim_folder(folders["outputs"]), [{n: r[n] for n in compared} for r in run.references], "output")
-        save_trials(claim_folder(folders["outputs"] / "candidate"), run.candidates, "output")
+    if "outputs" in folders:  # inputs beside outputs, so that --load-outputs reads the folder on its own
+        save_trials(claim_folder(folders["outputs"]), feeds, "input")
+        save_trials(folders["outputs"], [{n: r[n] for n in compared} for r in run.references], "output")
+        save_trials(claim_folder(folders["outputs"] / "candidate"), feeds, "input")
+        save_trials(folders["outputs"] / "candidate", run.candidates, "output")
+    report.notes += _unexercised(structure, run)
     progress("judging")
     evidence = Evidence(
         Yardsticks(structure, feeds, run.references, compared, providers), structure, explicit=atol is not None
@@ -162,10 +167,10 @@ def verify(
     report.outputs, report.sites = verdict.judge(
         [Measured(SITE, judge(results), run.channels.get(site)) for site, results in run.sites.items()],
         [Measured(BOUNDARY, judge(results)) for results in run.boundaries.values()],
-        [Measured(OUTPUT, judge(results)) for results in run.outputs.values()],
+        [*(Measured(OUTPUT, judge(results)) for results in run.outputs.values()),
+         *(Measured(OUTPUT, u) for u in unpaired)],
         evidence,
-    )
-    report.outputs += unpaired
+    )  # fmt: skip
     report.equivalent = all(o.passed for o in [*report.outputs, *report.sites])
     failed_site = next((s for s in report.sites if not s.passed), None)
     if failed_site is not None:
@@ -186,6 +191,7 @@ class Run:
     sites: dict[str, list[OutputComparison]] = field(default_factory=dict)
     boundaries: dict[str, list[OutputComparison]] = field(default_factory=dict)
     channels: dict[str, ChannelStats] = field(default_factory=dict)  # per site, the worst trial's
+    branches: dict[str, set[bool]] = field(default_factory=dict)  # a rewritten If's condition → values taken
     references: list[dict] = field(default_factory=list)  # per trial: the reference's outputs and boundaries
     candidates: list[dict] = field(default_factory=list)  # per trial: the candidate's outputs (when saved)
 
@@ -221,6 +227,13 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, ato
                 if isinstance(isolated, np.ndarray) and np.asarray(want[site]).dtype.kind == "f":
                     stats = channel_stats(np.asarray(want[site]), isolated)
                     run.channels[site] = run.channels.get(site, ChannelStats()).worst(stats)
+        for cond in structure.conditions:
+            value = feed.get(cond, want.get(cond))
+            if value is not None:
+                run.branches.setdefault(cond, set()).add(bool(np.asarray(value).reshape(-1)[0]))
+        if at_sites:
+            for site in structure.rewrite.shape_sites:
+                run.sites.setdefault(site, []).append(_compare_shape(site, want[site], want[site + regions.ISOLATED]))
         if by_site:
             for name in structure.boundaries:
                 run.boundaries.setdefault(name, []).extend(
@@ -228,6 +241,28 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, ato
                 )
         del want, got  # before the next run: its outputs then reuse this trial's memory
     return run
+
+
+def _unexercised(structure, run: Run) -> list[str]:
+    """A note for each rewritten If branch that no trial took: nothing judged what it computes."""
+    notes = []
+    for cond, (label, rewritten) in structure.conditions.items():
+        if cond not in run.branches:
+            continue  # its condition was not seen (the models were compared whole)
+        taken = {"then_branch" if value else "else_branch" for value in run.branches[cond]}
+        for branch in sorted(set(rewritten) - taken):
+            notes.append(f"note: no trial took the {branch} of {label}: its rewrite is not exercised "
+                         "(give --inputs that take it)")  # fmt: skip
+    return notes
+
+
+def _compare_shape(name, want, got) -> OutputComparison:
+    """A tensor only Shape or Size reads after the rewrite: its shape is what it gives on."""
+    want_shape, got_shape = list(np.shape(want)), list(np.shape(got))
+    if want_shape != got_shape:
+        return unmatched(name, f"candidate gives shape {got_shape}, reference {want_shape} (read by Shape)",
+                         str(getattr(want, "dtype", "")), want_shape, Kind.SHAPE)  # fmt: skip
+    return OutputComparison(name, str(getattr(want, "dtype", "")), want_shape, elements=0, precision="shape")
 
 
 def _site_divergence(site: OutputComparison, structure) -> Divergence:
@@ -265,7 +300,7 @@ def _given_feeds(declared, inputs, shapes) -> list[dict]:
             feeds.append(check_feed(given, specs, "inputs"))
         else:
             feeds += load_input_sets(Path(given), specs)
-    return feeds
+    return check_comparable(feeds, ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs))
 
 
 def _inputs_difference(reference, candidate) -> str:

@@ -1,0 +1,286 @@
+"""Issue 31: the verdict as a table of rules (bnfold.verification.verdict), the silent passes it
+closes and the false alarms it no longer raises. Each rule of the table, removed or made to
+always pass, turns one of these verdicts around (test_each_rule_decides_a_verdict)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_verdict import Net, float_input, folded, save
+from typer.testing import CliRunner
+
+import bnfold
+from bnfold.cli import app
+from bnfold.verification import verdict
+
+
+def with_tensor(model_path: Path, name: str, change, tmp_path: Path, file: str = "mistaken.onnx") -> Path:
+    """The model with initializer `name` changed by `change` (on a float64 copy of its values)."""
+    model = onnx.load(str(model_path))
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    values = numpy_helper.to_array(tensor)
+    tensor.CopyFrom(numpy_helper.from_array(change(values.astype(np.float64).copy()).astype(values.dtype), name))
+    return save(model, tmp_path / file)
+
+
+def conv_of(model_path: Path, index: int = -1) -> onnx.NodeProto:
+    return [n for n in onnx.load(str(model_path)).graph.node if n.op_type == "Conv"][index]
+
+
+# ---- per channel: one S per tensor hid a quiet channel ------------------------------------------------
+def loud_and_quiet(tmp_path: Path) -> Path:
+    """Conv → BN whose channel 0 is 300× louder than the others."""
+    net = Net(seed=11)
+    y = net.conv_bn("x", 3, 8)
+    gamma = next(t for t in net.inits if t.name == net.nodes[-1].input[1])
+    values = numpy_helper.to_array(gamma).copy()
+    values[0] *= 300
+    gamma.CopyFrom(numpy_helper.from_array(values, gamma.name))
+    return save(net.model([float_input("x", [1, 3, 16, 16])], [net.node("Relu", [y])]), tmp_path / "loud.onnx")
+
+
+def test_a_loud_channel_does_not_hide_a_mistake_in_a_quiet_one(tmp_path):
+    original = loud_and_quiet(tmp_path)
+    candidate = folded(original, tmp_path)
+    assert bnfold.verify(original, candidate).equivalent
+    bias = conv_of(candidate).input[2]
+    broken = with_tensor(candidate, bias, lambda b: b + np.where(np.arange(8) == 3, 0.03 * np.abs(b), 0), tmp_path)
+    report = bnfold.verify(original, broken)
+    (site,) = report.sites
+    assert site.needed_atol < site.atol  # one S for the tensor: the policy passes it…
+    assert not report.equivalent and site.rule == "channel" and "channel 3 " in site.reason  # …its channel does not
+
+
+# ---- a systematic shift at a float32 site, under the atol --------------------------------------------
+def test_a_bias_mistake_under_the_float32_atol_fails_by_its_channel_mean(tmp_path):
+    # The captcha reader's class: the last conv's outputs are in the hundreds, then a ReLU, a global
+    # pool and five softmax heads. Its folded bias 3% off moved the site by 4.4e-5·S (atol 5e-5·S).
+    net = Net(seed=12)
+    x = net.node("Relu", [net.conv_bn("x", 3, 16)])
+    last = net.conv_bn(x, 16, 16, scale=40.0)
+    pooled = net.node("Flatten", [net.node("GlobalAveragePool", [net.node("Relu", [last])])])
+    heads = []
+    for _ in range(5):
+        w = net.const(net.rng.normal(0, 0.05, (16, 10)))
+        heads.append(net.node("Softmax", [net.node("Gemm", [pooled, w, net.const(np.zeros(10))])], axis=-1))
+    original = save(net.model([float_input("x", [1, 3, 16, 16])], heads), tmp_path / "captcha.onnx")
+    candidate = folded(original, tmp_path)
+    assert bnfold.verify(original, candidate).equivalent
+    bias = conv_of(candidate).input[2]
+    broken = with_tensor(candidate, bias, lambda b: b + np.where(np.arange(16) == 5, 0.03 * np.abs(b), 0), tmp_path)
+    report = bnfold.verify(original, broken)
+    site = next(s for s in report.sites if not s.passed)
+    assert site.needed_atol < site.atol and site.rule == "channel", report.table()
+    assert not report.equivalent and report.first_divergence.tensor == site.name
+
+
+# ---- what the structural diff did not see ------------------------------------------------------------
+def after_a_greater(tmp_path: Path) -> Path:
+    """Conv → BN → Relu → pool → Greater(·, 0.5) → Cast → Add(·, c) → output: everything after the
+    fold lies behind a discontinuity."""
+    net = Net(seed=13)
+    pooled = net.node("Flatten", [net.node("GlobalAveragePool", [net.node("Relu", [net.conv_bn("x", 3, 8)])])])
+    flags = net.node("Cast", [net.node("Greater", [pooled, net.const(np.float32(0.5))])], to=TensorProto.FLOAT)
+    net.nodes.append(helper.make_node("Add", [flags, "c"], ["out"], name="add_c"))
+    values = np.zeros(8, np.float32)
+    values[[1, 5]] = [2.0, 3.0]
+    net.inits.append(numpy_helper.from_array(values, "c"))
+    model = net.model([float_input("x", [1, 3, 8, 8])], [pooled])
+    model.graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8]))
+    return save(model, tmp_path / "greater.onnx")
+
+
+def with_sparse_c(path: Path, values: list[float]) -> Path:
+    """The model with its initializer `c` as a sparse initializer holding `values` at 1 and 5
+    (onnx's checker types a sparse initializer apart from a dense input; onnxruntime runs it)."""
+    model = onnx.load(str(path))
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "c"))
+    indices = numpy_helper.from_array(np.array([1, 5], np.int64))
+    model.graph.sparse_initializer.append(
+        helper.make_sparse_tensor(numpy_helper.from_array(np.array(values, np.float32), "c"), indices, [8])
+    )
+    sparse = path.with_name(f"sparse_{'_'.join(map(str, values))}_{path.name}")
+    onnx.save(model, str(sparse))
+    return sparse
+
+
+def test_a_changed_sparse_initializer_is_a_rewrite_not_a_near_tie(tmp_path):
+    dense = after_a_greater(tmp_path)
+    original, candidate = with_sparse_c(dense, [2.0, 3.0]), with_sparse_c(folded(dense, tmp_path), [2.0, 3.0])
+    assert bnfold.verify(original, candidate).equivalent
+    report = bnfold.verify(original, with_sparse_c(folded(dense, tmp_path), [2.0, 4.5]))
+    assert not report.equivalent and not any(o.explained for o in report.outputs), report.table()
+    assert report.first_divergence.tensor == "out"  # the Add that reads it is rewritten, and judged there
+
+
+def shape_reader(tmp_path: Path) -> Path:
+    """Two folds; the second's output is read only by Shape, which the graph returns."""
+    net = Net(seed=14)
+    relu = net.node("Relu", [net.conv_bn("x", 3, 4)])
+    shape = net.node("Shape", [net.conv_bn("x", 3, 4)])
+    return save(net.model([float_input("x", [1, 3, 8, 8])], [relu, shape]), tmp_path / "shape.onnx")
+
+
+def test_a_tensor_read_only_by_shape_is_judged_by_its_shape(tmp_path):
+    original = shape_reader(tmp_path)
+    candidate = folded(original, tmp_path)
+    report = bnfold.verify(original, candidate)
+    assert report.equivalent and len(report.sites) == 2, report.table()  # the Shape-read fold is a site too
+    model = onnx.load(str(candidate))
+    second = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    second.attribute.append(helper.make_attribute("strides", [2, 2]))
+    report = bnfold.verify(original, save(model, tmp_path / "strided.onnx"))
+    assert not report.equivalent and report.first_divergence.tensor == second.output[0], report.table()
+    assert "read by Shape" in report.first_divergence.comparison.reason
+
+
+def test_sites_are_judged_on_every_input_set_whose_outputs_differ(tmp_path):
+    # Two input sets of one shape: zeros, on which a weight mistake shows nothing, then numbers.
+    # The sites were judged on the first set of each shape only; the second now runs the probe too.
+    net = Net(seed=15)
+    relu = net.node("Relu", [net.conv_bn("x", 3, 8)])
+    original = save(net.model([float_input("x", [1, 3, 8, 8])], [relu]), tmp_path / "net.onnx")
+    candidate = folded(original, tmp_path)
+    broken = with_tensor(candidate, conv_of(candidate).input[1], lambda w: w * 1.01, tmp_path)
+    data = tmp_path / "inputs.json"
+    sets = [np.zeros((1, 3, 8, 8), np.float32), np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)]
+    for number, x in enumerate(sets):
+        folder = tmp_path / "data" / f"test_data_set_{number}"
+        folder.mkdir(parents=True)
+        (folder / "input_0.pb").write_bytes(numpy_helper.from_array(x, "x").SerializeToString())
+    report = bnfold.verify(original, broken, inputs=[tmp_path / "data"])
+    assert not report.equivalent and report.first_divergence is not None, report.table()
+    assert report.first_divergence.tensor == conv_of(candidate).output[0]  # at the fold, not only the output
+    assert not data.exists()
+
+
+# ---- inputs that cannot show a difference ------------------------------------------------------------
+@pytest.mark.parametrize("content", ["[]", "nan"])
+def test_inputs_that_can_show_no_difference_are_exit_2(content, tmp_path):
+    net = Net(seed=16)
+    original = save(net.model([float_input("x", [1, 3, 8, 8])], [net.conv_bn("x", 3, 4)]), tmp_path / "net.onnx")
+    candidate = folded(original, tmp_path)
+    if content == "[]":
+        given = tmp_path / "inputs.json"
+        given.write_text("[]")
+        expected = "holds no input set"
+    else:
+        given = tmp_path / "inputs.npz"
+        np.savez(given, x=np.full((1, 3, 8, 8), np.nan, np.float32))
+        expected = "holds no finite value"
+    result = CliRunner().invoke(app, ["verify", str(original), str(candidate), "--inputs", str(given)])
+    assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    written = tmp_path / "written.onnx"
+    result = CliRunner().invoke(app, ["optimize", str(original), "-o", str(written), "--inputs", str(given)])
+    assert result.exit_code == 2 and not written.exists()
+
+
+# ---- stored outputs ------------------------------------------------------------------------------------
+def test_saved_outputs_are_read_on_their_own_and_unnamed_outputs_pair_by_position(tmp_path):
+    net = Net(seed=17)
+    out = net.node("Relu", [net.conv_bn("x", 3, 4)])
+    original = save(net.model([float_input("x", [1, 3, 8, 8])], [out]), tmp_path / "net.onnx")
+    candidate = folded(original, tmp_path)
+    saved = tmp_path / "saved"
+    assert bnfold.verify(original, candidate, save_outputs=saved).equivalent
+    assert bnfold.verify_against_outputs(candidate, saved).equivalent  # inputs beside outputs
+    for pb in saved.glob("test_data_set_*/output_0.pb"):  # onnx's backend test data: no names
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(pb.read_bytes())
+        tensor.name = ""
+        pb.write_bytes(tensor.SerializeToString())
+    assert bnfold.verify_against_outputs(candidate, saved).equivalent
+    broken = with_tensor(candidate, conv_of(candidate).input[2], lambda b: b + 0.03 * np.abs(b), tmp_path)
+    assert not bnfold.verify_against_outputs(broken, saved).equivalent
+
+
+# ---- the table: every rule decides a verdict -----------------------------------------------------------
+def _without(name: str) -> tuple:
+    return tuple(r for r in verdict.RULES if r.name != name)
+
+
+def _always_passing(name: str) -> tuple:
+    return tuple(
+        verdict.Rule(r.name, r.roles, lambda m, so_far, ev, n=r.name: verdict.Judgement(True, n))
+        if r.name == name
+        else r
+        for r in verdict.RULES
+    )
+
+
+def _cases(tmp_path: Path) -> dict:
+    """Per rule: a pair whose verdict that rule decides, and that verdict."""
+    from test_verdict import nudged, tied_scores_model
+    from test_verify import cancelling_model
+
+    def folder(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        return tmp_path / name
+
+    cases = {}
+    net = Net(seed=18)
+    relu = net.node("Relu", [net.conv_bn("x", 3, 4)])
+    original = save(net.model([float_input("x", [1, 3, 8, 8])], [relu]), tmp_path / "plain.onnx")
+    candidate = folded(original, folder("plain"))
+    renamed = onnx.load(str(candidate))
+    renamed.graph.output[0].name = renamed.graph.node[-1].output[0] = "other"
+    cases["comparable"] = (original, save(renamed, tmp_path / "renamed_output.onnx"), False)
+    # another opset: no sites, the outputs alone decide
+    mistaken = onnx.load(
+        str(with_tensor(candidate, conv_of(candidate).input[2], lambda b: b + 0.03 * np.abs(b), tmp_path))
+    )
+    mistaken.opset_import[0].version = 18
+    cases["policy"] = (original, save(mistaken, tmp_path / "opset18.onnx"), False)
+    noisy = save(cancelling_model(1e4), tmp_path / "noisy.onnx")
+    cases["noise"] = (noisy, folded(noisy, folder("noise")), True)
+    loud = loud_and_quiet(tmp_path)
+    loud_candidate = folded(loud, folder("loud"))
+    shifted = np.where(np.arange(8) == 3, 0.03, 0)
+    mistake = with_tensor(loud_candidate, conv_of(loud_candidate).input[2], lambda b: b + shifted * np.abs(b), tmp_path)
+    cases["channel"] = (loud, mistake, False)
+    tied = tied_scores_model(folder("tied"))
+    cases["discontinuity"] = (tied, nudged(folded(tied, tmp_path / "tied"), 1, 4e-6, tmp_path / "tied"), True)
+    return cases
+
+
+def test_each_rule_decides_a_verdict(tmp_path, monkeypatch):
+    cases = _cases(tmp_path)
+    assert sorted(cases) == sorted(r.name for r in verdict.RULES)  # a new rule needs a case here
+    for name, (reference, candidate, expected) in cases.items():
+        assert bool(bnfold.verify(reference, candidate)) is expected, name
+        changed = _without(name) if expected else _always_passing(name)
+        with monkeypatch.context() as patch:
+            patch.setattr(verdict, "RULES", changed)
+            assert bool(bnfold.verify(reference, candidate)) is not expected, name
+
+
+def test_the_report_names_the_rule_that_decided(tmp_path):
+    original = loud_and_quiet(tmp_path)
+    candidate = folded(original, tmp_path)
+    result = CliRunner().invoke(app, ["verify", str(original), str(candidate), "--json"])
+    data = json.loads(result.stdout)
+    assert result.exit_code == 0 and {s["rule"] for s in data["sites"]} == {"policy"}
+    assert all(s["channel_shift"] is not None and s["channel_gain"] is not None for s in data["sites"])
+
+
+# ---- a rewritten branch no trial takes ---------------------------------------------------------------
+def test_a_rewritten_if_branch_no_trial_takes_is_said_not_exercised(tmp_path):
+    from test_subgraphs import if_model
+
+    model = if_model()
+    original = save(model, tmp_path / "if.onnx")
+    candidate = save(bnfold.fold(model).model, tmp_path / "if_folded.onnx")
+    x = np.random.default_rng(0).normal(size=(1, 4, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "else.npz", x=x, cond=np.array(False))
+    np.savez(tmp_path / "then.npz", x=x, cond=np.array(True))
+    report = bnfold.verify(original, candidate, inputs=[tmp_path / "else.npz"])
+    note = "note: no trial took the then_branch of If 'branch': its rewrite is not exercised"
+    assert any(n.startswith(note) for n in report.notes), report.notes
+    report = bnfold.verify(original, candidate, inputs=[tmp_path / "else.npz", tmp_path / "then.npz"])
+    assert report.equivalent and not any("not exercised" in n for n in report.notes), report.notes
