@@ -6,7 +6,9 @@
 - `precision`: the arithmetic each tensor is computed in, read from the graph.
 - `regions`: what the candidate rewrote, the probe that runs each rewrite in isolation, and the
   yardstick (the reference's rewritten parameters rounded the other way).
-- `sites`: the verdict where each rewrite acts, and on outputs knowing what lies between.
+- `sites`: what is read off both graphs (the rewrite's sites, the discontinuities after them)
+  and the yardsticks the rules measure against.
+- `verdict`: the verdict as a declared table of rules, each reading a measurement.
 - `localize`: the first tensor that differs, when the graphs cannot be compared node by node.
 - `stored`, `golden`: inputs and outputs other tools saved (.npz, Polygraphy's JSON, onnx test
   data), and one model judged against stored outputs.

@@ -36,15 +36,15 @@ the sites already bound the folds, and what follows them (a softmax over thousan
 a saturated sigmoid) can only magnify their noise. An explicit atol is taken literally: no
 second look.
 
-A 16-bit site is also judged by its channel means. float16 keeps 11 bits, so its atol (1e-2 · S)
-lets a whole channel move by several steps: a fold whose bias is 3% off (ResNet-18 float16
-inside, torchvision, converted with keep_io_types) moves its site by 5.7e-3 · S and passed. Such a
-mistake shifts every position of a channel alike, while rounding moves them this way and that and
-mostly averages out. So a 16-bit site fails when its largest per-channel mean difference (channels
-on axis 1) exceeds SHIFT_FACTOR times the reference's own when its rewritten nodes' parameters are
-rounded the other way (and SHIFT_FLOOR). Measured at 436 sites in 24 float16 models, with and
-without bias correction: correct folds shift a channel by at most 1.6× that yardstick (median
-about 0.6); that ResNet-18 mistake by 5.8×. SHIFT_FACTOR 3 leaves about 2× on either side.
+A site is also judged by its channels (bnfold.verification.verdict, the channel rule): one S per
+tensor lets a quiet channel's mistake hide under a loud channel, and float16's atol lets a whole
+channel move by several steps. A folding mistake moves (bias, mean) or scales (weight, variance,
+ε) every position of a channel alike, while rounding moves them this way and that and averages
+out. ChannelStats measures both per channel; a site fails past SHIFT_FACTOR times the reference's
+own when its rewritten nodes' parameters are rounded the other way, and past CHANNEL_FLOOR for
+its precision. Measured on every sample (bench/channel_margins.py): correct float32 folds shift
+and scale a channel by ≤ 5.6e-7 (≤ 2.9× the yardstick), float16 ≤ 8.9e-4 (≤ 0.6×); the seeded
+mistakes 10⁴× the yardstick in float32, 6–47× in float16.
 """
 
 from __future__ import annotations
@@ -271,27 +271,33 @@ def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
     if want.shape != got.shape or want.dtype.kind != "f" or got.dtype.kind != "f" or not want.size:
         return ChannelStats()
     channels = want.shape[1] if want.ndim >= 2 else 1
-    reference = np.moveaxis(want, 1, 0).reshape(channels, -1) if want.ndim >= 2 else want.reshape(1, -1)
-    candidate = np.moveaxis(got, 1, 0).reshape(channels, -1) if want.ndim >= 2 else got.reshape(1, -1)
-    w = reference.astype(np.float64)
+    rows = (lambda a: np.moveaxis(a, 1, 0).reshape(channels, -1)) if want.ndim >= 2 else (lambda a: a.reshape(1, -1))
+    # float32 elements for float32 and narrower values (their difference is exact), float64 sums
+    work = np.float32 if want.dtype.itemsize <= 4 else np.float64
+    w = rows(want).astype(work, copy=False)
     with np.errstate(invalid="ignore", over="ignore"):  # ±Inf − ±Inf: left out below
-        d = candidate.astype(np.float64) - w
-    finite = np.isfinite(w) & np.isfinite(d)
-    counts = finite.sum(axis=1)
+        d = rows(got).astype(work, copy=False) - w
+    finite = np.isfinite(d)
+    if finite.all():
+        counts = np.full(channels, w.shape[1])
+    else:
+        w, d = np.where(finite, w, 0), np.where(finite, d, 0)
+        counts = finite.sum(axis=1)
     judged = counts >= CHANNEL_MIN_ELEMENTS
     if not judged.any():
         return ChannelStats()
-    w, d = np.where(finite, w, 0.0), np.where(finite, d, 0.0)
     n = np.maximum(counts, 1)
-    mean_d, mean_w = d.sum(axis=1) / n, w.sum(axis=1) / n
-    rms = np.sqrt((w * w).sum(axis=1) / n)
-    fallback = robust_scale(np.abs(w[finite]))  # a channel of zeros: the tensor's S
-    shifts = np.where(judged, np.abs(mean_d) / np.where(rms > 0, rms, fallback), 0.0)
-    centred_w = np.where(finite, w - mean_w[:, None], 0.0)
-    centred_d = np.where(finite, d - mean_d[:, None], 0.0)
-    spread = (centred_w * centred_w).sum(axis=1)
-    varies = judged & (spread > 1e-24 * np.maximum(rms * rms, 1e-300) * n)  # a constant channel has no slope
-    gains = np.where(varies, np.abs((centred_w * centred_d).sum(axis=1)) / np.where(varies, spread, 1.0), 0.0)
+    mean_d, mean_w = d.sum(axis=1, dtype=np.float64) / n, w.sum(axis=1, dtype=np.float64) / n
+    squares = np.einsum("ij,ij->i", w, w, dtype=np.float64)
+    products = np.einsum("ij,ij->i", w, d, dtype=np.float64)
+    rms = np.sqrt(squares / n)
+    if not (rms > 0).all():  # a channel of zeros: in units of the tensor's S
+        rms = np.where(rms > 0, rms, robust_scale(np.abs(w[finite])))
+    shifts = np.where(judged, np.abs(mean_d) / rms, 0.0)
+    spread = squares - n * mean_w * mean_w  # Σ(w − w̄)²
+    varies = judged & (spread > 1e-12 * squares)  # a constant channel has no slope
+    covariance = products - n * mean_w * mean_d  # Σ(w − w̄)(d − d̄)
+    gains = np.where(varies, np.abs(covariance) / np.where(varies, spread, 1.0), 0.0)
     s, g = int(np.argmax(shifts)), int(np.argmax(gains))
     return ChannelStats(float(shifts[s]), s, float(gains[g]), g, int(judged.sum()))
 
