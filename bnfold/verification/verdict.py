@@ -160,21 +160,18 @@ def _channel(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     own = ev.site_channels.get(m.name)
     if own is None:
         return None
-    yardstick = "what rounding the parameters the other way does"
-    if measured.shift > max(SHIFT_FACTOR * own.shift, floor_shift):
-        ratio = measured.shift / max(own.shift, 1e-300)
-        why = (
-            f"FAIL: channel {measured.shift_channel} moves by {measured.shift:.1e} of its RMS on average, "
-            f"{ratio:.1f}× {yardstick} ({own.shift:.1e}): a bias or a mean is off"
-        )
-        return Judgement(False, "channel", reason=why, noise=so_far.noise)
-    if measured.gain > max(SHIFT_FACTOR * own.gain, floor_gain):
-        ratio = measured.gain / max(own.gain, 1e-300)
-        why = (
-            f"FAIL: channel {measured.gain_channel} is scaled by {measured.gain:.1e} more or less, "
-            f"{ratio:.1f}× {yardstick} ({own.gain:.1e}): a scale or a variance is off"
-        )
-        return Judgement(False, "channel", reason=why, noise=so_far.noise)
+    for value, yardstick, floor, channel, how, what in (
+        (measured.shift, own.shift, floor_shift, measured.shift_channel, "moves by {:.1e} of its RMS on average",
+         "a bias or a mean is off"),
+        (measured.gain, own.gain, floor_gain, measured.gain_channel, "is scaled by {:.1e} more or less",
+         "a scale or a variance is off"),
+    ):  # fmt: skip
+        if value > max(SHIFT_FACTOR * yardstick, floor):
+            why = (
+                f"FAIL: channel {channel} {how.format(value)}, {value / max(yardstick, 1e-300):.1f}× what rounding "
+                f"the parameters the other way does ({yardstick:.1e}): {what}"
+            )
+            return Judgement(False, "channel", reason=why, noise=so_far.noise)
     return None
 
 
