@@ -33,7 +33,7 @@ MASKS = [  # what changes from run to run: the time a step took, a file's size, 
 # so there the measured columns are masked too: errors, cosines, counts, the worst trial's batch.
 RECORDED_WITH = "1.32.0"
 MEASURED = [
-    (re.compile(r"\b\d\.\d\de[-+]\d\d\b"), "<error>"),
+    (re.compile(r"\b\d\.\d\d?e[-+]\d\d\b"), "<error>"),  # a column's 1.49e-06, a sentence's noise 3.7e-07
     (re.compile(r"\b[01]\.\d{6}\b"), "<cosine>"),
     (re.compile(r"\b\d+/\d+\b"), "<count>"),  # of the worst trial's elements
     (re.compile(r"\b\d+x(?=\d)"), "<batch>x"),
