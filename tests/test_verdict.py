@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import bnfold
 from bnfold.cli import app
-from bnfold.verification.tolerance import channel_shift
+from bnfold.verification.tolerance import ChannelStats, channel_stats
 
 
 class Net:
@@ -156,10 +156,10 @@ def test_channel_shift_finds_a_channel_moved_as_a_whole_not_noise():
     noisy = (want + rng.normal(0, 2e-3, want.shape)).astype(np.float16)  # rounding-like noise
     shifted = noisy.copy()
     shifted[:, 2] += np.float16(4e-3)  # under the noise's largest element, but on every position
-    noise, _ = channel_shift(want, noisy)
-    shift, channel = channel_shift(want, shifted)
-    assert channel == 2 and shift > 5 * noise
-    assert channel_shift(want, want) == (0.0, 0) and channel_shift(want, want[:1]) == (0.0, 0)
+    noise = channel_stats(want, noisy).shift
+    shifted_stats = channel_stats(want, shifted)
+    assert shifted_stats.shift_channel == 2 and shifted_stats.shift > 5 * noise
+    assert channel_stats(want, want).shift == 0.0 and channel_stats(want, want[:1]) == ChannelStats()
 
 
 # ---- outputs that magnify float32 noise ------------------------------------------------------------

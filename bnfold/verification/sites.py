@@ -171,7 +171,7 @@ def _discontinuous(node: onnx.NodeProto) -> bool:
 
 class Yardsticks:
     """How far the reference itself moves when parameters are rounded the other way, measured
-    for the verdict's rules (bnfold.verification.verdict.Evidence asks, once each):
+    for the verdict's rules (bnfold.verification.verdict.Evidence asks, and keeps, each once):
     - at the sites, the reference's rewritten nodes re-rounded in isolation (regions.yardstick):
       the error a correct fold is entitled to there, as an atol and per channel;
     - at the outputs and boundary tensors, every parameter the rewritten nodes read re-rounded,
@@ -180,25 +180,17 @@ class Yardsticks:
     def __init__(self, structure: Structure, feeds, references, outputs: list[str], providers):
         self.structure, self.feeds, self.references = structure, feeds, references
         self.outputs, self.providers = outputs, providers
-        self._sites: tuple[dict, dict] | None = None
 
-    def site_noise(self) -> dict[str, float]:
-        return self._at_sites()[0]
+    def at_sites(self) -> tuple[dict[str, float], dict[str, ChannelStats]]:
+        """Each site's noise (as an atol) and channel figures, over every trial."""
+        structure = self.structure
+        if structure.reference is None or not structure.sites:
+            return {}, {}
+        model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
+        return _measure(model, list(structure.sites), regions.REROUNDED, self.feeds, self.providers)
 
-    def site_channels(self) -> dict[str, ChannelStats]:
-        return self._at_sites()[1]
-
-    def _at_sites(self) -> tuple[dict, dict]:
-        if self._sites is None:
-            structure = self.structure
-            if structure.reference is None or not structure.sites:
-                self._sites = ({}, {})
-            else:
-                model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
-                self._sites = _measure(model, list(structure.sites), regions.REROUNDED, self.feeds, self.providers)
-        return self._sites
-
-    def output_noise(self) -> dict[str, float]:
+    def at_outputs(self) -> dict[str, float]:
+        """Each failing output's and boundary tensor's noise (as an atol), over every trial."""
         structure = self.structure
         if structure.reference is None:
             return {}

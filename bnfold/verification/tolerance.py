@@ -145,7 +145,7 @@ class OutputComparison:
     channel_shift: float | None = None  # at a site: the largest per-channel mean difference / that channel's RMS
     channel_gain: float | None = None  # at a site: the largest per-channel slope of the difference
     explained: str = ""  # why a difference the policy refuses is not the rewrite's (bnfold.verification.verdict)
-    rule: str = "policy"  # the rule of the verdict's table whose judgement stands
+    rule: str = "policy"  # the rule of the verdict's table whose judgement stands (verdict.judge_one sets it)
 
 
 def check_tolerances(atol: float | None, rtol: float | None) -> None:
@@ -162,7 +162,7 @@ def unmatched(name: str, reason: str, dtype: str = "", shape: list | None = None
     """An output that could not be compared number by number, and why."""
     return OutputComparison(
         name, dtype, shape or [], passed=False, reason=reason, kind=kind, max_abs_error=None, max_rel_error=None,
-        rel_l2_error=None, cosine_similarity=None, needed_atol=None, rule="comparable",
+        rel_l2_error=None, cosine_similarity=None, needed_atol=None,
     )  # fmt: skip
 
 
@@ -238,8 +238,6 @@ def compare(
     result.needed_atol = float(beyond_rtol.max(initial=0.0)) / scale
     if special_mismatch:
         result.reason, result.kind = f"NaN/Inf at {special_mismatch} different positions", Kind.SPECIAL
-    if result.precision == "quantized":
-        result.rule = "grid"
     return result
 
 
@@ -300,13 +298,6 @@ def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
     gains = np.where(varies, np.abs(covariance) / np.where(varies, spread, 1.0), 0.0)
     s, g = int(np.argmax(shifts)), int(np.argmax(gains))
     return ChannelStats(float(shifts[s]), s, float(gains[g]), g, int(judged.sum()))
-
-
-def channel_shift(want: np.ndarray, got: np.ndarray) -> tuple[float, int]:
-    """The largest per-channel mean of `got − want` in units of the channel's RMS, and its
-    channel (ChannelStats.shift)."""
-    stats = channel_stats(want, got)
-    return stats.shift, stats.shift_channel
 
 
 EXACT_CHUNK = 1 << 22  # elements widened at a time to measure an exact output's largest difference

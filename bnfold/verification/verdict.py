@@ -75,7 +75,7 @@ class Rule:
 
 class Evidence:
     """What the rules may ask beyond the run, each measured once, on first use (a verdict no
-    rule questions runs nothing more). `yardsticks` measures; see verify.Yardsticks."""
+    rule questions runs nothing more). `yardsticks` measures: sites.Yardsticks."""
 
     def __init__(self, yardsticks, structure, explicit: bool):
         self.yardsticks = yardsticks
@@ -91,16 +91,20 @@ class Evidence:
         return all(s.passed for s in self.sites.values())
 
     @cached_property
-    def site_noise(self) -> dict[str, float]:
-        return self.yardsticks.site_noise()
+    def _at_sites(self) -> tuple[dict[str, float], dict[str, ChannelStats]]:
+        return self.yardsticks.at_sites()  # one session for both figures
 
-    @cached_property
+    @property
+    def site_noise(self) -> dict[str, float]:
+        return self._at_sites[0]
+
+    @property
     def site_channels(self) -> dict[str, ChannelStats]:
-        return self.yardsticks.site_channels()
+        return self._at_sites[1]
 
     @cached_property
     def output_noise(self) -> dict[str, float]:
-        return self.yardsticks.output_noise()
+        return self.yardsticks.at_outputs()
 
 
 # ---- the rules ---------------------------------------------------------------------------------------

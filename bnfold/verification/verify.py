@@ -145,8 +145,7 @@ def verify(
             ]
         )
         if inputs:
-            sources = ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs)
-            report.inputs = [{"name": v.name, "source": sources} for v in declared]
+            report.inputs = [{"name": v.name, "source": _sources(inputs)} for v in declared]
         else:
             report.inputs = describe_inputs(declared, feeds)
         report.trials = len(feeds)
@@ -227,13 +226,12 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, ato
                 if isinstance(isolated, np.ndarray) and np.asarray(want[site]).dtype.kind == "f":
                     stats = channel_stats(np.asarray(want[site]), isolated)
                     run.channels[site] = run.channels.get(site, ChannelStats()).worst(stats)
+            for site in structure.rewrite.shape_sites:
+                run.sites.setdefault(site, []).append(_compare_shape(site, want[site], want[site + regions.ISOLATED]))
         for cond in structure.conditions:
             value = feed.get(cond, want.get(cond))
             if value is not None:
                 run.branches.setdefault(cond, set()).add(bool(np.asarray(value).reshape(-1)[0]))
-        if at_sites:
-            for site in structure.rewrite.shape_sites:
-                run.sites.setdefault(site, []).append(_compare_shape(site, want[site], want[site + regions.ISOLATED]))
         if by_site:
             for name in structure.boundaries:
                 run.boundaries.setdefault(name, []).extend(
@@ -300,7 +298,12 @@ def _given_feeds(declared, inputs, shapes) -> list[dict]:
             feeds.append(check_feed(given, specs, "inputs"))
         else:
             feeds += load_input_sets(Path(given), specs)
-    return check_comparable(feeds, ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs))
+    return check_comparable(feeds, _sources(inputs))
+
+
+def _sources(inputs) -> str:
+    """Where given input sets came from, for the report and its messages."""
+    return ", ".join("arrays" if isinstance(i, dict) else str(i) for i in inputs)
 
 
 def _inputs_difference(reference, candidate) -> str:
