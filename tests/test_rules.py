@@ -284,3 +284,32 @@ def test_a_rewritten_if_branch_no_trial_takes_is_said_not_exercised(tmp_path):
     assert any(n.startswith(note) for n in report.notes), report.notes
     report = bnfold.verify(original, candidate, inputs=[tmp_path / "else.npz", tmp_path / "then.npz"])
     assert report.equivalent and not any("not exercised" in n for n in report.notes), report.notes
+
+
+# ---- the yardstick runs on what the model computes -----------------------------------------------------
+def test_rounding_the_other_way_keeps_whole_numbers_so_the_yardstick_stays_finite():
+    # PaddleOCR's recognizer (rapidocr's wheel) keeps its weights as Constant nodes, among them
+    # Pow's exponent 2: moved to 2.0000002 it made every negative base NaN, the whole yardstick
+    # NaN, and its noise 0, so correct candidates failed "beyond 4× noise (0.0e+00)".
+    from bnfold.verification import regions
+
+    values = np.array([2.0, 0.0, -1.0, 0.3, 1e-3, 7.25], np.float32)
+    moved = [
+        numpy_helper.to_array(regions.reround(numpy_helper.from_array(values, "p"), np.random.default_rng(seed)))
+        for seed in range(20)
+    ]
+    assert all((m[:3] == values[:3]).all() for m in moved)  # whole numbers stay, whatever the draw
+    assert any((m[3:] != values[3:]).any() for m in moved)  # the others move, to a neighbour
+    assert all(np.abs(m[3:] - values[3:]).max() <= np.spacing(values[3:]).max() for m in moved)
+    from builders import run
+
+    net = Net(seed=19)
+    squared = net.node("Pow", [net.conv_bn("x", 3, 4), net.const(np.float32(2.0))])
+    model = net.model([float_input("x", [1, 3, 8, 8])], [squared])
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    for seed in range(8):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        rerounded = regions.rerounded_end_to_end(copy, regions.Rewrite(whole="every parameter"), seed=seed)
+        (out,) = run(rerounded, {"x": x})
+        assert np.isfinite(out).all(), seed

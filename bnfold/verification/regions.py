@@ -170,8 +170,9 @@ def _is_constant(node: onnx.NodeProto) -> bool:
 
 def reround(tensor: TensorProto, rng: np.random.Generator) -> TensorProto:
     """A float tensor with each value, with probability ½, moved to its neighbour on a random
-    side: the other of the two roundings a computed parameter (W·s) could have had. Other
-    tensors are returned as they are."""
+    side: the other of the two roundings a computed parameter (W·s) could have had. A value that
+    is a whole number stays: no rounding made it, and it may be structural (Pow's exponent 2 moved
+    to 2.0000002 makes every negative base NaN). Other tensors are returned as they are."""
     if tensor.data_type not in FLOAT_TYPES or tensor.data_location == TensorProto.EXTERNAL:
         return tensor
     values = numpy_helper.to_array(tensor)
@@ -179,7 +180,9 @@ def reround(tensor: TensorProto, rng: np.random.Generator) -> TensorProto:
         return tensor
     direction = np.where(rng.random(values.shape) < 0.5, np.inf, -np.inf).astype(values.dtype)
     moved = np.where(rng.random(values.shape) < 0.5, np.nextafter(values, direction), values)
-    moved = np.where(np.isfinite(moved), moved, values).astype(values.dtype)
+    with np.errstate(invalid="ignore"):  # ±Inf: not finite, kept below
+        whole = np.asarray(values, np.float64) == np.round(np.asarray(values, np.float64))
+    moved = np.where(np.isfinite(moved) & ~whole, moved, values).astype(values.dtype)
     return numpy_helper.from_array(moved, tensor.name)
 
 
