@@ -1,8 +1,11 @@
 """Where two models differ, and a model that judges each difference where it acts.
 
-A candidate node is *kept* when the reference has a node with the same domain, op, attributes,
-inputs, outputs and constant inputs (by value); every other candidate node is *rewritten*. A
-fold leaves the BN's output name to the linear op that absorbed it, so the tensors that
+The candidate is first renamed into the reference's names (`align`: by computation, by place
+in the graph, by name). A candidate node is then *kept* when the reference has a node with the
+same domain, op, attributes, inputs, outputs and constant inputs (by value), reading through
+Identity nodes the other model does not have, or when it computes exactly what the reference
+computes under its outputs' names; every other candidate node is *rewritten*. A fold leaves the
+BN's output name (or align gives it) to the linear op that absorbed it, so the tensors that
 rewritten candidate nodes produce and the reference also produces are the *sites* of the
 rewrite: the places where the two models must agree, whatever lies after them. Everything else
 is the same computation in both.
@@ -29,6 +32,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from bnfold.graph.protos import all_nodes, subgraphs
+from bnfold.verification.align import align
 
 ISOLATED = "__bnfold_isolated"  # suffix of the candidate's copy in the probe
 REROUNDED = "__bnfold_rerounded"  # suffix of the reference's re-rounded copy
@@ -50,6 +54,9 @@ class Rewrite:
     shared: set[str] = field(default_factory=set)  # initializers both models hold, with equal values
     # rewritten tensors that only Shape or Size read after the rewrite: their shapes must agree
     shape_sites: list[str] = field(default_factory=list)
+    candidate: onnx.ModelProto | None = None  # the candidate under the reference's names (align)
+    arrays: dict = field(default_factory=dict)  # its large initializers, under those names
+    renamed: int = 0  # how many of its tensors align renamed
 
     @property
     def isolated(self) -> bool:
@@ -58,54 +65,86 @@ class Rewrite:
 
 
 def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=({}, {})) -> Rewrite:
-    """The rewritten nodes of both models and the sites between them. `arrays` holds each
-    model's large initializers by name when the models are skeletons (runtime.weights_apart)."""
-    if _opsets(reference) != _opsets(candidate):
-        return Rewrite(whole="the models import different opsets")
+    """The rewritten nodes of both models and the sites between them, the candidate first renamed
+    into the reference's names (`align`). `arrays` holds each model's large initializers by name
+    when the models are skeletons (runtime.weights_apart)."""
+    clash = _opset_clash(reference, candidate)
+    if clash:
+        return Rewrite(whole=clash)
     if _functions(reference) != _functions(candidate):
         return Rewrite(whole="the models' local functions differ")
-    shared = _shared(reference, candidate, arrays)
-    sparse = _shared_sparse(reference, candidate)
-    contents = [{**{t.name: "same" if t.name in shared else side for t in m.graph.initializer},
-                 **{t.values.name: "same" if t.values.name in sparse else side for t in m.graph.sparse_initializer}}
-                for m, side in ((reference, "reference"), (candidate, "candidate"))]  # fmt: skip
-    signatures = [_signatures(m, c) for m, c in zip((reference, candidate), contents)]
-    kept = set(signatures[0]) & set(signatures[1])
-    kept -= _moved_through(candidate, signatures[1], kept)
-    rewritten = [
-        [node for node, sig in zip(m.graph.node, sigs) if sig not in kept]
-        for m, sigs in zip((reference, candidate), signatures)
-    ]
+    alignment = align(reference, candidate, arrays)
+    candidate = alignment.candidate
+    shared = alignment.constants
+    names = [_names(m) for m in (reference, candidate)]
+    aliases = [_aliases(reference, names[1]), _aliases(candidate, names[0])]
+    signatures = [_signatures(m, shared, side, aliases[side]) for side, m in enumerate((reference, candidate))]
+    kept = [
+        [sig in theirs or _computes_same(node, alignment.same) for node, sig in zip(m.graph.node, ours)]
+        for m, ours, theirs in ((reference, signatures[0], set(signatures[1])),
+                                (candidate, signatures[1], set(signatures[0])))
+    ]  # fmt: skip
+    for i in _moved_through(candidate, kept[1]):
+        kept[1][i] = False
+        kept[0] = [k and sig != signatures[1][i] for k, sig in zip(kept[0], signatures[0])]
+    rewritten = [[node for node, k in zip(m.graph.node, ks) if not k] for m, ks in zip((reference, candidate), kept)]
     made = {out for node in rewritten[1] for out in node.output if out}
-    kept_nodes = [node for node, sig in zip(candidate.graph.node, signatures[1]) if sig in kept]
-    read_after = {name for node in kept_nodes if node.op_type not in READS_SHAPE_ONLY for name in _reads(node)}
-    read_after |= {o.name for o in candidate.graph.output}
-    shape_read = {name for node in kept_nodes if node.op_type in READS_SHAPE_ONLY for name in node.input}
+    alias = aliases[1]
+    kept_nodes = [node for node, k in zip(candidate.graph.node, kept[1]) if k]
+    read_after = {alias.get(n, n) for node in kept_nodes if node.op_type not in READS_SHAPE_ONLY for n in _reads(node)}
+    read_after |= {alias.get(o.name, o.name) for o in candidate.graph.output}
+    shape_read = {alias.get(n, n) for node in kept_nodes if node.op_type in READS_SHAPE_ONLY for n in node.input}
     remade = [out for node in rewritten[0] for out in node.output if out in made]
     sites = [out for out in remade if out in read_after]
     shape_sites = [out for out in remade if out in shape_read and out not in read_after]
-    return Rewrite(sites, rewritten[1], rewritten[0], shared=shared | sparse, shape_sites=shape_sites)
+    return Rewrite(sites, rewritten[1], rewritten[0], shared=shared, shape_sites=shape_sites,
+                   candidate=candidate, arrays=alignment.arrays, renamed=alignment.renamed)  # fmt: skip
 
 
-def _moved_through(candidate: onnx.ModelProto, signatures: list[tuple], kept: set) -> set:
-    """Signatures of kept nodes that a rewrite moved a value through: ops that only move values
+def _computes_same(node: onnx.NodeProto, same: set[str]) -> bool:
+    """Whether every output of a node holds what the other model computes under its name."""
+    outputs = [o for o in node.output if o]
+    return bool(outputs) and all(o in same for o in outputs)
+
+
+def _aliases(model: onnx.ModelProto, other: set[str]) -> dict[str, str]:
+    """Each Identity node's output that the other model does not have → the tensor it passes on
+    (through chains of them): a tool that removes Identity nodes leaves their readers as they were."""
+    alias: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input and node.output:
+            if node.output[0] not in other:
+                alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+    return alias
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    return names | {out for node in graph.node for out in node.output}
+
+
+def _moved_through(candidate: onnx.ModelProto, kept: list[bool]) -> set[int]:
+    """Kept nodes that a rewrite moved a value through: ops that only move values
     (MOVES_VALUES), reading a rewritten tensor, every reader of whose outputs is rewritten too.
     A fold through a Reshape (MatMul' → Reshape → Reshape', the BN gone from between them)
     changes the value under the kept Reshape's name, so it belongs to the rewritten region."""
-    nodes = list(zip(candidate.graph.node, signatures))
+    nodes = list(candidate.graph.node)
     readers: dict[str, list[int]] = {}
-    for i, (node, _) in enumerate(nodes):
+    for i, node in enumerate(nodes):
         if node.op_type in READS_SHAPE_ONLY:
             continue  # the value under a name may change; its shape may not, and the outputs show that
         for name in _reads(node):
             readers.setdefault(name, []).append(i)
     returned = {o.name for o in candidate.graph.output}
-    inside = {i for i, (_, sig) in enumerate(nodes) if sig not in kept}
+    inside = {i for i, k in enumerate(kept) if not k}
+    moved: set[int] = set()
     changed = True
     while changed:
         changed = False
-        made = {out for i in inside for out in nodes[i][0].output if out}
-        for i, (node, _) in enumerate(nodes):
+        made = {out for i in inside for out in nodes[i].output if out}
+        for i, node in enumerate(nodes):
             if i in inside or node.op_type not in MOVES_VALUES or not any(n in made for n in node.input):
                 continue
             outputs = [o for o in node.output if o]
@@ -115,8 +154,9 @@ def _moved_through(candidate: onnx.ModelProto, signatures: list[tuple], kept: se
                 and all(r in inside for o in outputs for r in readers.get(o, []))
             ):
                 inside.add(i)
+                moved.add(i)
                 changed = True
-    return {nodes[i][1] for i in inside} & kept
+    return moved
 
 
 def probe(reference: onnx.ModelProto, candidate: onnx.ModelProto, rewrite: Rewrite, types: dict) -> onnx.ModelProto:
@@ -124,6 +164,8 @@ def probe(reference: onnx.ModelProto, candidate: onnx.ModelProto, rewrite: Rewri
     and as outputs its own, then each site, then each site as the candidate computes it. The
     copies read the reference's initializers where they are `rewrite.shared`, else the
     candidate's, renamed; so either model may be a skeleton whose large tensors are stubs."""
+    imported = {o.domain for o in reference.opset_import}
+    reference.opset_import.extend(o for o in candidate.opset_import if o.domain not in imported)
     _splice(reference, rewrite.candidate_nodes, candidate.graph.initializer, ISOLATED, keep=rewrite.shared,
             sparse=candidate.graph.sparse_initializer)  # fmt: skip
     _expose(reference, [*rewrite.sites, *rewrite.shape_sites], types, ISOLATED)
@@ -259,54 +301,36 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _signatures(model: onnx.ModelProto, contents: dict[str, str]) -> list[tuple]:
-    """Per node: what must be equal for two nodes to compute the same thing."""
+def _signatures(model: onnx.ModelProto, shared: set[str], side: int, alias: dict[str, str]) -> list[tuple]:
+    """Per node: what must be equal for two nodes to compute the same thing. A tensor passed on
+    by Identity nodes is read as the tensor itself (`alias`); of each constant a node reads,
+    whether both models hold it with one value (else whose it is)."""
+    constants = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant" and n.output}
     return [
         (
             node.domain,
             node.op_type,
-            tuple(node.input),
+            tuple(alias.get(n, n) for n in node.input),
             tuple(node.output),
             tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute)),
-            tuple(sorted((name, contents[name]) for name in _reads(node) if name in contents)),
+            tuple(sorted((n, "same" if n in shared else side) for n in _reads(node) if n in constants)),
         )
         for node in model.graph.node
     ]
 
 
-def _shared(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays) -> set[str]:
-    """The initializers both models hold under one name with equal values. Only tensors of one
-    name are compared, byte for byte (a fold names its new tensors anew); a node's signature
-    says of each tensor it reads whether it is shared, else whose it is."""
-    ours = {t.name: t for t in reference.graph.initializer}
-    theirs = {t.name: t for t in candidate.graph.initializer}
-    return {name for name in ours.keys() & theirs.keys() if _equal(ours[name], theirs[name], arrays, name)}
-
-
-def _shared_sparse(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> set[str]:
-    """The sparse initializers both models hold under one name with equal contents."""
-    ours, theirs = ({t.values.name: t.SerializeToString(deterministic=True) for t in m.graph.sparse_initializer}
-                    for m in (reference, candidate))  # fmt: skip
-    return {name for name in ours.keys() & theirs.keys() if ours[name] == theirs[name]}
-
-
-def _equal(a: TensorProto, b: TensorProto, arrays, name: str) -> bool:
-    """Whether two tensors hold the same type, shape and values, whichever field (or array,
-    for a skeleton's stub) holds them."""
-    if (a.data_type, list(a.dims)) != (b.data_type, list(b.dims)):
-        return False
-    values = [array[name] if name in array else t for t, array in zip((a, b), arrays)]
-    if all(isinstance(v, TensorProto) for v in values):
-        if a.data_location == TensorProto.EXTERNAL or b.data_location == TensorProto.EXTERNAL:
-            return a.data_location == b.data_location and list(a.external_data) == list(b.external_data)
-        if a.HasField("raw_data") and b.HasField("raw_data"):
-            return a.raw_data == b.raw_data
-    data = [v if isinstance(v, np.ndarray) else numpy_helper.to_array(v) for v in values]
-    return data[0].tobytes() == data[1].tobytes()
-
-
-def _opsets(model: onnx.ModelProto) -> dict[str, int]:
-    return {o.domain or "ai.onnx": o.version for o in model.opset_import}
+def _opset_clash(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> str:
+    """Why the models' nodes cannot be read side by side: a domain both import at different
+    versions (a node's meaning depends on it). Domains only one imports are no obstacle (the
+    probe imports the candidate's too: onnxruntime's offline optimizer adds its own)."""
+    ours, theirs = ({o.domain or "ai.onnx": o.version for o in m.opset_import} for m in (reference, candidate))
+    clashes = sorted(d for d in ours.keys() & theirs.keys() if ours[d] != theirs[d])
+    if clashes:
+        return (
+            "the models import different opsets (" + ", ".join(f"{d} {ours[d]} and {theirs[d]}" for d in clashes) + ")"
+        )
+    return ""
 
 
 def _functions(model: onnx.ModelProto) -> dict:

@@ -93,6 +93,8 @@ def read_structure(reference, candidate) -> Structure:
     except Exception:  # onnxruntime's own load error is the one to report
         return Structure(Rewrite(whole="the models cannot be read site by site"))
     rewrite = regions.find_rewrite(ours, theirs, (our_arrays, their_arrays))
+    if rewrite.candidate is not None:  # the candidate under the reference's names
+        theirs, their_arrays = rewrite.candidate, rewrite.arrays
     structure = Structure(rewrite, ours, theirs, (our_arrays, their_arrays), (reference, candidate))
     structure.types = _types(ours)
     elem = {name: t.tensor_type.elem_type for name, t in structure.types.items() if t.HasField("tensor_type")}

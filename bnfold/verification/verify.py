@@ -267,7 +267,8 @@ def _site_divergence(site: OutputComparison, structure) -> Divergence:
     """A failing site as the first divergence: the rewrite that made it, judged in isolation."""
     made = [{out: n for n in nodes for out in n.output} for nodes in (structure.rewrite.reference_nodes,
                                                                       structure.rewrite.candidate_nodes)]  # fmt: skip
-    return Divergence(site.name, node_label(made[0][site.name]), node_label(made[1][site.name]), site)
+    name = site.name.split("[", 1)[0]  # a sequence's element names its sequence
+    return Divergence(site.name, node_label(made[0][name]), node_label(made[1][name]), site)
 
 
 def _declared_outputs(structure, sessions) -> tuple[int, int] | None:

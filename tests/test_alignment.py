@@ -1,0 +1,241 @@
+"""Issue 31, item 1: `verify` finds the sites of a candidate that other tools renamed and
+restructured (bnfold.verification.align), so a mistake is judged where it is made, not only at
+outputs that may hide it (a saturated sigmoid)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_rules import with_tensor
+from test_verdict import Net, float_input, folded, save
+
+import bnfold
+from bnfold.verification.align import align
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def renamed(path: Path, tmp_path: Path, file: str = "renamed.onnx") -> Path:
+    """The model with every tensor but its inputs and outputs under a new name, as simplifiers
+    and exporters leave them."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    keep = {v.name for v in [*graph.input, *graph.output]}
+    new = {}
+    for i, name in enumerate([t.name for t in graph.initializer] + [o for n in graph.node for o in n.output]):
+        if name and name not in keep:
+            new[name] = f"t{i}"
+    for tensor in graph.initializer:
+        tensor.name = new.get(tensor.name, tensor.name)
+    for node in graph.node:
+        node.input[:] = [new.get(n, n) for n in node.input]
+        node.output[:] = [new.get(n, n) for n in node.output]
+        node.name = ""
+    del graph.value_info[:]
+    return save(model, tmp_path / file)
+
+
+def saturating(tmp_path: Path) -> Path:
+    """Conv → BN → ReLU → Conv → BN → sigmoid of a large multiple: on random inputs nearly every
+    output is 0 or 1, so a mistake shows only where it is made."""
+    net = Net(seed=31)
+    x = net.node("Relu", [net.conv_bn("x", 3, 8)])
+    y = net.conv_bn(x, 8, 4)
+    out = net.node("Sigmoid", [net.node("Mul", [y, net.const(np.array(200.0))])], out="map")
+    return save(net.model([float_input("x", [1, 3, 16, 16])], [out]), tmp_path / "saturating.onnx")
+
+
+def bias_mistake(path: Path, tmp_path: Path, index: int = 0) -> Path:
+    """The candidate with its `index`-th Conv's bias 3% off in its loudest channel."""
+    conv = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"][index]
+    return with_tensor(path, conv.input[2], lambda b: b + np.where(np.abs(b) == np.abs(b).max(), 0.03 * b + 1e-2, 0),
+                       tmp_path, "mistaken_renamed.onnx")  # fmt: skip
+
+
+def test_a_renamed_candidate_is_judged_at_its_sites(tmp_path):
+    original = saturating(tmp_path)
+    candidate = renamed(folded(original, tmp_path), tmp_path)
+    report = bnfold.verify(original, candidate)
+    assert report.equivalent and len(report.sites) == 2, report.table()
+    broken = bias_mistake(candidate, tmp_path)
+    report = bnfold.verify(original, broken)
+    assert not report.equivalent, report.table()
+    assert [s.passed for s in report.sites] == [False, True]  # the first fold's site, under its reference name
+    assert report.first_divergence.tensor == report.sites[0].name
+
+
+def test_a_renamed_softmax_head_is_not_too_large_to_tell(tmp_path):
+    # Gemm → BN → Softmax over 4096 classes: renamed, the output was the only site ("too large to tell").
+    net = Net(seed=32)
+    w = net.const(net.rng.normal(0, 0.2, (64, 4096)))
+    gemm = net.node("Gemm", ["x", w, net.const(net.rng.normal(0, 0.1, 4096))])
+    p = {k: net.const(v) for k, v in _bn(net.rng, 4096).items()}
+    bn = net.node("BatchNormalization", [gemm, p["gamma"], p["beta"], p["mean"], p["var"]])
+    original = save(net.model([float_input("x", [2, 64])], [net.node("Softmax", [bn], axis=-1)]), tmp_path / "h.onnx")
+    candidate = renamed(folded(original, tmp_path), tmp_path)
+    report = bnfold.verify(original, candidate)
+    assert report.equivalent and [s.name for s in report.sites] == [bn], report.table()
+
+
+def _bn(rng, channels):
+    return {
+        "gamma": rng.uniform(0.5, 1.5, channels),
+        "beta": rng.normal(0, 0.1, channels),
+        "mean": rng.normal(0, 0.1, channels),
+        "var": rng.uniform(0.5, 1.5, channels),
+    }
+
+
+def exported(tmp_path: Path) -> Path:
+    """An export as exporters write it: weights as Constant nodes, an Identity after each BN, and a
+    Reshape whose shape is computed from the input's; the output a saturating sigmoid."""
+    net = Net(seed=33)
+    x = net.node("Relu", [net.node("Identity", [net.conv_bn("x", 3, 8)])])
+    y = net.node("Identity", [net.conv_bn(x, 8, 4)])
+    batch = net.node("Gather", [net.node("Shape", ["x"]), net.const(np.array([0]), np.int64)], axis=0)
+    shape = net.node("Concat", [batch, net.const(np.array([-1]), np.int64)], axis=0)
+    flat = net.node("Reshape", [net.node("Mul", [y, net.const(np.array(200.0))]), shape])
+    out = net.node("Sigmoid", [flat], out="map")
+    model = net.model([float_input("x", [1, 3, 16, 16])], [out])
+    constants = {t.name: t for t in model.graph.initializer}
+    nodes = [helper.make_node("Constant", [], [name], value=tensor) for name, tensor in constants.items()]
+    nodes += model.graph.node
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return save(model, tmp_path / "exported.onnx")
+
+
+def simplifier(path: Path, tmp_path: Path) -> Path:
+    """The export as a simplifier leaves it: Constant nodes become initializers under new names,
+    Identity nodes go, the computed shape becomes a constant; every other tensor keeps its name."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    new = {}
+    initializers, nodes = [], []
+    for node in graph.node:
+        if node.op_type == "Constant":
+            new[node.output[0]] = "init_" + node.output[0]
+            initializers.append(
+                numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), new[node.output[0]])
+            )
+        elif node.op_type == "Identity":
+            new[node.output[0]] = new.get(node.input[0], node.input[0])
+        elif node.op_type in ("Shape", "Gather", "Concat"):
+            new[node.output[0]] = "shape_constant"
+        else:
+            nodes.append(node)
+    initializers.append(numpy_helper.from_array(np.array([1, -1], np.int64), "shape_constant"))
+    for node in nodes:
+        node.input[:] = [new.get(n, n) for n in node.input]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    return save(model, tmp_path / "simplified.onnx")
+
+
+@pytest.mark.parametrize("fold_first", [False, True])
+def test_a_simplified_export_is_judged_at_its_sites(tmp_path, fold_first):
+    original = exported(tmp_path)
+    candidate = simplifier(original, tmp_path)
+    if fold_first:  # export → bnfold → simplifier, against the export
+        candidate = simplifier(folded(original, tmp_path), tmp_path)
+    report = bnfold.verify(original, candidate)
+    assert report.equivalent, report.table()
+    if fold_first:
+        # the first fold's BN output, and the Reshape whose shape became a constant (the second
+        # fold, BN and Mul into the Conv, lies just before it)
+        assert [s.name for s in report.sites] == ["batchnormalization8", "reshape27"]
+        broken = bias_mistake(candidate, tmp_path)
+        report = bnfold.verify(original, broken)
+        assert not report.equivalent and not report.sites[0].passed, report.table()
+
+
+def test_a_fold_under_the_convs_own_name_is_judged_as_the_bn_output(tmp_path):
+    # onnxsim's fusion keeps the Conv's output name: the candidate's `conv` holds what the
+    # reference's BN output holds, and the reference's `conv` is another tensor.
+    original = saturating(tmp_path)
+    candidate = onnx.load(str(folded(original, tmp_path)))
+    reference = onnx.load(str(original))
+    bn_inputs = {n.output[0]: n.input[0] for n in reference.graph.node if n.op_type == "BatchNormalization"}
+    new = {bn_out: conv_out for bn_out, conv_out in bn_inputs.items()}
+    for node in candidate.graph.node:
+        node.input[:] = [new.get(n, n) for n in node.input]
+        node.output[:] = [new.get(n, n) for n in node.output]
+    candidate = save(candidate, tmp_path / "conv_named.onnx")
+    report = bnfold.verify(original, candidate)
+    first_bn = next(iter(bn_inputs))  # the second BN and the Mul after it fold into one Conv, as `mul`
+    assert report.equivalent and [s.name for s in report.sites] == [first_bn, "mul19"], report.table()
+    report = bnfold.verify(original, bias_mistake(candidate, tmp_path, index=1))
+    assert not report.equivalent and [s.passed for s in report.sites] == [True, False], report.table()
+
+
+def offline_optimized(path: Path, tmp_path: Path) -> Path:
+    """onnxruntime's own offline optimization at its basic level (it fuses Conv and BN itself)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "offline.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return tmp_path / "offline.onnx"
+
+
+def test_onnxruntimes_offline_optimization_is_judged_at_its_sites(tmp_path):
+    original = SAMPLES / "resnet_tiny.onnx"
+    candidate = offline_optimized(original, tmp_path)
+    domains = {o.domain for o in onnx.load(str(candidate)).opset_import}
+    assert "com.microsoft" in domains  # it imports opsets the export does not
+    report = bnfold.verify(original, candidate)
+    assert report.equivalent and report.sites, report.table()
+    report = bnfold.verify(original, bias_mistake(candidate, tmp_path, index=3))
+    assert not report.equivalent and any(not s.passed for s in report.sites), report.table()
+
+
+def test_align_names_each_candidate_tensor_after_the_reference_tensor_it_is(tmp_path):
+    original = exported(tmp_path)
+    reference = onnx.load(str(original))
+    alignment = align(reference, onnx.load(str(renamed(simplifier(original, tmp_path), tmp_path))))
+    assert [list(n.input) for n in alignment.candidate.graph.node if n.op_type == "Conv"] == [
+        list(n.input) for n in reference.graph.node if n.op_type == "Conv"
+    ]  # Constant nodes and initializers of one value, and the tensors between them
+    assert len(alignment.same) == len(alignment.constants) + 7  # x, the convs, BNs, ReLU and Mul: the same computation
+
+    candidate = renamed(simplifier(folded(original, tmp_path), tmp_path), tmp_path)
+    alignment = align(reference, onnx.load(str(candidate)))
+    ours = {n.op_type: list(n.output) for n in reference.graph.node}
+    theirs = {n.op_type: list(n.output) for n in alignment.candidate.graph.node}
+    assert theirs["Relu"] == ours["Relu"] and theirs["Reshape"] == ours["Reshape"] and "Mul" not in theirs
+    first_bn = next(n.output[0] for n in reference.graph.node if n.op_type == "BatchNormalization")
+    convs = [n.output[0] for n in alignment.candidate.graph.node if n.op_type == "Conv"]
+    assert convs == [first_bn, ours["Mul"][0]]  # each fold's result is what it replaces: BN, and BN → Mul
+
+
+def test_a_tensor_the_reference_names_otherwise_gets_a_name_of_its_own():
+    def model(ops):
+        nodes = [helper.make_node(op, [i], [o]) for op, i, o in ops]
+        graph = helper.make_graph(nodes, "g", [float_input("x", [2])], [float_input("y", [2])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    reference = model([("Relu", "x", "a"), ("Neg", "a", "y")])
+    candidate = model([("Sigmoid", "x", "b"), ("Abs", "b", "a"), ("Neg", "a", "y")])
+    names = [list(n.output) for n in align(reference, candidate).candidate.graph.node]
+    # Neg makes y in both: what it reads is the reference's `a`; Sigmoid's output is only the candidate's
+    assert names[2] == ["y"] and names[1] == ["a"] and names[0][0] not in ("a", "x", "y")
+
+
+def test_dtype_of_constants_counts():
+    # one value, two types: not the same constant
+    reference = helper.make_model(
+        helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "g", [float_input("x", [2])],
+                          [float_input("y", [2])], [numpy_helper.from_array(np.ones(2, np.float32), "c")]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )  # fmt: skip
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(reference)
+    candidate.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones(2, np.float64).astype(np.float16), "c"))
+    assert "c" not in align(reference, candidate).constants
+    assert TensorProto.FLOAT16 == candidate.graph.initializer[0].data_type
