@@ -9,7 +9,8 @@ a correct one must pass. Then the same candidate with a seeded mistake, at the f
 last Conv that has a constant weight (the bias of its loudest output channel, the one with
 the largest weights, moved by 3% of its size, or that channel's weights ×1.01), must fail: a
 quiet channel may be dead behind its activation, and a mistake there changes nothing. A tool
-that fails on a model is skipped and says so; bnfold exiting with an error is counted as an error.
+that fails on a model, or makes one onnxruntime cannot load, is skipped and says so; bnfold
+exiting with an error is counted as an error.
 
 Prints a line per candidate and the totals: correct passed, correct refused (false alarms),
 mistakes failed, mistakes passed (silent passes), errors.
@@ -88,8 +89,25 @@ def candidates(model: onnx.ModelProto):
         except Exception as error:  # noqa: BLE001 - a tool that fails on a model is skipped
             print(f"  {name}: skipped ({type(error).__name__}: {str(error)[:80]})", file=sys.stderr)
             continue
+        unloadable = _unloadable(made)
+        if unloadable:  # the tool made a model onnxruntime refuses: nothing to verify
+            print(f"  {name}: skipped (onnxruntime cannot load what it made: {unloadable[:80]})", file=sys.stderr)
+            continue
         yield name, made
-        yield f"{name} → bnfold", with_bnfold(made)
+        try:
+            yield f"{name} → bnfold", with_bnfold(made)
+        except BnfoldError as error:  # bnfold refusing the tool's model: counted as an error
+            yield f"{name} → bnfold", error
+
+
+def _unloadable(model: onnx.ModelProto) -> str:
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - its message is the reason
+        return str(error).splitlines()[0]
+    return ""
 
 
 def mistakes(model: onnx.ModelProto):
@@ -156,6 +174,11 @@ def main() -> None:
             print(path.name, file=sys.stderr)
             model = onnx.load(path)
             for name, candidate in candidates(model):
+                if isinstance(candidate, BnfoldError):
+                    totals["error"] += 1
+                    rows.append({"model": path.name, "chain": name, "mistake": None, "verdict": f"error: {candidate}"})
+                    print(f"  {name}: error: {candidate}", file=sys.stderr)
+                    continue
                 verdict = _verdict(path, candidate, folder)
                 kind = (
                     "correct passed" if verdict == "pass" else "error" if verdict.startswith("error") else "false alarm"

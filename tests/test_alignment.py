@@ -239,3 +239,44 @@ def test_dtype_of_constants_counts():
     candidate.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones(2, np.float64).astype(np.float16), "c"))
     assert "c" not in align(reference, candidate).constants
     assert TensorProto.FLOAT16 == candidate.graph.initializer[0].data_type
+
+
+# ---- issue 31, item 4: symbolic sizes that are no power of two -----------------------------------
+def same_upper(pads=None) -> onnx.ModelProto:
+    """A stride-2 3×3 Conv over symbolic H and W: SAME_UPPER padding, or fixed `pads`."""
+    attrs = {"pads": pads} if pads else {"auto_pad": "SAME_UPPER"}
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2], kernel_shape=[3, 3], **attrs)
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "h", "w"])
+    graph = helper.make_graph([node], "g", [float_input("x", [1, 3, "H", "W"])], [output], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fixed_pads_for_same_upper_are_caught_at_an_odd_size(tmp_path):
+    # SAME_UPPER at stride 2 pads (0, 1) at even sizes and (1, 1) at odd ones: pads written for 16 are wrong at 17.
+    reference = save(same_upper(), tmp_path / "same.onnx")
+    candidate = save(same_upper(pads=[0, 0, 1, 1]), tmp_path / "fixed.onnx")
+    assert bnfold.verify(reference, candidate, trials=2).equivalent  # 16 and 32 cannot tell them apart
+    report = bnfold.verify(reference, candidate)
+    assert not report.equivalent and "note: input 'x' axis 2 is H: used 16, 17 and 32" in report.notes
+
+
+def test_an_if_whose_condition_the_candidate_computes_under_its_own_name_is_judged_at_its_sites(tmp_path):
+    # onnxslim on silero VAD: the candidate's If reads a condition tensor the reference does not
+    # have; exposing it in the probe made onnxruntime refuse the probe, and a mistake passed.
+    from test_subgraphs import if_model
+
+    model = if_model()
+    original = save(model, tmp_path / "if.onnx")
+    candidate = bnfold.fold(model).model
+    branch = candidate.graph.node[0]
+    branch.input[0] = "cond_again"
+    not_nodes = [helper.make_node("Not", ["cond"], ["not_cond"]), helper.make_node("Not", ["not_cond"], ["cond_again"])]
+    nodes = [*not_nodes, *candidate.graph.node]
+    del candidate.graph.node[:]
+    candidate.graph.node.extend(nodes)
+    candidate = save(candidate, tmp_path / "if_folded.onnx")
+    x = np.random.default_rng(0).normal(size=(1, 4, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "then.npz", x=x, cond=np.array(True))
+    report = bnfold.verify(original, candidate, inputs=[tmp_path / "then.npz"])
+    assert report.equivalent and report.sites and not any("cannot be judged" in n for n in report.notes), report.notes

@@ -24,6 +24,10 @@ SYMBOLIC_OTHER = 16  # any other symbolic dimension, unless the model does not r
 # Sizes tried in order for the other symbolic dimensions until onnxruntime runs the reference:
 # detectors want multiples of 32, audio front ends enough samples for their reflect padding.
 SYMBOLIC_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# …and, as the third trial's size, one that is no power of two, where the model runs at it: odd
+# (a stride-2 SAME padding written as fixed pads is right at even sizes only), else three times
+# the first size (96 for a detector that wants multiples of 32: odd sizes after five halvings).
+UNEVEN = (lambda size: size + 1, lambda size: 3 * size)
 COMPARISONS = ("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual")
 PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 MAX_INPUT_BYTES = 1 << 30  # all inputs of one trial together; more is refused rather than allocated
@@ -69,9 +73,10 @@ class Choice:
 
 def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tuple[list[dict], Choice]:
     """`trials` generated feeds onnxruntime can run. Non-batch symbolic dimensions take the first
-    of SYMBOLIC_SIZES at which `runs(feed)` (None, or onnxruntime's error) succeeds, and the next
-    one too when it runs, alternating by trial; integer inputs the graph compares with constants
-    take those constants (with the default int range)."""
+    of SYMBOLIC_SIZES at which `runs(feed)` (None, or onnxruntime's error) succeeds, the next
+    one too when it runs, and an uneven size (UNEVEN) when it runs, alternating by trial;
+    integer inputs the graph compares with constants take those constants (with the default
+    int range)."""
     controls = control_values(model, declared) if model is not None and int_range == DEFAULT_INT_RANGE else {}
     choice = Choice(controls=controls)
     free = any(_symbolic(v, a) and a > 0 for v in declared if v.name not in shapes for a in range(len(v.shape or [])))
@@ -100,6 +105,9 @@ def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tupl
                     first_error = first_error or error
             if working:
                 break
+        if len(working) == 2 and trials > 2:
+            working.append(_uneven_size(working[0], lambda size: runs(feed(2, size))))
+            working = [size for size in working if size]
         if not working:
             raise BnfoldError(
                 f"onnxruntime could not run the reference at any size tried for its symbolic dimensions "
@@ -107,6 +115,14 @@ def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tupl
             )
         choice.sizes, choice.refused = tuple(working), refused
     return [feed(t, choice.sizes[t % len(choice.sizes)]) for t in range(trials)], choice
+
+
+def _uneven_size(first: int, runs) -> int | None:
+    """The first of UNEVEN's sizes for `first` at which `runs(size)` succeeds (None when none does)."""
+    for make in UNEVEN:
+        if runs(make(first)) is None:
+            return make(first)
+    return None
 
 
 def control_values(model: onnx.ModelProto, declared: list[InputSpec]) -> dict[str, list[int]]:
@@ -222,7 +238,9 @@ def shape_notes(
         for axis, dim in enumerate(value.shape):
             if _symbolic(value, axis):
                 sizes = sorted({int(np.shape(feed[value.name])[axis]) for feed in feeds if value.name in feed})
-                used = " and ".join(map(str, sizes))
+                used = " and ".join(
+                    [", ".join(map(str, sizes[:-1])), str(sizes[-1])] if len(sizes) > 1 else map(str, sizes)
+                )
                 notes.append(f"note: input '{value.name}' axis {axis} is {dim or 'unknown'!s}: used {used}")
     return notes
 

@@ -38,10 +38,14 @@ class Divergence:
 
     def describe(self) -> str:
         made = f" (folded from {self.fold})" if self.fold else ""
+        found = self.comparison
+        if found.needed_atol is None or found.atol is None:  # no numbers to give: another shape, a type
+            detail = found.reason
+        else:
+            detail = f"needed atol {found.needed_atol:.2e}, atol {found.atol:.0e}"
         return (
             f"first divergence at '{self.tensor}': {self.candidate_node}{made} in the candidate, "
-            f"{self.reference_node} in the reference (needed atol {self.comparison.needed_atol:.2e}, "
-            f"atol {self.comparison.atol:.0e})"
+            f"{self.reference_node} in the reference ({detail})"
         )
 
     def to_dict(self) -> dict:

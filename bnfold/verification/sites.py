@@ -120,12 +120,12 @@ def _rewritten_branches(rewrite: Rewrite) -> dict[str, tuple[str, list[str]]]:
     found = {}
     for node in rewrite.candidate_nodes:
         theirs = by_outputs.get(tuple(node.output))
-        if node.op_type != "If" or theirs is None or not node.input:
+        if node.op_type != "If" or theirs is None or not node.input or not theirs.input:
             continue
         branches = {a.name: a.g.SerializeToString(deterministic=True) for a in theirs.attribute}
         changed = [a.name for a in node.attribute if branches.get(a.name) != a.g.SerializeToString(deterministic=True)]
-        if changed:
-            found[node.input[0]] = (node_label(node), changed)
+        if changed:  # the reference's condition: the candidate's may be a tensor only it has
+            found[theirs.input[0]] = (node_label(node), changed)
     return found
 
 
