@@ -13,13 +13,15 @@ that fails on a model, or makes one onnxruntime cannot load, is skipped and says
 exiting with an error is counted as an error.
 
 Prints a line per candidate and the totals: correct passed, correct refused (false alarms),
-mistakes failed, mistakes passed (silent passes), errors.
+mistakes failed, mistakes passed (silent passes), errors. A refused candidate is also checked
+apart from bnfold (`_independently`), so a refusal of a tool's wrong model is seen as such.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import traceback
@@ -149,16 +151,50 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _verdict(reference: Path, candidate: onnx.ModelProto, folder: Path) -> str:
+def _verdict(reference: Path, candidate: onnx.ModelProto, folder: Path, check: bool = False) -> str:
+    """pass, fail (with `check`, what a check apart from bnfold finds), or error."""
     path = folder / "candidate.onnx"
     onnx.save(candidate, path)
+    inputs = folder / "inputs"
+    shutil.rmtree(inputs, ignore_errors=True)
     try:
-        report = bnfold.verify(reference, path)
+        report = bnfold.verify(reference, path, save_inputs=inputs)
     except BnfoldError as error:
         return f"error: {error}"
     except Exception:  # noqa: BLE001 - counted, and shown, as an error
         return "error: " + traceback.format_exc().strip().splitlines()[-1]
-    return "pass" if report.equivalent else "fail: " + report.summary()
+    if report.equivalent:
+        return "pass"
+    return "fail: " + report.summary() + (_independently(reference, path, inputs) if check else "")
+
+
+def _independently(reference: Path, candidate: Path, inputs: Path) -> str:
+    """What a check apart from bnfold finds, on the inputs verify ran: onnxruntime with graph
+    optimizations off runs both models; the candidate is wrong when an output's shape differs or
+    it differs from the reference 10× more than onnxruntime's own fully optimized reference does."""
+    import onnxruntime as ort
+
+    def session(path, level):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    off = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ours, theirs, optimized = (session(reference, off), session(candidate, off),
+                               session(reference, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))  # fmt: skip
+    names = [o.name for o in ours.get_outputs()]
+    worst = 1.0
+    for trial in sorted(inputs.glob("test_data_set_*")):
+        tensors = [onnx.load_tensor(str(f)) for f in sorted(trial.glob("input_*.pb"))]
+        feed = {t.name: numpy_helper.to_array(t) for t in tensors}
+        want, got, own = (s.run(names, feed) for s in (ours, theirs, optimized))
+        for name, w, g, o in zip(names, want, got, own):
+            if np.shape(w) != np.shape(g):
+                return f" (independently: wrong, '{name}' has shape {list(np.shape(g))}, not {list(np.shape(w))})"
+            w, g, o = (np.asarray(v, np.float64) for v in (w, g, o))
+            error, noise = np.abs(g - w).max(initial=0), np.abs(o - w).max(initial=0)
+            worst = max(worst, error / noise if noise else (np.inf if error else 1.0))
+    return f" (independently: {worst:.1f}× onnxruntime's own optimization error)"
 
 
 def main() -> None:
@@ -179,10 +215,13 @@ def main() -> None:
                     rows.append({"model": path.name, "chain": name, "mistake": None, "verdict": f"error: {candidate}"})
                     print(f"  {name}: error: {candidate}", file=sys.stderr)
                     continue
-                verdict = _verdict(path, candidate, folder)
+                verdict = _verdict(path, candidate, folder, check=True)
                 kind = (
-                    "correct passed" if verdict == "pass" else "error" if verdict.startswith("error") else "false alarm"
-                )
+                    "correct passed" if verdict == "pass"
+                    else "error" if verdict.startswith("error")
+                    else "tool's wrong model refused" if "(independently: wrong" in verdict
+                    else "false alarm"
+                )  # fmt: skip
                 totals[kind] += 1
                 rows.append({"model": path.name, "chain": name, "mistake": None, "verdict": verdict})
                 print(f"  {name}: {verdict[:160]}", file=sys.stderr)
@@ -196,7 +235,14 @@ def main() -> None:
                     rows.append({"model": path.name, "chain": name, "mistake": label, "verdict": verdict})
                     if kind != "mistake failed":
                         print(f"    {label}: {verdict[:160]}", file=sys.stderr)
-    for kind in ("correct passed", "false alarm", "mistake failed", "silent pass", "error"):
+    for kind in (
+        "correct passed",
+        "false alarm",
+        "tool's wrong model refused",
+        "mistake failed",
+        "silent pass",
+        "error",
+    ):
         print(f"{kind}: {totals[kind]}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

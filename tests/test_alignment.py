@@ -280,3 +280,29 @@ def test_an_if_whose_condition_the_candidate_computes_under_its_own_name_is_judg
     np.savez(tmp_path / "then.npz", x=x, cond=np.array(True))
     report = bnfold.verify(original, candidate, inputs=[tmp_path / "then.npz"])
     assert report.equivalent and report.sites and not any("cannot be judged" in n for n in report.notes), report.notes
+
+
+# ---- the yardstick at outputs: a rewrite that reads no float parameter -------------------------------
+def thirds(divide: bool) -> onnx.ModelProto:
+    """y = sin(1000 · Σ (x·W)/3), the third as Div by 3 or as Mul by float32(1/3): they differ by
+    an ulp in a third of the elements, and the sine makes that 1e-3."""
+    net = Net(seed=34)
+    h = net.node("MatMul", ["x", net.const(net.rng.normal(0, 1, (64, 64)))])
+    third = net.node("Div", [h, net.const(np.array(3.0))]) if divide else net.node("Mul", [h, net.const(np.array(1 / 3))])
+    total = net.node("ReduceSum", [third, net.const(np.array([1]), np.int64)], keepdims=1)
+    out = net.node("Sin", [net.node("Mul", [total, net.const(np.array(1000.0))])], out="y")
+    return net.model([float_input("x", [1, 64])], [out])
+
+
+def test_outputs_of_a_rewrite_that_reads_only_whole_numbers_are_judged_by_every_parameters_noise(tmp_path):
+    # onnxslim on silero VAD rewrote only nodes whose parameters are whole numbers: rounding those
+    # the other way moved nothing, the output's noise was 0, and a 1-ulp difference amplified by
+    # the model failed "beyond 4× this model's own float32 noise (0.0e+00)".
+    reference = save(thirds(divide=True), tmp_path / "div.onnx")
+    candidate = save(thirds(divide=False), tmp_path / "mul.onnx")
+    x = np.random.default_rng(3).normal(0, 1, (1, 64)).astype(np.float32)  # one where they differ
+    np.savez(tmp_path / "x.npz", x=x)
+    report = bnfold.verify(reference, candidate, inputs=[tmp_path / "x.npz"])
+    (output,) = report.outputs
+    assert output.needed_atol > output.atol and output.noise, report.table()  # the policy alone would fail it
+    assert report.equivalent, report.table()
