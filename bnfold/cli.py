@@ -15,6 +15,7 @@ import typer
 from bnfold.console import NOTHING_TO_FOLD, Console, ProgressBar, say
 from bnfold.errors import EXIT_FOLDABLE, EXIT_NOT_EQUIVALENT, EXIT_USER_ERROR, BnfoldError
 from bnfold.options import (
+    ABS_ATOL_OPT,
     ATOL_OPT,
     BIAS_CORRECTION_OPT,
     CALIBRATION_OPT,
@@ -104,8 +105,9 @@ def optimize(
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
     seed: int = SEED_OPT,
-    atol: float | None = ATOL_OPT,
-    rtol: float | None = RTOL_OPT,
+    atol: list[str] | None = ATOL_OPT,
+    rtol: list[str] | None = RTOL_OPT,
+    abs_atol: list[str] | None = ABS_ATOL_OPT,
     input_shape: list[str] | None = SHAPE_OPT,
     int_range: str = INT_RANGE_OPT,
     inputs: list[Path] | None = INPUTS_OPT,
@@ -130,7 +132,7 @@ def optimize(
             "bias_correction": bias_correction,
             "calibration": calibration,
             "verify_options": verify_options(
-                trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib
+                trials, seed, (atol, rtol, abs_atol), input_shape, int_range, inputs, provider, custom_lib
             ),
         }
 
@@ -198,8 +200,9 @@ def verify(
     quiet: bool = QUIET_OPT,
     trials: int = TRIALS_OPT,
     seed: int = SEED_OPT,
-    atol: float | None = ATOL_OPT,
-    rtol: float | None = RTOL_OPT,
+    atol: list[str] | None = ATOL_OPT,
+    rtol: list[str] | None = RTOL_OPT,
+    abs_atol: list[str] | None = ABS_ATOL_OPT,
     input_shape: list[str] | None = SHAPE_OPT,
     int_range: str = INT_RANGE_OPT,
     inputs: list[Path] | None = INPUTS_OPT,
@@ -239,11 +242,12 @@ def verify(
     def run():
         stored_only = {"--save-inputs": save_inputs, "--save-outputs": save_outputs, "--localize": localize}
         check_verify_models(reference, candidate, load_outputs, stored_only)
-        options = verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib)
+        tolerances = (atol, rtol, abs_atol)
+        options = verify_options(trials, seed, tolerances, input_shape, int_range, inputs, provider, custom_lib)
         if load_outputs is not None:
             from bnfold.verification.golden import verify_against_outputs
 
-            keep = ("inputs", "atol", "rtol", "input_shapes", "providers", "custom_ops")
+            keep = ("inputs", "atol", "rtol", "abs_atol", "input_shapes", "providers", "custom_ops")
             return verify_against_outputs(
                 reference, load_outputs, progress=out.progress(), **{k: options[k] for k in keep if k in options}
             )

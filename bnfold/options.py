@@ -28,11 +28,20 @@ SEED_OPT = typer.Option(0, "--seed", metavar="N", help="Seed for generated input
 ATOL_OPT = typer.Option(
     None,
     "--atol",
-    metavar="X",
+    metavar="[NAME:]X",
     help="Allowed error as a fraction of each output's scale S (the 99th percentile of its non-zero "
-    "magnitudes; docs/verification.md). Default by the precision it is computed in.",
+    "magnitudes; docs/verification.md), for every output or the one named (repeatable). Default by "
+    "the precision it is computed in.",
 )
-RTOL_OPT = typer.Option(None, "--rtol", metavar="X", help="Allowed error as a fraction of each element. Default 0.")
+RTOL_OPT = typer.Option(
+    None, "--rtol", metavar="[NAME:]X", help="Allowed error as a fraction of each element (repeatable). Default 0."
+)
+ABS_ATOL_OPT = typer.Option(
+    None,
+    "--abs-atol",
+    metavar="[NAME:]X",
+    help="Allowed error in the output's own units, as Polygraphy's --atol (repeatable). Added to the others.",
+)
 SHAPE_OPT = typer.Option(
     None, "--input-shape", metavar="NAME:DIMS", help="Shape for an input, e.g. input:1x3x224x224 (repeatable)."
 )
@@ -77,8 +86,13 @@ PROVIDER_OPT = typer.Option(
 )
 
 
-def verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, provider, custom_lib) -> dict:
-    """The CLI's verification options as keyword arguments of bnfold.verify."""
+def verify_options(trials, seed, tolerances, input_shape, int_range, inputs, provider, custom_lib) -> dict:
+    """The CLI's verification options as keyword arguments of bnfold.verify; `tolerances` are
+    the --atol, --rtol and --abs-atol values, checked here (one line, exit 2, before any work)."""
+    from bnfold.verification.tolerance import stated
+
+    atol, rtol, abs_atol = tolerances
+    stated(atol, rtol, abs_atol)
     shapes = input_shapes(input_shape)
     low, _, high = int_range.partition(":")
     try:
@@ -90,6 +104,7 @@ def verify_options(trials, seed, atol, rtol, input_shape, int_range, inputs, pro
         "seed": seed,
         "atol": atol,
         "rtol": rtol,
+        "abs_atol": abs_atol,
         "input_shapes": shapes,
         "int_range": int_bounds,
         "inputs": list(inputs or []),

@@ -288,7 +288,9 @@ def thirds(divide: bool) -> onnx.ModelProto:
     an ulp in a third of the elements, and the sine makes that 1e-3."""
     net = Net(seed=34)
     h = net.node("MatMul", ["x", net.const(net.rng.normal(0, 1, (64, 64)))])
-    third = net.node("Div", [h, net.const(np.array(3.0))]) if divide else net.node("Mul", [h, net.const(np.array(1 / 3))])
+    third = (
+        net.node("Div", [h, net.const(np.array(3.0))]) if divide else net.node("Mul", [h, net.const(np.array(1 / 3))])
+    )
     total = net.node("ReduceSum", [third, net.const(np.array([1]), np.int64)], keepdims=1)
     out = net.node("Sin", [net.node("Mul", [total, net.const(np.array(1000.0))])], out="y")
     return net.model([float_input("x", [1, 64])], [out])

@@ -313,3 +313,67 @@ def test_rounding_the_other_way_keeps_whole_numbers_so_the_yardstick_stays_finit
         rerounded = regions.rerounded_end_to_end(copy, regions.Rewrite(whole="every parameter"), seed=seed)
         (out,) = run(rerounded, {"x": x})
         assert np.isfinite(out).all(), seed
+
+
+# ---- tolerances a pipeline states: absolute and per output (issue 31, item 5) ----------------------
+def two_outputs(offset: float) -> onnx.ModelProto:
+    """a = x + offset (the candidate's mistake or rounding, in a's own units), b = relu(x)."""
+    nodes = [
+        helper.make_node("Add", ["x", "offset"], ["a"]),
+        helper.make_node("Relu", ["x"], ["b"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "two", [float_input("x", [4, 64])], [float_input("a", [4, 64]), float_input("b", [4, 64])],
+        [numpy_helper.from_array(np.array(offset, np.float32), "offset")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("options", "exit_code"),
+    [
+        ([], 1),  # the policy: 2e-3 is 40× float32's atol · S
+        (["--abs-atol", "a:3e-3"], 0),  # Polygraphy's form: a's own units
+        (["--abs-atol", "3e-3"], 0),  # every output
+        (["--abs-atol", "a:1e-3"], 1),
+        (["--abs-atol", "b:3e-3"], 1),  # another output's tolerance is not a's
+        (["--atol", "a:1e-2"], 0),  # a fraction of a's S, for a alone
+        (["--atol", "a:1e-2", "--atol", "b:0"], 0),
+        (["--rtol", "a:1e-3"], 1),  # near zero, a fraction of each element allows nothing
+    ],
+)
+def test_stated_tolerances_are_absolute_or_per_output(tmp_path, options, exit_code):
+    reference = save(two_outputs(0.0), tmp_path / "ref.onnx")
+    candidate = save(two_outputs(2e-3), tmp_path / "cand.onnx")
+    result = CliRunner().invoke(app, ["verify", str(reference), str(candidate), "--json", *options])
+    assert result.exit_code == exit_code, result.output
+    outputs = {o["name"]: o for o in json.loads(result.stdout)["outputs"]}
+    assert outputs["b"]["passed"] and outputs["a"]["passed"] is (exit_code == 0)
+
+
+def test_a_stated_tolerance_is_taken_literally():
+    # no yardstick relaxes it: the user's number is the bound
+    reference, candidate = two_outputs(0.0), two_outputs(2e-3)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [save(m, Path(folder) / f"{i}.onnx") for i, m in enumerate((reference, candidate))]
+        report = bnfold.verify(*paths, abs_atol={"a": 1e-3})
+    a = next(o for o in report.outputs if o.name == "a")
+    assert not a.passed and a.stated and a.rule == "policy" and a.absolute == 1e-3
+    assert "abs atol 1e-03" in report.table()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--abs-atol", "a:x"], "expected VALUE or NAME:VALUE"),
+        (["--abs-atol", "a:1e-3", "--abs-atol", "a:2e-3"], "output 'a' given twice"),
+        (["--atol", "a:-1"], "must be a finite number ≥ 0"),
+    ],
+)
+def test_a_stated_tolerance_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, option, message):
+    reference = save(two_outputs(0.0), tmp_path / "ref.onnx")
+    result = CliRunner().invoke(app, ["verify", str(reference), str(reference), *option])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert message in result.stderr

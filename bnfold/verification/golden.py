@@ -22,7 +22,7 @@ from bnfold.verification.inputs import check_comparable, check_feed, input_specs
 from bnfold.verification.precision import Precisions, value_types
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS
-from bnfold.verification.tolerance import check_tolerances, compare, judge, unmatched
+from bnfold.verification.tolerance import compare, judge, stated, unmatched
 
 
 @runtime.takes_custom_ops
@@ -31,8 +31,9 @@ def verify_against_outputs(
     outputs: str | Path,
     *,
     inputs: Sequence[str | Path] = (),
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol=None,
+    rtol=None,
+    abs_atol=None,
     input_shapes: dict[str, Sequence[int]] | None = None,
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     progress: Callable[[str], None] = lambda stage: None,
@@ -41,7 +42,7 @@ def verify_against_outputs(
     one trial per set, in order) against the stored outputs. Raises BnfoldError when the
     comparison cannot run; a difference is reported, not raised."""
     start = time.perf_counter()
-    check_tolerances(atol, rtol)
+    tolerances = stated(atol, rtol, abs_atol)
     runtime.check_providers(providers)
     progress("loading the model in onnxruntime")
     session = runtime.load_session(model, "model", providers)  # external-data locations checked first
@@ -70,14 +71,14 @@ def verify_against_outputs(
         progress(f"trial {t} of {len(feeds)}")
         got = runtime.run_named(session, feed, "the model")
         for name, value in want.items():
-            trials.setdefault(name, []).append(_compare(name, value, got.get(name), atol, rtol, precisions))
+            trials.setdefault(name, []).append(_compare(name, value, got.get(name), tolerances, precisions))
     report.outputs = [judge(results) for results in trials.values()]
     report.equivalent = bool(report.outputs) and all(o.passed for o in report.outputs)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _compare(name, want: np.ndarray, got, atol, rtol, precisions: Precisions):
+def _compare(name, want: np.ndarray, got, tolerances, precisions: Precisions):
     """One stored output against the model's: a float output in the model's own float type
     (a float32 framework's output for a float16 model), anything else as it is."""
     if got is None:
@@ -85,4 +86,5 @@ def _compare(name, want: np.ndarray, got, atol, rtol, precisions: Precisions):
     got = np.asarray(got)
     if want.dtype.kind == "f" and got.dtype.kind == "f":
         want = want.astype(got.dtype)
-    return compare(name, want, got, atol, rtol, precisions.of_output(name))
+    atol, rtol, absolute = tolerances.of(name)
+    return compare(name, want, got, atol, rtol, precisions.of_output(name), absolute)

@@ -88,6 +88,8 @@ def _result(o: OutputComparison) -> str:
     if o.precision == "quantized" and not o.reason:
         verdict = "ok" if o.passed else "FAIL"
         return f"{verdict}: {o.mismatched} elements off the grid's step, at most {o.steps:.0f} steps"
+    tolerance = f"atol {o.atol:.0e}" + (f", abs atol {o.absolute:.0e}" if o.absolute is not None else "")
+    tolerance += f", rtol {o.rtol:.0e}" if o.rtol else ""
     if o.passed:
-        return f"ok (atol {o.atol:.0e}, {o.precision})" if o.precision != o.dtype else f"ok (atol {o.atol:.0e})"
-    return o.reason or f"FAIL (atol {o.atol:.0e})"
+        return f"ok ({tolerance}, {o.precision})" if o.precision != o.dtype else f"ok ({tolerance})"
+    return o.reason or f"FAIL ({tolerance})"

@@ -49,7 +49,7 @@ mistakes 10⁴× the yardstick in float32, 6–47× in float16.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -146,15 +146,66 @@ class OutputComparison:
     channel_gain: float | None = None  # at a site: the largest per-channel slope of the difference
     explained: str = ""  # why a difference the policy refuses is not the rewrite's (bnfold.verification.verdict)
     rule: str = "policy"  # the rule of the verdict's table whose judgement stands (verdict.judge_one sets it)
+    absolute: float | None = None  # a stated absolute atol, in the output's units
+    stated: bool = False  # judged by a tolerance the user stated (taken literally: no yardstick)
 
 
-def check_tolerances(atol: float | None, rtol: float | None) -> None:
-    """Refuse a tolerance that cannot fail (NaN) or cannot pass (negative)."""
+@dataclass(frozen=True)
+class Stated:
+    """Tolerances a user states, each for every output (key "") or for the output it names
+    (Polygraphy's `[NAME:]VALUE`): `atol` as a fraction of the output's S, `rtol` as a
+    fraction of each element, `absolute` in the output's own units. Sites and boundaries take
+    the unnamed `atol` and `rtol` only: they have no units a user states."""
+
+    atol: dict[str, float] = field(default_factory=dict)
+    rtol: dict[str, float] = field(default_factory=dict)
+    absolute: dict[str, float] = field(default_factory=dict)
+
+    def of(self, name: str) -> tuple[float | None, float | None, float | None]:
+        """The atol, rtol and absolute atol for an output (a sequence's elements: its own)."""
+        base = name.split("[", 1)[0]
+        return tuple(given.get(base, given.get("")) for given in (self.atol, self.rtol, self.absolute))
+
+    @property
+    def everywhere(self) -> tuple[float | None, float | None]:
+        return self.atol.get(""), self.rtol.get("")
+
+
+def stated(atol=None, rtol=None, absolute=None) -> Stated:
+    """Stated tolerances from numbers, {name: number} or `[NAME:]VALUE` strings (a list, as the
+    CLI's repeatable options give them); refuses a value that cannot fail (NaN) or cannot pass
+    (negative) and one output named twice."""
     from bnfold.errors import BnfoldError
 
-    for option, value in (("--atol", atol), ("--rtol", rtol)):
-        if value is not None and not (np.isfinite(value) and value >= 0):
-            raise BnfoldError(f"{option} {value}: must be a finite number ≥ 0")
+    parsed = []
+    for option, given in (("--atol", atol), ("--rtol", rtol), ("--abs-atol", absolute)):
+        values: dict[str, float] = {}
+        if given is None or isinstance(given, (int, float)):
+            items = [] if given is None else [("", given)]
+        elif isinstance(given, dict):
+            items = list(given.items())
+        else:
+            items = [_named_value(option, text) for text in given]
+        for name, value in items:
+            if name in values:
+                raise BnfoldError(f"{option}: {'output ' + repr(name) if name else 'every output'} given twice")
+            if not (np.isfinite(value) and value >= 0):
+                raise BnfoldError(f"{option} {value}: must be a finite number ≥ 0")
+            values[name] = float(value)
+        parsed.append(values)
+    return Stated(*parsed)
+
+
+def _named_value(option: str, text) -> tuple[str, float]:
+    from bnfold.errors import BnfoldError
+
+    if not isinstance(text, str):
+        return "", text
+    name, _, value = text.rpartition(":")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise BnfoldError(f"{option} {text!r}: expected VALUE or NAME:VALUE, such as 1e-3 or logits:1e-3") from None
 
 
 def unmatched(name: str, reason: str, dtype: str = "", shape: list | None = None,
@@ -173,9 +224,10 @@ def compare(
     atol: float | None = None,
     rtol: float | None = None,
     precision: Precision | None = None,
+    absolute: float | None = None,
 ) -> OutputComparison:
     """Compare one output of one trial under the tolerance policy, for an output computed in
-    `precision` (default: its own dtype)."""
+    `precision` (default: its own dtype); `atol`, `rtol` and `absolute` (Stated) override it."""
     if got.dtype != want.dtype:
         return unmatched(
             name, f"candidate gives {got.dtype} {list(got.shape)}, reference {want.dtype} {list(want.shape)}",
@@ -194,6 +246,8 @@ def compare(
     default = DEFAULT_TOLERANCE.get(policy, EXACT)
     tolerance = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
     result.atol, result.rtol, result.precision = tolerance.atol, tolerance.rtol, policy
+    result.absolute, result.stated = absolute, atol is not None or absolute is not None
+    margin = absolute or 0.0
     if want.dtype.kind not in "fc":
         result.mismatched = int(np.count_nonzero(want != got))
         result.passed = result.mismatched == 0
@@ -213,7 +267,7 @@ def compare(
     magnitude = np.abs(w_f)
     scale = robust_scale(magnitude)
     result.scale = scale
-    if precision is not None and precision.step is not None and atol is None:
+    if precision is not None and precision.step is not None and not result.stated:
         steps = error / (
             precision.steps_for(want.shape).ravel() if every else precision.steps_for(want.shape).ravel()[finite]
         )
@@ -221,7 +275,7 @@ def compare(
         result.mismatched = int((steps > 0.5).sum()) + special_mismatch
         result.passed = quantized_pass(result.mismatched, result.elements, result.steps)
     else:
-        allowed = tolerance.atol * scale + (tolerance.rtol * magnitude if tolerance.rtol else 0.0)
+        allowed = tolerance.atol * scale + (tolerance.rtol * magnitude if tolerance.rtol else 0.0) + margin
         result.mismatched = int((error > allowed).sum()) + special_mismatch
         result.passed = result.mismatched == 0
     result.max_abs_error = float(error.max(initial=0.0))
@@ -234,7 +288,7 @@ def compare(
         result.cosine_similarity = min(1.0, max(-1.0, _dot(w_f, g_f) / denominator))  # float32 rounding
     else:  # an all-zero output: similar only to another all-zero output
         result.cosine_similarity = 1.0 if norm == 0 and not g_f.any() else 0.0
-    beyond_rtol = np.maximum(error - tolerance.rtol * magnitude, 0) if tolerance.rtol else error
+    beyond_rtol = np.maximum(error - tolerance.rtol * magnitude - margin, 0) if tolerance.rtol or margin else error
     result.needed_atol = float(beyond_rtol.max(initial=0.0)) / scale
     if special_mismatch:
         result.reason, result.kind = f"NaN/Inf at {special_mismatch} different positions", Kind.SPECIAL

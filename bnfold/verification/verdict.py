@@ -77,9 +77,8 @@ class Evidence:
     """What the rules may ask beyond the run, each measured once, on first use (a verdict no
     rule questions runs nothing more). `yardsticks` measures: sites.Yardsticks."""
 
-    def __init__(self, yardsticks, structure, explicit: bool):
+    def __init__(self, yardsticks, structure):
         self.yardsticks = yardsticks
-        self.explicit = explicit  # the user gave --atol: taken literally
         self.isolated = structure.rewrite.isolated  # every difference between the models lies in a rewritten node
         self.explains = structure.explains  # output → the boundary tensors (inputs of discontinuous ops) before it
         self.boundary_ops = structure.boundaries  # boundary tensor → the op it feeds
@@ -128,7 +127,7 @@ def _noise(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     every site agrees, uncapped when every difference lies in a rewritten node: the sites bound
     the folds, and what follows them can only magnify their noise."""
     c = m.comparison
-    if ev.explicit or so_far.passed or c.kind != Kind.NUMBERS or c.precision == "quantized" or c.needed_atol is None:
+    if c.stated or so_far.passed or c.kind != Kind.NUMBERS or c.precision == "quantized" or c.needed_atol is None:
         return None
     if m.role == SITE:
         noise = ev.site_noise.get(m.name)
@@ -156,7 +155,7 @@ def _channel(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     SHIFT_FACTOR × the reference's own at that site with its parameters rounded the other way,
     and more than its precision's floor. Under the floor no yardstick is run."""
     c, measured = m.comparison, m.channels
-    if ev.explicit or not so_far.passed or measured is None or c.precision not in CHANNEL_FLOOR:
+    if c.stated or not so_far.passed or measured is None or c.precision not in CHANNEL_FLOOR:
         return None
     floor_shift, floor_gain = CHANNEL_FLOOR[c.precision]
     if measured.shift <= floor_shift and measured.gain <= floor_gain:
@@ -185,7 +184,7 @@ def _discontinuity(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | 
     which the output differs, and the inputs of the first such ops agree: near-ties that reorder,
     a value within noise of a rounding boundary, one box more."""
     c = m.comparison
-    if ev.explicit or so_far.passed or not ev.isolated or not ev.sites_pass:
+    if c.stated or so_far.passed or not ev.isolated or not ev.sites_pass:
         return None
     if c.kind not in (Kind.NUMBERS, Kind.SHAPE):
         return None

@@ -35,9 +35,9 @@ from bnfold.verification.tolerance import (
     Kind,
     OutputComparison,
     channel_stats,
-    check_tolerances,
     compare,
     judge,
+    stated,
     unmatched,
 )
 from bnfold.verification.verdict import BOUNDARY, OUTPUT, SITE, Evidence, Measured
@@ -52,8 +52,9 @@ def verify(
     *,
     trials: int = DEFAULT_TRIALS,
     seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol=None,
+    rtol=None,
+    abs_atol=None,
     input_shapes: dict[str, Sequence[int]] | None = None,
     int_range: tuple[int, int] = DEFAULT_INT_RANGE,
     inputs: Sequence[str | Path | dict] = (),
@@ -89,7 +90,7 @@ def verify(
         raise BnfoldError("--trials must be at least 1")
     if int_range[0] >= int_range[1]:
         raise BnfoldError(f"--int-range {int_range[0]}:{int_range[1]} is empty")
-    check_tolerances(atol, rtol)
+    tolerances = stated(atol, rtol, abs_atol)
     runtime.check_providers(providers)
     folders = {kind: check_folder(Path(f)) for kind, f in (("inputs", save_inputs), ("outputs", save_outputs)) if f}
     report = VerifyReport(
@@ -149,7 +150,7 @@ def verify(
         else:
             report.inputs = describe_inputs(declared, feeds)
         report.trials = len(feeds)
-        run = _run_trials(pair, feeds, compared, structure, by_site, report, progress, atol, rtol, precisions,
+        run = _run_trials(pair, feeds, compared, structure, by_site, report, progress, tolerances, precisions,
                           keep_candidates="outputs" in folders)  # fmt: skip
     if "inputs" in folders:
         save_trials(claim_folder(folders["inputs"]), feeds, "input")
@@ -160,9 +161,7 @@ def verify(
         save_trials(folders["outputs"] / "candidate", run.candidates, "output")
     report.notes += _unexercised(structure, run)
     progress("judging")
-    evidence = Evidence(
-        Yardsticks(structure, feeds, run.references, compared, providers), structure, explicit=atol is not None
-    )
+    evidence = Evidence(Yardsticks(structure, feeds, run.references, compared, providers), structure)
     report.outputs, report.sites = verdict.judge(
         [Measured(SITE, judge(results), run.channels.get(site)) for site, results in run.sites.items()],
         [Measured(BOUNDARY, judge(results)) for results in run.boundaries.values()],
@@ -177,7 +176,7 @@ def verify(
     elif localize and report.failed:
         progress("looking for the first tensor that differs")
         feed = feeds[_first_failing_trial(report.failed, run.outputs)]
-        report.first_divergence = first_divergence(reference, candidate, feed, providers, atol, rtol)
+        report.first_divergence = first_divergence(reference, candidate, feed, providers, *tolerances.everywhere)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -195,19 +194,20 @@ class Run:
     candidates: list[dict] = field(default_factory=list)  # per trial: the candidate's outputs (when saved)
 
 
-def _run_trials(pair, feeds, compared, structure, by_site, report, progress, atol, rtol, precisions,
+def _run_trials(pair, feeds, compared, structure, by_site, report, progress, tolerances, precisions,
                 keep_candidates: bool) -> Run:  # fmt: skip
     """Run every trial and compare what it gives under the policy. The sites are measured on
     the first trial of each set of input shapes, and on every trial whose outputs differ (so a
     difference at an output is never excused by sites judged on other inputs)."""
     run, shapes_seen = Run(), set()
+    inner = (*tolerances.everywhere, None)  # inner sites and boundaries: no stated units of their own
     for t, feed in enumerate(feeds, 1):
         progress(f"trial {t} of {len(feeds)}")
         shapes = tuple((n, np.shape(v)) for n, v in sorted(feed.items()))
         at_sites = by_site and shapes not in shapes_seen
         shapes_seen.add(shapes)
         want, got = pair.run(feed, (report.reference, report.candidate), plain=not at_sites)
-        outputs = {name: _compare_value(name, want[name], got[name], atol, rtol, precisions.get(name))
+        outputs = {name: _compare_value(name, want[name], got[name], tolerances.of(name), precisions.get(name))
                    for name in compared}  # fmt: skip
         if by_site and not at_sites and not all(r.passed for results in outputs.values() for r in results):
             del want, got
@@ -222,7 +222,10 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, ato
         if at_sites:
             for site, precision in structure.sites.items():
                 isolated = want[site + regions.ISOLATED]
-                run.sites.setdefault(site, []).extend(_compare_value(site, want[site], isolated, atol, rtol, precision))
+                stated_here = tolerances.of(site) if site in compared else inner  # a site that is an output
+                run.sites.setdefault(site, []).extend(
+                    _compare_value(site, want[site], isolated, stated_here, precision)
+                )
                 if isinstance(isolated, np.ndarray) and np.asarray(want[site]).dtype.kind == "f":
                     stats = channel_stats(np.asarray(want[site]), isolated)
                     run.channels[site] = run.channels.get(site, ChannelStats()).worst(stats)
@@ -234,9 +237,7 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, ato
                 run.branches.setdefault(cond, set()).add(bool(np.asarray(value).reshape(-1)[0]))
         if by_site:
             for name in structure.boundaries:
-                run.boundaries.setdefault(name, []).extend(
-                    _compare_value(name, want[name], got[name], atol, rtol, None)
-                )
+                run.boundaries.setdefault(name, []).extend(_compare_value(name, want[name], got[name], inner, None))
         del want, got  # before the next run: its outputs then reuse this trial's memory
     return run
 
@@ -338,9 +339,10 @@ def _pair_outputs(reference, candidate, counts=None) -> tuple[list[str], list[Ou
     return compared, unpaired
 
 
-def _compare_value(name, want, got, atol, rtol, precision) -> list[OutputComparison]:
+def _compare_value(name, want, got, tolerance, precision) -> list[OutputComparison]:
     """One output of one trial: a tensor, a sequence of tensors (element by element, as
-    `name[i]`) or an optional that may be absent."""
+    `name[i]`) or an optional that may be absent; `tolerance` is the stated (atol, rtol,
+    absolute), each None for the policy's."""
     if want is None or got is None:
         if want is None and got is None:
             return [OutputComparison(name, "", [], elements=0)]
@@ -353,6 +355,7 @@ def _compare_value(name, want, got, atol, rtol, precision) -> list[OutputCompari
             return [unmatched(name, f"the candidate gives {count} elements, the reference {len(want)}")]
         results = []
         for i, (w, g) in enumerate(zip(want, got)):
-            results += _compare_value(f"{name}[{i}]", w, g, atol, rtol, precision)
+            results += _compare_value(f"{name}[{i}]", w, g, tolerance, precision)
         return results
-    return [compare(name, np.asarray(want), np.asarray(got), atol, rtol, precision)]
+    atol, rtol, absolute = tolerance
+    return [compare(name, np.asarray(want), np.asarray(got), atol, rtol, precision, absolute)]
