@@ -103,6 +103,7 @@ CHANNEL_FLOOR = {
     "bfloat16": (4e-4, 1.6e-2),
 }
 CHANNEL_MIN_ELEMENTS = 16  # a channel of fewer elements has no mean to speak of (a Gemm's (N, C) output)
+SIGNIFICANCE = 6.0  # standard errors a channel's mean or slope must stand out by to count
 SCALE_QUANTILE = 0.99  # S: this quantile of the non-zero |reference| values
 QUANT_FRACTION = 0.01  # on a quantization grid: the share of elements a correct fold may flip
 QUANT_STEPS = 2.0  # …by at most this many steps
@@ -342,14 +343,23 @@ def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
     mean_d, mean_w = d.sum(axis=1, dtype=np.float64) / n, w.sum(axis=1, dtype=np.float64) / n
     squares = np.einsum("ij,ij->i", w, w, dtype=np.float64)
     products = np.einsum("ij,ij->i", w, d, dtype=np.float64)
+    d_squares = np.einsum("ij,ij->i", d, d, dtype=np.float64)
     rms = np.sqrt(squares / n)
     if not (rms > 0).all():  # a channel of zeros: in units of the tensor's S
         rms = np.where(rms > 0, rms, robust_scale(np.abs(w[finite])))
-    shifts = np.where(judged, np.abs(mean_d) / rms, 0.0)
+    # A channel's mean moves, or its slope is there, only beyond SIGNIFICANCE standard errors:
+    # with few elements (a 4×8 map) rounding alone gives means and slopes as large as a
+    # yardstick's, at random; a mistake moves every element of its channel the same way.
+    d_spread = np.maximum(d_squares - n * mean_d * mean_d, 0.0)  # Σ(d − d̄)²
+    shifted = np.abs(mean_d) > SIGNIFICANCE * np.sqrt(d_spread / (n * np.maximum(n - 1, 1)))
+    shifts = np.where(judged & shifted, np.abs(mean_d) / rms, 0.0)
     spread = squares - n * mean_w * mean_w  # Σ(w − w̄)²
     varies = judged & (spread > 1e-12 * squares)  # a constant channel has no slope
     covariance = products - n * mean_w * mean_d  # Σ(w − w̄)(d − d̄)
-    gains = np.where(varies, np.abs(covariance) / np.where(varies, spread, 1.0), 0.0)
+    slopes = np.where(varies, covariance / np.where(varies, spread, 1.0), 0.0)
+    residual = np.maximum(d_spread - slopes * covariance, 0.0) / np.maximum(n - 2, 1)
+    sloped = np.abs(slopes) > SIGNIFICANCE * np.sqrt(residual / np.where(varies, spread, 1.0))
+    gains = np.where(varies & sloped, np.abs(slopes), 0.0)
     s, g = int(np.argmax(shifts)), int(np.argmax(gains))
     return ChannelStats(float(shifts[s]), s, float(gains[g]), g, int(judged.sum()))
 
