@@ -308,3 +308,26 @@ def test_outputs_of_a_rewrite_that_reads_only_whole_numbers_are_judged_by_every_
     (output,) = report.outputs
     assert output.needed_atol > output.atol and output.noise, report.table()  # the policy alone would fail it
     assert report.equivalent, report.table()
+
+
+# ---- a model that runs at batch 1 only (issue 31, item 4) ------------------------------------------
+@pytest.mark.parametrize("free", [False, True])
+def test_a_model_that_runs_at_batch_1_only_is_verified_there_with_a_note(tmp_path, free):
+    # A wheel-shipped token tagger declares a symbolic batch but squeezes it away: at batch 2
+    # onnxruntime refuses, and `verify M M` was exit 2.
+    shape = ["N", 8, "T"] if free else ["N", 8, 16]
+    nodes = [
+        helper.make_node("Squeeze", ["x", "zero"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tagger", [float_input("x", shape)], [float_input("y", shape[1:])],
+        [numpy_helper.from_array(np.array([0], np.int64), "zero")],
+    )  # fmt: skip
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "tagger.onnx")
+    report = bnfold.verify(model, model)
+    assert report.equivalent and report.trials == 3, report.notes
+    assert any(n.startswith("note: onnxruntime does not run the reference at batch 2") for n in report.notes)
+    assert "note: input 'x' axis 0 is N: used 1" in report.notes
+    if free:
+        assert "note: input 'x' axis 2 is T: used 16, 17 and 32" in report.notes

@@ -69,6 +69,8 @@ class Choice:
     refused: tuple[int, ...] = ()
     controls: dict[str, list[int]] | None = None
     state_batch: bool = False  # the batch is the first symbolic axis of an input whose axis 0 is fixed
+    batches: tuple[int, ...] = SYMBOLIC_BATCH  # the symbolic batch's sizes, by trial
+    batch_error: str = ""  # why not batch 2, when the reference runs at batch 1 only
 
 
 def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tuple[list[dict], Choice]:
@@ -82,29 +84,24 @@ def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tupl
     free = any(_symbolic(v, a) and a > 0 for v in declared if v.name not in shapes for a in range(len(v.shape or [])))
 
     def feed(trial: int, size: int) -> dict:
-        specs = input_specs(declared, shapes, trial, size, choice.state_batch)
+        specs = input_specs(declared, shapes, trial, size, choice.state_batch, choice.batches)
         generated = generate_inputs(specs, np.random.default_rng([seed, trial]), int_range)
         for name, values in controls.items():
             generated[name] = np.full_like(generated[name], values[trial % len(values)])
         return generated
 
+    working, refused, first_error = [], (), ""
     if free:
-        first_error = ""
-        for choice.state_batch in (False, True):  # then: a recurrent state's first free axis is the batch
-            working, refused = [], ()
-            for size in SYMBOLIC_SIZES:
-                error = runs(feed(len(working), size))
-                if error is None:
-                    working.append(size)
-                    if len(working) == 2:
-                        break
-                elif working:
-                    break
-                else:
-                    refused += (size,)
-                    first_error = first_error or error
-            if working:
-                break
+        working, refused, first_error = _search_sizes(choice, feed, runs)
+    batched = trials > 1 and any(_symbolic(v, 0) for v in declared if v.name not in shapes)
+    first = working[0] if free and working else SYMBOLIC_OTHER
+    if batched and (not free or working) and (free or runs(feed(0, first)) is None):
+        error = runs(feed(1, first))
+        if error is not None:  # it runs at batch 1 only (a Reshape to a fixed batch): so be it, with a note
+            choice.batches, choice.batch_error = (1,), error
+            if free:
+                working, refused, first_error = _search_sizes(choice, feed, runs)
+    if free:
         if len(working) == 2 and trials > 2:
             working.append(_uneven_size(working[0], lambda size: runs(feed(2, size))))
             working = [size for size in working if size]
@@ -115,6 +112,29 @@ def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tupl
             )
         choice.sizes, choice.refused = tuple(working), refused
     return [feed(t, choice.sizes[t % len(choice.sizes)]) for t in range(trials)], choice
+
+
+def _search_sizes(choice: Choice, feed, runs) -> tuple[list[int], tuple[int, ...], str]:
+    """The first size of SYMBOLIC_SIZES the reference runs at and the next one if it runs too,
+    the sizes refused before them, and the first refusal; tried again with a recurrent state's
+    first free axis as the batch (choice.state_batch) when no size runs."""
+    first_error = ""
+    for choice.state_batch in (False, True):
+        working, refused = [], ()
+        for size in SYMBOLIC_SIZES:
+            error = runs(feed(len(working), size))
+            if error is None:
+                working.append(size)
+                if len(working) == 2:
+                    break
+            elif working:
+                break
+            else:
+                refused += (size,)
+                first_error = first_error or error
+        if working:
+            return working, refused, first_error
+    return [], refused, first_error
 
 
 def _uneven_size(first: int, runs) -> int | None:
@@ -172,6 +192,7 @@ def input_specs(
     trial: int = 0,
     other: int = SYMBOLIC_OTHER,
     state_batch: bool = False,
+    batches: tuple[int, ...] = SYMBOLIC_BATCH,
 ) -> dict:
     """name → (dtype, concrete shape) for every input, for trial number `trial`: a symbolic
     first dimension alternates between the SYMBOLIC_BATCH sizes, any other is `other`. With
@@ -203,7 +224,7 @@ def input_specs(
                 if isinstance(dim, int) and dim >= 0:
                     shape.append(dim)
                     continue
-                default = SYMBOLIC_BATCH[trial % len(SYMBOLIC_BATCH)] if axis == batch_axis else other
+                default = batches[trial % len(batches)] if axis == batch_axis else other
                 shape.append(symbols.setdefault(dim, default) if dim else default)  # one symbol, one size
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         largest = [max(d, *SYMBOLIC_BATCH) if a == 0 and _symbolic(value, a) else d for a, d in enumerate(shape)]
@@ -229,6 +250,9 @@ def shape_notes(
     if choice is not None and choice.refused:
         refused = ", ".join(map(str, choice.refused))
         notes.append(f"note: onnxruntime does not run the reference with symbolic dimensions at {refused}")
+    if choice is not None and choice.batch_error:
+        notes.append(f"note: onnxruntime does not run the reference at batch 2 ({choice.batch_error}): "
+                     "every trial is at batch 1; give --inputs to verify other batches")  # fmt: skip
     for name, values in (choice.controls if choice is not None else None or {}).items():
         shown = ", ".join(map(str, values))
         notes.append(f"note: input '{name}' takes {shown}: the values the graph compares it with")
