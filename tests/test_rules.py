@@ -5,6 +5,7 @@ always pass, turns one of these verdicts around (test_each_rule_decides_a_verdic
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +378,41 @@ def test_a_stated_tolerance_that_cannot_be_read_is_one_line_and_exit_2(tmp_path,
     result = CliRunner().invoke(app, ["verify", str(reference), str(reference), *option])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert message in result.stderr
+
+
+# ---- stored outputs of a softmax over thousands of classes (issue 31, item 5) ------------------------
+def recognizer(tmp_path: Path) -> Path:
+    """Conv → BN → ReLU → Conv → BN → global pool → Gemm → a softmax over 6625 classes whose
+    logits spread wide (PP-OCRv4's recognizer's class): S is tiny beside the few large values."""
+    net = Net(seed=35)
+    x = net.node("Relu", [net.conv_bn("x", 3, 16)])
+    pooled = net.node("Flatten", [net.node("GlobalAveragePool", [net.node("Relu", [net.conv_bn(x, 16, 32)])])])
+    w = net.const(net.rng.normal(0, 3.0, (32, 6625)))
+    logits = net.node("Gemm", [pooled, w, net.const(np.zeros(6625))])
+    out = net.node("Softmax", [logits], out="probabilities", axis=-1)
+    return save(net.model([float_input("x", [1, 3, 16, 16])], [out]), tmp_path / "recognizer.onnx")
+
+
+def _channel_mistake(change: str, values: np.ndarray) -> np.ndarray:
+    """Channel 3 of a folded bias 3% (and 1e-3) off, or of a folded weight ×1.01."""
+    mine = (np.arange(len(values)) == 3).reshape(-1, *[1] * (values.ndim - 1))
+    if change == "bias":
+        return values + np.where(mine, 0.03 * np.abs(values) + 1e-3, 0)
+    return np.where(mine, values * 1.01, values)
+
+
+def test_stored_outputs_of_a_wide_softmax_pass_a_correct_fold_and_fail_a_mistake(tmp_path):
+    original = recognizer(tmp_path)
+    candidate = folded(original, tmp_path)
+    assert bnfold.verify(original, candidate, save_outputs=tmp_path / "stored").equivalent
+    from bnfold.verification.golden import verify_against_outputs
+
+    report = verify_against_outputs(candidate, tmp_path / "stored")
+    (output,) = report.outputs
+    assert report.equivalent and output.needed_atol > output.atol and output.rule == "noise", report.table()
+    for index, change in ((0, "bias"), (1, "bias"), (1, "weight")):
+        conv = conv_of(candidate, index)
+        slot = 2 if change == "bias" else 1
+        broken = with_tensor(candidate, conv.input[slot], partial(_channel_mistake, change), tmp_path,
+                             f"broken_{index}_{change}.onnx")  # fmt: skip
+        assert not verify_against_outputs(broken, tmp_path / "stored").equivalent, (index, change)

@@ -3,9 +3,12 @@ Polygraphy saved (`polygraphy run --save-outputs`), on stored inputs (bnfold.ver
 
 The stored outputs are the reference. Each output the file holds is compared with the model's
 output of that name under the tolerance policy of the arithmetic the model performs
-(bnfold.verification.tolerance); an output the model does not give fails. There is no reference
-model here, so no yardstick: a model whose own arithmetic differs from the framework's by more
-than the policy (float16 against a float32 framework, say) needs an explicit `--atol`.
+(bnfold.verification.tolerance) and judged by the verdict's rules (bnfold.verification.verdict);
+an output the model does not give fails. There is no reference model here: the yardstick is the
+model itself with every float parameter rounded the other way, capped as for two models compared
+whole, so a correct fold of a softmax over thousands of classes passes and a folding mistake
+does not. A model whose own arithmetic differs from the framework's by more than that (float16
+against a float32 framework, say) needs a stated tolerance (`--atol`, `--abs-atol`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from bnfold.errors import BnfoldError
-from bnfold.verification import runtime, stored
+from bnfold.verification import runtime, stored, verdict
 from bnfold.verification.inputs import check_comparable, check_feed, input_specs, load_input_sets
 from bnfold.verification.precision import Precisions, value_types
+from bnfold.verification.regions import Rewrite
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS
+from bnfold.verification.sites import Structure, Yardsticks
 from bnfold.verification.tolerance import compare, judge, stated, unmatched
+from bnfold.verification.verdict import OUTPUT, Evidence, Measured
 
 
 @runtime.takes_custom_ops
@@ -67,12 +73,20 @@ def verify_against_outputs(
     report.providers = runtime.providers_used([session], providers)
     report.inputs = [{"name": v.name, "source": ", ".join(map(str, inputs)) or str(outputs)} for v in declared]
     trials: dict[str, list] = {}
+    own: list[dict] = []  # per trial, the model's own outputs: what its yardstick moves from
     for t, (feed, want) in enumerate(zip(feeds, expected), 1):
         progress(f"trial {t} of {len(feeds)}")
         got = runtime.run_named(session, feed, "the model")
         for name, value in want.items():
             trials.setdefault(name, []).append(_compare(name, value, got.get(name), tolerances, precisions))
-    report.outputs = [judge(results) for results in trials.values()]
+        own.append({name: got[name] for name in want if name in got})
+        del got
+    progress("judging")
+    structure = Structure(Rewrite(whole="stored outputs: no reference model"), skeleton, None, (arrays, {}),
+                          (model, None))  # fmt: skip
+    yardsticks = Yardsticks(structure, feeds, own, list(trials), providers)
+    measured = [Measured(OUTPUT, judge(results)) for results in trials.values()]
+    report.outputs, _ = verdict.judge([], [], measured, Evidence(yardsticks, structure))
     report.equivalent = bool(report.outputs) and all(o.passed for o in report.outputs)
     report.seconds = time.perf_counter() - start
     return report

@@ -190,25 +190,29 @@ class Yardsticks:
         if structure.reference is None or not structure.sites:
             return {}, {}
         model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
-        return _measure(model, list(structure.sites), regions.REROUNDED, self.feeds, self.providers)
+        return _measure(model, list(structure.sites), regions.REROUNDED, self.feeds, self.providers)[:2]
 
-    def at_outputs(self) -> dict[str, float]:
-        """Each failing output's and boundary tensor's noise (as an atol), over every trial."""
+    def at_outputs(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Each failing output's and boundary tensor's noise (as an atol, and as a relative L2
+        error), over every trial."""
         structure = self.structure
         if structure.reference is None:
-            return {}
+            return {}, {}
         names = sorted({name.split("[")[0] for name in self.outputs} | set(structure.boundaries))
         noise: dict[str, float] = {}
+        spread: dict[str, float] = {}
         for rewrite in (structure.rewrite, Rewrite(whole="every parameter")):
             model = regions.rerounded_end_to_end(structure.whole_reference(), rewrite, seed=0)
             model = _exposing(model, list(structure.boundaries), structure.types)
-            noise.update(_measure(model, names, None, self.feeds, self.providers, self.references)[0])
+            found, _, moved = _measure(model, names, None, self.feeds, self.providers, self.references)
+            noise.update(found)
+            spread.update(moved)
             # a tensor the rewritten nodes' parameters do not move (they are whole numbers, shapes):
             # how far every float parameter moves it is the noise it carries
             names = [name for name in names if not noise.get(name)]
-            if not names:
+            if not names or not structure.rewrite.isolated:
                 break
-        return noise
+        return noise, spread
 
 
 def judge_by_rerounding(results: list[OutputComparison], reference: onnx.ModelProto, feed, want, providers) -> None:
@@ -230,17 +234,19 @@ def judge_by_rerounding(results: list[OutputComparison], reference: onnx.ModelPr
                 )
 
 
-def _measure(model, names, suffix, feeds, providers, references=None) -> tuple[dict[str, float], dict]:
-    """How far `names` move, largest over the trials, as an atol and per channel (ChannelStats):
+def _measure(model, names, suffix, feeds, providers, references=None) -> tuple[dict[str, float], dict, dict]:
+    """How far `names` move, largest over the trials, as an atol, per channel (ChannelStats) and
+    as a relative L2 error:
     between the model's own tensor and its `suffix` copy, or (without a suffix) between the
     model's tensors and `references` (per trial, by name). Nothing, when the model does not load:
     no yardstick, no relaxation."""
     try:
         session = make_session(model, providers=providers)
     except Exception:
-        return {}, {}
+        return {}, {}, {}
     noise: dict[str, float] = {}
     channels: dict[str, ChannelStats] = {}
+    spread: dict[str, float] = {}  # the same movement as a relative L2 error: scale-free
     for t, feed in enumerate(feeds):
         got = run_named(session, feed, "the reference with its parameters rounded the other way")
         for name in names:
@@ -250,10 +256,12 @@ def _measure(model, names, suffix, feeds, providers, references=None) -> tuple[d
                 continue
             if other.shape == want.shape:
                 other = other.astype(want.dtype)
-                noise[name] = max(noise.get(name, 0.0), compare("", want, other, 0.0, 0.0).needed_atol)
+                moved = compare("", want, other, 0.0, 0.0)
+                noise[name] = max(noise.get(name, 0.0), moved.needed_atol)
+                spread[name] = max(spread.get(name, 0.0), moved.rel_l2_error or 0.0)
                 if suffix:
                     channels[name] = channels.get(name, ChannelStats()).worst(channel_stats(want, other))
-    return noise, channels
+    return noise, channels, spread
 
 
 def _exposing(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.ModelProto:

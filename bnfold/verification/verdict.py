@@ -102,8 +102,17 @@ class Evidence:
         return self._at_sites[1]
 
     @cached_property
-    def output_noise(self) -> dict[str, float]:
+    def _at_outputs(self) -> tuple[dict[str, float], dict[str, float]]:
         return self.yardsticks.at_outputs()
+
+    @property
+    def output_noise(self) -> dict[str, float]:
+        return self._at_outputs[0]
+
+    @property
+    def output_spread(self) -> dict[str, float]:
+        """The same noise as a relative L2 error: how noisy the output is as a whole."""
+        return self._at_outputs[1]
 
 
 # ---- the rules ---------------------------------------------------------------------------------------
@@ -124,8 +133,10 @@ def _noise(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     nodes' parameters are rounded the other way. At a site, capped at NOISE_CAP × the atol unless
     its channels are judged too (the channel rule then catches a mistake that hides in the
     noise of a model that cancels large numbers). At an output and a boundary, asked only once
-    every site agrees, uncapped when every difference lies in a rewritten node: the sites bound
-    the folds, and what follows them can only magnify their noise."""
+    every site agrees, uncapped when every difference lies in a rewritten node (the sites bound
+    the folds, and what follows them can only magnify their noise) or when the noise is a small
+    part of the output as a whole (its relative L2 within the cap): S is a percentile, and a
+    peaked output (a softmax over thousands of classes) has a tiny S and a large noise in its units."""
     c = m.comparison
     if c.stated or so_far.passed or c.kind != Kind.NUMBERS or c.precision == "quantized" or c.needed_atol is None:
         return None
@@ -136,7 +147,10 @@ def _noise(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
         if not ev.sites_pass:
             return None
         noise = ev.output_noise.get(m.name)
-        cap = None if ev.isolated else NOISE_CAP
+        # uncapped when the sites bound the folds, or when the model's own noise is small beside
+        # the output as a whole (a softmax over 6625 classes: tiny S, tiny noise)
+        quiet = ev.output_spread.get(m.name, float("inf")) <= NOISE_CAP * c.atol
+        cap = None if ev.isolated or quiet else NOISE_CAP
     if noise is None:
         return None
     bound = NOISE_FACTOR * noise if cap is None else min(NOISE_FACTOR * noise, cap * c.atol)
