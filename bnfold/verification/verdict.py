@@ -93,26 +93,16 @@ class Evidence:
     def _at_sites(self) -> tuple[dict[str, float], dict[str, ChannelStats]]:
         return self.yardsticks.at_sites()  # one session for both figures
 
-    @property
-    def site_noise(self) -> dict[str, float]:
-        return self._at_sites[0]
-
-    @property
-    def site_channels(self) -> dict[str, ChannelStats]:
-        return self._at_sites[1]
-
     @cached_property
     def _at_outputs(self) -> tuple[dict[str, float], dict[str, float]]:
-        return self.yardsticks.at_outputs()
+        return self.yardsticks.at_outputs()  # one session (two, when the first moves nothing)
 
-    @property
-    def output_noise(self) -> dict[str, float]:
-        return self._at_outputs[0]
-
-    @property
-    def output_spread(self) -> dict[str, float]:
-        """The same noise as a relative L2 error: how noisy the output is as a whole."""
-        return self._at_outputs[1]
+    # each site's noise (an atol) and channel figures; each output's noise, and the same as a
+    # relative L2 error (how noisy the output is as a whole)
+    site_noise = property(lambda self: self._at_sites[0])
+    site_channels = property(lambda self: self._at_sites[1])
+    output_noise = property(lambda self: self._at_outputs[0])
+    output_spread = property(lambda self: self._at_outputs[1])
 
 
 # ---- the rules ---------------------------------------------------------------------------------------
