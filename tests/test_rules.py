@@ -215,6 +215,45 @@ def _always_passing(name: str) -> tuple:
     )
 
 
+# ---- a site too small for channels: a float16 Gemm → BN1d (N, C) ---------------------------------------
+def mlp16(tmp_path: Path) -> Path:
+    """Gemm → BatchNormalization → ReLU in float16: its fold's site is (N, 64), one element per
+    channel and trial, too few for the channel rule."""
+    rng = np.random.default_rng(36)
+    values = {"w": rng.normal(0, 0.2, (32, 64)), "b": rng.normal(0, 0.1, 64), "g": rng.uniform(0.5, 1.5, 64),
+              "be": rng.normal(0, 0.1, 64), "m": rng.normal(0, 0.1, 64), "v": rng.uniform(0.5, 1.5, 64)}  # fmt: skip
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"]),
+        helper.make_node("BatchNormalization", ["h", "g", "be", "m", "v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 64])],
+        [numpy_helper.from_array(v.astype(np.float16), k) for k, v in values.items()],
+    )  # fmt: skip
+    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mlp16.onnx")
+
+
+def one_column_off(path: Path, tmp_path: Path, rank: int = 2) -> Path:
+    """The fold with one output channel's weights ×1.01: the channel `rank`-th loudest, under
+    float16's atol where it is (the loudest one fails the policy itself)."""
+    gemm = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Gemm")
+    weights = numpy_helper.to_array(next(t for t in onnx.load(str(path)).graph.initializer if t.name == gemm.input[1]))
+    channel = int(np.argsort(-np.abs(weights.astype(np.float64)).sum(axis=0))[rank])
+    return with_tensor(path, gemm.input[1], lambda w: np.where(np.arange(64) == channel, w * 1.01, w), tmp_path)
+
+
+def test_a_site_too_small_for_channels_is_judged_by_its_elements(tmp_path):
+    original = mlp16(tmp_path)
+    candidate = folded(original, tmp_path)
+    assert bnfold.verify(original, candidate).equivalent
+    report = bnfold.verify(original, one_column_off(candidate, tmp_path))
+    (site,) = report.sites
+    assert site.needed_atol < site.atol  # float16's policy passes it…
+    assert not report.equivalent and site.rule == "elements", report.table()  # …its elements do not
+
+
 def _cases(tmp_path: Path) -> dict:
     """Per rule: a pair whose verdict that rule decides, and that verdict."""
     from test_verdict import nudged, tied_scores_model
@@ -245,6 +284,8 @@ def _cases(tmp_path: Path) -> dict:
     shifted = np.where(np.arange(8) == 3, 0.03, 0)
     mistake = with_tensor(loud_candidate, conv_of(loud_candidate).input[2], lambda b: b + shifted * np.abs(b), tmp_path)
     cases["channel"] = (loud, mistake, False)
+    small = mlp16(folder("small"))
+    cases["elements"] = (small, one_column_off(folded(small, tmp_path / "small"), tmp_path / "small"), False)
     tied = tied_scores_model(folder("tied"))
     cases["discontinuity"] = (tied, nudged(folded(tied, tmp_path / "tied"), 1, 4e-6, tmp_path / "tied"), True)
     return cases

@@ -102,6 +102,10 @@ CHANNEL_FLOOR = {
     "float16": (5e-5, 2e-3),
     "bfloat16": (4e-4, 1.6e-2),
 }
+# A site too small for channels (a Gemm's (N, C) output, an SE block's (N, C, 1, 1)) fails when
+# its largest error (in units of S) is past SHIFT_FACTOR × the reference's own and past this
+# floor (the channel gain floor), under which no yardstick runs.
+ELEMENT_FLOOR = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 CHANNEL_MIN_ELEMENTS = 16  # a channel of fewer elements has no mean to speak of (a Gemm's (N, C) output)
 SIGNIFICANCE = 6.0  # standard errors a channel's mean or slope must stand out by to count
 SCALE_QUANTILE = 0.99  # S: this quantile of the non-zero |reference| values

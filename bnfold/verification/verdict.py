@@ -18,6 +18,7 @@ no extra session.
 | policy | all | the tolerance policy of the precision it is computed in (bnfold.verification.tolerance) |
 | noise | all, default tolerance | a failure by numbers within NOISE_FACTOR × the reference's own noise passes |
 | channel | sites, default tolerance | a channel shifted or scaled beyond SHIFT_FACTOR × the reference's own: FAIL |
+| elements | small sites, default tolerance | an error beyond SHIFT_FACTOR × the reference's own and a floor: FAIL |
 | discontinuity | outputs, default tolerance | a difference after a discontinuous op whose inputs agree passes |
 """
 
@@ -29,6 +30,7 @@ from functools import cached_property
 
 from bnfold.verification.tolerance import (
     CHANNEL_FLOOR,
+    ELEMENT_FLOOR,
     NOISE_CAP,
     NOISE_FACTOR,
     SHIFT_FACTOR,
@@ -182,6 +184,26 @@ def _channel(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     return None
 
 
+def _elements(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
+    """A passing site with too few elements per channel for the channel rule (a Gemm's (N, C)
+    output, an SE block's (N, C, 1, 1)) fails when its largest error, in units of S, is past
+    SHIFT_FACTOR × the reference's own at that site and past its precision's floor: float16's
+    atol lets one channel ×1.01 pass where a correct fold needs a fifth of that."""
+    c, measured = m.comparison, m.channels
+    if c.stated or not so_far.passed or c.kind != Kind.NUMBERS or c.precision not in ELEMENT_FLOOR:
+        return None
+    if measured is not None and measured.judged or c.needed_atol is None or c.needed_atol <= ELEMENT_FLOOR[c.precision]:
+        return None
+    noise = ev.site_noise.get(m.name)
+    if noise is None or c.needed_atol <= SHIFT_FACTOR * noise:
+        return None
+    why = (
+        f"FAIL: an error of {c.needed_atol:.1e} · S, {c.needed_atol / max(noise, 1e-300):.1f}× what rounding the "
+        f"parameters the other way does ({noise:.1e}), at a site too small to judge by channel"
+    )
+    return Judgement(False, "elements", reason=why, noise=noise)
+
+
 def _discontinuity(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     """A failing output passes when a discontinuous op (TopK, NonMaxSuppression, a comparison,
     a QuantizeLinear, …) lies between the sites and it, every site agrees on every trial in
@@ -209,6 +231,7 @@ RULES: tuple[Rule, ...] = (
     Rule("policy", (SITE, BOUNDARY, OUTPUT), _policy),
     Rule("noise", (SITE, BOUNDARY, OUTPUT), _noise),
     Rule("channel", (SITE,), _channel),
+    Rule("elements", (SITE,), _elements),
     Rule("discontinuity", (OUTPUT,), _discontinuity),
 )
 
