@@ -331,3 +331,23 @@ def test_a_model_that_runs_at_batch_1_only_is_verified_there_with_a_note(tmp_pat
     assert "note: input 'x' axis 0 is N: used 1" in report.notes
     if free:
         assert "note: input 'x' axis 2 is T: used 16, 17 and 32" in report.notes
+
+
+# ---- saturated outputs say so (issue 31, item 4) ------------------------------------------------------
+def test_an_output_saturated_by_the_generated_inputs_says_so(tmp_path):
+    original = saturating(tmp_path)
+    report = bnfold.verify(original, folded(original, tmp_path))
+    note = next(n for n in report.notes if n.startswith("note: output 'map' is saturated on the generated inputs"))
+    assert "--inputs" in note, note
+    x = np.random.default_rng(0).normal(0, 1, (1, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    report = bnfold.verify(original, folded(original, tmp_path), inputs=[tmp_path / "x.npz"])
+    assert not any("saturated" in n for n in report.notes)  # the user's own inputs: their business
+
+
+def test_an_output_that_is_not_saturated_has_no_such_note(tmp_path):
+    net = Net(seed=37)
+    y = net.node("Sigmoid", [net.node("Relu", [net.conv_bn("x", 3, 4)])], out="map")
+    original = save(net.model([float_input("x", [1, 3, 16, 16])], [y]), tmp_path / "soft.onnx")
+    report = bnfold.verify(original, folded(original, tmp_path))
+    assert report.equivalent and not any("saturated" in n for n in report.notes), report.notes

@@ -160,6 +160,8 @@ def verify(
         save_trials(claim_folder(folders["outputs"] / "candidate"), feeds, "input")
         save_trials(folders["outputs"] / "candidate", run.candidates, "output")
     report.notes += _unexercised(structure, run)
+    if not inputs:
+        report.notes += _saturated(structure, run.references)
     progress("judging")
     evidence = Evidence(Yardsticks(structure, feeds, run.references, compared, providers), structure)
     report.outputs, report.sites = verdict.judge(
@@ -252,6 +254,34 @@ def _unexercised(structure, run: Run) -> list[str]:
         for branch in sorted(set(rewritten) - taken):
             notes.append(f"note: no trial took the {branch} of {label}: its rewrite is not exercised "
                          "(give --inputs that take it)")  # fmt: skip
+    return notes
+
+
+SATURATING = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0), "Softsign": (-1.0, 1.0)}
+SATURATED_BAND = 1e-3  # a value this close to where its op flattens out…
+SATURATED_SHARE = 0.9  # …in this share of an output: the generated inputs say little about it
+
+
+def _saturated(structure, references: list[dict]) -> list[str]:
+    """A note for each output a saturating op makes (sigmoid, tanh) whose values on the
+    generated inputs lie nearly all where that op is flat: what came before it barely shows."""
+    if structure.reference is None or not references:
+        return []
+    made = {node.output[0]: node.op_type for node in structure.reference.graph.node if node.output}
+    notes = []
+    for output in structure.reference.graph.output:
+        bounds = SATURATING.get(made.get(output.name, ""))
+        values = [np.asarray(r[output.name]) for r in references if isinstance(r.get(output.name), np.ndarray)]
+        if bounds is None or not values or not all(v.dtype.kind == "f" and v.size for v in values):
+            continue
+        flat = [np.minimum(np.abs(v - bounds[0]), np.abs(v - bounds[1])) <= SATURATED_BAND for v in values]
+        share = sum(int(f.sum()) for f in flat) / sum(f.size for f in flat)
+        if share >= SATURATED_SHARE:
+            notes.append(
+                f"note: output '{output.name}' is saturated on the generated inputs ({share:.0%} of its values "
+                f"within {SATURATED_BAND:.0e} of {bounds[0]:g} or {bounds[1]:g}): it shows little of the "
+                "layers before it; the sites judge those, and --inputs with real data judge the output"
+            )
     return notes
 
 
