@@ -457,3 +457,19 @@ def test_stored_outputs_of_a_wide_softmax_pass_a_correct_fold_and_fail_a_mistake
         broken = with_tensor(candidate, conv.input[slot], partial(_channel_mistake, change), tmp_path,
                              f"broken_{index}_{change}.onnx")  # fmt: skip
         assert not verify_against_outputs(broken, tmp_path / "stored").equivalent, (index, change)
+
+
+def test_stored_outputs_of_a_sequence_model_are_refused_in_one_line(tmp_path):
+    # onnx's backend test data stores a sequence output as a SequenceProto: read as a tensor, it was garbage
+    from test_verify import sequence_model
+
+    model = save(sequence_model(), tmp_path / "seq.onnx")
+    folder = tmp_path / "test_data_set_0"
+    folder.mkdir()
+    x = np.ones((2, 3), np.float32)
+    (folder / "input_0.pb").write_bytes(numpy_helper.from_array(x, "x").SerializeToString())
+    sequence = numpy_helper.from_list([x, x], "seq")
+    (folder / "output_0.pb").write_bytes(sequence.SerializeToString())
+    result = CliRunner().invoke(app, ["verify", str(model), "--load-outputs", str(tmp_path)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "output 'seq' is seq(tensor(float))" in result.stderr

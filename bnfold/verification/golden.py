@@ -53,6 +53,12 @@ def verify_against_outputs(
     progress("loading the model in onnxruntime")
     session = runtime.load_session(model, "model", providers)  # external-data locations checked first
     output_names = [o.name for o in session.get_outputs()]
+    for declared_output in session.get_outputs():
+        if not declared_output.type.startswith("tensor("):  # seq(…), optional(…), map(…)
+            raise BnfoldError(
+                f"output '{declared_output.name}' is {declared_output.type}: stored outputs are compared as "
+                "tensors only; compare the model with the one that made them (bnfold verify A B)"
+            )
     source, expected, stored_inputs = stored.load_outputs(Path(outputs), output_names)
     declared = runtime.input_declarations(session)
     specs = input_specs(declared, input_shapes or {})
