@@ -348,11 +348,10 @@ def _fingerprint(value) -> tuple:
 def _equal_values(a, b) -> bool:
     if isinstance(a, str) or isinstance(b, str):
         return a == b
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
-    )
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    # byte for byte, without copies (memcmp): NaN equals a NaN of the same bits
+    return memoryview(np.ascontiguousarray(a)).cast("B") == memoryview(np.ascontiguousarray(b)).cast("B")
 
 
 def _renamed(model: onnx.ModelProto, renamed: dict[str, str]) -> onnx.ModelProto:

@@ -70,17 +70,20 @@ class Choice:
     controls: dict[str, list[int]] | None = None
     state_batch: bool = False  # the batch is the first symbolic axis of an input whose axis 0 is fixed
     batches: tuple[int, ...] = SYMBOLIC_BATCH  # the symbolic batch's sizes, by trial
-    batch_error: str = ""  # why not batch 2, when the reference runs at batch 1 only
+    batch_error: str = ""  # why not batch 2, when the reference runs at batch 1 only (verify sets it)
 
 
-def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tuple[list[dict], Choice]:
+def choose_feeds(
+    declared, trials, seed, shapes, int_range, model, runs, batches=SYMBOLIC_BATCH
+) -> tuple[list[dict], Choice]:
     """`trials` generated feeds onnxruntime can run. Non-batch symbolic dimensions take the first
     of SYMBOLIC_SIZES at which `runs(feed)` (None, or onnxruntime's error) succeeds, the next
     one too when it runs, and an uneven size (UNEVEN) when it runs, alternating by trial;
     integer inputs the graph compares with constants take those constants (with the default
-    int range)."""
+    int range). `batches`: the symbolic batch's sizes by trial (verify asks again with (1,)
+    when the reference refuses batch 2)."""
     controls = control_values(model, declared) if model is not None and int_range == DEFAULT_INT_RANGE else {}
-    choice = Choice(controls=controls)
+    choice = Choice(controls=controls, batches=batches)
     free = any(_symbolic(v, a) and a > 0 for v in declared if v.name not in shapes for a in range(len(v.shape or [])))
 
     def feed(trial: int, size: int) -> dict:
@@ -93,14 +96,6 @@ def choose_feeds(declared, trials, seed, shapes, int_range, model, runs) -> tupl
     working, refused, first_error = [], (), ""
     if free:
         working, refused, first_error = _search_sizes(choice, feed, runs)
-    batched = trials > 1 and any(_symbolic(v, 0) for v in declared if v.name not in shapes)
-    first = working[0] if free and working else SYMBOLIC_OTHER
-    if batched and (not free or working) and (free or runs(feed(0, first)) is None):
-        error = runs(feed(1, first))
-        if error is not None:  # it runs at batch 1 only (a Reshape to a fixed batch): so be it, with a note
-            choice.batches, choice.batch_error = (1,), error
-            if free:
-                working, refused, first_error = _search_sizes(choice, feed, runs)
     if free:
         if len(working) == 2 and trials > 2:
             working.append(_uneven_size(working[0], lambda size: runs(feed(2, size))))

@@ -18,6 +18,7 @@ from bnfold.verification.evidence import check_folder, claim_folder, save_trials
 from bnfold.verification.inputs import (
     DEFAULT_INT_RANGE,
     DEFAULT_TRIALS,
+    SYMBOLIC_BATCH,
     check_comparable,
     check_feed,
     choose_feeds,
@@ -129,11 +130,31 @@ def verify(
         compared, unpaired = _pair_outputs(*pair.sessions, counts)
         precisions = {name: structure.outputs[name] for name in compared if name in structure.outputs}
         declared = runtime.input_declarations(pair.sessions[0])
+
+        def choose(batches=SYMBOLIC_BATCH):
+            return choose_feeds(declared, trials, seed, input_shapes or {}, int_range, structure.reference,
+                                lambda feed: pair.try_reference(feed), batches)  # fmt: skip
+
+        def run_all(feeds):
+            return _run_trials(pair, feeds, compared, structure, by_site, report, progress, tolerances, precisions,
+                               keep_candidates="outputs" in folders)  # fmt: skip
+
         if inputs:
             feeds, chosen = _given_feeds(declared, inputs, input_shapes or {}), None
+            run = run_all(feeds)
         else:
-            feeds, chosen = choose_feeds(declared, trials, seed, input_shapes or {}, int_range, structure.reference,
-                                         lambda feed: pair.try_reference(feed))  # fmt: skip
+            feeds, chosen = choose()
+            try:
+                run = run_all(feeds)
+            except BnfoldError:
+                # the reference itself refuses batch 2 (a tagger that squeezes its batch away): every
+                # trial at batch 1, with a note; a candidate that refuses it is a failure to report
+                refusal = pair.try_reference(feeds[1]) if len(feeds) > 1 else None
+                if refusal is None or pair.try_reference(feeds[0]) is not None:
+                    raise
+                feeds, chosen = choose(batches=(1,))
+                chosen.batch_error = refusal
+                run = run_all(feeds)
         report.notes = (
             ([unprobed] if unprobed else [])
             + shape_notes(declared, feeds, input_shapes or {}, chosen)
@@ -150,8 +171,6 @@ def verify(
         else:
             report.inputs = describe_inputs(declared, feeds)
         report.trials = len(feeds)
-        run = _run_trials(pair, feeds, compared, structure, by_site, report, progress, tolerances, precisions,
-                          keep_candidates="outputs" in folders)  # fmt: skip
     if "inputs" in folders:
         save_trials(claim_folder(folders["inputs"]), feeds, "input")
     if "outputs" in folders:  # inputs beside outputs, so that --load-outputs reads the folder on its own
