@@ -39,7 +39,7 @@ from bnfold.graph.protos import all_nodes, subgraphs
 APART = "__bnfold_candidate"  # suffix of a candidate tensor no reference tensor corresponds to
 RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
 READS_SHAPE_ONLY = ("Shape", "Size")
-SAMPLE = 4096  # bytes of a constant that its first fingerprint reads
+SAMPLE = 1024  # bytes of each of the three samples of a constant its fingerprint reads
 
 
 @dataclass
@@ -56,8 +56,8 @@ class Alignment:
 def align(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=({}, {})) -> Alignment:
     """The candidate (a copy) with each tensor under the name of the reference tensor it is."""
     values = _Constants(reference, candidate, arrays)
-    forward = [_forward(m, values.label(side)) for side, m in enumerate((reference, candidate))]
     graphs = [_Graph(m, set(v)) for m, v in zip((reference, candidate), values.names)]
+    forward = [_forward(m, values.label(side), g) for side, (m, g) in enumerate(zip((reference, candidate), graphs))]
     pairing = _Pairing(graphs, forward)
     for name in [v.name for v in [*candidate.graph.input, *candidate.graph.output]]:
         pairing.fix(name)  # verify pairs the models' inputs and outputs by name
@@ -102,7 +102,11 @@ class _Graph:
         self.alias: dict[str, str] = {}
         self.producer: dict[str, tuple[onnx.NodeProto, int]] = {}
         self.readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-        for node in model.graph.node:
+        # the nodes, held: a protobuf node read twice is two Python objects, so ids are only good on these
+        self.nodes = list(model.graph.node)
+        # each node's op, arity and attributes, serialized once: what two nodes must share to be one op
+        self.kind = {id(n): (n.domain, n.op_type, len(n.input), len(n.output), _attributes(n)) for n in self.nodes}
+        for node in self.nodes:
             if _is_identity(node):
                 self.alias[node.output[0]] = self.root(node.input[0])
                 continue
@@ -158,7 +162,7 @@ class _Pairing:
         same ops read both (onnxsim leaves a Conv's name on the Conv that absorbed its BN)."""
         ref, cand = self.graphs
         mine, other = cand.producer.get(name), ref.producer.get(name)
-        if mine and other and mine[1] == other[1] and _same_op(mine[0], other[0]):
+        if mine and other and mine[1] == other[1] and self._same_op(mine[0], other[0]):
             if _reader_ops(cand, name) == _reader_ops(ref, name):
                 self.pair(name, name)
 
@@ -166,7 +170,7 @@ class _Pairing:
         """Pair the outputs of nodes that are, on each side, the only unpaired node of their op
         and attributes (a ReLU between two folds that changed both its neighbours)."""
         ref, cand = self.graphs
-        left = [_by_op(g.producer, done) for g, done in ((ref, self.taken), (cand, self.to_ref.keys()))]
+        left = [_by_op(g, done) for g, done in ((ref, self.taken), (cand, self.to_ref.keys()))]
         for key, theirs in left[1].items():
             ours = left[0].get(key)
             if len(theirs) == 1 and ours is not None and len(ours) == 1:
@@ -177,7 +181,7 @@ class _Pairing:
         while self.queue:
             ours, theirs = self.queue.pop()
             mine, other = cand.producer.get(ours), ref.producer.get(theirs)
-            if mine and other and mine[1] == other[1] and _same_op(mine[0], other[0]):
+            if mine and other and mine[1] == other[1] and self._same_op(mine[0], other[0]):
                 for a, b in zip(*(g.inputs(n) for g, n in ((cand, mine[0]), (ref, other[0])))):
                     if a and b and a not in cand.constants and b not in ref.constants:
                         self.pair(a, b)
@@ -192,12 +196,16 @@ class _Pairing:
         for node, slot in cand.readers.get(ours, []):
             matches = [
                 other for other, other_slot in ref.readers.get(theirs, [])
-                if other_slot == slot and _same_op(node, other) and self._same_inputs(node, other)
+                if other_slot == slot and self._same_op(node, other) and self._same_inputs(node, other)
             ]  # fmt: skip
             if len(matches) == 1:
                 for a, b in zip(node.output, matches[0].output):
                     if a and b:
                         self.pair(a, b)
+
+    def _same_op(self, node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
+        """A candidate node and a reference node of one op, arity and attributes."""
+        return self.graphs[1].kind[id(node)] == self.graphs[0].kind[id(other)]
 
     def _same_inputs(self, node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
         ref, cand = self.graphs
@@ -215,13 +223,12 @@ class _Pairing:
         return True
 
 
-def _by_op(producer: dict, paired) -> dict[tuple, list[str]]:
+def _by_op(graph: _Graph, paired) -> dict[tuple, list[str]]:
     """Unpaired tensors (not in `paired`) by the op, attributes and output index that make them."""
     found: dict[tuple, list[str]] = {}
-    for name, (node, k) in producer.items():
+    for name, (node, k) in graph.producer.items():
         if name not in paired and node.op_type != "Constant":
-            key = (node.domain, node.op_type, len(node.input), len(node.output), _attributes(node), k)
-            found.setdefault(key, []).append(name)
+            found.setdefault((graph.kind[id(node)], k), []).append(name)
     return found
 
 
@@ -229,12 +236,6 @@ def _reader_ops(graph: _Graph, name: str) -> list[tuple]:
     return sorted(
         (n.domain, n.op_type, slot) for n, slot in graph.readers.get(name, []) if n.op_type not in READS_SHAPE_ONLY
     )
-
-
-def _same_op(node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
-    return (node.domain, node.op_type, len(node.input), len(node.output), _attributes(node)) == (
-        other.domain, other.op_type, len(other.input), len(other.output), _attributes(other)
-    )  # fmt: skip
 
 
 def _is_identity(node: onnx.NodeProto) -> bool:
@@ -256,13 +257,13 @@ def _attributes(node: onnx.NodeProto) -> str:
     return _digest(sorted((a.name, a.SerializeToString(deterministic=True)) for a in node.attribute))
 
 
-def _forward(model: onnx.ModelProto, constant_label) -> dict[str, str]:
+def _forward(model: onnx.ModelProto, constant_label, graph: _Graph) -> dict[str, str]:
     """Each main-graph tensor's identity: what computes it, from what."""
-    graph = model.graph
-    identity = {t.name: constant_label(t.name) for t in graph.initializer}
-    identity.update({t.values.name: constant_label(t.values.name) for t in graph.sparse_initializer})
-    identity.update({v.name: _digest("input", v.name) for v in graph.input})  # an input overrides its initializer
-    for index, node in enumerate(graph.node):
+    main = model.graph
+    identity = {t.name: constant_label(t.name) for t in main.initializer}
+    identity.update({t.values.name: constant_label(t.values.name) for t in main.sparse_initializer})
+    identity.update({v.name: _digest("input", v.name) for v in main.input})  # an input overrides its initializer
+    for index, node in enumerate(graph.nodes):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             identity[node.output[0]] = constant_label(node.output[0])
             continue
@@ -270,7 +271,7 @@ def _forward(model: onnx.ModelProto, constant_label) -> dict[str, str]:
             identity[node.output[0]] = identity[node.input[0]]
             continue
         inputs = tuple(identity.get(name, _digest("unknown", name)) if name else "" for name in node.input)
-        made = _digest(node.domain, node.op_type, _attributes(node), inputs, index if node.op_type in RANDOM else None)
+        made = _digest(graph.kind[id(node)], inputs, index if node.op_type in RANDOM else None)
         for k, out in enumerate(node.output):
             if out:
                 identity[out] = _digest(made, k)
@@ -338,11 +339,14 @@ def _array(tensor: TensorProto):
 
 
 def _fingerprint(value) -> tuple:
+    """Type, shape and three contiguous samples of the bytes (its start, middle and end): a few
+    pages of a weight that lies in a mapped file, not every one of them."""
     if isinstance(value, str):
         return ("text", _digest(value))
     flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-    step = max(1, flat.size // SAMPLE)
-    return (str(value.dtype), value.shape, hashlib.blake2b(flat[::step].tobytes(), digest_size=16).hexdigest())
+    middle = max(0, flat.size // 2 - SAMPLE // 2)
+    samples = (flat[:SAMPLE], flat[middle : middle + SAMPLE], flat[-SAMPLE:])
+    return (str(value.dtype), value.shape, hashlib.blake2b(b"".join(s.tobytes() for s in samples)).hexdigest())
 
 
 def _equal_values(a, b) -> bool:
