@@ -351,3 +351,16 @@ def test_an_output_that_is_not_saturated_has_no_such_note(tmp_path):
     original = save(net.model([float_input("x", [1, 3, 16, 16])], [y]), tmp_path / "soft.onnx")
     report = bnfold.verify(original, folded(original, tmp_path))
     assert report.equivalent and not any("saturated" in n for n in report.notes), report.notes
+
+
+def test_another_output_shape_at_a_symbolic_size_is_exit_1_without_a_traceback(tmp_path):
+    # Issue 32: the first divergence had no numbers to print (`needed atol` None): a TypeError
+    import subprocess
+    import sys
+
+    reference = save(same_upper(), tmp_path / "same.onnx")
+    candidate = save(same_upper(pads=[0, 0, 1, 1]), tmp_path / "fixed.onnx")
+    run = subprocess.run([sys.executable, "-m", "bnfold", "verify", str(reference), str(candidate)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "first divergence at 'y'" in run.stderr and "candidate gives shape" in run.stderr

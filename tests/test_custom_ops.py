@@ -77,3 +77,23 @@ def test_calibration_sessions_register_the_library_too(tmp_path):
     assert [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node] == ["Conv", "NegPos"]
     folded = bnfold.fold(model, calibration=tmp_path / "calibration.npz", custom_ops=[LIBRARY])
     assert folded.report.folded == 1
+
+
+def test_a_relative_library_path_is_the_file_there_not_a_system_library(tmp_path):
+    # str(Path("./libx.so")) is "libx.so", a bare name the dynamic loader looks for in the system's
+    # paths: `--custom-lib ./libc.so.6` loaded the system libc, and a user's own ./libmyops.so
+    # was "cannot open shared object file" although it was there.
+    import shutil
+
+    custom_op_model(tmp_path / "m.onnx")  # verified by its relative name, from tmp_path
+    shutil.copy(LIBRARY, tmp_path / "libmyops.so")
+    (tmp_path / "libc.so.6").write_bytes(b"not the system's libc")
+
+    def verify_with(library: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "bnfold", "verify", "m.onnx", "m.onnx", "--custom-lib", library]
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+
+    ok = verify_with("./libmyops.so")
+    assert ok.returncode == 0, ok.stderr
+    local = verify_with("./libc.so.6")
+    assert local.returncode == 2 and "onnxruntime cannot load" in local.stderr, local.stderr

@@ -101,3 +101,47 @@ def test_older_polygraphy_files_mark_arrays_with_a_legacy_key(tmp_path):
     (tmp_path / "inputs.json").write_text(json.dumps([{"input": array}]))
     report = bnfold.verify(SAMPLE, SAMPLE, inputs=[tmp_path / "inputs.json"])
     assert report and report.trials == 1
+
+
+# ---- hostile stored files: one line, exit 2 (issue 32) ------------------------------------------------
+def _polygraphy_inputs(array_bytes: bytes) -> str:
+    array = {"array": base64.b64encode(array_bytes).decode(), "polygraphy_class": "ndarray"}
+    return json.dumps([{"input": array}])
+
+
+def _npy_header_only(shape) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("nested", "nested too deeply"),
+        ("huge", "its header claims shape"),
+        ("empty_npz", "holds no array"),
+        ("member", "is not a .npy array"),
+    ],
+)
+def test_a_hostile_stored_file_is_one_line_and_exit_2(tmp_path, kind, message):
+    if kind == "nested":  # RecursionError
+        (tmp_path / "inputs.json").write_text("[" * 100000)
+    elif kind == "huge":  # MemoryError: a header that claims 4 PB
+        (tmp_path / "inputs.json").write_text(_polygraphy_inputs(_npy_header_only((10**9, 10**6))))
+    elif kind == "empty_npz":  # StopIteration: an old file's .npz payload with nothing in it
+        empty = io.BytesIO()
+        np.savez(empty)
+        (tmp_path / "inputs.json").write_text(_polygraphy_inputs(empty.getvalue()))
+    if kind == "member":  # AttributeError: an .npz member that is not .npy
+        import zipfile
+
+        with zipfile.ZipFile(tmp_path / "outputs.npz", "w") as archive:
+            archive.writestr("out.output.txt", "not an array")
+        run = bnfold_cli(
+            "verify", SAMPLE, "--load-outputs", tmp_path / "outputs.npz", "--inputs", SAMPLES / "resnet_tiny.npz"
+        )
+    else:
+        run = bnfold_cli("verify", SAMPLE, SAMPLE, "--inputs", tmp_path / "inputs.json")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr

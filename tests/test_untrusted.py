@@ -270,3 +270,35 @@ def test_a_model_too_big_to_check_in_memory_is_a_clear_error_for_inspect(monkeyp
     result = runner.invoke(app, ["inspect", str(SAMPLE)])
     assert result.exit_code == 2
     assert "over 2 GiB, and onnx.checker reads such a model only from disk" in result.stderr
+
+
+def test_a_test_data_file_that_declares_external_data_is_refused_not_read(tmp_path):
+    # Issue 32: onnx resolves the location against the working directory, so any plain file
+    # below it was read, run, and copied by --save-inputs into the folder meant for bug reports.
+    import subprocess
+    import sys
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    (tmp_path / "secret.txt").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    tensor = TensorProto(name="x", data_type=TensorProto.FLOAT, dims=[2, 2])
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "secret.txt"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "input_0.pb").write_bytes(tensor.SerializeToString())
+    run = subprocess.run(
+        [sys.executable, "-m", "bnfold", "verify", "m.onnx", "m.onnx", "--inputs", "data", "--save-inputs", "out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "declared external" in run.stderr and not (tmp_path / "out").exists()

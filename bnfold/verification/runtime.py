@@ -58,10 +58,12 @@ _CUSTOM_OPS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("c
 def custom_op_libraries(paths: Sequence[str | os.PathLike]):
     """Within: every session registers these onnxruntime custom-op libraries
     (`SessionOptions.register_custom_ops_library`), for models with ops of another domain."""
-    libraries = tuple(str(Path(p)) for p in paths)
-    for library in libraries:
-        if not Path(library).is_file():
-            raise BnfoldError(f"--custom-lib {library}: no such file")
+    for path in paths:
+        if not Path(path).is_file():
+            raise BnfoldError(f"--custom-lib {path}: no such file")
+    # absolute: the dynamic loader searches the system's paths for a bare name, and
+    # str(Path("./libx.so")) is the bare name "libx.so" (a user's ./libc.so.6 loaded the system's)
+    libraries = tuple(str(Path(p).absolute()) for p in paths)
     token = _CUSTOM_OPS.set(libraries)
     try:
         yield

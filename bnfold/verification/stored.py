@@ -30,9 +30,13 @@ def npz_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of an .npz file, by name; pickles are refused."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in data.files}
     except Exception as exc:
         raise BnfoldError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
+    for name, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # a member that is not .npy comes back as its bytes
+            raise BnfoldError(f"{path}: member '{name}' is not a .npy array")
+    return arrays
 
 
 def with_prefix(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray] | None:
@@ -72,8 +76,24 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"), object_hook=_decode)
     except BnfoldError:
         raise
+    except RecursionError:
+        raise BnfoldError(f"{path}: not a readable JSON file (nested too deeply)") from None
     except (OSError, ValueError) as exc:
         raise BnfoldError(f"{path}: not a readable JSON file ({first_line(exc)})") from None
+
+
+def _check_npy_size(data: bytes) -> None:
+    """Refuse a .npy whose header claims more elements than its bytes hold, before numpy
+    allocates them (a header can claim petabytes)."""
+    if not data.startswith(b"\x93NUMPY"):
+        return  # an .npz (zip), read by np.load with its own checks
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(stream)
+    needed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if dtype.hasobject or needed > len(data) - stream.tell():
+        raise ValueError(f"its header claims shape {tuple(shape)} of {dtype}, more than its {len(data)} bytes")
 
 
 def _decode(obj: dict):
@@ -82,10 +102,15 @@ def _decode(obj: dict):
     if kind == "ndarray" and isinstance(obj.get("array"), str):
         try:
             data = base64.b64decode(obj["array"].encode(), validate=True)
+            _check_npy_size(data)
             value = np.load(io.BytesIO(data), allow_pickle=False)
-        except (binascii.Error, ValueError, OSError) as exc:
+            if not isinstance(value, np.ndarray):  # an old file's .npz: its one array
+                value = next((v for v in (value[k] for k in value.files) if isinstance(v, np.ndarray)), None)
+        except (binascii.Error, ValueError, OSError, MemoryError) as exc:
             raise BnfoldError(f"an array in Polygraphy's format that numpy cannot read ({first_line(exc)})") from None
-        return value if isinstance(value, np.ndarray) else next(iter(value.values()))  # an old file's .npz
+        if value is None:
+            raise BnfoldError("an array in Polygraphy's format that holds no array")
+        return value
     if kind in ("LazyArray", "LazyNumpyArray"):  # today's name, and older Polygraphy's
         return obj.get("values")
     return obj
@@ -123,6 +148,13 @@ def read_tensor_file(file: Path) -> tuple[str, np.ndarray]:
     tensor = onnx.TensorProto()
     try:
         tensor.ParseFromString(file.read_bytes())
+    except Exception as exc:
+        raise BnfoldError(f"{file}: not a TensorProto ({first_line(exc)})") from None
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+        # onnx would resolve its location against the working directory: any file there, read
+        # and copied on by --save-inputs
+        raise BnfoldError(f"{file}: its data is declared external; test data must hold its values itself")
+    try:
         return tensor.name, numpy_helper.to_array(tensor)
     except Exception as exc:
         raise BnfoldError(f"{file}: not a TensorProto ({first_line(exc)})") from None
