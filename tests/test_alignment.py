@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 from test_rules import with_tensor
 from test_verdict import Net, float_input, folded, save
@@ -218,7 +219,7 @@ def test_a_tensor_the_reference_names_otherwise_gets_a_name_of_its_own():
     def model(ops):
         nodes = [helper.make_node(op, [i], [o]) for op, i, o in ops]
         graph = helper.make_graph(nodes, "g", [float_input("x", [2])], [float_input("y", [2])])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
     reference = model([("Relu", "x", "a"), ("Neg", "a", "y")])
     candidate = model([("Sigmoid", "x", "b"), ("Abs", "b", "a"), ("Neg", "a", "y")])
@@ -229,7 +230,7 @@ def test_a_tensor_the_reference_names_otherwise_gets_a_name_of_its_own():
 
 def test_dtype_of_constants_counts():
     # one value, two types: not the same constant
-    reference = helper.make_model(
+    reference = make_model(
         helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "g", [float_input("x", [2])],
                           [float_input("y", [2])], [numpy_helper.from_array(np.ones(2, np.float32), "c")]),
         opset_imports=[helper.make_opsetid("", 17)],
@@ -249,7 +250,7 @@ def same_upper(pads=None) -> onnx.ModelProto:
     node = helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2], kernel_shape=[3, 3], **attrs)
     output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "h", "w"])
     graph = helper.make_graph([node], "g", [float_input("x", [1, 3, "H", "W"])], [output], [weight])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_fixed_pads_for_same_upper_are_caught_at_an_odd_size(tmp_path):
@@ -324,7 +325,7 @@ def test_a_model_that_runs_at_batch_1_only_is_verified_there_with_a_note(tmp_pat
         nodes, "tagger", [float_input("x", shape)], [float_input("y", shape[1:])],
         [numpy_helper.from_array(np.array([0], np.int64), "zero")],
     )  # fmt: skip
-    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "tagger.onnx")
+    model = save(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "tagger.onnx")
     report = bnfold.verify(model, model)
     assert report.equivalent and report.trials == 3, report.notes
     assert any(n.startswith("note: onnxruntime does not run the reference at batch 2") for n in report.notes)

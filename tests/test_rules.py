@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 from test_verdict import Net, float_input, folded, save
 from typer.testing import CliRunner
@@ -232,7 +233,7 @@ def mlp16(tmp_path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 64])],
         [numpy_helper.from_array(v.astype(np.float16), k) for k, v in values.items()],
     )  # fmt: skip
-    return save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mlp16.onnx")
+    return save(make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mlp16.onnx")
 
 
 def one_column_off(path: Path, tmp_path: Path, rank: int = 2) -> Path:
@@ -368,7 +369,7 @@ def two_outputs(offset: float) -> onnx.ModelProto:
         nodes, "two", [float_input("x", [4, 64])], [float_input("a", [4, 64]), float_input("b", [4, 64])],
         [numpy_helper.from_array(np.array(offset, np.float32), "offset")],
     )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize(

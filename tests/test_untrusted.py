@@ -285,7 +285,7 @@ def test_a_test_data_file_that_declares_external_data_is_refused_not_read(tmp_pa
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(tmp_path / "m.onnx"))
     (tmp_path / "secret.txt").write_bytes(np.arange(4, dtype=np.float32).tobytes())
     tensor = TensorProto(name="x", data_type=TensorProto.FLOAT, dims=[2, 2])
