@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from bnfold.console import NOTHING_TO_FOLD, Console, ProgressBar, say
-from bnfold.errors import EXIT_FOLDABLE, EXIT_NOT_EQUIVALENT, EXIT_USER_ERROR, BnfoldError
+from bnfold.errors import EXIT_FOLDABLE, EXIT_NOT_EQUIVALENT, EXIT_USER_ERROR, BnfoldError, MissingFile
 from bnfold.options import (
     ABS_ATOL_OPT,
     ATOL_OPT,
@@ -267,7 +267,9 @@ def verify(
 
 @app.command(cls=Command, epilog=EXIT_CODES)
 def inspect(
-    models: list[Path] = typer.Argument(..., metavar="MODEL", help="ONNX model files.", show_default=False),
+    models: list[Path] = typer.Argument(
+        ..., metavar="MODEL", help="ONNX model files, or folders of them.", show_default=False
+    ),
     no_reparam: bool = NO_REPARAM_OPT,
     bias_correction: bool | None = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
@@ -284,6 +286,10 @@ def inspect(
     from bnfold.pipeline import fold
 
     out = Console("inspect", json=json_report, quiet=quiet)
+    if any(model.is_dir() for model in models):  # a folder's models, as optimize takes them
+        from bnfold.batch import model_files
+
+        models = out.guard(lambda: model_files(models))
     foldable, items = [], []
     for model in models:
 
@@ -351,7 +357,9 @@ def bench(
     def run():
         for path in (model, folded):
             if path is not None and not path.is_file():
-                raise BnfoldError(f"{path}: no such file" if not path.exists() else f"{path}: is not a file")
+                raise (
+                    MissingFile(f"{path}: no such file") if not path.exists() else BnfoldError(f"{path}: is not a file")
+                )
         libraries = [str(p) for p in custom_lib or []]
         session_options = {"input_shapes": input_shapes(input_shape), **providers(provider), "custom_ops": libraries}
         if provider:

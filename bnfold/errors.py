@@ -19,6 +19,11 @@ class BnfoldError(Exception):
     """
 
 
+class MissingFile(BnfoldError, FileNotFoundError):
+    """A file the user named is not there: a BnfoldError for the CLI, a FileNotFoundError for
+    Python code that catches that (`except FileNotFoundError` around `bnfold.fold(path)`)."""
+
+
 class InternalError(Exception):
     """bnfold produced something it must not hand over (a bug); nothing was written."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, MissingFile
 
 
 class Command(typer.core.TyperCommand):
@@ -43,7 +43,10 @@ ABS_ATOL_OPT = typer.Option(
     help="Allowed error in the output's own units, as Polygraphy's --atol (repeatable). Added to the others.",
 )
 SHAPE_OPT = typer.Option(
-    None, "--input-shape", metavar="NAME:DIMS", help="Shape for an input, e.g. input:1x3x224x224 (repeatable)."
+    None,
+    "--input-shape",
+    metavar="NAME:DIMS",
+    help="Shape for an input: input:1x3x224x224 or input:1,3,224,224 (repeatable).",
 )
 INT_RANGE_OPT = typer.Option(
     "0:10", "--int-range", metavar="LOW:HIGH", help="Integer inputs are drawn from [LOW, HIGH)."
@@ -124,19 +127,20 @@ def check_verify_models(reference, candidate, load_outputs, not_with_stored: dic
         if path.is_dir():
             raise BnfoldError(f"{path}: is a directory, not an ONNX model")
         if not path.exists():
-            raise BnfoldError(f"{path}: no such file")
+            raise MissingFile(f"{path}: no such file")
     unused = [option for option, value in not_with_stored.items() if value]
     if load_outputs is not None and unused:
         raise BnfoldError(f"{', '.join(unused)}: not with --load-outputs")
 
 
 def input_shapes(input_shape: list[str] | None) -> dict[str, list[int]]:
-    """--input-shape NAME:DIMS values as {name: dims}."""
+    """--input-shape NAME:DIMS values as {name: dims}; DIMS as 1x3x224x224, or 1,3,224,224 as
+    onnxsim and onnxslim write them."""
     shapes = {}
     for item in input_shape or []:
         name, _, dims = item.rpartition(":")  # input names may themselves contain ':'
         try:
-            shapes[name] = [int(d) for d in dims.lower().split("x")]
+            shapes[name] = [int(d) for d in dims.lower().replace(",", "x").split("x")]
         except ValueError:
             raise BnfoldError(f"--input-shape {item!r}: expected NAME:DIMS such as input:1x3x224x224") from None
         if not name or any(d < 0 for d in shapes[name]):

@@ -85,7 +85,10 @@ def fold(
         folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
     )
     store_pending(folded.graph, pending)
-    report.bytes_after, report.ops_after = serialized_size(folded), op_counts(folded)
+    report.ops_after = op_counts(folded)
+    if report.changed:  # say in the model what made it, so a pipeline can see it was folded
+        _set_metadata(folded, METADATA_KEY, report.provenance())
+    report.bytes_after = serialized_size(folded)
     if check:
         if report.bytes_after > io_output.SINGLE_FILE_LIMIT:
             raise BnfoldError(
@@ -99,6 +102,18 @@ def fold(
         folded = onnx_ir.from_proto(folded)
     report.seconds = time.perf_counter() - start
     return FoldResult(folded, report)
+
+
+METADATA_KEY = "bnfold"  # the metadata_props entry of a folded model
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set one metadata_props entry, replacing an earlier one of that key (a model folded again)."""
+    for entry in model.metadata_props:
+        if entry.key == key:
+            entry.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -223,6 +238,8 @@ def optimize(
             model, str(src), source.read, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
         )
         report.ops_after = op_counts(model)  # before report.changed is read
+        if report.changed:
+            _set_metadata(model, METADATA_KEY, report.provenance())
         # The tensor data dominates the size; from dims, without serializing anything.
         too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
         if external_data == "never" and too_big:

@@ -110,6 +110,13 @@ class FoldReport:
             f" · {self.seconds:.2f} s"
         )
 
+    def provenance(self) -> str:
+        """What the written model's `bnfold` metadata entry says: the version and what it folded,
+        nothing that changes from run to run (the same input gives the same bytes)."""
+        from bnfold import __version__
+
+        return f"bnfold {__version__}: " + self.summary().split(" · ")[0]
+
     def table(self) -> str:
         """Aligned rows for a terminal: node, result, detail; then the summary line."""
         rows = [("node", "result", "detail")]

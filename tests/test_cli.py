@@ -414,3 +414,34 @@ def test_without_onnxruntime_folding_works_and_verification_names_the_extra(tmp_
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert "onnxruntime is not installed" in refused.stderr and "pip install 'bnfold[cpu]'" in refused.stderr
     assert not (tmp_path / "v.onnx").exists()
+
+
+def test_an_input_shape_in_onnxsims_comma_syntax_is_read():
+    # Issue 32: `--input-shape x:1,3,48,192` (onnxsim's and onnxslim's syntax) was refused
+    from bnfold.options import input_shapes
+
+    assert input_shapes(["x:1,3,48,192", "y:1x3x8x8"]) == {"x": [1, 3, 48, 192], "y": [1, 3, 8, 8]}
+    result = invoke("verify", str(SAMPLE), str(SAMPLE), "--input-shape", "input:2,3,32,32")
+    assert result.exit_code == 0, result.output
+
+
+def test_inspect_takes_a_folder_of_models_as_optimize_does(tmp_path):
+    # Issue 32: `inspect models/` failed `is a directory`, though docs/cli.md says it takes models as optimize does
+    import shutil
+
+    for name in ("a.onnx", "b.onnx"):
+        shutil.copy(SAMPLE, tmp_path / name)
+    result = invoke("inspect", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    assert sorted(Path(item["input"]).name for item in json.loads(result.stdout)["models"]) == ["a.onnx", "b.onnx"]
+
+
+def test_a_missing_file_is_a_file_not_found_error_in_python_and_one_line_on_the_cli(tmp_path):
+    # Issue 32: Python code around bnfold.fold(path) expects FileNotFoundError
+    import bnfold
+
+    for call in (lambda: bnfold.fold(tmp_path / "nope.onnx"), lambda: bnfold.verify(tmp_path / "a.onnx", SAMPLE)):
+        with pytest.raises(FileNotFoundError) as raised:
+            call()
+        assert isinstance(raised.value, bnfold.BnfoldError)
+    assert_one_line_error(invoke("inspect", str(tmp_path / "nope.onnx")), 2, "no such file")

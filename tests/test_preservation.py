@@ -46,7 +46,9 @@ def test_everything_but_the_folded_pair_is_preserved():
         assert getattr(folded, field) == getattr(model, field), field
     assert folded.graph.doc_string == "graph doc"
     assert list(folded.opset_import) == list(model.opset_import)
-    assert list(folded.metadata_props) == list(model.metadata_props)
+    *kept, made = folded.metadata_props  # the model's own entries, then what made it
+    assert kept == list(model.metadata_props) and made.key == "bnfold"
+    assert made.value == f"bnfold {bnfold.__version__}: folded 1 of 1 BatchNormalization nodes"
     assert list(folded.functions) == list(model.functions)
     assert list(folded.graph.input) == list(model.graph.input)
     assert list(folded.graph.output) == list(model.graph.output)
@@ -81,3 +83,13 @@ def test_fresh_names_do_not_collide_with_existing_ones():
     conv = next(n for n in folded.graph.node if n.op_type == "Conv")
     assert conv.input[1] == "W_bnfold_1"
     assert_same_function(model, folded)
+
+
+def test_a_folded_model_says_what_made_it_the_same_way_every_time(tmp_path):
+    # Issue 32: nothing in the written model said what made it; the entry holds no time, so the
+    # same input gives the same bytes, and a model bnfold did not change gets none
+    model = decorated_model()
+    first, second = (bnfold.fold(model).model.SerializeToString(deterministic=True) for _ in range(2))
+    assert first == second
+    again = bnfold.fold(bnfold.fold(model).model)
+    assert not again.report.changed and [e.key for e in again.model.metadata_props].count("bnfold") == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bnfold.errors import BnfoldError, first_line
+from bnfold.errors import BnfoldError, MissingFile, first_line
 from bnfold.io import wire
 from bnfold.io.containment import DataFile, external_fields, external_tensors, open_locations
 from bnfold.io.tensors import EXTERNAL_FIELDS, Span, external_length, payload_size, read_tensor
@@ -110,7 +110,7 @@ def parse(path: Path, *, keep_open: bool = False):
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block
     except FileNotFoundError:
-        raise BnfoldError(f"{path}: no such file") from None
+        raise MissingFile(f"{path}: no such file") from None
     except IsADirectoryError:
         raise BnfoldError(f"{path}: is a directory, not an ONNX model") from None
     except OSError as exc:

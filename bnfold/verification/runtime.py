@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bnfold.errors import NO_RUNTIME, BnfoldError, one_line
+from bnfold.errors import NO_RUNTIME, BnfoldError, MissingFile, one_line
 from bnfold.io.source import ModelSource, check_external_data, load_model
 from bnfold.io.tensors import payload_bytes
 from bnfold.io.wire import shell
@@ -60,7 +60,7 @@ def custom_op_libraries(paths: Sequence[str | os.PathLike]):
     (`SessionOptions.register_custom_ops_library`), for models with ops of another domain."""
     for path in paths:
         if not Path(path).is_file():
-            raise BnfoldError(f"--custom-lib {path}: no such file")
+            raise MissingFile(f"--custom-lib {path}: no such file")
     # absolute: the dynamic loader searches the system's paths for a bare name, and
     # str(Path("./libx.so")) is the bare name "libx.so" (a user's ./libc.so.6 loaded the system's)
     libraries = tuple(str(Path(p).absolute()) for p in paths)

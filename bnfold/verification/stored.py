@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnfold.errors import BnfoldError, first_line
+from bnfold.errors import BnfoldError, MissingFile, first_line
 
 INPUT_PREFIX, OUTPUT_PREFIX = "in.", "out."
 MARKER, LEGACY_PREFIX = "polygraphy_class", "__polygraphy_encoded_"
@@ -128,7 +128,7 @@ def load_outputs(
         folders = sorted((p for p in path.glob("test_data_set_*") if p.is_dir()), key=test_data_position) or [path]
         return str(path), [_test_data_outputs(folder, output_names) for folder in folders], None
     if not path.is_file():
-        raise BnfoldError(f"{path}: no such file or folder of stored outputs")
+        raise MissingFile(f"{path}: no such file or folder of stored outputs")
     if path.suffix.lower() == ".json":
         runner, outputs = polygraphy_outputs(path)
         return f"{path} (Polygraphy runner '{runner}')", outputs, None
