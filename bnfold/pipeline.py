@@ -26,6 +26,8 @@ from bnfold.io.tensors import payload_bytes, read_tensor
 from bnfold.report import FoldOutcome, FoldReport
 
 if TYPE_CHECKING:
+    import onnx_ir
+
     from bnfold.verification.report import VerifyReport
 
 
@@ -36,7 +38,7 @@ ModelLike = Any  # a path, an onnx.ModelProto, an onnx_ir model or an ONNXProgra
 class FoldResult:
     """The folded model and the record of what was folded and what was not, and why."""
 
-    model: onnx.ModelProto  # an onnx_ir.Model when `fold` was given one
+    model: onnx.ModelProto | onnx_ir.Model  # an onnx_ir.Model when `fold` was given one, else a ModelProto
     report: FoldReport
 
 
