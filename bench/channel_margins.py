@@ -126,7 +126,7 @@ def _of_bound(row, which: int) -> float:
     """A site's shift (which 0) or gain (1) as a multiple of the bound the channel rule fails it
     past: SHIFT_FACTOR × the yardstick's, and at least the precision's floor."""
     value, own = row[2 + 2 * which], row[3 + 2 * which]
-    return value / max(tolerance.SHIFT_FACTOR * own, tolerance.CHANNEL_FLOOR[row[1]][which])
+    return value / max(tolerance.SHIFT_FACTOR[row[1]] * own, tolerance.CHANNEL_FLOOR[row[1]][which])
 
 
 if __name__ == "__main__":

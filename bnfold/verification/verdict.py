@@ -17,7 +17,7 @@ no extra session.
 | comparable | all | no numbers to compare (missing, another type or shape, NaN elsewhere): FAIL |
 | policy | all | the tolerance policy of the precision it is computed in (bnfold.verification.tolerance) |
 | noise | all, default tolerance | a failure by numbers within NOISE_FACTOR × the reference's own noise passes |
-| channel | sites, default tolerance | a channel shifted or scaled beyond SHIFT_FACTOR × the reference's own: FAIL |
+| channel | sites, default tolerance | a channel shifted or scaled beyond SHIFT_FACTOR (by precision) × the reference's own: FAIL |
 | elements | small sites, default tolerance | an error beyond SHIFT_FACTOR × the reference's own and a floor: FAIL |
 | discontinuity | outputs, default tolerance | a difference after a discontinuous op whose inputs agree passes |
 """
@@ -175,7 +175,7 @@ def _channel(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
         (measured.gain, own.gain, floor_gain, measured.gain_channel, "is scaled by {:.1e} more or less",
          "a scale or a variance is off"),
     ):  # fmt: skip
-        if value > max(SHIFT_FACTOR * yardstick, floor):
+        if value > max(SHIFT_FACTOR[c.precision] * yardstick, floor):
             why = (
                 f"FAIL: channel {channel} {how.format(value)}, {value / max(yardstick, 1e-300):.1f}× what rounding "
                 f"the parameters the other way does ({yardstick:.1e}): {what}"
@@ -195,7 +195,7 @@ def _elements(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     if measured is not None and measured.judged or c.needed_atol is None or c.needed_atol <= ELEMENT_FLOOR[c.precision]:
         return None
     noise = ev.site_noise.get(m.name)
-    if noise is None or c.needed_atol <= SHIFT_FACTOR * noise:
+    if noise is None or c.needed_atol <= SHIFT_FACTOR[c.precision] * noise:
         return None
     why = (
         f"FAIL: an error of {c.needed_atol:.1e} · S, {c.needed_atol / max(noise, 1e-300):.1f}× what rounding the "
