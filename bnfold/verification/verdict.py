@@ -17,7 +17,7 @@ no extra session.
 | comparable | all | no numbers to compare (missing, another type or shape, NaN elsewhere): FAIL |
 | policy | all | the tolerance policy of the precision it is computed in (bnfold.verification.tolerance) |
 | noise | all, default tolerance | a failure by numbers within NOISE_FACTOR × the reference's own noise passes |
-| channel | sites, default tolerance | a channel shifted or scaled beyond SHIFT_FACTOR (by precision) × the reference's own: FAIL |
+| channel | sites, default tolerance | a channel moved or scaled past SHIFT_FACTOR[precision] × the reference's: FAIL |
 | elements | small sites, default tolerance | an error beyond SHIFT_FACTOR × the reference's own and a floor: FAIL |
 | discontinuity | outputs, default tolerance | a difference after a discontinuous op whose inputs agree passes |
 """
