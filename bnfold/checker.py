@@ -64,6 +64,24 @@ def check_input(model: onnx.ModelProto | str, as_checked=lambda m: m) -> list[st
         raise BnfoldError(f"the input is not a valid ONNX model: {input_error}") from None
 
 
+def list_initializers_as_inputs(model: onnx.ModelProto) -> list[str]:
+    """Repair what onnxruntime runs and onnx.checker refuses: an IR version below 4 requires every
+    initializer to be a graph input, and exporters of that era (onnxruntime's own fusion test
+    models) left some out. Such a model is raised to IR 4, which does not require it (nothing
+    else differs); the sentence for the report, or nothing."""
+    if not 0 < model.ir_version < 4:
+        return []
+    listed = {v.name for v in model.graph.input}
+    missing = [t.name for t in model.graph.initializer if t.name not in listed]
+    if not missing:
+        return []
+    before, model.ir_version = model.ir_version, 4
+    return [
+        f"IR version {before} requires every initializer to be a graph input; {len(missing)} were not, so the "
+        "model is written as IR version 4, which does not (onnxruntime runs both alike)"
+    ]
+
+
 def drop_stale_value_info(model: onnx.ModelProto) -> list[str]:
     """Remove the main graph's value_info entries whose type contradicts what shape inference
     finds without them (another element type, rank or fixed size: left over from an exporter,

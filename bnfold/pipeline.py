@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from bnfold.checker import check_input, validate, validate_input_skeleton, validate_skeleton
+from bnfold.checker import (
+    check_input,
+    list_initializers_as_inputs,
+    validate,
+    validate_input_skeleton,
+    validate_skeleton,
+)
 from bnfold.errors import BnfoldError, InternalError
 from bnfold.folding.walk import fold_model_graph
 from bnfold.graph.protos import all_nodes
@@ -79,6 +85,7 @@ def fold(
         folded = onnx.ModelProto()
         folded.CopyFrom(model)
     report = FoldReport(bytes_before=serialized_size(folded), ops_before=op_counts(folded))
+    report.repairs = list_initializers_as_inputs(folded)
     if check and report.bytes_before <= io_output.SINGLE_FILE_LIMIT:
         report.dropped_value_info = check_input(folded)  # before folding: see checker.validate_input_skeleton
     bias_correction = corrects_rounding(bias_correction, calibration)
@@ -228,8 +235,10 @@ def optimize(
     with ModelSource.open(src) as source:
         refuse_input_data(dst, source.data_files)
         model = source.model
+        repairs = list_initializers_as_inputs(model)
         dropped = validate_input_skeleton(model, source, str(src))
         report = FoldReport(bytes_before=source.bytes_on_disk, ops_before=op_counts(model), dropped_value_info=dropped)
+        report.repairs = repairs
         payload_before = payload_bytes(model.graph)
         bias_correction = corrects_rounding(bias_correction, calibration)
         if calibration is not None and bias_correction:

@@ -37,6 +37,7 @@ class FoldReport:
     ops_before: dict[str, int] = field(default_factory=dict)  # node count per op type, subgraphs too
     ops_after: dict[str, int] = field(default_factory=dict)
     dropped_value_info: list[str] = field(default_factory=list)  # stale annotations (checker.check_input)
+    repairs: list[str] = field(default_factory=list)  # technicalities repaired, as sentences (checker)
 
     @property
     def changed(self) -> bool:
@@ -80,7 +81,7 @@ class FoldReport:
     @property
     def notes(self) -> list[str]:
         """What a user should know about this fold beyond each outcome."""
-        notes = []
+        notes = list(self.repairs)
         if self.dropped_value_info:
             names = ", ".join(f"'{n}'" for n in self.dropped_value_info[:3])
             more = f" and {len(self.dropped_value_info) - 3} more" if len(self.dropped_value_info) > 3 else ""

@@ -278,3 +278,30 @@ def test_a_verify_that_runs_nothing_leaves_no_evidence_folder(candidate, code, t
         "verify", SAMPLE, tmp_path / candidate, "--save-inputs", saved, "--save-outputs", tmp_path / "o"
     )
     assert result.returncode == code and not saved.exists() and not (tmp_path / "o").exists()
+
+
+def test_an_ir3_model_whose_initializers_are_not_inputs_is_repaired_with_a_note(tmp_path):
+    # Issue 32: eight of onnxruntime's own fusion test models (IR < 4) were exit 2 "not a valid
+    # ONNX model: X in initializer but not in graph input"; onnxruntime runs them.
+    import json
+    import subprocess
+    import sys
+
+    from builders import conv_bn_model
+
+    model = conv_bn_model()
+    model.ir_version = 3
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", 8))
+    assert any(t.name not in {v.name for v in model.graph.input} for t in model.graph.initializer)
+    onnx.save(model, str(tmp_path / "ir3.onnx"))
+    with pytest.raises(onnx.checker.ValidationError, match="not in graph input"):
+        onnx.checker.check_model(model)
+    command = ["optimize", str(tmp_path / "ir3.onnx"), "-o", str(tmp_path / "out.onnx"), "--json"]
+    run = subprocess.run([sys.executable, "-m", "bnfold", *command], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    notes = json.loads(run.stdout)["notes"]
+    assert any(n.startswith("IR version 3 requires every initializer to be a graph input") for n in notes), notes
+    folded = onnx.load(str(tmp_path / "out.onnx"))
+    assert folded.ir_version == 4 and "BatchNormalization" not in {n.op_type for n in folded.graph.node}
+    onnx.checker.check_model(folded, full_check=True)
