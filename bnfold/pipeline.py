@@ -94,9 +94,7 @@ def fold(
         folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
     )
     store_pending(folded.graph, pending)
-    report.ops_after = op_counts(folded)
-    if report.changed:  # say in the model what made it, so a pipeline can see it was folded
-        _set_metadata(folded, METADATA_KEY, report.provenance())
+    _record_fold(folded, report)
     report.bytes_after = serialized_size(folded)
     if check:
         if report.bytes_after > io_output.SINGLE_FILE_LIMIT:
@@ -116,13 +114,16 @@ def fold(
 METADATA_KEY = "bnfold"  # the metadata_props entry of a folded model
 
 
-def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
-    """Set one metadata_props entry, replacing an earlier one of that key (a model folded again)."""
-    for entry in model.metadata_props:
-        if entry.key == key:
-            entry.value = value
-            return
-    model.metadata_props.add(key=key, value=value)
+def _record_fold(model: onnx.ModelProto, report: FoldReport) -> None:
+    """After the fold (fold and optimize alike): the op counts it left, and, when it changed the
+    model, what made it in the model's `bnfold` metadata entry (replacing one an earlier run left)."""
+    report.ops_after = op_counts(model)  # before report.changed is read
+    if not report.changed:
+        return
+    entry = next((e for e in model.metadata_props if e.key == METADATA_KEY), None)
+    if entry is None:
+        entry = model.metadata_props.add(key=METADATA_KEY)
+    entry.value = report.provenance()
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -248,9 +249,7 @@ def optimize(
         report.outcomes, pending = fold_in_place(
             model, str(src), source.read, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
         )
-        report.ops_after = op_counts(model)  # before report.changed is read
-        if report.changed:
-            _set_metadata(model, METADATA_KEY, report.provenance())
+        _record_fold(model, report)
         # The tensor data dominates the size; from dims, without serializing anything.
         too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
         if external_data == "never" and too_big:

@@ -34,11 +34,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from bnfold.graph.protos import all_nodes, subgraphs
+from bnfold.graph.protos import all_nodes, is_onnx_op, subgraphs
 
 APART = "__bnfold_candidate"  # suffix of a candidate tensor no reference tensor corresponds to
 RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
-READS_SHAPE_ONLY = ("Shape", "Size")
+READS_SHAPE_ONLY = ("Shape", "Size")  # readers of a tensor's shape, not of its values
 SAMPLE = 1024  # bytes of each of the three samples of a constant its fingerprint reads
 
 
@@ -48,7 +48,6 @@ class Alignment:
 
     candidate: onnx.ModelProto
     arrays: dict  # the candidate's large initializers, under their new names
-    renamed: int = 0  # candidate tensors that now carry another name
     same: set[str] = field(default_factory=set)  # names that hold one computation in both models
     constants: set[str] = field(default_factory=set)  # …of them, the constants (initializers, Constant nodes)
 
@@ -88,7 +87,6 @@ def align(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=({}, {}
     return Alignment(
         _renamed(candidate, renamed),
         {renamed.get(n, n): a for n, a in arrays[1].items()},
-        len(renamed),
         same,
         {pairs[n] for n in values.names[1] if pairs[n] in same},
     )
@@ -107,7 +105,7 @@ class _Graph:
         # each node's op, arity and attributes, serialized once: what two nodes must share to be one op
         self.kind = {id(n): (n.domain, n.op_type, len(n.input), len(n.output), _attributes(n)) for n in self.nodes}
         for node in self.nodes:
-            if _is_identity(node):
+            if is_identity(node):
                 self.alias[node.output[0]] = self.root(node.input[0])
                 continue
             for k, out in enumerate(node.output):
@@ -238,8 +236,9 @@ def _reader_ops(graph: _Graph, name: str) -> list[tuple]:
     )
 
 
-def _is_identity(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Identity" and node.domain in ("", "ai.onnx") and bool(node.input) and bool(node.output)
+def is_identity(node: onnx.NodeProto) -> bool:
+    """An Identity node that passes a tensor on (regions reads through them too)."""
+    return is_onnx_op(node, "Identity") and bool(node.input) and bool(node.output)
 
 
 def _apart(name: str, taken: set[str]) -> str:
@@ -264,10 +263,10 @@ def _forward(model: onnx.ModelProto, constant_label, graph: _Graph) -> dict[str,
     identity.update({t.values.name: constant_label(t.values.name) for t in main.sparse_initializer})
     identity.update({v.name: _digest("input", v.name) for v in main.input})  # an input overrides its initializer
     for index, node in enumerate(graph.nodes):
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if is_onnx_op(node, "Constant"):
             identity[node.output[0]] = constant_label(node.output[0])
             continue
-        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in identity:
+        if is_identity(node) and node.input[0] in identity:
             identity[node.output[0]] = identity[node.input[0]]
             continue
         inputs = tuple(identity.get(name, _digest("unknown", name)) if name else "" for name in node.input)
@@ -320,7 +319,7 @@ def _constant_values(model: onnx.ModelProto, arrays: dict):
         copy.values.name = ""
         yield sparse.values.name, repr(copy.SerializeToString(deterministic=True))
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute:
+        if is_onnx_op(node, "Constant") and node.attribute:
             attr = node.attribute[0]
             if attr.name == "value":
                 yield node.output[0], _array(attr.t)

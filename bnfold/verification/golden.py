@@ -52,14 +52,14 @@ def verify_against_outputs(
     runtime.check_providers(providers)
     progress("loading the model in onnxruntime")
     session = runtime.load_session(model, "model", providers)  # external-data locations checked first
-    output_names = [o.name for o in session.get_outputs()]
-    for declared_output in session.get_outputs():
+    declared_outputs = session.get_outputs()
+    for declared_output in declared_outputs:
         if not declared_output.type.startswith("tensor("):  # seq(…), optional(…), map(…)
             raise BnfoldError(
                 f"output '{declared_output.name}' is {declared_output.type}: stored outputs are compared as "
                 "tensors only; compare the model with the one that made them (bnfold verify A B)"
             )
-    source, expected, stored_inputs = stored.load_outputs(Path(outputs), output_names)
+    source, expected, stored_inputs = stored.load_outputs(Path(outputs), [o.name for o in declared_outputs])
     declared = runtime.input_declarations(session)
     specs = input_specs(declared, input_shapes or {})
     if inputs:
@@ -70,14 +70,15 @@ def verify_against_outputs(
         feeds = load_input_sets(Path(outputs), specs)
     else:
         raise BnfoldError(f"{outputs}: holds no inputs; give the inputs they were computed on with --inputs")
-    feeds = check_comparable(feeds, ", ".join(map(str, inputs)) or str(outputs))
+    given = ", ".join(map(str, inputs)) or str(outputs)  # where the input sets came from
+    feeds = check_comparable(feeds, given)
     if len(feeds) != len(expected):
         raise BnfoldError(f"{len(feeds)} input sets for {len(expected)} sets of stored outputs: give one for each")
     skeleton, arrays = runtime.weights_apart(model)
     precisions = Precisions(skeleton, value_types(skeleton), arrays)
     report = VerifyReport(source, runtime.describe(model), providers=list(providers), trials=len(feeds))
     report.providers = runtime.providers_used([session], providers)
-    report.inputs = [{"name": v.name, "source": ", ".join(map(str, inputs)) or str(outputs)} for v in declared]
+    report.inputs = [{"name": v.name, "source": given} for v in declared]
     trials: dict[str, list] = {}
     own: list[dict] = []  # per trial, the model's own outputs: what its yardstick moves from
     for t, (feed, want) in enumerate(zip(feeds, expected), 1):

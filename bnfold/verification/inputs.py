@@ -93,10 +93,8 @@ def choose_feeds(
             generated[name] = np.full_like(generated[name], values[trial % len(values)])
         return generated
 
-    working, refused, first_error = [], (), ""
     if free:
         working, refused, first_error = _search_sizes(choice, feed, runs)
-    if free:
         if len(working) == 2 and trials > 2:
             working.append(_uneven_size(working[0], lambda size: runs(feed(2, size))))
             working = [size for size in working if size]
@@ -257,9 +255,8 @@ def shape_notes(
         for axis, dim in enumerate(value.shape):
             if _symbolic(value, axis):
                 sizes = sorted({int(np.shape(feed[value.name])[axis]) for feed in feeds if value.name in feed})
-                used = " and ".join(
-                    [", ".join(map(str, sizes[:-1])), str(sizes[-1])] if len(sizes) > 1 else map(str, sizes)
-                )
+                *others, last = map(str, sizes)
+                used = f"{', '.join(others)} and {last}" if others else last
                 notes.append(f"note: input '{value.name}' axis {axis} is {dim or 'unknown'!s}: used {used}")
     return notes
 

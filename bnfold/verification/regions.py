@@ -31,14 +31,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from bnfold.graph.protos import all_nodes, subgraphs
-from bnfold.verification.align import align
+from bnfold.graph.protos import all_names, all_nodes, subgraphs
+from bnfold.verification.align import READS_SHAPE_ONLY, align, is_identity
 
 ISOLATED = "__bnfold_isolated"  # suffix of the candidate's copy in the probe
 REROUNDED = "__bnfold_rerounded"  # suffix of the reference's re-rounded copy
 # Ops that move values without computing: a fold may carry a BN's scale through them.
 MOVES_VALUES = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice")
-READS_SHAPE_ONLY = ("Shape", "Size")  # readers of a tensor's shape, not of its values
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -56,7 +55,6 @@ class Rewrite:
     shape_sites: list[str] = field(default_factory=list)
     candidate: onnx.ModelProto | None = None  # the candidate under the reference's names (align)
     arrays: dict = field(default_factory=dict)  # its large initializers, under those names
-    renamed: int = 0  # how many of its tensors align renamed
 
     @property
     def isolated(self) -> bool:
@@ -76,7 +74,7 @@ def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=
     alignment = align(reference, candidate, arrays)
     candidate = alignment.candidate
     shared = alignment.constants
-    names = [_names(m) for m in (reference, candidate)]
+    names = [set(all_names(m.graph)) for m in (reference, candidate)]
     aliases = [_aliases(reference, names[1]), _aliases(candidate, names[0])]
     signatures = [_signatures(m, shared, side, aliases[side]) for side, m in enumerate((reference, candidate))]
     kept = [
@@ -98,7 +96,7 @@ def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=
     sites = [out for out in remade if out in read_after]
     shape_sites = [out for out in remade if out in shape_read and out not in read_after]
     return Rewrite(sites, rewritten[1], rewritten[0], shared=shared, shape_sites=shape_sites,
-                   candidate=candidate, arrays=alignment.arrays, renamed=alignment.renamed)  # fmt: skip
+                   candidate=candidate, arrays=alignment.arrays)  # fmt: skip
 
 
 def _computes_same(node: onnx.NodeProto, same: set[str]) -> bool:
@@ -112,17 +110,9 @@ def _aliases(model: onnx.ModelProto, other: set[str]) -> dict[str, str]:
     (through chains of them): a tool that removes Identity nodes leaves their readers as they were."""
     alias: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input and node.output:
-            if node.output[0] not in other:
-                alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+        if is_identity(node) and node.output[0] not in other:
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
     return alias
-
-
-def _names(model: onnx.ModelProto) -> set[str]:
-    graph = model.graph
-    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    names |= {t.values.name for t in graph.sparse_initializer}
-    return names | {out for node in graph.node for out in node.output}
 
 
 def _moved_through(candidate: onnx.ModelProto, kept: list[bool]) -> set[int]:

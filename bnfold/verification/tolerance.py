@@ -40,11 +40,11 @@ A site is also judged by its channels (bnfold.verification.verdict, the channel 
 tensor lets a quiet channel's mistake hide under a loud channel, and float16's atol lets a whole
 channel move by several steps. A folding mistake moves (bias, mean) or scales (weight, variance,
 ε) every position of a channel alike, while rounding moves them this way and that and averages
-out. ChannelStats measures both per channel; a site fails past SHIFT_FACTOR (by precision) times the reference's
-own when its rewritten nodes' parameters are rounded the other way, and past CHANNEL_FLOOR for
-its precision. Measured on every sample (bench/channel_margins.py): correct float32 folds shift
-and scale a channel by ≤ 5.6e-7 (≤ 2.9× the yardstick), float16 ≤ 8.9e-4 (≤ 0.6×); the seeded
-mistakes 10⁴× the yardstick in float32, 6–47× in float16.
+out. ChannelStats measures both per channel; a site fails past SHIFT_FACTOR (by precision) times
+the reference's own when its rewritten nodes' parameters are rounded the other way, and past CHANNEL_FLOOR for
+its precision. Measured on every sample (bench/channel_margins.py, BENCHMARKS.md): correct
+float32 folds shift and scale a channel by ≤ 3.7e-7 (≤ 0.02× that bound), float16 ≤ 8.9e-4
+(≤ 0.2×); the seeded mistakes pass it at the site where they act.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ CHANNEL_FLOOR = {
 # A site too small for channels (a Gemm's (N, C) output, an SE block's (N, C, 1, 1)) fails when
 # its largest error (in units of S) is past SHIFT_FACTOR × the reference's own and past this
 # floor (the channel gain floor), under which no yardstick runs.
-ELEMENT_FLOOR = {"float64": 1e-12, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+ELEMENT_FLOOR = {precision: gain for precision, (_, gain) in CHANNEL_FLOOR.items()}
 CHANNEL_MIN_ELEMENTS = 16  # a channel of fewer elements has no mean to speak of (a Gemm's (N, C) output)
 SIGNIFICANCE = 6.0  # standard errors a channel's mean or slope must stand out by to count
 SCALE_QUANTILE = 0.99  # S: this quantile of the non-zero |reference| values
