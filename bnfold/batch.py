@@ -140,12 +140,18 @@ def _refuse_shared_outputs(paths: list[Path], output_folder: Path | None) -> Non
 
 
 def _exit_on_terminate() -> None:
-    """In a worker: SIGTERM exits through Python. When one worker dies the pool terminates the
-    others, and one that was writing its output then unwinds through its staging, which removes
-    its hidden files, as any failure does (killed outright, it would leave them behind)."""
+    """In a worker: SIGTERM removes the hidden files the worker has staged and exits. When one
+    worker dies the pool terminates the others; one that was writing its output leaves nothing
+    behind, at whatever line the signal finds it (killed outright, it would leave them)."""
     import signal
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    def stop(signum, frame):
+        from bnfold.io.output import discard_staged
+
+        discard_staged()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _optimize_one(task) -> BatchItem:

@@ -9,6 +9,7 @@ hits both alike. Sessions run with the default CPU thread settings unless `threa
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -20,7 +21,7 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.verification import runtime
-from bnfold.verification.inputs import DEFAULT_INT_RANGE, generate_inputs, input_specs, shape_notes
+from bnfold.verification.inputs import DEFAULT_INT_RANGE, choose_feeds, shape_notes
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, load_session, run_session
 
 
@@ -87,6 +88,15 @@ class BenchReport:
         }
 
 
+def _refusal(session, feed: dict, label: str) -> str | None:
+    """None when `session` runs on `feed`, else onnxruntime's one-line error."""
+    try:
+        run_session(session, feed, label)
+    except BnfoldError as exc:
+        return str(exc)
+    return None
+
+
 @runtime.takes_custom_ops
 def bench(
     original: str | os.PathLike,
@@ -113,16 +123,16 @@ def bench(
                 start = time.perf_counter()
                 live[name] = load_session(path, name, providers, optimize=optimizations == "enabled")
                 created[name].append(time.perf_counter() - start)
-        if report is None:
+        if report is None:  # inputs chosen as verify chooses them: sizes that run, control values
             declared = runtime.input_declarations(live["original"])
-            specs = input_specs(declared, input_shapes or {})
-            generated = generate_inputs(specs, np.random.default_rng(0), DEFAULT_INT_RANGE)
-            notes = shape_notes(declared, [generated], input_shapes or {})
+            skeleton = runtime.weights_apart(paths["original"])[0]
+            runs_original = functools.partial(_refusal, live["original"], label=str(paths["original"]))
+            (generated,), choice = choose_feeds(
+                declared, 1, 0, input_shapes or {}, DEFAULT_INT_RANGE, skeleton, runs_original
+            )
+            notes = shape_notes(declared, [generated], input_shapes or {}, choice)
             feed = runtime.ort_feed(generated)
-            inputs = [
-                {"name": n, "dtype": np.dtype(d).name if d != "bfloat16" else d, "shape": list(s)}
-                for n, (d, s) in specs.items()
-            ]
+            inputs = [{"name": n, "dtype": str(a.dtype), "shape": list(a.shape)} for n, a in generated.items()]
             report = BenchReport(str(paths["original"]), str(paths["folded"]), runs, inputs, notes=notes)
         progress(f"running both models {runs} times, graph optimizations {optimizations}")
         latencies: dict[str, list[float]] = {name: [] for name in paths}

@@ -85,10 +85,12 @@ class FoldReport:
         if self.dropped_value_info:
             names = ", ".join(f"'{n}'" for n in self.dropped_value_info[:3])
             more = f" and {len(self.dropped_value_info) - 3} more" if len(self.dropped_value_info) > 3 else ""
+            count = len(self.dropped_value_info)
+            which = "annotation that contradicts the graph or has no type" if count == 1 else (
+                "annotations that contradict the graph or have no type")  # fmt: skip
             notes.append(
-                f"dropped {len(self.dropped_value_info)} value_info annotation"
-                f"{' that contradicts' if len(self.dropped_value_info) == 1 else 's that contradict'} the graph "
-                f"({names}{more}): onnx.checker refuses such annotations, and they are not what the model computes"
+                f"dropped {count} value_info {which} ({names}{more}): onnx.checker refuses such annotations, "
+                "and they are not what the model computes"
             )
         rounded = [o for o in self.outcomes if o.folded and o.rounding]
         if rounded:

@@ -196,6 +196,23 @@ def test_onnxruntimes_offline_optimization_is_judged_at_its_sites(tmp_path):
     assert not report.equivalent and any(not s.passed for s in report.sites), report.table()
 
 
+def test_a_float16_model_that_onnxruntime_turned_into_float32_is_judged_at_its_sites(tmp_path):
+    # onnxruntime's CPU optimizer computes a float16 model in float32 (Casts on every weight) and
+    # keeps the float16 value_info of names it no longer has; folded by bnfold after that, the
+    # sites are compared in the reference's float16, across Casts in the probe
+    original = SAMPLES / "preact_input_bn_fp16io.onnx"
+    candidate = folded(offline_optimized(original, tmp_path), tmp_path)
+    model = onnx.load(str(candidate))
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    assert TensorProto.FLOAT in {weights.get(n.input[1]) for n in model.graph.node if n.op_type == "Conv"}
+    report = bnfold.verify(original, candidate)
+    assert report.equivalent and report.sites, report.table()
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")  # the input BN folded into it
+    loudest_up = lambda b: b + np.where(np.abs(b) == np.abs(b).max(), 0.03 * np.abs(b), 0)  # noqa: E731
+    report = bnfold.verify(original, with_tensor(candidate, stem.input[2], loudest_up, tmp_path))
+    assert not report.equivalent and not report.sites[0].passed, report.table()
+
+
 def test_align_names_each_candidate_tensor_after_the_reference_tensor_it_is(tmp_path):
     original = exported(tmp_path)
     reference = onnx.load(str(original))

@@ -383,6 +383,18 @@ def test_bench_times_both_models_in_both_settings():
     assert report["folded"] is None and report["fold_summary"].startswith("folded 12 of 12")  # a deleted file
 
 
+def test_bench_chooses_sizes_that_run_as_verify_does(tmp_path):
+    # a detector whose H and W must be multiples of 32: generated at 16 it cannot run
+    from test_verdict import save, strided_model
+
+    model = save(strided_model(batch_norm=True), tmp_path / "yolo.onnx")
+    result = invoke("bench", model, "--runs", "2", "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 3, 32, 32]}]
+    assert "note: onnxruntime does not run the reference with symbolic dimensions at 16" in report["notes"]
+
+
 def test_bench_of_a_missing_model_is_exit_2(tmp_path):
     assert_one_line_error(invoke("bench", tmp_path / "none.onnx"), 2, "no such file")
 

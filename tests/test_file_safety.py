@@ -258,6 +258,27 @@ def test_a_tensor_whose_data_does_not_fit_its_dims_is_one_line(damage, message, 
 
 
 # ---- batches ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("external", [False, True])
+def test_a_worker_told_to_stop_between_staging_and_its_cleanup_leaves_nothing(tmp_path, external):
+    # The pool terminates the other workers when one dies. A signal between staging a model
+    # and entering the block that would discard it (or inside mkstemp) once left a hidden
+    # `.a.folded.onnx.*.tmp` behind; the worker's handler removes every staged file itself.
+    script = (
+        "import os, signal, onnx\n"
+        "from pathlib import Path\n"
+        "from bnfold import batch\n"
+        "from bnfold.io.output import StagedModel\n"
+        "batch._exit_on_terminate()\n"
+        f"staged = StagedModel(onnx.load({str(SAMPLE)!r}), Path({str(tmp_path / 'a.folded.onnx')!r}), "
+        f"external={external})\n"
+        "assert any(p.name.endswith('.tmp') for p in Path(staged.dest.parent).iterdir())\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + 15, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_worker_that_dies_costs_only_its_own_model(tmp_path):
     # With --jobs 2 the worker folding b.onnx is killed (as the OOM killer would); a and c are
     # still written, each model gets its line, and b's is exit 3.

@@ -352,14 +352,59 @@ def test_stale_value_info_is_dropped_and_reported_not_refused(tmp_path):
     model = net.model([float_input("x", [1, 3, 8, 8])], [y])
     model.graph.value_info.append(float_input(net.nodes[0].output[0], [1, 8, 8, 8 + 1]))  # NHWC, off by one
     original = save_unchecked(model, tmp_path / "jax.onnx")
-    result = CliRunner().invoke(app, ["optimize", str(original), "-o", str(tmp_path / "out.onnx"), "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["summary"]["folded"] == 1 and report["verification"]["equivalent"]
+    report = folded_and_verified(original, tmp_path / "out.onnx")
     assert report["notes"][0].startswith(
-        f"dropped 1 value_info annotation that contradicts the graph ('{net.nodes[0].output[0]}')"
+        f"dropped 1 value_info annotation that contradicts the graph or has no type ('{net.nodes[0].output[0]}')"
     )
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_untyped_value_info_is_dropped_with_a_note_not_refused(tmp_path):
+    # onnxslim writes a second value_info with an empty type for the outputs of a com.microsoft
+    # op (ddddocr's DynamicQuantizeLSTM); the Reshape after it then reads data type 0
+    net = Net(seed=7)
+    gelu = net.node("Gelu", [net.conv_bn("x", 3, 8)])
+    y = net.node("Reshape", [gelu, net.const(np.array([1, 8, 64]), np.int64)])
+    model = net.model([float_input("x", [1, 3, 8, 8])], [y])
+    next(n for n in model.graph.node if n.op_type == "Gelu").domain = "com.microsoft"
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    model.graph.value_info.extend(
+        [float_input(gelu, [1, 8, 8, 8]), onnx.ValueInfoProto(name=gelu, type=onnx.TypeProto())]
+    )
+    del model.graph.output[:]
+    model.graph.output.append(float_input(y, [1, 8, 64]))
+    with pytest.raises(ValueError, match="data type 0"):
+        onnx.checker.check_model(model, full_check=True)
+    original = save_unchecked(model, tmp_path / "slim.onnx")
+    report = folded_and_verified(original, tmp_path / "out.onnx")
+    assert report["notes"][0].startswith("dropped 1 value_info annotation that contradicts the graph or has no type")
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_an_output_declared_twice_once_with_a_stale_shape_is_declared_as_it_is(tmp_path):
+    net = Net(seed=7)
+    y = net.node("Relu", [net.conv_bn("x", 3, 8)])
+    model = net.model([float_input("x", [1, 3, 8, 8])], [y])
+    model.graph.output.append(float_input(y, [1, 8, 4, 4]))  # onnxruntime runs it; the checker refuses it
+    original = save_unchecked(model, tmp_path / "twice.onnx")
+    report = folded_and_verified(original, tmp_path / "out.onnx")
+    assert f"'{y} (a graph output's type)'" in report["notes"][0]
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(written, full_check=True)
+    assert [[d.dim_value for d in o.type.tensor_type.shape.dim] for o in written.graph.output] == [[1, 8, 8, 8]] * 2
+
+
+def test_a_model_whose_only_fault_is_onnxs_own_function_body_is_folded(tmp_path):
+    # MeanVarianceNormalization-13's body holds a Constant that onnx's strict inference refuses
+    net = Net(seed=7)
+    y = net.node("MeanVarianceNormalization", [net.node("Relu", [net.conv_bn("x", 3, 8)])])
+    model = net.model([float_input("x", [1, 3, 8, 8])], [y])
+    del model.graph.output[:]
+    model.graph.output.append(float_input(y, [1, 8, 8, 8]))
+    with pytest.raises(Exception, match="op_type:MeanVarianceNormalization"):
+        onnx.checker.check_model(model, full_check=True)
+    original = save_unchecked(model, tmp_path / "mvn.onnx")
+    folded_and_verified(original, tmp_path / "out.onnx")
 
 
 def test_a_really_invalid_model_is_still_refused(tmp_path):
@@ -371,6 +416,15 @@ def test_a_really_invalid_model_is_still_refused(tmp_path):
     result = CliRunner().invoke(app, ["optimize", str(original), "-o", str(tmp_path / "out.onnx")])
     assert result.exit_code == 2 and "the input is not a valid ONNX model" in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def folded_and_verified(original: Path, output: Path) -> dict:
+    """`bnfold optimize --json` of a model with one BN: exit 0, the BN folded and verified; the report."""
+    result = CliRunner().invoke(app, ["optimize", str(original), "-o", str(output), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["summary"]["folded"] == 1 and report["verification"]["equivalent"]
+    return report
 
 
 def save_unchecked(model: onnx.ModelProto, path: Path) -> Path:

@@ -11,7 +11,6 @@ import re
 import secrets
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +130,7 @@ class StagedModel:
         with self._discarded_on_error():
             if external:
                 # hidden until the commit names it after its content (a random name of one length)
-                self._hidden_data = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+                self._hidden_data = _hidden_name(dest, ".tmp")
                 with open(self.path, "wb") as out, open(self._hidden_data, "xb") as data:
                     ModelWriter(out, pending or {}, source, data, self._hidden_data.name).write(model)
                     _sync(data)
@@ -182,6 +181,7 @@ class StagedModel:
             if self._hidden_data is not None:
                 self._name_the_data_file()
             os.replace(self.path, self.dest)
+            _STAGED.difference_update({self.path, self.data_path})
         except OSError as exc:
             raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
         self._committed = True
@@ -217,10 +217,14 @@ class StagedModel:
                 _sync(out)
             os.chmod(renamed, 0o666 & ~_umask())
             os.replace(renamed, self.path)
+            _STAGED.discard(renamed)
         except BaseException:
             _unlink(renamed)
             raise
+        if not self.data_path.exists():  # …else one of the same bytes that another model may read
+            _STAGED.add(self.data_path)  # until the model's rename commits it
         os.replace(self._hidden_data, self.data_path)
+        _STAGED.discard(self._hidden_data)
         self._hidden_data = None
 
     def discard(self) -> None:
@@ -239,12 +243,37 @@ class StagedModel:
         self.discard()
 
     def _temporary(self, suffix: str) -> Path:
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.dest.name}.", suffix=suffix, dir=self.dest.parent)
-        except OSError as exc:
-            raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
-        os.close(fd)
-        return Path(name)
+        """A new empty hidden file beside the destination, `.<name>.<8 random hex><suffix>`,
+        known to discard_staged before it exists."""
+        for _ in range(100):
+            path = _hidden_name(self.dest, suffix)
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                return path
+            except FileExistsError:
+                _STAGED.discard(path)
+            except OSError as exc:
+                _STAGED.discard(path)
+                raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
+        raise BnfoldError(f"cannot write {self.dest}: no free temporary name beside it")
+
+
+# The hidden files this process has staged and neither committed nor removed. A name is added
+# before its file is created and leaves when the file is renamed or removed, so a batch worker
+# told to stop (bnfold.batch) removes every one of them, whatever line it was at.
+_STAGED: set[Path] = set()
+
+
+def _hidden_name(dest: Path, suffix: str) -> Path:
+    path = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{suffix}")
+    _STAGED.add(path)
+    return path
+
+
+def discard_staged() -> None:
+    """Remove every hidden file this process staged and did not commit."""
+    for path in list(_STAGED):
+        _unlink(path)
 
 
 def _digest(path: Path) -> str:
@@ -292,6 +321,7 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    _STAGED.discard(path)
 
 
 def _umask() -> int:

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from bnfold.graph.protos import all_nodes, is_onnx_op, subgraphs
+from bnfold.graph.protos import all_names, all_nodes, is_onnx_op, subgraphs
 
 APART = "__bnfold_candidate"  # suffix of a candidate tensor no reference tensor corresponds to
 RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli")
@@ -358,12 +358,18 @@ def _equal_values(a, b) -> bool:
 
 
 def _renamed(model: onnx.ModelProto, renamed: dict[str, str]) -> onnx.ModelProto:
-    """A copy of the model with its main-graph tensors renamed, wherever they are read."""
+    """A copy of the model with its main-graph tensors renamed, wherever they are read. A
+    value_info for a tensor the graph no longer has (onnxruntime's offline optimizer keeps
+    them) goes: under a name the renaming gives another tensor, its type would be that one's."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     if not renamed:
         return copy
     graph = copy.graph
+    present = set(all_names(graph))
+    for i in reversed(range(len(graph.value_info))):
+        if graph.value_info[i].name not in present:
+            del graph.value_info[i]
     for tensor in graph.initializer:
         tensor.name = renamed.get(tensor.name, tensor.name)
     for tensor in graph.sparse_initializer:

@@ -155,6 +155,13 @@ def output_precisions(model: onnx.ModelProto) -> dict[str, Precision]:
     return {output.name: precisions.of_output(output.name) for output in model.graph.output}
 
 
+def narrower(one: Precision, other: Precision) -> Precision:
+    """Of two models' precisions for one tensor, the one a comparison between them is judged by:
+    the narrower float type (the first on a tie)."""
+    rank = {kind: i for i, kind in enumerate(FLOAT_ORDER.values())}
+    return other if rank.get(other.dtype, len(rank)) < rank.get(one.dtype, len(rank)) else one
+
+
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor name: declared, inferred (no data needed), initializers."""
     try:

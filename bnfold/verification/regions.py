@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.graph.protos import all_names, all_nodes, subgraphs
 from bnfold.verification.align import READS_SHAPE_ONLY, align, is_identity
@@ -149,17 +149,63 @@ def _moved_through(candidate: onnx.ModelProto, kept: list[bool]) -> set[int]:
     return moved
 
 
-def probe(reference: onnx.ModelProto, candidate: onnx.ModelProto, rewrite: Rewrite, types: dict) -> onnx.ModelProto:
+def probe(reference: onnx.ModelProto, candidate: onnx.ModelProto, rewrite: Rewrite, types: dict,
+          their_types: dict | None = None) -> onnx.ModelProto:  # fmt: skip
     """The reference (its own copy, changed here) with the candidate's rewritten nodes beside it,
     and as outputs its own, then each site, then each site as the candidate computes it. The
     copies read the reference's initializers where they are `rewrite.shared`, else the
-    candidate's, renamed; so either model may be a skeleton whose large tensors are stubs."""
+    candidate's, renamed; so either model may be a skeleton whose large tensors are stubs.
+    Where the candidate computes in another float type than the reference (onnxruntime's offline
+    optimizer turns a float16 model into float32 with Casts), `their_types` (the candidate's
+    element types) bridges the two with Casts (`_bridge`)."""
     imported = {o.domain for o in reference.opset_import}
     reference.opset_import.extend(o for o in candidate.opset_import if o.domain not in imported)
+    before = len(reference.graph.node)
     _splice(reference, rewrite.candidate_nodes, candidate.graph.initializer, ISOLATED, keep=rewrite.shared,
             sparse=candidate.graph.sparse_initializer)  # fmt: skip
+    _bridge(reference, before, _elem_types(types), their_types or {}, [*rewrite.sites, *rewrite.shape_sites])
     _expose(reference, [*rewrite.sites, *rewrite.shape_sites], types, ISOLATED)
     return reference
+
+
+def _elem_types(types: dict) -> dict[str, int]:
+    return {name: t.tensor_type.elem_type for name, t in types.items() if t.HasField("tensor_type")}
+
+
+def _bridge(model: onnx.ModelProto, first: int, ours: dict[str, int], theirs: dict[str, int], sites: list[str]) -> None:
+    """Cast between the reference's and the candidate's float types where the copies spliced in
+    from node `first` on read a reference tensor of another float type than the candidate's,
+    and where a site's copy has another type than the reference's site: the site is compared in
+    the reference's type."""
+    graph = model.graph
+    copies = list(graph.node[first:])
+    made = {out for node in copies for out in node.output}
+
+    def differs(name: str) -> bool:
+        own, other = ours.get(name), theirs.get(name)
+        return own in FLOAT_TYPES and other in FLOAT_TYPES and own != other
+
+    into, out_of = [], []
+    bridged: dict[str, str] = {}
+    for node in copies:
+        for i, name in enumerate(node.input):
+            if name and name not in made and differs(name):
+                if name not in bridged:
+                    bridged[name] = name + "__bnfold_as_candidate"
+                    into.append(helper.make_node("Cast", [name], [bridged[name]], to=theirs[name]))
+                node.input[i] = bridged[name]
+    for site in sites:
+        copy = site + ISOLATED
+        if copy in made and differs(site):
+            own = copy + "__bnfold_own_type"
+            for node in copies:
+                node.input[:] = [own if n == copy else n for n in node.input]
+                node.output[:] = [own if n == copy else n for n in node.output]
+            out_of.append(helper.make_node("Cast", [own], [copy], to=ours[site]))
+    if into or out_of:  # in graph order: the casts into the copies first, the casts out of them last
+        copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in copies]
+        del graph.node[first:]
+        graph.node.extend([*into, *copies, *out_of])
 
 
 def yardstick(reference: onnx.ModelProto, rewrite: Rewrite, types: dict, seed: int) -> onnx.ModelProto:

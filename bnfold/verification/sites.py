@@ -14,7 +14,7 @@ from onnx import TensorProto
 
 from bnfold.graph.protos import int_attr, node_label
 from bnfold.verification import regions
-from bnfold.verification.precision import FLOAT_ORDER, Precisions
+from bnfold.verification.precision import FLOAT_ORDER, Precisions, narrower
 from bnfold.verification.regions import Rewrite
 from bnfold.verification.runtime import make_session, run_named, weights_apart, whole_model
 from bnfold.verification.tolerance import (
@@ -46,6 +46,7 @@ class Structure:
     arrays: tuple[dict, dict] = ({}, {})  # each model's large initializers (runtime.weights_apart)
     sources: tuple = (None, None)  # the models as given: paths or ModelProtos
     types: dict[str, onnx.TypeProto] = field(default_factory=dict)  # the reference's, inferred
+    their_types: dict[str, int] = field(default_factory=dict)  # the candidate's element types
     outputs: dict[str, Precision] = field(default_factory=dict)
     sites: dict[str, Precision] = field(default_factory=dict)
     boundaries: dict[str, str] = field(default_factory=dict)  # tensor → the discontinuous op it feeds
@@ -58,7 +59,7 @@ class Structure:
         exposed: a skeleton and its arrays, for runtime.load_session (the candidate's session
         shares the candidate's arrays, and nothing is serialized but the graph)."""
         ours, theirs = self.arrays
-        model = regions.probe(_copy(self.reference), self.candidate, self.rewrite, self.types)
+        model = regions.probe(_copy(self.reference), self.candidate, self.rewrite, self.types, self.their_types)
         arrays = {**ours, **{name + regions.ISOLATED: array for name, array in theirs.items()}}
         return _exposing(model, [*self.boundaries, *self._computed_conditions()], self.types), arrays
 
@@ -105,9 +106,15 @@ def read_structure(reference, candidate) -> Structure:
         return structure
     candidate_types = {n: t.tensor_type.elem_type for n, t in _types(theirs).items() if t.HasField("tensor_type")}
     candidate_types.update({t.name: t.data_type for t in theirs.graph.initializer})
+    structure.their_types = candidate_types
     candidate_precisions = Precisions(theirs, candidate_types, their_arrays)
-    region = {id(node) for node in rewrite.candidate_nodes}
-    structure.sites = {s: candidate_precisions.arithmetic(s, within=region) for s in rewrite.sites}
+    # a site is judged by the narrower of the two arithmetics that compute it
+    theirs_within = {id(node) for node in rewrite.candidate_nodes}
+    ours_within = {id(node) for node in rewrite.reference_nodes}
+    structure.sites = {
+        s: narrower(candidate_precisions.arithmetic(s, theirs_within), reference_precisions.arithmetic(s, ours_within))
+        for s in rewrite.sites
+    }
     _find_boundaries(structure, elem)
     structure.conditions = _rewritten_branches(rewrite)
     return structure
