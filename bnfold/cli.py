@@ -12,12 +12,13 @@ from pathlib import Path
 
 import typer
 
-from bnfold.console import NOTHING_TO_FOLD, Console, ProgressBar, say
+from bnfold.console import NOTHING_TO_FOLD, Console, ProgressBar, say, show
 from bnfold.errors import EXIT_FOLDABLE, EXIT_NOT_EQUIVALENT, EXIT_USER_ERROR, BnfoldError, MissingFile
 from bnfold.options import (
     ABS_ATOL_OPT,
     ATOL_OPT,
     BIAS_CORRECTION_OPT,
+    BRIEF_OPT,
     CALIBRATION_OPT,
     CUSTOM_LIB_OPT,
     INPUTS_OPT,
@@ -37,6 +38,7 @@ from bnfold.options import (
     providers,
     verify_options,
 )
+from bnfold.supervise import COMMANDS, supervised
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 not equivalent (verify found a differing output; optimize wrote "
@@ -103,6 +105,7 @@ def optimize(
     calibration: Path | None = CALIBRATION_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
+    brief: bool = BRIEF_OPT,
     trials: int = TRIALS_OPT,
     seed: int = SEED_OPT,
     atol: list[str] | None = ATOL_OPT,
@@ -143,11 +146,11 @@ def optimize(
     if len(models) == 1 and not models[0].is_dir():
         result = out.guard(lambda: pipeline.optimize(models[0], output, **options()))
         if not quiet:
-            say(result.report.table())
+            show(result.report.table(brief=brief))
             if result.verification is not None:
-                say(result.verification.table())
+                show(result.verification.table(brief=brief))
         elif result.verification is not None and not result.verification.equivalent:
-            say(result.verification.table(failed_only=True))
+            show(result.verification.table(failed_only=True))
         if not result.written:
             message = "the folded model is not equivalent to the original; nothing was written"
             out.emit(result.to_dict(), EXIT_NOT_EQUIVALENT, message)
@@ -198,6 +201,7 @@ def verify(
     ),
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
+    brief: bool = BRIEF_OPT,
     trials: int = TRIALS_OPT,
     seed: int = SEED_OPT,
     atol: list[str] | None = ATOL_OPT,
@@ -258,9 +262,11 @@ def verify(
 
     out = Console("verify", json=json_report, quiet=quiet)
     report = out.guard(run)
-    out.render(report.to_dict(), report, 0 if report.equivalent else EXIT_NOT_EQUIVALENT)
+    if brief and not quiet:
+        show(report.table(brief=True))
+    out.render(report.to_dict(), report, 0 if report.equivalent else EXIT_NOT_EQUIVALENT, quiet=quiet or brief)
     if quiet and not report.equivalent:
-        say(report.table(failed_only=True))
+        show(report.table(failed_only=True))
     if not report.equivalent:
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
 
@@ -384,7 +390,12 @@ def bench(
 
 def main() -> None:
     """The `bnfold` command: Typer's app, with a usage error (an unknown option, a value that is
-    not a number) exit 2 and, with --json, a report on stdout like every other outcome."""
+    not a number) exit 2 and, with --json, a report on stdout like every other outcome; run in a
+    child process that a native crash cannot take down with it (bnfold.supervise)."""
+    supervised(_command)
+
+
+def _command() -> None:
     # click's UsageError (an unknown option, a bad value), whichever click Typer runs on
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     command = typer.main.get_command(app)
@@ -394,7 +405,7 @@ def main() -> None:
         exc.show()
         words = sys.argv[1:]
         if "--json" in words:
-            command = next((w for w in words if w in ("optimize", "verify", "inspect", "bench")), "usage")
+            command = next((w for w in words if w in COMMANDS), "usage")
             Console(command, json=True).emit({}, EXIT_USER_ERROR, exc.format_message())
         sys.exit(EXIT_USER_ERROR)
     except typer.Abort:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,6 +23,17 @@ NOTHING_TO_FOLD = "nothing to fold: written unchanged"
 
 def say(text: str) -> None:
     print(text, file=sys.stderr)
+
+
+# On a terminal (and without NO_COLOR), what needs a look stands out: failures in red.
+_ATTENTION = re.compile(r"\bFAIL\b|\bNOT equivalent\b|\bskipped\b")
+
+
+def show(table: str) -> None:
+    """A report's table on stderr, failures in red where stderr is a terminal that wants colour."""
+    if sys.stderr.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb":
+        table = _ATTENTION.sub(lambda m: f"\033[1;31m{m.group(0)}\033[0m", table)
+    say(table)
 
 
 class Console:
@@ -72,7 +84,7 @@ class Console:
     def render(self, data: dict, report, exit_code: int = 0, *, quiet: bool | None = None) -> None:
         """The report's table on stderr (unless quiet), then the JSON report."""
         if not (self.quiet if quiet is None else quiet):
-            say(report.table())
+            show(report.table())
         self.emit(data, exit_code)
 
     def progress(self) -> Callable[[str], None]:

@@ -22,6 +22,9 @@ class Command(typer.core.TyperCommand):
 MODEL_ARG = typer.Argument(..., metavar="MODEL", help="The ONNX model file.", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
+BRIEF_OPT = typer.Option(
+    False, "--brief", help="Only what needs a look: skipped BNs, failing tensors, notes, and the summary."
+)
 # Verification options, shared by `verify` and `optimize`.
 TRIALS_OPT = typer.Option(3, "--trials", metavar="N", help="Input sets to generate.")
 SEED_OPT = typer.Option(0, "--seed", metavar="N", help="Seed for generated inputs.")

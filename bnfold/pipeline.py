@@ -259,7 +259,7 @@ def optimize(
         external = external_data == "always" or (external_data == "auto" and (bool(source.data_files) or too_big))
         progress("checking the folded model")
         validate_skeleton(model, pending, source, str(src))
-        progress(f"writing {dst}")
+        progress(f"staging the folded model beside {dst} (hidden until it is written)")
         checked = None
         # Nothing rewritten: the input's own bytes, when it is one file and nothing was dropped.
         verbatim = not report.changed and not dropped and not source.data_files and external_data != "always"
@@ -277,6 +277,7 @@ def optimize(
                 _name_the_fold(checked, report)
             written = checked is None or checked.equivalent
             if written:
+                progress(f"writing {dst}")
                 staged.commit(keep=source.data_files)
             report.bytes_after = staged.bytes
     report.seconds = time.perf_counter() - start  # the whole run, as the user waited

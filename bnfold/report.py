@@ -120,10 +120,13 @@ class FoldReport:
 
         return f"bnfold {__version__}: " + self.summary().split(" · ")[0]
 
-    def table(self) -> str:
-        """Aligned rows for a terminal: node, result, detail; then the summary line."""
+    def table(self, brief: bool = False) -> str:
+        """Aligned rows for a terminal: node, result, detail (with `brief`, the skipped ones
+        only); then the summary line."""
         rows = [("node", "result", "detail")]
         for o in self.outcomes:
+            if brief and o.folded:
+                continue
             label = o.node if o.op == "BatchNormalization" else f"{o.node} ({o.op})"
             if o.op == BRANCH_MERGE and o.folded:
                 rows.append((label, "merged", f"{o.via} into {o.folded_into_op} {o.folded_into}"))
@@ -137,7 +140,7 @@ class FoldReport:
         changed = self.ops_changed()
         ops = ["ops: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items())] if changed else []
         notes = [f"note: {note}" for note in self.notes]
-        if not self.outcomes:
+        if len(rows) == 1:
             return "\n".join([*ops, *notes, self.summary()])
         lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}".rstrip() for r in rows]
         return "\n".join([*lines, *ops, *notes, self.summary()])

@@ -371,6 +371,46 @@ def test_no_reparam_keeps_the_branches_and_inspect_shows_the_merges(tmp_path):
     assert op_types(onnx.load(str(tmp_path / "kept.onnx"))).count("Conv") == 9
 
 
+def test_brief_shows_only_what_needs_a_look(tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "preact_input_bn.onnx"
+    full = invoke("optimize", sample, "-o", tmp_path / "full.onnx")
+    brief = invoke("optimize", sample, "-o", tmp_path / "brief.onnx", "--brief")
+    assert full.exit_code == brief.exit_code == 0, brief.output
+    assert " folded " in full.stderr and "output  dtype" in full.stderr
+    assert " folded " not in brief.stderr and "output  dtype" not in brief.stderr  # every output matched
+    assert "/block/block.0/BatchNormalization  skipped" in brief.stderr
+    assert "folded 1 of 2 BatchNormalization nodes" in brief.stderr and "equivalent: all 1 outputs" in brief.stderr
+
+
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_a_fail_is_red_on_a_terminal_unless_no_color(tmp_path, no_color):
+    import os
+    import pty
+
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "preact_input_bn.onnx"
+    mistaken = onnx.load(str(sample))
+    bias = next(t for t in mistaken.graph.initializer if t.name == "stem.bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 0.1, "stem.bias"))
+    onnx.save(mistaken, tmp_path / "mistaken.onnx")
+    terminal, stderr = pty.openpty()
+    env = {**os.environ, "NO_COLOR": no_color, "TERM": "xterm"}
+    command = [sys.executable, "-m", "bnfold", "verify", str(sample), str(tmp_path / "mistaken.onnx")]
+    code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, timeout=300).returncode
+    os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the terminal's other end is closed: all read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert code == 1 and b"NOT equivalent" in shown
+    assert (b"\x1b[1;31mFAIL\x1b[0m" in shown) == (not no_color), shown.decode(errors="replace")
+
+
 def test_bench_times_both_models_in_both_settings():
     sample = Path(__file__).resolve().parents[1] / "sample_models" / "repvgg_tiny.onnx"
     result = invoke("bench", sample, "--runs", "3", "--warmup", "1", "--json")

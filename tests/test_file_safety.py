@@ -3,12 +3,14 @@ in a subprocess, the way a pipeline runs it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from builders import make_model
@@ -97,17 +99,57 @@ def test_several_models_into_a_new_onnx_name_is_refused(tmp_path):
     assert not (tmp_path / "new.onnx").exists()
 
 
-def test_a_run_killed_during_verification_leaves_no_visible_file(tmp_path):
-    # The process dies the moment verification starts: the staged model and its data exist.
+@pytest.mark.parametrize("signal_name, said", [("SIGKILL", "was killed (SIGKILL"), ("SIGSEGV", "crashed (SIGSEGV)")])
+def test_a_run_killed_during_verification_leaves_no_file_and_says_so(tmp_path, signal_name, said):
+    # The work dies the moment verification starts (the OOM killer; onnxruntime dereferencing a
+    # bad pointer): the staged model and its data exist. The supervising process removes them,
+    # says what happened in one line, and exits 2 with the JSON report.
     shutil.copy(SAMPLE, tmp_path / "model.onnx")
     script = (
         "import os, signal, sys; import bnfold.pipeline as p; "
-        "p._verify = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+        f"p._verify = lambda *a, **k: os.kill(os.getpid(), signal.{signal_name}); "
         "from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()"
     )
-    command = [sys.executable, "-c", script, "optimize", str(tmp_path / "model.onnx"), "--external-data", "always"]
-    assert subprocess.run(command, capture_output=True).returncode == -9
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["model.onnx"]
+    model = str(tmp_path / "model.onnx")
+    command = [sys.executable, "-c", script, "optimize", model, "--external-data", "always", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    assert result.stderr.startswith(f"bnfold: error: the run {said}") and "Traceback" not in result.stderr
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == 2 and report["command"] == "optimize" and said in report["error"]
+
+
+def test_a_model_that_crashes_onnxruntime_costs_one_line_not_the_process(tmp_path):
+    # A BatchNormalization-7 whose four optional outputs are named "": onnxruntime (1.20 to 1.32
+    # at least) dereferences one of them and dies of SIGSEGV when it runs the model unoptimized,
+    # as verification does. The fold itself is right (--no-verify writes it).
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    params = {"W": rng.normal(size=(4, 3, 3, 3)), "g": rng.uniform(0.5, 1.5, 4), "b": rng.normal(size=4),
+              "m": rng.normal(size=4), "v": rng.uniform(0.5, 1.5, 4)}  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y", "", "", "", ""]),
+    ]
+    graph = helper.make_graph(
+        nodes, "bn7", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()],
+    )  # fmt: skip
+    path = tmp_path / "bn7.onnx"
+    onnx.save(make_model(graph, opset_imports=[helper.make_opsetid("", 7)]), path)
+    command = [sys.executable, "-m", "bnfold", "optimize", str(path), "-o", str(tmp_path / "out.onnx"), "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout)
+    if result.returncode == 0:  # an onnxruntime that runs it: then verified like any model
+        assert report["verification"]["equivalent"]
+        return
+    assert result.returncode == 2 and report["exit_code"] == 2, result.stderr
+    assert result.stderr.startswith("bnfold: error: the run crashed (SIGSEGV) in native code")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bn7.onnx"]
 
 
 # ---- never fold what onnxruntime reads differently -------------------------------------------------

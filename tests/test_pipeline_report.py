@@ -81,6 +81,14 @@ def test_a_not_equivalent_fold_has_a_report_with_exit_code_1(monkeypatch, tmp_pa
     assert report["exit_code"] == 1 and report["written"] is False and report["verification"]["equivalent"] is False
 
 
+def test_progress_says_writing_only_once_the_model_is_verified(tmp_path):
+    stages = []
+    result = bnfold.optimize(SAMPLES / "resnet_tiny.onnx", tmp_path / "out.onnx", progress=stages.append)
+    assert result.written
+    kinds = [stage.split()[0] for stage in stages]
+    assert kinds.index("staging") < kinds.index("verifying") < kinds.index("writing") == len(kinds) - 1, stages
+
+
 def test_version():
     result = bnfold_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"bnfold {bnfold.__version__}"

@@ -3,15 +3,18 @@ refusals mean (plan.decide reads these tables; plan.py says what a mechanism ret
 
 A BatchNormalization in inference mode folds, in this order of preference:
 1. after a channel Concat: split across the Concat's inputs (that decides it);
-2. backward, into the linear op that produces its input;
-3. over the last axis of a token MatMul behind shape-only ops (decides it when it matches);
-4. through shape-only ops, into a linear op (its refusal says more than backward's);
-5. forward, into the one Conv, ConvTranspose, Gemm or MatMul it feeds.
+2. into the DequantizeLinear scale of the quantized weight of the linear op before it (decides
+   it when that weight is one: quantized.py);
+3. backward, into the linear op that produces its input;
+4. over the last axis of a token MatMul behind shape-only ops (decides it when it matches);
+5. through shape-only ops, into a linear op (its refusal says more than backward's);
+6. forward, into the one Conv, ConvTranspose, Gemm or MatMul it feeds.
 Refused, the reason names why backward and why forward failed, unless the BN sits inside a
 quantized model, which explains it.
 
 A Mul/Add/Sub/Div by a per-channel constant folds backward into the linear op behind the first
-of its inputs that comes from one, else through shape-only ops; refused, it is not reported
+of its inputs that comes from one (into its quantized weight's scale when it has one), else
+through shape-only ops; refused, it is not reported
 (most such nodes are no BN at all).
 """
 
@@ -26,6 +29,7 @@ from bnfold.folding.concat import plan_concat
 from bnfold.folding.forward import plan_forward
 from bnfold.folding.linear import linear_op
 from bnfold.folding.plan import NOT_MINE, Answer, Mechanism, Mechanisms, Plan, Role, Skip, decide
+from bnfold.folding.quantized import plan_quantized_weight
 from bnfold.folding.shape_ops import plan_through_shape_ops
 from bnfold.folding.sources import (
     ELEMENTWISE_AFFINE,
@@ -52,18 +56,23 @@ def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     ):
         return Skip(
             "it sits between DequantizeLinear and QuantizeLinear: the model was quantized before folding, and "
-            "quantized weights cannot absorb a scale exactly; fold before quantizing"
+            "a fold across a quantizer is not exact; fold before quantizing"
         )
     return NOT_MINE
 
 
-def _elementwise_backward(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
-    """Into the linear op behind the first input that comes from one; that decides it."""
-    for data in node.input:
-        producer, _, _ = producer_through_no_ops(data, ctx)
-        if linear_op(producer) is not None:
-            return plan_backward(ElementwiseSource(node, data), ctx)
-    return NOT_MINE
+def _behind_linear(plan):
+    """A mechanism for a Mul/Add/Sub/Div: `plan` of the node, read from the first input that comes
+    from a linear op (through no-ops); NOT_MINE without one."""
+
+    def mechanism(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
+        for data in node.input:
+            producer, _, _ = producer_through_no_ops(data, ctx)
+            if linear_op(producer) is not None:
+                return plan(ElementwiseSource(node, data), ctx)
+        return NOT_MINE
+
+    return mechanism
 
 
 def _elementwise_through_shape_ops(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
@@ -84,6 +93,9 @@ BATCH_NORM = Mechanisms(
     order=(
         Mechanism("inference mode", _inference_mode, Role.DECIDES),
         Mechanism("split at a Concat", lambda bn, ctx, _: plan_concat(bn, ctx), Role.DECIDES),
+        Mechanism(
+            "into a quantized weight", lambda bn, ctx, _: plan_quantized_weight(BatchNormSource(bn), ctx), Role.DECIDES
+        ),
         Mechanism("backward", lambda bn, ctx, _: plan_backward(BatchNormSource(bn), ctx), Role.BACKWARD),
         Mechanism("token MatMul, channel last", lambda bn, ctx, _: plan_channel_last(bn, ctx), Role.DECIDES),
         Mechanism(
@@ -97,7 +109,8 @@ BATCH_NORM = Mechanisms(
 
 ELEMENTWISE = Mechanisms(
     order=(
-        Mechanism("backward", _elementwise_backward, Role.DECIDES),
+        Mechanism("into a quantized weight", _behind_linear(plan_quantized_weight), Role.DECIDES),
+        Mechanism("backward", _behind_linear(plan_backward), Role.DECIDES),
         Mechanism("through shape ops", _elementwise_through_shape_ops, Role.DECIDES),
     ),
     refused=lambda node, why: Skip(f"{node_label(node)} does not follow a linear op"),

@@ -21,6 +21,7 @@ from bnfold.io.containment import external_locations, external_tensors
 from bnfold.io.source import ModelSource
 from bnfold.io.tensors import initializers
 from bnfold.io.writer import ModelWriter
+from bnfold.supervise import JOURNAL
 
 SUFFIX = ".folded.onnx"
 
@@ -181,7 +182,7 @@ class StagedModel:
             if self._hidden_data is not None:
                 self._name_the_data_file()
             os.replace(self.path, self.dest)
-            _STAGED.difference_update({self.path, self.data_path})
+            _unstage(self.path, self.data_path)
         except OSError as exc:
             raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
         self._committed = True
@@ -217,14 +218,14 @@ class StagedModel:
                 _sync(out)
             os.chmod(renamed, 0o666 & ~_umask())
             os.replace(renamed, self.path)
-            _STAGED.discard(renamed)
+            _unstage(renamed)
         except BaseException:
             _unlink(renamed)
             raise
         if not self.data_path.exists():  # …else one of the same bytes that another model may read
-            _STAGED.add(self.data_path)  # until the model's rename commits it
+            _stage(self.data_path)  # until the model's rename commits it
         os.replace(self._hidden_data, self.data_path)
-        _STAGED.discard(self._hidden_data)
+        _unstage(self._hidden_data)
         self._hidden_data = None
 
     def discard(self) -> None:
@@ -251,23 +252,44 @@ class StagedModel:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 return path
             except FileExistsError:
-                _STAGED.discard(path)
+                _unstage(path)
             except OSError as exc:
-                _STAGED.discard(path)
+                _unstage(path)
                 raise BnfoldError(f"cannot write {self.dest}: {exc.strerror or exc}") from None
         raise BnfoldError(f"cannot write {self.dest}: no free temporary name beside it")
 
 
-# The hidden files this process has staged and neither committed nor removed. A name is added
-# before its file is created and leaves when the file is renamed or removed, so a batch worker
-# told to stop (bnfold.batch) removes every one of them, whatever line it was at.
+# The files this process has staged and neither committed nor removed. A name is added before
+# its file is created and leaves when the file is renamed or removed, so a batch worker told to
+# stop (bnfold.batch) removes every one of them, whatever line it was at. Under the `bnfold`
+# command each change is also journaled, for the parent process to remove them after a native
+# crash (bnfold.supervise).
 _STAGED: set[Path] = set()
 
 
 def _hidden_name(dest: Path, suffix: str) -> Path:
     path = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}{suffix}")
-    _STAGED.add(path)
+    _stage(path)
     return path
+
+
+def _stage(path: Path) -> None:
+    _STAGED.add(path)
+    _journal("+", path)
+
+
+def _unstage(*paths: Path | None) -> None:
+    for path in paths:
+        if path in _STAGED:
+            _STAGED.discard(path)
+            _journal("-", path)
+
+
+def _journal(sign: str, path: Path) -> None:
+    journal = os.environ.get(JOURNAL)
+    if journal:
+        with open(journal, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(f"{sign}{os.path.abspath(path)}\n")
 
 
 def discard_staged() -> None:
@@ -321,7 +343,7 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-    _STAGED.discard(path)
+    _unstage(path)
 
 
 def _umask() -> int:

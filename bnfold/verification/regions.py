@@ -212,8 +212,9 @@ def yardstick(reference: onnx.ModelProto, rewrite: Rewrite, types: dict, seed: i
     """The reference (its own copy, changed here) with its rewritten nodes copied beside it,
     every float parameter of the copy rounded the other way (`reround`); outputs as `probe`'s."""
     read = {name for node in rewrite.reference_nodes for name in _reads(node)}
+    requantized = _requantized(rewrite)
     initializers = [
-        reround(t, np.random.default_rng([seed, 0, i]))
+        reround(t, np.random.default_rng([seed, 0, i]), steps=t.name in requantized)
         for i, t in enumerate(reference.graph.initializer)
         if t.name in read
     ]
@@ -233,9 +234,10 @@ def rerounded_end_to_end(reference: onnx.ModelProto, rewrite: Rewrite, seed: int
     read rounded the other way (every one, when the rewrite is not isolated): how far its
     outputs move when only those parameters move."""
     read = {name for node in rewrite.reference_nodes for name in _reads(node)}
+    requantized = _requantized(rewrite)
     for i, tensor in enumerate(reference.graph.initializer):
         if tensor.name in read or not rewrite.isolated:
-            tensor.CopyFrom(reround(tensor, np.random.default_rng([seed, 0, i])))
+            tensor.CopyFrom(reround(tensor, np.random.default_rng([seed, 0, i]), steps=tensor.name in requantized))
     for i, node in enumerate(reference.graph.node):
         if _is_constant(node) and (node.output[0] in read or not rewrite.isolated):
             node.CopyFrom(_rerounded_constants(node, np.random.default_rng([seed, 1, i])))
@@ -246,12 +248,31 @@ def _is_constant(node: onnx.NodeProto) -> bool:
     return node.op_type == "Constant" and len(node.output) == 1
 
 
-def reround(tensor: TensorProto, rng: np.random.Generator) -> TensorProto:
+def _requantized(rewrite: Rewrite) -> set[str]:
+    """The integer tensors a rewritten DequantizeLinear of the reference reads and the candidate
+    holds with other values: a fold requantized them (a conv's int32 bias at its new scale)."""
+    return {
+        node.input[0]
+        for node in rewrite.reference_nodes
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] not in rewrite.shared
+    }
+
+
+def reround(tensor: TensorProto, rng: np.random.Generator, steps: bool = False) -> TensorProto:
     """A float tensor with each value, with probability ½, moved to its neighbour on a random
     side: the other of the two roundings a computed parameter (W·s) could have had. A value that
     is a whole number stays: no rounding made it, and it may be structural (Pow's exponent 2 moved
-    to 2.0000002 makes every negative base NaN). Other tensors are returned as they are."""
-    if tensor.data_type not in FLOAT_TYPES or tensor.data_location == TensorProto.EXTERNAL:
+    to 2.0000002 makes every negative base NaN). With `steps`, an integer tensor (one a fold
+    requantized) moves by one step the same way. Other tensors are returned as they are."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return tensor
+    if steps and tensor.data_type in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8):
+        values = numpy_helper.to_array(tensor)
+        limits = np.iinfo(values.dtype)
+        side = np.where(rng.random(values.shape) < 0.5, 1, -1)
+        moved = values.astype(np.int64) + side * (rng.random(values.shape) < 0.5)
+        return numpy_helper.from_array(np.clip(moved, limits.min, limits.max).astype(values.dtype), tensor.name)
+    if tensor.data_type not in FLOAT_TYPES:
         return tensor
     values = numpy_helper.to_array(tensor)
     if not values.size:

@@ -45,10 +45,11 @@ class VerifyReport:
         trials = f" over {self.trials} trials (seed {self.seed})" if self.trials else ""
         return f"{verdict}{where}{trials} · {self.seconds:.2f} s"
 
-    def table(self, failed_only: bool = False) -> str:
-        """Notes, one row per output (or per failing output), the first divergence, the verdict."""
+    def table(self, failed_only: bool = False, brief: bool = False) -> str:
+        """Notes (not with `failed_only`), one row per output (per failing output with either
+        flag), the first divergence, the verdict."""
         rows = [("output", "dtype", "shape", "max abs", "rel L2", "cosine", "mismatched", "needed atol", "result")]
-        for o in [*(self.failed if failed_only else self.outputs), *(s for s in self.sites if not s.passed)]:
+        for o in [*(self.failed if failed_only or brief else self.outputs), *(s for s in self.sites if not s.passed)]:
             rows.append(
                 (
                     o.name,

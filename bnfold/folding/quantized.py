@@ -1,0 +1,231 @@
+"""A per-channel affine map after a linear op whose weight is DequantizeLinear(q, scale, zero
+point) of constants: the map's scale goes into the DequantizeLinear's scale, one per output
+channel, and its shift into the bias. The integer weights q and the zero points stay byte for
+byte what they were: what onnxruntime's integer kernels read.
+
+DequantizeLinear gives W[c] = (q[c] − z[c])·scale[c] along its `axis`, so s[c]·W[c] is
+(q[c] − z[c])·(scale[c]·s[c]): the fold's one rounding is the new float scale's. A per-tensor
+scale becomes per-axis, on the weight's output-channel axis (the zero point repeated to match).
+
+The bias absorbs the shift as in every backward fold (b' = β·b·s + t), in the form it had:
+- none: a float bias of the scale's type, t;
+- a float constant;
+- an int32 DequantizeLinear(qb, sb, zb) of constants, the form of quantize_static's QDQ models
+  (sb = the input's scale × the weight's): requantized at sb·s, which keeps that relation with
+  the new weight scale. Its rounding is at most half a step; the report gives the largest.
+
+Refused, with the reason: blocked quantization (`block_size`), a per-axis scale on another axis
+than the output channels, a ConvTranspose with groups (one axis-1 scale serves every group), a
+channel the map scales by zero or a negative number (a DequantizeLinear scale stays positive for
+onnxruntime's integer kernels), a DequantizeLinear another node reads too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from bnfold.folding import affine
+from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
+from bnfold.folding.linear import LinearOp, linear_op
+from bnfold.folding.linear_plan import folded_name
+from bnfold.folding.plan import NOT_MINE, Answer, Plan, Skip
+from bnfold.folding.sources import AffineSource, ChannelAffine, float_constant
+from bnfold.graph.constants import NotConstant
+from bnfold.graph.context import GraphContext
+from bnfold.graph.protos import int_attr, is_onnx_op, node_label
+
+INT32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class Dequantized:
+    """A DequantizeLinear of constants: its node, and q, scale, zero point (or None) as read."""
+
+    node: onnx.NodeProto
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+
+    def per_axis(self, axis: int, channels: int, scale: np.ndarray) -> Skip | tuple[np.ndarray, np.ndarray | None]:
+        """(new scale, new zero point or None): this grid's scale times `scale` along the
+        weight's `axis` of `channels`; the zero point repeated there when it was per tensor."""
+        if self.scale.size == 1:
+            zero_point = None if self.zero_point is None else np.full(channels, self.zero_point.reshape(()))
+            return (float(self.scale.reshape(())) * scale), zero_point
+        own = int_attr(self.node, "axis", 1) % self.q.ndim
+        if own != axis or self.scale.shape != (channels,):
+            return Skip(
+                f"{node_label(self.node)} scales axis {own} ({list(self.scale.shape)}), not the weight's output "
+                f"channels (axis {axis}, {channels})"
+            )
+        return self.scale.astype(np.float64) * scale, None
+
+
+def dequantized(name: str, ctx: GraphContext) -> Dequantized | Skip | None:
+    """The DequantizeLinear of constants that makes `name`, a Skip saying why it is not one
+    that can be rescaled, or None when no DequantizeLinear makes it."""
+    node = ctx.index.producer(name)
+    if node is None or not is_onnx_op(node, "DequantizeLinear"):
+        return None
+    if int_attr(node, "block_size", 0):
+        return Skip(f"{node_label(node)} is blocked (block_size): one scale serves several channels' blocks")
+    values = []
+    for i, role in enumerate(("integers", "scale", "zero point")):
+        if i >= len(node.input) or not node.input[i]:
+            values.append(None)
+            continue
+        try:
+            values.append(np.asarray(ctx.constant(node.input[i])))
+        except NotConstant as why:
+            return Skip(f"the {role} of {node_label(node)} is not constant: {why}")
+    q, scale, zero_point = values
+    if q is None or scale is None or scale.dtype.kind != "f":
+        return Skip(f"{node_label(node)} has no float scale")
+    return Dequantized(node, q, scale, zero_point)
+
+
+@dataclass(frozen=True)
+class QuantizedWeightPlan(Plan):
+    source: onnx.NodeProto
+    op: LinearOp
+    linear: onnx.NodeProto
+    weight: Dequantized
+    axis: int  # the DequantizeLinear's new axis: the weight's output channels
+    scale: np.ndarray  # the weight's new scale, in its dtype
+    zero_point: np.ndarray | None  # a per-tensor zero point repeated per channel, or None (kept)
+    bias: np.ndarray  # a float bias, or an int32 one behind `bias_grid`
+    bias_grid: Dequantized | None = None
+    bias_scale: np.ndarray | None = None  # the int32 bias's new scale
+    note: str | None = None
+    passthrough: tuple[onnx.NodeProto, ...] = ()
+
+    @property
+    def linears(self):
+        return (self.linear,)
+
+    @property
+    def rounding(self) -> str | None:
+        return self.note
+
+    def rewrite(self, ctx: GraphContext) -> None:
+        _rescale(ctx, self.weight.node, self.scale, self.zero_point, self.axis)
+        if self.bias_grid is None:
+            old = self.linear.input[2] if len(self.linear.input) > 2 and self.linear.input[2] else ""
+            base = old or (self.source.input[2] if self.source.op_type == "BatchNormalization" else "bias")
+            ctx.index.set_input(self.linear, 2, ctx.add_initializer(self.bias, folded_name(base)))
+        else:
+            grid = self.bias_grid.node
+            ctx.index.set_input(grid, 0, ctx.add_initializer(self.bias, folded_name(grid.input[0])))
+            zero_point = None if self.bias_grid.zero_point is None or self.bias_grid.zero_point.size != 1 else (
+                np.full(len(self.bias), self.bias_grid.zero_point.reshape(())))  # fmt: skip
+            _rescale(ctx, grid, self.bias_scale, zero_point, 0)
+        self.op.after_bias_rewrite(self.linear)
+        for node in (self.source, *self.passthrough):
+            ctx.index.remove_node(node)
+        ctx.index.set_output(self.linear, 0, self.source.output[0])
+
+
+def _rescale(ctx: GraphContext, node: onnx.NodeProto, scale: np.ndarray, zero_point, axis: int) -> None:
+    """Point a DequantizeLinear at a new scale (and zero point) along `axis`."""
+    ctx.index.set_input(node, 1, ctx.add_initializer(scale, folded_name(node.input[1])))
+    if zero_point is not None:
+        ctx.index.set_input(node, 2, ctx.add_initializer(zero_point, folded_name(node.input[2])))
+    for attr in node.attribute:
+        if attr.name == "axis":
+            attr.i = axis
+            return
+    node.attribute.append(onnx.helper.make_attribute("axis", axis))
+
+
+def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
+    """Fold `source` into the linear op producing its input when that op's weight is a
+    DequantizeLinear of constants (else NOT_MINE: the usual backward fold's case)."""
+    # match
+    linear, passthrough, blocked = producer_through_no_ops(source.data, ctx)
+    op = linear_op(linear)
+    if blocked or op is None or len(linear.input) < 2:
+        return NOT_MINE
+    weight = dequantized(linear.input[1], ctx)
+    if weight is None:
+        return NOT_MINE
+    # checks
+    if isinstance(weight, Skip):
+        return weight
+    first = passthrough[-1] if passthrough else source.node
+    failed = (
+        call_site_attributes(source.node, linear, *passthrough)
+        or single_reader(linear, first, ctx)
+        or op.check_node(linear, ctx)
+        or op.check_weight(weight.q, linear)
+        or _only_reader(weight.node, linear, ctx)
+    )
+    if failed:
+        return failed
+    if op.output_blocks(linear) > 1:
+        return Skip(f"{node_label(linear)} has groups: one DequantizeLinear scale per axis-1 column serves each")
+    axis, channels = op.weight_axis(linear), op.output_channels(weight.q, linear)
+    scale_shift = source.affine(ctx, channels, op.output_rank(weight.q))
+    if isinstance(scale_shift, Skip):
+        return scale_shift
+    scale, shift = scale_shift
+    if not (scale > 0).all():
+        c = int(np.argmin(scale > 0))
+        return Skip(
+            f"it scales channel {c} by {scale[c]:.3g}: the weight's DequantizeLinear scale would not stay positive, "
+            "and the integer weights are not rewritten"
+        )
+    # plan
+    rescaled = weight.per_axis(axis, channels, scale)
+    if isinstance(rescaled, Skip):
+        return rescaled
+    new_scale, zero_point = rescaled
+    new_scale = new_scale.astype(weight.scale.dtype)
+    if not np.isfinite(new_scale).all() or not (new_scale > 0).all():
+        return Skip(f"the weight's new scale overflows or underflows {weight.scale.dtype}")
+    bias = _folded_bias(op, linear, ctx, scale_shift, weight.scale.dtype)
+    if isinstance(bias, Skip):
+        return bias
+    values, grid, bias_scale, note = bias
+    return QuantizedWeightPlan(source.node, op, linear, weight, axis, new_scale, zero_point, values, grid,
+                               bias_scale, note, tuple(passthrough))  # fmt: skip
+
+
+def _only_reader(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
+    readers = [r for r in ctx.index.readers(node.output[0]) if r is not linear]
+    if readers or node.output[0] in ctx.index.graph_outputs:
+        return Skip(f"{node_label(node)} also feeds {', '.join(node_label(r) for r in readers[:3]) or 'an output'}")
+    return None
+
+
+def _folded_bias(op: LinearOp, linear: onnx.NodeProto, ctx: GraphContext, scale_shift: ChannelAffine, dtype):
+    """(bias, its DequantizeLinear or None, its new scale or None, the report's note) or a Skip."""
+    scale, shift = scale_shift
+    name = linear.input[2] if len(linear.input) > 2 else ""
+    if not name:
+        return affine.fold_bias(None, scale, shift).astype(dtype), None, None, None
+    grid = dequantized(name, ctx)
+    if isinstance(grid, Skip):
+        return grid
+    if grid is None:
+        bias = float_constant(ctx, name, f"{op.op_type} bias")
+        if isinstance(bias, Skip):
+            return bias
+        if bias.shape != scale.shape:
+            return Skip(f"{op.op_type} bias has shape {list(bias.shape)}, expected [{len(scale)}]")
+        folded = affine.fold_bias(bias.astype(np.float64) * op.bias_scale(linear), scale, shift)
+        return folded.astype(bias.dtype), None, None, None
+    if (failed := _only_reader(grid.node, linear, ctx)) or grid.q.dtype != np.int32 or grid.q.shape != scale.shape:
+        return failed or Skip(f"{node_label(grid.node)} is not an int32 bias of one value per channel")
+    zero = 0.0 if grid.zero_point is None else grid.zero_point.astype(np.float64)
+    steps = grid.scale.astype(np.float64)
+    bias = (grid.q.astype(np.float64) - zero) * steps * op.bias_scale(linear)
+    new_steps = (steps * scale).astype(grid.scale.dtype)
+    exact = (affine.fold_bias(bias, scale, shift)) / new_steps.astype(np.float64) + zero
+    if not (np.isfinite(exact).all() and (np.abs(exact) < INT32.max).all()):
+        return Skip(f"the requantized bias of {node_label(linear)} overflows int32")
+    rounded = np.round(exact)
+    note = f"int32 bias requantized at its new scale: at most {np.abs(exact - rounded).max():.2f} of a step off"
+    return rounded.astype(np.int32), grid, new_steps, note

@@ -1,0 +1,113 @@
+"""The `bnfold` command runs its work in a child process, so that a native crash (onnxruntime
+dereferencing a bad pointer on a model it should refuse, a custom-op library) costs one clear
+line and exit 2, not a dead process with no report and half-written files.
+
+Where the platform forks (not Windows), main() forks before anything heavy is imported (no
+threads exist yet, so the child is a sound copy) and waits. The child's staged files are
+journaled (bnfold.io.output): each hidden file is listed before it exists and struck when it is
+committed or removed. When the child exits the parent removes every file the journal still
+lists; a child that died by a signal (but Ctrl-C's) gets the line, with `--json` the report, and
+exit 2. Any other exit is the child's own, passed on unchanged. SIGTERM and SIGINT sent to
+bnfold are passed on to the child, which takes the first SIGINT only (Ctrl-C on a terminal
+reaches it from the terminal too).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+JOURNAL = "BNFOLD_STAGED_JOURNAL"  # the environment variable that names the journal file
+COMMANDS = ("optimize", "verify", "inspect", "bench")
+
+
+def supervised(work: Callable[[], None]) -> None:
+    """Run `work` (which ends in sys.exit) in a forked child and exit as it did; see the module
+    docstring. Without fork, or inside a supervised run already, `work` runs here."""
+    if not hasattr(os, "fork") or JOURNAL in os.environ:
+        work()
+        return
+    fd, journal = tempfile.mkstemp(prefix="bnfold-staged-", suffix=".txt")
+    os.close(fd)
+    os.environ[JOURNAL] = journal
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        signal.signal(signal.SIGINT, _interrupt_once)
+        work()
+        sys.exit(0)
+    signal.signal(signal.SIGINT, lambda signum, frame: _pass_on(child, signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: _pass_on(child, signum))
+    status = _wait(child)
+    crashed = os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGINT
+    try:
+        _remove_staged(Path(journal))  # after any exit: nothing the child staged outlives the run
+    finally:
+        Path(journal).unlink(missing_ok=True)
+    if crashed:
+        sys.exit(_report_crash(os.WTERMSIG(status)))
+    sys.exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
+def _pass_on(child: int, signum: int) -> None:
+    try:
+        os.kill(child, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _interrupt_once(signum, frame) -> None:
+    """In the child: Ctrl-C on a terminal reaches it twice (from the terminal, and passed on by
+    the parent); the second must not cut the first one's cleanup short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _wait(child: int) -> int:
+    while True:
+        try:
+            return os.waitpid(child, 0)[1]
+        except InterruptedError:
+            continue
+
+
+def _remove_staged(journal: Path) -> None:
+    """Remove the files the journal lists as staged and never committed or removed."""
+    live: dict[str, None] = {}
+    for line in journal.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        if line.startswith("+"):
+            live[line[1:]] = None
+        elif line.startswith("-"):
+            live.pop(line[1:], None)
+    for path in live:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _report_crash(signum: int) -> int:
+    """The line, the --json report, and the exit code for a child that died of `signum`."""
+    from bnfold.console import Console
+    from bnfold.errors import EXIT_USER_ERROR
+
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if signum == signal.SIGKILL:
+        what = "was killed (SIGKILL: out of memory, perhaps)"
+    else:
+        what = f"crashed ({name}) in native code, most likely onnxruntime; try another onnxruntime version"
+    message = f"the run {what}; the files it was writing were removed"
+    print(f"bnfold: error: {message}", file=sys.stderr, flush=True)
+    words = sys.argv[1:]
+    Console(next((w for w in words if w in COMMANDS), "usage"), json="--json" in words).emit(
+        {}, EXIT_USER_ERROR, message
+    )
+    return EXIT_USER_ERROR

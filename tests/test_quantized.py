@@ -1,0 +1,216 @@
+"""BatchNormalization folded into quantized weights (bnfold.folding.quantized): the scale goes
+into the weight's DequantizeLinear scale, the integers stay byte for byte.
+
+The models are made by onnxruntime.quantization (quantize_static, QDQ format, per tensor and per
+channel) from a Conv → BN → Relu model whose BN was not folded first, with the quantizer on the
+conv's output taken out: the form a quantization-aware-training export has, where the BN (or
+the Div by its scale factor) follows the conv directly. Every fold is checked by structure (BN
+gone, integers unchanged), by numbers (onnxruntime with optimizations off, against the
+original), and by onnx.checker; every refusal leaves the model unchanged."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import assert_refused, conv_bn_model, make_model, op_types, random_inputs, run
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+import bnfold
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, model: onnx.ModelProto):
+        self.feeds = iter([random_inputs(model, seed) for seed in range(4)])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def quantized(tmp_path, per_channel: bool, *, bias: bool = True) -> onnx.ModelProto:
+    """conv_bn_model quantized by quantize_static (int8 weights, an int32 bias behind its own
+    DequantizeLinear), then the quantizer on the conv's output removed: Conv → BN directly."""
+    float_model = conv_bn_model(bias=bias, opset=17)
+    onnx.save(float_model, tmp_path / "float.onnx")
+    quantize_static(
+        str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), _Reader(float_model), quant_format=QuantFormat.QDQ,
+        per_channel=per_channel, op_types_to_quantize=["Conv"], weight_type=QuantType.QInt8,
+    )  # fmt: skip
+    model = onnx.load(str(tmp_path / "qdq.onnx"))
+    graph = model.graph
+    quantizer = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "conv_out")
+    dequantizer = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizer.output[0])
+    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    bn.input[0] = "conv_out"
+    graph.node.remove(quantizer)
+    graph.node.remove(dequantizer)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def dequantizer_of(model: onnx.ModelProto, node_type: str, position: int) -> onnx.NodeProto:
+    """The DequantizeLinear that makes input `position` of the first `node_type` node."""
+    name = next(n for n in model.graph.node if n.op_type == node_type).input[position]
+    return next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == name)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_bn_after_a_quantized_conv_folds_into_the_weight_scale(tmp_path, per_channel):
+    model = quantized(tmp_path, per_channel)
+    result = bnfold.fold(model)
+    folded = result.model
+    assert result.report.folded == 1 and "BatchNormalization" not in op_types(folded)
+    onnx.checker.check_model(folded, full_check=True)
+    before, after = initializers(model), initializers(folded)
+    weight, bias = dequantizer_of(folded, "Conv", 1), dequantizer_of(folded, "Conv", 2)
+    # the integer weights and their zero points are the same bytes; the scale is per channel now
+    original_weight = dequantizer_of(model, "Conv", 1)
+    assert weight.input[0] == original_weight.input[0] and after[weight.input[0]].dtype == np.int8
+    assert after[weight.input[1]].shape == (6,) and helper.get_node_attr_value(weight, "axis") == 0
+    assert np.array_equal(np.broadcast_to(before[original_weight.input[2]], (6,)), after[weight.input[2]])
+    # the bias is still int32 behind a DequantizeLinear whose scale is the input's × the weight's
+    x_scale = before["x_scale"]
+    assert after[bias.input[0]].dtype == np.int32
+    np.testing.assert_allclose(after[bias.input[1]], x_scale * after[weight.input[1]], rtol=1e-6)
+    assert "int32 bias requantized" in result.report.outcomes[0].rounding
+    # the requantized bias is at most half a step of its new scale off; the rest is float32's
+    feeds = random_inputs(model)
+    (want,), (got,) = run(model, feeds), run(folded, feeds)
+    half_step = 0.5 * after[bias.input[1]].reshape(1, -1, 1, 1)
+    assert (np.abs(got - want) <= half_step + 1e-5 * np.abs(want).max()).all()
+
+
+def _loudest_up(values: np.ndarray) -> np.ndarray:
+    return values + np.where(np.abs(values) == np.abs(values).max(), 0.03 * np.abs(values), 0)
+
+
+MISTAKES = {  # (the Conv input whose DequantizeLinear holds it, which of its inputs, the change)
+    "one channel's weight scale ×1.01": (1, 1, lambda v: v * np.where(np.arange(v.size) == 2, 1.01, 1.0)),
+    "the loudest channel's int32 bias 3% off": (2, 0, _loudest_up),
+    "one channel's weight zero point off by one": (1, 2, lambda v: v + (np.arange(v.size) == 2)),
+}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_the_fold_verifies_and_a_seeded_mistake_fails_at_its_site(tmp_path, per_channel, mistake):
+    model = quantized(tmp_path, per_channel)
+    onnx.save(model, tmp_path / "model.onnx")
+    folded = bnfold.fold(model).model
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx")
+    assert report.equivalent and report.sites, report.table()
+    position, slot, change = MISTAKES[mistake]
+    tensor_name = dequantizer_of(folded, "Conv", position).input[slot]
+    tensor = next(t for t in folded.graph.initializer if t.name == tensor_name)
+    values = numpy_helper.to_array(tensor)
+    changed = change(values.astype(np.float64))
+    changed = np.round(changed) if values.dtype.kind == "i" else changed
+    tensor.CopyFrom(numpy_helper.from_array(changed.astype(values.dtype), tensor_name))
+    onnx.save(folded, tmp_path / "mistaken.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "mistaken.onnx")
+    assert not report.equivalent and not report.sites[0].passed, report.table()
+
+
+def qat_export(tmp_path, *, divide: bool, gamma_sign: float = 1.0) -> onnx.ModelProto:
+    """What an eager-mode QAT export of a fused ConvBnReLU2d looks like: Conv(DQ(x), DQ(W per
+    channel), b) → Div by the BN's scale factor → BatchNormalization → Relu → QuantizeLinear."""
+    rng = np.random.default_rng(5)
+    channels = 8
+    weight = rng.normal(0, 0.3, (channels, 3, 3, 3))
+    steps = np.abs(weight).reshape(channels, -1).max(axis=1) / 127
+    gamma = rng.uniform(0.5, 1.5, channels) * gamma_sign
+    var = rng.uniform(0.5, 1.5, channels)
+    values = {
+        "qw": np.round(weight / steps[:, None, None, None]).astype(np.int8),
+        "sw": steps.astype(np.float32), "zw": np.zeros(channels, np.int8),
+        "b": rng.normal(0, 0.1, channels).astype(np.float32),
+        "factor": (gamma / np.sqrt(var + 1e-5)).reshape(1, channels, 1, 1).astype(np.float32),
+        "sx": np.float32(0.02), "zx": np.uint8(128), "sy": np.float32(0.03), "zy": np.uint8(0),
+        "g": gamma.astype(np.float32), "be": rng.normal(0, 0.1, channels).astype(np.float32),
+        "m": rng.normal(0, 0.1, channels).astype(np.float32), "v": var.astype(np.float32),
+    }  # fmt: skip
+    conv_out = "div" if divide else "conv"
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["qw", "sw", "zw"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        *([helper.make_node("Div", ["conv", "factor"], ["div"])] if divide else []),
+        helper.make_node("BatchNormalization", [conv_out, "g", "be", "m", "v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["relu"]),
+        helper.make_node("QuantizeLinear", ["relu", "sy", "zy"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "qat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 16, 16])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in values.items()],
+    )  # fmt: skip
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    """The op types in onnxruntime's own fully optimized graph of `model`."""
+    onnx.save(model, tmp_path / "to_optimize.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "to_optimize.onnx"), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(op_types(onnx.load(str(tmp_path / "optimized.onnx"))))
+
+
+@pytest.mark.parametrize("divide", [False, True])
+def test_a_qat_export_folds_and_its_conv_becomes_an_integer_kernel(tmp_path, divide):
+    model = qat_export(tmp_path, divide=divide)
+    assert "QLinearConv" not in optimized_ops(model, tmp_path)  # float BN between the conv and its quantizer
+    result = bnfold.fold(model)
+    folded = result.model
+    assert not {"BatchNormalization", "Div"} & set(op_types(folded))
+    onnx.checker.check_model(folded, full_check=True)
+    assert initializers(folded)["qw"].tobytes() == initializers(model)["qw"].tobytes()
+    assert optimized_ops(folded, tmp_path)["QLinearConv"] == 1
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx")
+    assert report.equivalent, report.table()
+
+
+# ---- refusals: each leaves the model unchanged --------------------------------------------------------
+def test_a_negative_bn_scale_is_refused(tmp_path):
+    model = qat_export(tmp_path, divide=False, gamma_sign=-1.0)
+    assert_refused(model, "the weight's DequantizeLinear scale would not stay positive")
+
+
+def test_a_weight_dequantizer_another_node_reads_is_refused(tmp_path):
+    model = qat_export(tmp_path, divide=False)
+    graph = model.graph
+    graph.node.append(helper.make_node("ReduceSum", ["wd"], ["wsum"], keepdims=0))
+    graph.output.append(helper.make_tensor_value_info("wsum", TensorProto.FLOAT, []))
+    assert_refused(model, "also feeds ReduceSum")
+
+
+def test_a_scale_on_the_input_channel_axis_is_refused(tmp_path):
+    model = qat_export(tmp_path, divide=False)
+    weight = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "wd")
+    weight.attribute[0].i = 1
+    steps = np.full(3, 0.01, np.float32)
+    for name, value in (("sw", steps), ("zw", np.zeros(3, np.int8))):
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        tensor.CopyFrom(numpy_helper.from_array(value, name))
+    assert_refused(model, "scales axis 1 ([3]), not the weight's output channels (axis 0, 8)")
+
+
+def test_blocked_quantization_is_refused(tmp_path):
+    model = qat_export(tmp_path, divide=False)
+    weight = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "wd")
+    weight.attribute.append(helper.make_attribute("block_size", 3))
+    assert_refused(model, "is blocked (block_size)", check=False)
