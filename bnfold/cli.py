@@ -28,6 +28,7 @@ from bnfold.options import (
     NO_REPARAM_OPT,
     PROVIDER_OPT,
     QUIET_OPT,
+    REQUANTIZE_OPT,
     RTOL_OPT,
     SEED_OPT,
     SHAPE_OPT,
@@ -101,6 +102,7 @@ def optimize(
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Models processed in parallel."),
     no_reparam: bool = NO_REPARAM_OPT,
+    requantize: bool = REQUANTIZE_OPT,
     bias_correction: bool | None = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
     json_report: bool = JSON_OPT,
@@ -132,6 +134,7 @@ def optimize(
             "external_data": external_data,
             "progress": out.progress(),
             "reparam": not no_reparam,
+            "requantize": requantize,
             "bias_correction": bias_correction,
             "calibration": calibration,
             "verify_options": verify_options(
@@ -212,6 +215,12 @@ def verify(
     inputs: list[Path] | None = INPUTS_OPT,
     provider: list[str] | None = PROVIDER_OPT,
     custom_lib: list[Path] | None = CUSTOM_LIB_OPT,
+    requantize: bool = typer.Option(
+        False,
+        "--requantize",
+        help="The candidate was folded with --requantize: judge it against REFERENCE with the quantizers it "
+        "removed bypassed.",
+    ),
     localize: bool = typer.Option(
         False,
         "--localize",
@@ -258,7 +267,9 @@ def verify(
         from bnfold.verification.verify import verify as run_verify
 
         saving = {"save_inputs": save_inputs, "save_outputs": save_outputs}
-        return run_verify(reference, candidate, progress=out.progress(), localize=localize, **saving, **options)
+        return run_verify(
+            reference, candidate, progress=out.progress(), localize=localize, requantize=requantize, **saving, **options
+        )
 
     out = Console("verify", json=json_report, quiet=quiet)
     report = out.guard(run)
@@ -277,6 +288,7 @@ def inspect(
         ..., metavar="MODEL", help="ONNX model files, or folders of them.", show_default=False
     ),
     no_reparam: bool = NO_REPARAM_OPT,
+    requantize: bool = REQUANTIZE_OPT,
     bias_correction: bool | None = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
     check: bool = typer.Option(
@@ -300,7 +312,10 @@ def inspect(
     for model in models:
 
         def run(model=model):
-            return fold(model, reparam=not no_reparam, bias_correction=bias_correction, calibration=calibration)
+            return fold(
+                model, reparam=not no_reparam, bias_correction=bias_correction, calibration=calibration,
+                requantize=requantize,
+            )  # fmt: skip
 
         if len(models) > 1:  # one model's failure does not stop the others
             try:

@@ -61,6 +61,12 @@ INPUTS_OPT = typer.Option(
     help=".npz (arrays by input name, or in.NAME beside out.NAME), Polygraphy's saved inputs (.json, one "
     "trial per iteration) or onnx test-data folder; one trial per set (repeatable).",
 )
+REQUANTIZE_OPT = typer.Option(
+    False,
+    "--requantize",
+    help="Also fold a BN behind a quantizer on the conv's output (Conv → Q → DQ → BN), removing that quantizer: "
+    "as if folded before quantizing; not exact, verified against the original with it bypassed.",
+)
 NO_REPARAM_OPT = typer.Option(
     False,
     "--no-reparam",

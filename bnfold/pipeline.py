@@ -56,6 +56,7 @@ def fold(
     bias_correction: bool | None = None,
     calibration=None,
     custom_ops: Sequence[str | os.PathLike] = (),
+    requantize: bool = False,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization (and per-channel Mul/Add/Sub/Div) into the linear
     op next to it; see docs/folding.md for the patterns and their preconditions.
@@ -67,6 +68,8 @@ def fold(
     feeds: bnfold.calibration) in onnxruntime sessions that register the custom-op libraries
     `custom_ops`. By default (None) it is on only with `calibration`: on held-out networks and
     inputs unlike the statistics it reads, it was worse as often as better (docs/folding.md).
+    With `requantize`, a BN behind a quantizer on the linear op's output (`Conv → QuantizeLinear →
+    DequantizeLinear → BN`) folds too, that quantizer removed: not exact (bnfold.folding.quantized).
 
     `model` is a path, a ModelProto (never modified: the fold works on a copy), an onnx_ir model
     or a torch.onnx.ONNXProgram (bnfold.io.source.as_model); the folded model is an onnx_ir
@@ -91,8 +94,9 @@ def fold(
     bias_correction = corrects_rounding(bias_correction, calibration)
     calibrated = _calibrated(original, calibration, custom_ops) if bias_correction else {}
     report.outcomes, pending = fold_in_place(
-        folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
-    )
+        folded, original, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated,
+        requantize=requantize,
+    )  # fmt: skip
     store_pending(folded.graph, pending)
     _record_fold(folded, report)
     report.bytes_after = serialized_size(folded)
@@ -155,13 +159,15 @@ def fold_in_place(
     reparam: bool = True,
     bias_correction: bool = True,
     calibrated: dict | None = None,
+    requantize: bool = False,
 ) -> tuple[list[FoldOutcome], dict]:
     """fold_model_graph, with a crash blamed on the input when the input is invalid: a broken
     model can break what any valid one guarantees (an unknown data type, a dangling name)."""
     try:
         return fold_model_graph(
-            model, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
-        )
+            model, read_tensor, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated,
+            requantize=requantize,
+        )  # fmt: skip
     except (BnfoldError, InternalError):
         raise
     except Exception:
@@ -207,6 +213,7 @@ def optimize(
     calibration=None,
     verify_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] = lambda stage: None,
+    requantize: bool = False,
 ) -> OptimizeResult:
     """Fold `model_path` and write the result to `output` (default `<model>.folded.onnx`).
 
@@ -215,7 +222,8 @@ def optimize(
     `verify_options`, on the staged files). `external_data`: "auto" keeps tensors in a data
     file when the input did or when one file cannot hold the model, "always", or "never". The
     write is atomic and never targets the input. `reparam`: merge sums of parallel branches
-    (bnfold.folding.reparam) too. `bias_correction`, `calibration`: as for `fold`.
+    (bnfold.folding.reparam) too. `bias_correction`, `calibration`, `requantize`: as for `fold`
+    (with `requantize`, verification bypasses the quantizers the fold removed in the original).
 
     The model is parsed once (bnfold.io.source); large tensors are read only when folded and
     are otherwise copied file to file; the output is streamed (bnfold.io.output) and checked
@@ -247,8 +255,9 @@ def optimize(
         custom_ops = (verify_options or {}).get("custom_ops", ())  # the calibration session loads them too
         calibrated = _calibrated(str(src), calibration, custom_ops) if bias_correction else {}
         report.outcomes, pending = fold_in_place(
-            model, str(src), source.read, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated
-        )
+            model, str(src), source.read, reparam=reparam, bias_correction=bias_correction, calibrated=calibrated,
+            requantize=requantize,
+        )  # fmt: skip
         _record_fold(model, report)
         # The tensor data dominates the size; from dims, without serializing anything.
         too_big = report.bytes_before - payload_before + payload_bytes(model.graph) > io_output.SINGLE_FILE_LIMIT
@@ -272,7 +281,8 @@ def optimize(
             pending.clear()  # written: free the folded weights before onnxruntime loads both models
             if verify and report.changed:
                 progress("verifying the folded model against the original")
-                checked = _verify(src, staged.path, verify_options or {}, progress)
+                options = {**(verify_options or {}), **({"requantize": True} if requantize else {})}
+                checked = _verify(src, staged.path, options, progress)
                 checked.candidate = str(dst)
                 _name_the_fold(checked, report)
             written = checked is None or checked.equivalent

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+REMOVED = "removed (--requantize)"  # in an outcome's `via`: the fold took a quantizer out
+
 BRANCH_MERGE = "branch merge"  # FoldOutcome.op of a sum of branches merged into one Conv
 
 
@@ -91,6 +93,13 @@ class FoldReport:
             notes.append(
                 f"dropped {count} value_info {which} ({names}{more}): onnx.checker refuses such annotations, "
                 "and they are not what the model computes"
+            )
+        removed = sum(REMOVED in (o.via or "") for o in self.outcomes)
+        if removed:
+            notes.append(
+                f"{removed} quantizer{'s' if removed != 1 else ''} removed (--requantize): each BN behind one was "
+                "folded as if before quantizing, which is not exact; verification judges the fold against the "
+                "original with those quantizers bypassed"
             )
         rounded = [o for o in self.outcomes if o.folded and o.rounding]
         if rounded:

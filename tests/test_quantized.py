@@ -31,16 +31,21 @@ class _Reader(CalibrationDataReader):
         return next(self.feeds, None)
 
 
-def quantized(tmp_path, per_channel: bool, *, bias: bool = True) -> onnx.ModelProto:
-    """conv_bn_model quantized by quantize_static (int8 weights, an int32 bias behind its own
-    DequantizeLinear), then the quantizer on the conv's output removed: Conv → BN directly."""
-    float_model = conv_bn_model(bias=bias, opset=17)
+def quantize(float_model: onnx.ModelProto, tmp_path, per_channel: bool, op_types=None) -> onnx.ModelProto:
+    """`float_model` as onnxruntime's quantize_static makes it: QDQ format, int8 weights, an int32
+    bias behind its own DequantizeLinear, a quantizer on every quantized op's output."""
     onnx.save(float_model, tmp_path / "float.onnx")
     quantize_static(
         str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), _Reader(float_model), quant_format=QuantFormat.QDQ,
-        per_channel=per_channel, op_types_to_quantize=["Conv"], weight_type=QuantType.QInt8,
+        per_channel=per_channel, op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
     )  # fmt: skip
-    model = onnx.load(str(tmp_path / "qdq.onnx"))
+    return onnx.load(str(tmp_path / "qdq.onnx"))
+
+
+def quantized(tmp_path, per_channel: bool, *, bias: bool = True) -> onnx.ModelProto:
+    """conv_bn_model quantized (only its Conv), then the quantizer on the conv's output removed:
+    Conv → BN directly."""
+    model = quantize(conv_bn_model(bias=bias, opset=17), tmp_path, per_channel, ["Conv"])
     graph = model.graph
     quantizer = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "conv_out")
     dequantizer = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizer.output[0])
@@ -80,7 +85,7 @@ def test_a_bn_after_a_quantized_conv_folds_into_the_weight_scale(tmp_path, per_c
     x_scale = before["x_scale"]
     assert after[bias.input[0]].dtype == np.int32
     np.testing.assert_allclose(after[bias.input[1]], x_scale * after[weight.input[1]], rtol=1e-6)
-    assert "int32 bias requantized" in result.report.outcomes[0].rounding
+    assert "int32 bias requantized: at most 0." in result.report.outcomes[0].via
     # the requantized bias is at most half a step of its new scale off; the rest is float32's
     feeds = random_inputs(model)
     (want,), (got,) = run(model, feeds), run(folded, feeds)
@@ -214,3 +219,49 @@ def test_blocked_quantization_is_refused(tmp_path):
     weight = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "wd")
     weight.attribute.append(helper.make_attribute("block_size", 3))
     assert_refused(model, "is blocked (block_size)", check=False)
+
+
+# ---- across a quantizer, on request (--requantize) ----------------------------------------------------
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_bn_behind_the_convs_quantizer_folds_only_with_requantize(tmp_path, per_channel):
+    # quantize_static of a model whose BN was not folded first: Conv → Q → DQ → BN → Q → DQ, the
+    # BN's own scale quantized as a weight
+    model = quantize(conv_bn_model(opset=17), tmp_path, per_channel)
+    assert_refused(model, "a fold across a quantizer is not exact; fold before quantizing, or fold with --requantize")
+    result = bnfold.fold(model, requantize=True)
+    folded = result.model
+    onnx.checker.check_model(folded, full_check=True)
+    before, after = collections.Counter(op_types(model)), collections.Counter(op_types(folded))
+    assert after["BatchNormalization"] == 0 and after["QuantizeLinear"] == before["QuantizeLinear"] - 1
+    assert "removed (--requantize)" in result.report.outcomes[0].via
+    assert result.report.notes[0].startswith("1 quantizer removed (--requantize)")
+    weight = dequantizer_of(folded, "Conv", 1)
+    assert initializers(folded)[weight.input[0]].tobytes() == initializers(model)[weight.input[0]].tobytes()
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(folded, tmp_path / "folded.onnx")
+    # against the original with the removed pair bypassed: float noise, judged where the fold acts
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx", requantize=True)
+    assert report.equivalent and report.sites, report.table()
+    assert report.notes[0].startswith("note: --requantize: judged against the original with the 1 quantizer pair")
+    scale = next(t for t in folded.graph.initializer if t.name == weight.input[1])
+    values = numpy_helper.to_array(scale).copy()
+    values[2] *= 1.01
+    scale.CopyFrom(numpy_helper.from_array(values, scale.name))
+    onnx.save(folded, tmp_path / "mistaken.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "mistaken.onnx", requantize=True)
+    assert not report.equivalent and not report.sites[0].passed, report.table()
+
+
+def test_optimize_with_requantize_verifies_against_the_bypassed_original(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    onnx.save(quantize(conv_bn_model(opset=17), tmp_path, True), tmp_path / "model.onnx")
+    out = str(tmp_path / "out.onnx")
+    refused = CliRunner().invoke(app, ["optimize", str(tmp_path / "model.onnx"), "-o", out])
+    assert refused.exit_code == 0 and "folded 0 of 1" in refused.stderr
+    result = CliRunner().invoke(app, ["optimize", str(tmp_path / "model.onnx"), "-o", out, "--requantize"])
+    assert result.exit_code == 0, result.output
+    assert "folded 1 of 1" in result.stderr and "note: --requantize: judged against the original" in result.stderr
+    assert "BatchNormalization" not in op_types(onnx.load(out))

@@ -56,7 +56,7 @@ def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     ):
         return Skip(
             "it sits between DequantizeLinear and QuantizeLinear: the model was quantized before folding, and "
-            "a fold across a quantizer is not exact; fold before quantizing"
+            "a fold across a quantizer is not exact; fold before quantizing, or fold with --requantize"
         )
     return NOT_MINE
 

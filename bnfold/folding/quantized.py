@@ -14,6 +14,13 @@ The bias absorbs the shift as in every backward fold (b' = β·b·s + t), in the
   (sb = the input's scale × the weight's): requantized at sb·s, which keeps that relation with
   the new weight scale. Its rounding is at most half a step; the report gives the largest.
 
+With the scope's `requantize` (`--requantize`), a map behind a quantizer on the linear op's
+output (`Conv → QuantizeLinear → DequantizeLinear → BN`, what quantize_static makes of a model
+whose BN was not folded first) folds as if the BN had been folded before quantizing: that
+QuantizeLinear/DequantizeLinear pair goes. Not exact (the pair rounded the conv's output to its
+grid), so never by default; verification then judges the fold against the original with that
+pair bypassed (bnfold.verification.quantizers).
+
 Refused, with the reason: blocked quantization (`block_size`), a per-axis scale on another axis
 than the output channels, a ConvTranspose with groups (one axis-1 scale serves every group), a
 channel the map scales by zero or a negative number (a DequantizeLinear scale stays positive for
@@ -36,6 +43,7 @@ from bnfold.folding.sources import AffineSource, ChannelAffine, float_constant
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import int_attr, is_onnx_op, node_label
+from bnfold.report import REMOVED
 
 INT32 = np.iinfo(np.int32)
 
@@ -101,14 +109,17 @@ class QuantizedWeightPlan(Plan):
     bias_scale: np.ndarray | None = None  # the int32 bias's new scale
     note: str | None = None
     passthrough: tuple[onnx.NodeProto, ...] = ()
+    quantizer: onnx.NodeProto | None = None  # the QuantizeLinear removed with --requantize
 
     @property
     def linears(self):
         return (self.linear,)
 
     @property
-    def rounding(self) -> str | None:
-        return self.note
+    def via(self) -> str | None:
+        """The quantizer removed, and the int32 bias's rounding (REMOVED marks the first)."""
+        removed = None if self.quantizer is None else f"across {node_label(self.quantizer)}, {REMOVED}"
+        return "; ".join(part for part in (removed, self.note) if part) or None
 
     def rewrite(self, ctx: GraphContext) -> None:
         _rescale(ctx, self.weight.node, self.scale, self.zero_point, self.axis)
@@ -145,6 +156,11 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
     DequantizeLinear of constants (else NOT_MINE: the usual backward fold's case)."""
     # match
     linear, passthrough, blocked = producer_through_no_ops(source.data, ctx)
+    quantizer = _quantizer_pair(linear, ctx) if ctx.scope.requantize and not blocked else None
+    if quantizer is not None:  # the pair goes with the source, as no-ops do
+        dequantizer = linear
+        linear, more, blocked = producer_through_no_ops(quantizer.input[0], ctx)
+        passthrough = [*passthrough, dequantizer, quantizer, *more]
     op = linear_op(linear)
     if blocked or op is None or len(linear.input) < 2:
         return NOT_MINE
@@ -190,7 +206,31 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
         return bias
     values, grid, bias_scale, note = bias
     return QuantizedWeightPlan(source.node, op, linear, weight, axis, new_scale, zero_point, values, grid,
-                               bias_scale, note, tuple(passthrough))  # fmt: skip
+                               bias_scale, note, tuple(passthrough), quantizer)  # fmt: skip
+
+
+def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.NodeProto | None:
+    """The QuantizeLinear of a DequantizeLinear(QuantizeLinear(t)) pair on one grid (`node` the
+    DequantizeLinear), each read only by the next, or None."""
+    if node is None or not is_onnx_op(node, "DequantizeLinear"):
+        return None
+    quantizer = ctx.index.producer(node.input[0])
+    if quantizer is None or not is_onnx_op(quantizer, "QuantizeLinear"):
+        return None
+    if _only_reader(quantizer, node, ctx) or len(ctx.index.readers(node.output[0])) != 1:
+        return None
+    if node.output[0] in ctx.index.graph_outputs or int_attr(node, "axis", 1) != int_attr(quantizer, "axis", 1):
+        return None
+    try:
+        grids = [[ctx.constant(n.input[i]) if len(n.input) > i and n.input[i] else None for i in (1, 2)]
+                 for n in (quantizer, node)]  # fmt: skip
+    except NotConstant:
+        return None
+    same = all(
+        (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b) and a.dtype == b.dtype)
+        for a, b in zip(*grids)
+    )
+    return quantizer if same else None
 
 
 def _only_reader(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
@@ -227,5 +267,5 @@ def _folded_bias(op: LinearOp, linear: onnx.NodeProto, ctx: GraphContext, scale_
     if not (np.isfinite(exact).all() and (np.abs(exact) < INT32.max).all()):
         return Skip(f"the requantized bias of {node_label(linear)} overflows int32")
     rounded = np.round(exact)
-    note = f"int32 bias requantized at its new scale: at most {np.abs(exact - rounded).max():.2f} of a step off"
+    note = f"int32 bias requantized: at most {np.abs(exact - rounded).max():.2f} of a step off"
     return rounded.astype(np.int32), grid, new_steps, note

@@ -29,7 +29,7 @@ from bnfold.folding.correction import record_batch_norm
 from bnfold.folding.plan import Skip
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import float_attr, int_attr, node_label
+from bnfold.graph.protos import float_attr, int_attr, is_onnx_op, node_label
 
 DEFAULT_EPSILON = float(np.float32(1e-5))
 FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16)}
@@ -136,13 +136,36 @@ def float_constant(ctx: GraphContext, name: str, role: str) -> np.ndarray | Skip
     return value
 
 
+def dequantized_constant(ctx: GraphContext, name: str) -> np.ndarray | None:
+    """The value of `name` when a DequantizeLinear of constants makes it, per tensor or per axis
+    (quantize_static quantizes a BN's scale as a weight), else None. Only a BN's parameters are
+    read this way: a linear op's quantized weight keeps its integers (bnfold.folding.quantized)."""
+    node = ctx.index.producer(name)
+    if node is None or not is_onnx_op(node, "DequantizeLinear") or int_attr(node, "block_size", 0):
+        return None
+    try:
+        q, scale = (np.asarray(ctx.constant(n)) for n in node.input[:2])
+        zero = np.asarray(ctx.constant(node.input[2])) if len(node.input) > 2 and node.input[2] else np.zeros(())
+    except (NotConstant, ValueError):
+        return None
+    if scale.dtype not in FLOAT_DTYPES or scale.size != 1 and scale.ndim != 1:
+        return None
+    if scale.size > 1:  # per axis: one scale along `axis`
+        view = [1] * q.ndim
+        view[int_attr(node, "axis", 1) % max(q.ndim, 1)] = scale.size
+        scale, zero = scale.reshape(view), zero.reshape(view) if zero.size > 1 else zero
+    return ((q.astype(np.float64) - zero.astype(np.float64)) * scale.astype(np.float64)).astype(scale.dtype)
+
+
 def read_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, channels: int) -> ChannelAffine | Skip:
     """BN's (scale s, shift t) in float64, if its parameters are constant, [C]-shaped and sane."""
     params = []
     for role, name in zip(BN_PARAMETERS, bn.input[1:]):
         value = float_constant(ctx, name, f"BatchNormalization {role}")
         if isinstance(value, Skip):
-            return value
+            value = dequantized_constant(ctx, name)
+        if value is None or isinstance(value, Skip):
+            return float_constant(ctx, name, f"BatchNormalization {role}")
         if value.shape != (channels,):
             return Skip(
                 f"BatchNormalization {role} '{name}' has shape {list(value.shape)}, "

@@ -33,14 +33,16 @@ def fold_model_graph(
     reparam: bool = True,
     bias_correction: bool = True,
     calibrated: dict | None = None,
+    requantize: bool = False,
 ) -> tuple[list[FoldOutcome], dict[str, np.ndarray]]:
     """Fold the main graph of `model` and the subgraphs in it (If/Loop/Scan bodies) in place.
     Returns one outcome per BatchNormalization and runtime-statistics normalization, and one
     per Mul/Add/Sub/Div that folded; and the values of the main graph's new initializers,
     which the GraphProto holds without data (bnfold.graph.tensors): `store_pending` or a
     streamed write gives them their data. `read_tensor` reads the model's own initializers;
-    `calibrated`: measured moments of the main graph's tensors (bnfold.calibration)."""
-    outcomes = _fold_functions(model, read_tensor, reparam, bias_correction)
+    `calibrated`: measured moments of the main graph's tensors (bnfold.calibration);
+    `requantize`: fold across a quantizer (bnfold.folding.quantized)."""
+    outcomes = _fold_functions(model, read_tensor, reparam, bias_correction, requantize)
     kinds = (*FOLD_KINDS, "Add", "Sub", "Sum") if reparam else FOLD_KINDS
     if not any(n.op_type in kinds for n in all_nodes(model.graph)):
         return outcomes, {}
@@ -50,8 +52,9 @@ def fold_model_graph(
     tensors = TensorStore(read_tensor)
     names = Names(all_names(model.graph))
     scope = ModelScope(
-        model.ir_version, opset, list(model.opset_import), names, tensors, bias_correction, calibrated=calibrated or {}
-    )
+        model.ir_version, opset, list(model.opset_import), names, tensors, bias_correction, requantize,
+        calibrated=calibrated or {},
+    )  # fmt: skip
     graph_outcomes = _fold_graph(model.graph, scope, None, "", reparam)
     store_pending(model.graph, tensors.pending, subgraphs_only=True)
     return graph_outcomes + outcomes, tensors.pending
@@ -62,7 +65,7 @@ def _onnx_opset(imports) -> int | None:
 
 
 def _fold_functions(
-    model: onnx.ModelProto, read_tensor: TensorReader, reparam: bool, bias_correction: bool
+    model: onnx.ModelProto, read_tensor: TensorReader, reparam: bool, bias_correction: bool, requantize: bool
 ) -> list[FoldOutcome]:
     """Fold inside model-local functions. A function has no initializers: its body is folded as
     a graph whose inputs are the function's, and the folded tensors become Constant nodes."""
@@ -82,7 +85,7 @@ def _fold_functions(
         )
         tensors = TensorStore(read_tensor)
         names = Names(all_names(body))
-        scope = ModelScope(max(model.ir_version, 4), opset, imports, names, tensors, bias_correction)
+        scope = ModelScope(max(model.ir_version, 4), opset, imports, names, tensors, bias_correction, requantize)
         found = _fold_graph(body, scope, None, f"function {function.domain}.{function.name}/", reparam)
         if any(o.folded for o in found):
             store_pending(body, tensors.pending)

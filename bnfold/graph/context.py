@@ -23,6 +23,7 @@ class ModelScope:
     names: Names  # every name in the model: fresh names must shadow none
     tensors: TensorStore
     bias_correction: bool = True  # correct 16-bit folds' rounding (bnfold.folding.correction)
+    requantize: bool = False  # fold across a quantizer, removing it (bnfold.folding.quantized)
     moments: dict = field(default_factory=dict)  # tensor name → InputMoments found in the graph
     calibrated: dict = field(default_factory=dict)  # tensor name → InputMoments measured (calibration)
 

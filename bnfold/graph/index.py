@@ -28,7 +28,9 @@ PURE_OPS = frozenset(
         "Slice", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",
     }
 )  # fmt: skip
-SWEEPABLE = PURE_OPS | {"Identity", "Constant"}
+# …and what else goes once nothing reads it: a quantized model's DequantizeLinear of a folded
+# BN's parameters (never evaluated as a constant: a fold into its output would dequantize it).
+SWEEPABLE = PURE_OPS | {"Identity", "Constant", "DequantizeLinear"}
 
 
 class GraphIndex:

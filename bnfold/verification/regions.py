@@ -262,11 +262,12 @@ def reround(tensor: TensorProto, rng: np.random.Generator, steps: bool = False) 
     """A float tensor with each value, with probability ½, moved to its neighbour on a random
     side: the other of the two roundings a computed parameter (W·s) could have had. A value that
     is a whole number stays: no rounding made it, and it may be structural (Pow's exponent 2 moved
-    to 2.0000002 makes every negative base NaN). With `steps`, an integer tensor (one a fold
-    requantized) moves by one step the same way. Other tensors are returned as they are."""
+    to 2.0000002 makes every negative base NaN). With `steps`, an int32 tensor (a bias a fold
+    requantized; 8-bit weights keep their integers, a quantized BN scale goes whole) moves by one
+    step the same way. Other tensors are returned as they are."""
     if tensor.data_location == TensorProto.EXTERNAL:
         return tensor
-    if steps and tensor.data_type in (TensorProto.INT32, TensorProto.INT16, TensorProto.INT8):
+    if steps and tensor.data_type == TensorProto.INT32:
         values = numpy_helper.to_array(tensor)
         limits = np.iinfo(values.dtype)
         side = np.where(rng.random(values.shape) < 0.5, 1, -1)

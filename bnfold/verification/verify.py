@@ -28,6 +28,7 @@ from bnfold.verification.inputs import (
     shape_notes,
 )
 from bnfold.verification.localize import Divergence, first_divergence
+from bnfold.verification.quantizers import bypass_removed
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
 from bnfold.verification.sites import Yardsticks, read_structure
@@ -66,6 +67,7 @@ def verify(
     save_inputs: str | Path | None = None,
     save_outputs: str | Path | None = None,
     cores: int | None = None,
+    requantize: bool = False,
 ) -> VerifyReport:
     """Run both models on the same inputs and compare every output, paired by name, under the
     tolerance policy (`bnfold.verification.tolerance`) for the precision each output is
@@ -82,7 +84,9 @@ def verify(
     intermediate tensor both models share that differs (`report.first_divergence`).
     `save_inputs` and `save_outputs` name new folders for what was run, in onnx's test-data
     layout (`bnfold.verification.evidence`); the candidate's outputs go to `candidate/` inside.
-    `cores` caps the cores the two sessions share (default: every core). `custom_ops` (a keyword
+    `cores` caps the cores the two sessions share (default: every core). With `requantize`, the
+    candidate is judged against the reference with the quantizers it removed bypassed
+    (bnfold.verification.quantizers: a fold made with --requantize). `custom_ops` (a keyword
     runtime.takes_custom_ops adds): onnxruntime custom-op libraries every session registers.
     """
     start = time.perf_counter()
@@ -102,6 +106,9 @@ def verify(
         for model in (reference, candidate):
             if not isinstance(model, onnx.ModelProto):
                 check_external_data(model)  # before anything reads a data file
+    bypassed = None
+    if requantize:
+        reference, bypassed = bypass_removed(reference, candidate)
     structure = read_structure(reference, candidate)
     by_site = structure.reference is not None and structure.rewrite.isolated
     unprobed = ""
@@ -156,7 +163,8 @@ def verify(
                 chosen.batch_error = refusal
                 run = run_all(feeds)
         report.notes = (
-            ([unprobed] if unprobed else [])
+            ([f"note: {bypassed}"] if bypassed else [])
+            + ([unprobed] if unprobed else [])
             + shape_notes(declared, feeds, input_shapes or {}, chosen)
             + [
                 f"note: output '{n}' is judged {p.why}"
