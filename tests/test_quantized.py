@@ -125,9 +125,11 @@ def test_the_fold_verifies_and_a_seeded_mistake_fails_at_its_site(tmp_path, per_
     assert not report.equivalent and not report.sites[0].passed, report.table()
 
 
-def qat_export(tmp_path, *, divide: bool, gamma_sign: float = 1.0) -> onnx.ModelProto:
+def qat_export(tmp_path, *, divide: bool, gamma_sign: float = 1.0, fake_quant: bool = False) -> onnx.ModelProto:
     """What an eager-mode QAT export of a fused ConvBnReLU2d looks like: Conv(DQ(x), DQ(W per
-    channel), b) → Div by the BN's scale factor → BatchNormalization → Relu → QuantizeLinear."""
+    channel), b) → Div by the BN's scale factor → BatchNormalization → Relu → QuantizeLinear.
+    With `fake_quant`, as torch.onnx exports one (FakeQuantize, not converted): the weight's
+    integers are QuantizeLinear(W·factor) of float constants, computed at run time."""
     rng = np.random.default_rng(5)
     channels = 8
     weight = rng.normal(0, 0.3, (channels, 3, 3, 3))
@@ -144,7 +146,15 @@ def qat_export(tmp_path, *, divide: bool, gamma_sign: float = 1.0) -> onnx.Model
         "m": rng.normal(0, 0.1, channels).astype(np.float32), "v": var.astype(np.float32),
     }  # fmt: skip
     conv_out = "div" if divide else "conv"
+    fake = []
+    if fake_quant:  # the integers from the float weight scaled by the factor, at run time
+        values["w"] = (values.pop("qw").astype(np.float32) * steps[:, None, None, None]).astype(np.float32)
+        values["w"] /= values["factor"].reshape(channels, 1, 1, 1)
+        fake = [helper.make_node("Mul", ["w", "factor_w"], ["w_scaled"]),
+                helper.make_node("QuantizeLinear", ["w_scaled", "sw", "zw"], ["qw"], axis=0)]  # fmt: skip
+        values["factor_w"] = values["factor"].reshape(channels, 1, 1, 1)
     nodes = [
+        *fake,
         helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
         helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
         helper.make_node("DequantizeLinear", ["qw", "sw", "zw"], ["wd"], axis=0),
@@ -173,15 +183,17 @@ def optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
     return collections.Counter(op_types(onnx.load(str(tmp_path / "optimized.onnx"))))
 
 
-@pytest.mark.parametrize("divide", [False, True])
-def test_a_qat_export_folds_and_its_conv_becomes_an_integer_kernel(tmp_path, divide):
-    model = qat_export(tmp_path, divide=divide)
+@pytest.mark.parametrize("divide, fake_quant", [(False, False), (True, False), (True, True)])
+def test_a_qat_export_folds_and_its_conv_becomes_an_integer_kernel(tmp_path, divide, fake_quant):
+    model = qat_export(tmp_path, divide=divide, fake_quant=fake_quant)
     assert "QLinearConv" not in optimized_ops(model, tmp_path)  # float BN between the conv and its quantizer
     result = bnfold.fold(model)
     folded = result.model
-    assert not {"BatchNormalization", "Div"} & set(op_types(folded))
+    assert result.report.folded == 1 and "BatchNormalization" not in op_types(folded)
+    assert op_types(folded).count("Div") == 0 and op_types(folded).count("Conv") == 1
     onnx.checker.check_model(folded, full_check=True)
-    assert initializers(folded)["qw"].tobytes() == initializers(model)["qw"].tobytes()
+    weights = "w" if fake_quant else "qw"  # the integers, or the float weight they are computed from
+    assert initializers(folded)[weights].tobytes() == initializers(model)[weights].tobytes()
     assert optimized_ops(folded, tmp_path)["QLinearConv"] == 1
     onnx.save(model, tmp_path / "model.onnx")
     onnx.save(folded, tmp_path / "folded.onnx")

@@ -26,6 +26,8 @@ PURE_OPS = frozenset(
         "Abs", "Add", "Cast", "CastLike", "Concat", "ConstantOfShape", "Div", "Exp", "Expand",
         "Flatten", "Gather", "Log", "Mul", "Neg", "Pow", "Reciprocal", "Reshape", "Shape",
         "Slice", "Sqrt", "Squeeze", "Sub", "Transpose", "Unsqueeze",
+        # a QAT export's fake-quantized weight is QuantizeLinear of constants: its integers
+        "QuantizeLinear",
     }
 )  # fmt: skip
 # …and what else goes once nothing reads it: a quantized model's DequantizeLinear of a folded
