@@ -645,6 +645,67 @@ class FastViTTiny(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class QATBlock(nn.Module):
+    """A residual block as eager-mode QAT writes it: Conv-BN-ReLU and Conv-BN (fused by
+    fuse_modules_qat), the skip added through FloatFunctional so that the sum is quantized."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(
+            channels), nn.ReLU()  # fmt: skip
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.add, self.relu2 = torch.ao.nn.quantized.FloatFunctional(), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu2(self.add.add(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))), x))
+
+
+class QATResNetTiny(nn.Module):
+    """A residual network in PyTorch eager quantization-aware training, exported before convert:
+    ConvBn(ReLU)2d modules with per-channel int8 fake-quantized weights, uint8 activations. The
+    TorchScript export keeps each BN after its conv, behind a Div by the BN's scale factor, and
+    quantizes each weight at run time: QuantizeLinear(W·factor) → DequantizeLinear. eval()
+    freezes the observers and BN statistics, as QAT does before export."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        import torch.ao.quantization as tq
+
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        self.blocks = nn.Sequential(QATBlock(16), QATBlock(16))
+        self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(16, classes)
+        fused = [["conv", "bn", "relu"]]
+        for i in range(2):
+            fused += [
+                [f"blocks.{i}.conv1", f"blocks.{i}.bn1", f"blocks.{i}.relu1"],
+                [f"blocks.{i}.conv2", f"blocks.{i}.bn2"],
+            ]
+        self.train()
+        tq.fuse_modules_qat(self, fused, inplace=True)
+        # plain FakeQuantize (the default fused observer has no ONNX export), ranges ONNX allows
+        self.qconfig = tq.QConfig(
+            activation=tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                                 dtype=torch.quint8),
+            weight=tq.FakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
+                                             quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+        )  # fmt: skip
+        tq.prepare_qat(self, inplace=True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            import torch.ao.quantization as tq
+
+            self.apply(tq.disable_observer)
+            self.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+        return self
+
+    def forward(self, x):
+        x = self.blocks(self.relu(self.bn(self.conv(self.quant(x)))))
+        return self.dequant(self.head(torch.flatten(self.pool(x), 1)))
+
+
 def randomize_frozen(model: nn.Module, generator: torch.Generator) -> None:
     """FrozenBatchNorm2d has no running statistics to calibrate: give it trained-looking ones."""
     with torch.no_grad():
@@ -738,6 +799,7 @@ SAMPLES = (
     Sample("repvit_tiny", 18, RepViTTiny, (3, 32, 32), dynamic_batch=False, dynamo=True),
     Sample("fastvit_tiny", 19, FastViTTiny, (3, 32, 32), dynamic_batch=False, dynamo=True),
     Sample("yolo_tiny", 20, YoloTiny, (3, 64, 64), rows=1, calibration_rows=4, dynamic_spatial=True, dynamo=True),
+    Sample("qat_resnet_tiny", 21, QATResNetTiny, (3, 32, 32)),
 )  # fmt: skip
 
 
