@@ -47,10 +47,11 @@ def quantized(tmp_path, per_channel: bool, *, bias: bool = True) -> onnx.ModelPr
     Conv → BN directly."""
     model = quantize(conv_bn_model(bias=bias, opset=17), tmp_path, per_channel, ["Conv"])
     graph = model.graph
-    quantizer = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "conv_out")
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    quantizer = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
     dequantizer = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizer.output[0])
     bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
-    bn.input[0] = "conv_out"
+    bn.input[0] = conv.output[0]
     graph.node.remove(quantizer)
     graph.node.remove(dequantizer)
     onnx.checker.check_model(model, full_check=True)
@@ -295,3 +296,42 @@ def test_optimize_with_requantize_verifies_against_the_bypassed_original(tmp_pat
     assert result.exit_code == 0, result.output
     assert "folded 1 of 1" in result.stderr and "note: --requantize: judged against the original" in result.stderr
     assert "BatchNormalization" not in op_types(onnx.load(out))
+
+
+def relu_before_bn(tmp_path) -> onnx.ModelProto:
+    """Conv → Relu → BN, quantized: quantize_static removes the Relu and lets the quantizer on
+    its output (uint8, zero point 0) clip the negatives instead: Conv → Q → DQ → BN."""
+    from builders import insert_between_conv_and_bn
+
+    float_model = conv_bn_model(opset=17)
+    insert_between_conv_and_bn(float_model, helper.make_node("Relu", ["conv_out"], ["relu_out"]))
+    model = quantize(float_model, tmp_path, True)
+    assert "Relu" not in op_types(model)
+    return model
+
+
+def test_with_requantize_a_quantizer_that_holds_a_fused_relu_is_not_removed(tmp_path):
+    # removing it would remove the Relu: the function changes, not just a rounding
+    model = relu_before_bn(tmp_path)
+    before = model.SerializeToString(deterministic=True)
+    result = bnfold.fold(model, requantize=True)
+    assert result.model.SerializeToString(deterministic=True) == before
+    (outcome,) = result.report.outcomes
+    assert outcome.reason.startswith("the quantizer before it, QuantizeLinear 'relu_out_QuantizeLinear', clips at zero")
+
+
+def test_verify_requantize_does_not_bypass_a_quantizer_that_holds_a_fused_relu(tmp_path):
+    # a tool that removed it anyway (the fold without the check) is wrong, and verify says so
+    model = relu_before_bn(tmp_path)
+    onnx.save(model, tmp_path / "model.onnx")
+    graph = model.graph
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    quantizer = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
+    dequantizer = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizer.output[0])
+    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    bn.input[0] = conv.output[0]
+    graph.node.remove(quantizer)
+    graph.node.remove(dequantizer)
+    onnx.save(model, tmp_path / "relu_removed.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "relu_removed.onnx", requantize=True)
+    assert not report.equivalent and "clips at zero" in report.notes[0], report.table()

@@ -54,6 +54,11 @@ def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     if (producer is not None and is_onnx_op(producer, "DequantizeLinear")) or any(
         is_onnx_op(r, "QuantizeLinear") for r in readers
     ):
+        if ctx.scope.requantize:
+            return Skip(
+                "it sits between DequantizeLinear and QuantizeLinear, and its input is not a linear op's output "
+                "through one quantizer pair alone (--requantize folds only that)"
+            )
         return Skip(
             "it sits between DequantizeLinear and QuantizeLinear: the model was quantized before folding, and "
             "a fold across a quantizer is not exact; fold before quantizing, or fold with --requantize"

@@ -19,7 +19,9 @@ output (`Conv → QuantizeLinear → DequantizeLinear → BN`, what quantize_sta
 whose BN was not folded first) folds as if the BN had been folded before quantizing: that
 QuantizeLinear/DequantizeLinear pair goes. Not exact (the pair rounded the conv's output to its
 grid), so never by default; verification then judges the fold against the original with that
-pair bypassed (bnfold.verification.quantizers).
+pair bypassed (bnfold.verification.quantizers). A pair that clips at zero is refused: it holds a
+Relu that quantize_static fused into it (bnfold.graph.quantizers), and removing it would remove
+the Relu.
 
 Refused, with the reason: blocked quantization (`block_size`), a per-axis scale on another axis
 than the output channels, a ConvTranspose with groups (one axis-1 scale serves every group), a
@@ -43,6 +45,7 @@ from bnfold.folding.sources import AffineSource, ChannelAffine, float_constant
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import int_attr, is_onnx_op, node_label
+from bnfold.graph.quantizers import clips_at_zero
 from bnfold.report import REMOVED
 
 INT32 = np.iinfo(np.int32)
@@ -157,6 +160,8 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
     # match
     linear, passthrough, blocked = producer_through_no_ops(source.data, ctx)
     quantizer = _quantizer_pair(linear, ctx) if ctx.scope.requantize and not blocked else None
+    if isinstance(quantizer, Skip):
+        return quantizer
     if quantizer is not None:  # the pair goes with the source, as no-ops do
         dequantizer = linear
         linear, more, blocked = producer_through_no_ops(quantizer.input[0], ctx)
@@ -209,9 +214,10 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
                                bias_scale, note, tuple(passthrough), quantizer)  # fmt: skip
 
 
-def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.NodeProto | None:
+def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.NodeProto | Skip | None:
     """The QuantizeLinear of a DequantizeLinear(QuantizeLinear(t)) pair on one grid (`node` the
-    DequantizeLinear), each read only by the next, or None."""
+    DequantizeLinear), each read only by the next, when it only rounds; a Skip when it also clips
+    at zero (a Relu quantize_static fused into it: removing it would remove the Relu); else None."""
     if node is None or not is_onnx_op(node, "DequantizeLinear"):
         return None
     quantizer = ctx.index.producer(node.input[0])
@@ -230,7 +236,14 @@ def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.Node
         (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b) and a.dtype == b.dtype)
         for a, b in zip(*grids)
     )
-    return quantizer if same else None
+    if not same:
+        return None
+    if clips_at_zero(grids[0][1]):
+        return Skip(
+            f"the quantizer before it, {node_label(quantizer)}, clips at zero (its zero point is the end of its "
+            "range): it holds an activation fused into it, so --requantize does not remove it"
+        )
+    return quantizer
 
 
 def _only_reader(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> Skip | None:

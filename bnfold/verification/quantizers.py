@@ -11,7 +11,9 @@ was), a correct fold agrees within float noise, and a mistake in it still shows.
 
 The pairs bypassed are the reference's QuantizeLinear → DequantizeLinear pairs on one grid
 whose two output names the candidate does not have: the ones the fold took out (bnfold keeps
-every other name).
+every other name). A candidate that lacks a pair which clips at zero is not equivalent, whatever
+its numbers: that pair held a Relu quantize_static fused into it, and the bypassed reference
+would lack the Relu too.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from bnfold.graph.protos import all_names, is_onnx_op, node_label
+from bnfold.graph.quantizers import clips_at_zero
 
 
 def bypass_removed(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path):
-    """(the reference with the pairs the candidate lacks bypassed, a note), or the reference as
-    given and no note when there is none."""
+    """(the reference with the pairs the candidate lacks bypassed, a note, a refusal): the
+    reference as given and no note when there is none; a refusal (why the candidate is not
+    equivalent) when a pair it lacks clips at zero: that pair held an activation
+    (bnfold.graph.quantizers), and no rounding explains its absence."""
     theirs = (
         candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(str(candidate), load_external_data=False)
     )
@@ -40,7 +46,17 @@ def bypass_removed(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto
         if quantizer.output[0] not in present and node.output[0] not in present:
             pairs.append((quantizer, node))
     if not pairs:
-        return reference, None
+        return reference, None, None
+    constants = {t.name: t for t in ours.graph.initializer}
+    for quantizer, _ in pairs:
+        zero = quantizer.input[2] if len(quantizer.input) > 2 and quantizer.input[2] else None
+        value = numpy_helper.to_array(constants[zero]) if zero in constants else None
+        if (zero is None or value is not None) and clips_at_zero(value):
+            why = (
+                f"the candidate lacks {node_label(quantizer)} of the reference, which clips at zero (its zero "
+                "point is the end of its range): it held an activation, and removing it changes the function"
+            )
+            return reference, None, why
     bypassed = onnx.ModelProto()
     bypassed.CopyFrom(ours)
     renamed = {dequantizer.output[0]: quantizer.input[0] for quantizer, dequantizer in pairs}
@@ -59,4 +75,4 @@ def bypass_removed(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto
         f"--requantize: judged against the original with the {len(pairs)} quantizer pair"
         f"{'s' if len(pairs) != 1 else ''} the fold removed bypassed ({labels})"
     )
-    return bypassed, note
+    return bypassed, note, None

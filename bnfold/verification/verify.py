@@ -108,7 +108,11 @@ def verify(
                 check_external_data(model)  # before anything reads a data file
     bypassed = None
     if requantize:
-        reference, bypassed = bypass_removed(reference, candidate)
+        reference, bypassed, refusal = bypass_removed(reference, candidate)
+        if refusal:
+            report.equivalent, report.notes = False, [f"note: {refusal}"]
+            report.seconds = time.perf_counter() - start
+            return report
     structure = read_structure(reference, candidate)
     by_site = structure.reference is not None and structure.rewrite.isolated
     unprobed = ""
