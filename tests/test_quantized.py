@@ -274,6 +274,7 @@ def test_a_bn_behind_the_convs_quantizer_folds_only_with_requantize(tmp_path, pe
     report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx", requantize=True)
     assert report.equivalent and report.sites, report.table()
     assert report.notes[0].startswith("note: --requantize: judged against the original with the 1 quantizer pair")
+    assert any(n.startswith("note: the removed quantizers clipped ") for n in report.notes), report.notes
     scale = next(t for t in folded.graph.initializer if t.name == weight.input[1])
     values = numpy_helper.to_array(scale).copy()
     values[2] *= 1.01
@@ -335,3 +336,26 @@ def test_verify_requantize_does_not_bypass_a_quantizer_that_holds_a_fused_relu(t
     onnx.save(model, tmp_path / "relu_removed.onnx")
     report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "relu_removed.onnx", requantize=True)
     assert not report.equivalent and "clips at zero" in report.notes[0], report.table()
+
+
+def test_the_share_of_inputs_a_removed_quantizer_clipped_is_counted(tmp_path):
+    from bnfold.verification.quantizers import bypass_removed
+
+    def model(with_pair: bool) -> onnx.ModelProto:
+        nodes = [helper.make_node("Neg", ["x"], ["t"])]
+        if with_pair:  # int8, zero point 0: the range is [-1.28, 1.27], and it clips nothing at zero
+            nodes += [helper.make_node("QuantizeLinear", ["t", "s", "z"], ["q"]),
+                      helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"])]  # fmt: skip
+        nodes.append(helper.make_node("Identity", ["d" if with_pair else "t"], ["y"]))
+        graph = helper.make_graph(
+            nodes, "pair", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+            [numpy_helper.from_array(np.float32(0.01), "s"), numpy_helper.from_array(np.int8(0), "z")],
+        )  # fmt: skip
+        return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    bypass = bypass_removed(model(True), model(False))
+    assert bypass.refusal is None and "the 1 quantizer pair the fold removed" in bypass.note
+    # -2 and 3 (negated) fall outside [-1.28, 1.27]: 2 of the 8 values of the two trials
+    feeds = [{"x": np.array([0.5, -2.0, 3.0, 1.0], np.float32)}, {"x": np.array([0.1, 0.2, 0.3, 0.4], np.float32)}]
+    assert bypass.clipped(feeds, ["CPUExecutionProvider"]).startswith("the removed quantizers clipped 25.00% of")

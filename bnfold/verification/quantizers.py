@@ -18,20 +18,63 @@ would lack the Relu too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from bnfold.graph.protos import all_names, is_onnx_op, node_label
-from bnfold.graph.quantizers import clips_at_zero
+from bnfold.graph.quantizers import INTEGER_RANGES, clips_at_zero
 
 
-def bypass_removed(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto | Path):
-    """(the reference with the pairs the candidate lacks bypassed, a note, a refusal): the
-    reference as given and no note when there is none; a refusal (why the candidate is not
-    equivalent) when a pair it lacks clips at zero: that pair held an activation
-    (bnfold.graph.quantizers), and no rounding explains its absence."""
+@dataclass
+class Bypass:
+    """The reference to judge a --requantize fold against, and what the verdict says of it."""
+
+    reference: onnx.ModelProto | Path | str
+    note: str | None = None  # which pairs were bypassed
+    refusal: str | None = None  # why the candidate cannot be equivalent, whatever its numbers
+    ranges: list[tuple[str, str, float, float]] = field(default_factory=list)  # (quantizer, its input, lo, hi)
+
+    def clipped(self, feeds: list[dict], providers) -> str | None:
+        """How much of their inputs the removed quantizers clipped on `feeds` (per-tensor ones):
+        there the fold differs from the original by more than half a step, as a fold before
+        quantizing would."""
+        if not self.ranges:
+            return None
+        from bnfold.verification.runtime import make_session, run_named
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.reference)
+        known = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=n) for _, n, _, _ in self.ranges if n not in known)
+        session = make_session(model, providers=providers)
+        names = [n for _, n, _, _ in self.ranges]
+        outside, total = np.zeros(len(names)), np.zeros(len(names))
+        for feed in feeds:
+            got = run_named(session, feed, "the reference with the removed quantizers bypassed", names)
+            for i, (_, name, lo, hi) in enumerate(self.ranges):
+                values = np.asarray(got[name], dtype=np.float64)
+                outside[i] += np.count_nonzero((values < lo) | (values > hi))
+                total[i] += values.size
+        share = outside / np.maximum(total, 1)
+        worst = int(np.argmax(share))
+        if not outside.any():
+            return "the removed quantizers clipped none of their inputs on these trials"
+        return (
+            f"the removed quantizers clipped {outside.sum() / max(total.sum(), 1):.2%} of their inputs on these "
+            f"trials (most: {share[worst]:.2%} at {self.ranges[worst][0]}): there the fold differs from the "
+            "original by more than half a step, as folding before quantizing would"
+        )
+
+
+def bypass_removed(reference: onnx.ModelProto | Path | str, candidate: onnx.ModelProto | Path | str) -> Bypass:
+    """The reference with the pairs the candidate lacks bypassed, and a note; the reference as
+    given when there is none; a refusal (why the candidate is not equivalent) when a pair it
+    lacks clips at zero: that pair held an activation (bnfold.graph.quantizers), and no rounding
+    explains its absence."""
     theirs = (
         candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(str(candidate), load_external_data=False)
     )
@@ -46,17 +89,22 @@ def bypass_removed(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto
         if quantizer.output[0] not in present and node.output[0] not in present:
             pairs.append((quantizer, node))
     if not pairs:
-        return reference, None, None
-    constants = {t.name: t for t in ours.graph.initializer}
+        return Bypass(reference)
+    constants = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    ranges = []
     for quantizer, _ in pairs:
         zero = quantizer.input[2] if len(quantizer.input) > 2 and quantizer.input[2] else None
-        value = numpy_helper.to_array(constants[zero]) if zero in constants else None
+        value = constants.get(zero) if zero else None
         if (zero is None or value is not None) and clips_at_zero(value):
-            why = (
+            return Bypass(reference, refusal=(
                 f"the candidate lacks {node_label(quantizer)} of the reference, which clips at zero (its zero "
                 "point is the end of its range): it held an activation, and removing it changes the function"
-            )
-            return reference, None, why
+            ))  # fmt: skip
+        scale = constants.get(quantizer.input[1])
+        limits = INTEGER_RANGES.get(value.dtype) if value is not None else None
+        if scale is not None and scale.size == 1 and value.size == 1 and limits is not None:
+            step, z = float(scale.reshape(())), float(value.reshape(()))
+            ranges.append((node_label(quantizer), quantizer.input[0], (limits[0] - z) * step, (limits[1] - z) * step))
     bypassed = onnx.ModelProto()
     bypassed.CopyFrom(ours)
     renamed = {dequantizer.output[0]: quantizer.input[0] for quantizer, dequantizer in pairs}
@@ -75,4 +123,4 @@ def bypass_removed(reference: onnx.ModelProto | Path, candidate: onnx.ModelProto
         f"--requantize: judged against the original with the {len(pairs)} quantizer pair"
         f"{'s' if len(pairs) != 1 else ''} the fold removed bypassed ({labels})"
     )
-    return bypassed, note, None
+    return Bypass(bypassed, note, ranges=ranges)

@@ -28,7 +28,7 @@ from bnfold.verification.inputs import (
     shape_notes,
 )
 from bnfold.verification.localize import Divergence, first_divergence
-from bnfold.verification.quantizers import bypass_removed
+from bnfold.verification.quantizers import Bypass, bypass_removed
 from bnfold.verification.report import VerifyReport
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, ModelLoadError
 from bnfold.verification.sites import Yardsticks, read_structure
@@ -106,13 +106,12 @@ def verify(
         for model in (reference, candidate):
             if not isinstance(model, onnx.ModelProto):
                 check_external_data(model)  # before anything reads a data file
-    bypassed = None
-    if requantize:
-        reference, bypassed, refusal = bypass_removed(reference, candidate)
-        if refusal:
-            report.equivalent, report.notes = False, [f"note: {refusal}"]
-            report.seconds = time.perf_counter() - start
-            return report
+    bypass = bypass_removed(reference, candidate) if requantize else Bypass(reference)
+    if bypass.refusal:
+        report.equivalent, report.notes = False, [f"note: {bypass.refusal}"]
+        report.seconds = time.perf_counter() - start
+        return report
+    reference = bypass.reference
     structure = read_structure(reference, candidate)
     by_site = structure.reference is not None and structure.rewrite.isolated
     unprobed = ""
@@ -167,7 +166,7 @@ def verify(
                 chosen.batch_error = refusal
                 run = run_all(feeds)
         report.notes = (
-            ([f"note: {bypassed}"] if bypassed else [])
+            ([f"note: {bypass.note}"] if bypass.note else [])
             + ([unprobed] if unprobed else [])
             + shape_notes(declared, feeds, input_shapes or {}, chosen)
             + [
@@ -190,6 +189,8 @@ def verify(
         save_trials(folders["outputs"], [{n: r[n] for n in compared} for r in run.references], "output")
         save_trials(claim_folder(folders["outputs"] / "candidate"), feeds, "input")
         save_trials(folders["outputs"] / "candidate", run.candidates, "output")
+    clipped = bypass.clipped(feeds, providers)
+    report.notes += [f"note: {clipped}"] if clipped else []
     report.notes += _unexercised(structure, run)
     if not inputs:
         report.notes += _saturated(structure, run.references)
