@@ -215,6 +215,28 @@ def test_frozen_batch_norm_computed_from_its_buffers_folds():
     assert {t.name for t in result.model.graph.initializer} == {"W_bnfold_1", "W_bias_bnfold_1"}  # buffers swept
 
 
+@pytest.mark.parametrize("opset", [9, 11])
+def test_caffe2_style_affine_through_unsqueeze_with_an_axes_attribute_folds(opset):
+    """Caffe2 exports (onnx's DenseNet-121, Inception-v2) write the affine after a conv as Mul and
+    Add by [C] constants made [C, 1, 1] by Unsqueeze with an `axes` attribute (before opset 13)."""
+    model = conv_then([])
+    rng = np.random.default_rng(4)
+    add_initializer(model, "s", rng.uniform(0.5, 1.5, 6))
+    add_initializer(model, "b", rng.normal(0, 0.5, 6))
+    model.graph.node.extend(
+        [
+            helper.make_node("Unsqueeze", ["s"], ["s3"], axes=[1, 2]),
+            helper.make_node("Unsqueeze", ["b"], ["b3"], axes=[1, 2]),
+            helper.make_node("Mul", ["t0", "s3"], ["t1"], name="scale"),
+            helper.make_node("Add", ["t1", "b3"], ["t2"], name="shift"),
+        ]
+    )
+    model.graph.output[0].name = "t2"
+    model.opset_import[0].version = opset
+    result = assert_folds(model, ["Conv"])
+    assert [o.node for o in result.report.channel_affines] == ["scale", "shift"]
+
+
 # ---- BatchNormalization folded forward into the op it feeds --------------------------------------------
 
 

@@ -5,6 +5,7 @@ Shape(W)); FrozenBatchNorm exports Sqrt/Reciprocal/Mul)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -146,7 +147,8 @@ class Constants:
             raise NotConstant(f"'{name}' would be a constant of {requested:.0f} elements")
         try:
             feeds = {n: v for n, v in zip(node.input, values) if n}
-            outputs = ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds)
+            evaluated = self._alone(node) if _superseded(node.op_type, self.opset) else node
+            outputs = ReferenceEvaluator(evaluated).run(None, feeds)
         except Exception as exc:  # the reference evaluator's own failures: not a usable constant
             raise NotConstant(f"'{name}' could not be computed ({type(exc).__name__})") from None
         for out, value in zip(node.output, outputs):
@@ -155,6 +157,15 @@ class Constants:
                 raise NotConstant(f"'{name}' would be a constant of {value.size} elements")
             self._evaluated[out] = value
         return self._evaluated[name]
+
+    def _alone(self, node: onnx.NodeProto) -> onnx.ModelProto:
+        """`node` as a model of its own at this graph's opset: the reference evaluator then runs
+        the op's version in force (given a bare node, it runs the latest: Unsqueeze-13 refuses
+        the `axes` attribute of Unsqueeze-1 and -11, which Caffe2-style exports write)."""
+        inputs = [onnx.ValueInfoProto(name=n) for n in dict.fromkeys(n for n in node.input if n)]
+        outputs = [onnx.ValueInfoProto(name=n) for n in node.output if n]
+        graph = onnx.helper.make_graph([node], "constant", inputs, outputs)
+        return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset)])
 
     def _dtype(self, name: str) -> np.dtype:
         elem_type = self.shapes.declared_type(name)
@@ -165,6 +176,16 @@ class Constants:
     def _static_shape(self, name: str) -> tuple[int, ...]:
         declared = self.shapes.declared_shape(name)
         return declared if declared is not None else self.value(name).shape
+
+
+@functools.cache
+def _superseded(op_type: str, opset: int) -> bool:
+    """Whether the op's version in force at `opset` is older than the latest (which the reference
+    evaluator runs for a bare node)."""
+    try:
+        return onnx.defs.get_schema(op_type, opset).since_version != onnx.defs.get_schema(op_type).since_version
+    except onnx.defs.SchemaError:
+        return False
 
 
 BROADCASTING = ("Add", "Sub", "Mul", "Div", "Pow")
