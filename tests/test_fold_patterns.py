@@ -25,6 +25,7 @@ from builders import (
     insert_between_conv_and_bn,
     keras_model,
     linear_bn_model,
+    make_model,
     matmul_model,
     op_types,
     token_model,
@@ -32,6 +33,7 @@ from builders import (
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
+from bnfold.graph.protos import node_label
 
 
 def assert_folds(model: onnx.ModelProto, remaining: list[str]) -> bnfold.FoldResult:
@@ -291,6 +293,87 @@ def test_a_padded_1x1_same_conv_pads_nothing_and_folds():
         attrs={"auto_pad": "SAME_UPPER"},
     )
     assert_folds(model, ["Conv"])
+
+
+def pooled_head(pool: list[onnx.NodeProto], *, opset: int = 17, features: int = 6) -> onnx.ModelProto:
+    """x → BN 'bn' → `pool` (reading 'bn_out', the last writing 'pooled') → Flatten → Gemm
+    'head' → y: a classifier head behind the network's last BN (StarNet, EfficientFormerV2)."""
+    rng = np.random.default_rng(9)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits += [numpy_helper.from_array(rng.normal(size=(4, features)).astype(np.float32), "W"),
+              numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "B")]  # fmt: skip
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+        *pool,
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "W", "B"], ["y"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits,
+    )  # fmt: skip
+    return make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+POOLS = {
+    "GlobalAveragePool": [helper.make_node("GlobalAveragePool", ["bn_out"], ["pooled"])],
+    "ReduceMean, keepdims": [helper.make_node("ReduceMean", ["bn_out"], ["pooled"], axes=[2, 3])],
+    "ReduceMean, no keepdims": [helper.make_node("ReduceMean", ["bn_out"], ["pooled"], axes=[-2, -1], keepdims=0)],
+}
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_batch_norm_before_a_spatial_mean_folds_forward_into_the_head(pool):
+    result = assert_folds(pooled_head(POOLS[pool]), [POOLS[pool][0].op_type, "Flatten", "Gemm"])
+    assert result.report.batch_norms[0].via.startswith(f"through {POOLS[pool][0].op_type}")
+
+
+def test_batch_norm_before_a_reduce_mean_whose_axes_are_inputs_folds_forward():
+    axes = helper.make_node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([2, 3], np.int64)))
+    assert_folds(pooled_head([axes, helper.make_node("ReduceMean", ["bn_out", "axes"], ["pooled"])], opset=18),
+                 ["Constant", "ReduceMean", "Flatten", "Gemm"])  # fmt: skip
+
+
+@pytest.mark.parametrize("axes, features", [([1, 2, 3], 1), ([3], 30)])
+def test_batch_norm_before_a_mean_over_other_axes_stays(axes, features):
+    pool = [helper.make_node("ReduceMean", ["bn_out"], ["pooled"], axes=axes, keepdims=0)]
+    assert_refused(pooled_head(pool, features=features), f"averages over axes {axes}, not exactly the spatial ones")
+
+
+def flattened_head(flatten: onnx.NodeProto, features: int, head: str = "Gemm") -> onnx.ModelProto:
+    """x [2, 6, 2, 3] → BN → `flatten` (bn_out → flat) → Gemm or MatMul 'head' [features → 4]."""
+    rng = np.random.default_rng(10)
+    params = bn_parameters(rng, 6)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    inits += [numpy_helper.from_array(rng.normal(size=(features, 4)).astype(np.float32), "W"),
+              numpy_helper.from_array(np.array([2, -1], np.int64), "shape")]  # fmt: skip
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"], ["bn_out"], name="bn"),
+        flatten,
+        helper.make_node(head, ["flat", "W"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.output[0].CopyFrom(onnx.shape_inference.infer_shapes(model).graph.output[0])
+    return model
+
+
+@pytest.mark.parametrize("head", ["Gemm", "MatMul"])
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape"])
+def test_batch_norm_before_a_flatten_folds_forward_repeated_per_block(flatten, head):
+    # channel c is features 6c … 6c + 5 of the Linear's input: its scale repeats six times
+    node = helper.make_node(flatten, ["bn_out", *(["shape"] if flatten == "Reshape" else [])], ["flat"])
+    result = assert_folds(flattened_head(node, 36, head), [flatten, "Gemm"])
+    assert result.report.batch_norms[0].via == f"through {node_label(node)}"
+
+
+def test_batch_norm_before_a_flatten_that_merges_its_channels_with_the_batch_stays():
+    node = helper.make_node("Flatten", ["bn_out"], ["flat"], axis=2)  # [2, 6, 2, 3] → [12, 6]
+    assert_refused(flattened_head(node, 6), "does not carry its channel axis, whole, to one linear op")
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])

@@ -9,6 +9,14 @@ scale, so Conv(pad(s·x + t); W) = Conv(pad(x + t/s); W·s) exactly, and the BN 
 of t/s in front of the Conv (every s ≠ 0). A
 ConvTranspose takes it when every output position receives every tap
 (linear.ConvTranspose.check_input_fold). Each op's own `fold_input` holds its algebra.
+
+On the way to the op the BN may pass shape-only ops that carry its channel axis whole, and a
+mean over every position of each channel (GlobalAveragePool, ReduceMean over exactly the spatial
+axes, keepdims or not): the mean of s·x + t is s·mean(x) + t, so a BN before the pooling of a
+classifier head folds into the head's Gemm. A Flatten or Reshape that merges the channel axis with
+every axis after it (N, C, H, W → N, C·H·W) makes channel c the block of features c·HW …
+(c+1)·HW − 1: into a Gemm or MatMul after it the BN folds with its scale and shift repeated per
+block (EfficientViT's BatchNorm1d → Flatten → Linear).
 """
 
 from __future__ import annotations
@@ -24,12 +32,15 @@ from bnfold.folding.correction import batch_norm_input_moments, rounding_note
 from bnfold.folding.linear import LinearOp, linear_op
 from bnfold.folding.linear_plan import LinearPlan, become_shift
 from bnfold.folding.plan import Skip
-from bnfold.folding.shape_ops import SHAPE_OPS, axis_after
+from bnfold.folding.shape_ops import SHAPE_OPS, axis_after, merged_axis
 from bnfold.folding.sources import ChannelAffine, read_batch_norm
+from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
-from bnfold.graph.protos import ONNX_DOMAINS, node_label
+from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, node_label
 
 FORWARD_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# Means over every position of each channel: a per-channel affine map passes them unchanged.
+SPATIAL_MEANS = ("GlobalAveragePool", "ReduceMean")
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     found = _linear_reader(bn, ctx)
     if isinstance(found, Skip):
         return found
-    linear, op, shape_ops = found
+    linear, op, shape_ops, repeat = found
     # checks
     bound = call_site_attributes(bn, linear)
     if bound:
@@ -84,9 +95,14 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     rank = ctx.shapes.rank(bn.input[0])
     if padded and (rank is None or rank < 2):
         return Skip(f"{node_label(linear)} after it pads its input, and the rank of the BN's input is not known")
-    scale_shift = read_batch_norm(bn, ctx, op.input_channels(weight, linear))
+    features = op.input_channels(weight, linear)
+    if features % repeat:
+        return Skip(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
+    scale_shift = read_batch_norm(bn, ctx, features // repeat)
     if isinstance(scale_shift, Skip):
         return scale_shift
+    if repeat > 1:  # flattened: channel c is features c·repeat … (c+1)·repeat − 1
+        scale_shift = ChannelAffine(*(np.repeat(v, repeat) for v in scale_shift))
     # plan
     correcting = op.op_type == "Conv" and ctx.scope.bias_correction
     if padded:
@@ -108,17 +124,30 @@ def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProt
         return Skip("its output is a graph output")
     if len(readers) != 1:
         return Skip(f"it feeds {len(readers)} nodes")
-    consumer, shape_ops, axis = readers[0], [], 1
-    while consumer.domain in ONNX_DOMAINS and consumer.op_type in SHAPE_OPS and consumer.input[0] == out:
-        axis = axis_after(consumer, axis, ctx)
+    consumer, shape_ops, axis, repeat = readers[0], [], 1, 1
+    while (
+        consumer.domain in ONNX_DOMAINS
+        and consumer.op_type in (*SHAPE_OPS, *SPATIAL_MEANS)
+        and (consumer.input[0] == out)
+    ):
+        if consumer.op_type in SPATIAL_MEANS:
+            failed = _spatial_mean(consumer, axis, ctx)
+            if failed:
+                return failed
+        elif repeat == 1 and (merged := merged_axis(consumer, axis, ctx)) and axis_after(consumer, axis, ctx) is None:
+            axis, repeat = merged  # each channel is now a block of `repeat` features
+        else:
+            axis = axis_after(consumer, axis, ctx) if repeat == 1 else None
         readers = ctx.index.readers(consumer.output[0])
         if axis is None or consumer.output[0] in ctx.index.graph_outputs or len(readers) != 1:
             return Skip(f"{node_label(consumer)} after it does not carry its channel axis, whole, to one linear op")
         shape_ops.append(consumer)
         out, consumer = consumer.output[0], readers[0]
-    if axis != 1:
-        return Skip(f"its channels reach {node_label(consumer)} on axis {axis}, not the input channel axis 1")
     op = linear_op(consumer)
+    if repeat > 1 and op is not None and op.op_type in ("Gemm", "MatMul") and axis == 1:
+        pass  # a 2-D input: its features axis is the one the op reads
+    elif axis != 1:
+        return Skip(f"its channels reach {node_label(consumer)} on axis {axis}, not the input channel axis 1")
     if op is None or op.op_type not in FORWARD_OPS:
         after = ctx.index.readers(consumer.output[0]) if consumer.output else ()
         if len(after) == 1 and after[0].op_type in FORWARD_OPS:
@@ -126,7 +155,34 @@ def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProt
         return Skip(f"it feeds {node_label(consumer)}, not a Conv, ConvTranspose, Gemm or MatMul")
     if list(consumer.input).count(out) != 1 or consumer.input[0] != out:
         return Skip(f"{node_label(consumer)} after it reads it as a parameter")
-    return consumer, op, tuple(shape_ops)
+    if repeat > 1 and op.op_type not in ("Gemm", "MatMul"):
+        return Skip(f"{node_label(consumer)} reads its channels flattened with their positions; only a Gemm or "
+                    "MatMul takes them so")  # fmt: skip
+    return consumer, op, tuple(shape_ops), repeat
+
+
+def _spatial_mean(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> Skip | None:
+    """None when `node` averages over every axis after the channel axis 1 and keeps that axis
+    where it is: a mean over positions commutes with a per-channel affine map, so the map may
+    pass it. Else why not."""
+    if axis != 1:
+        return Skip(f"its channels reach {node_label(node)} on axis {axis}, not axis 1")
+    if node.op_type == "GlobalAveragePool":
+        return None
+    rank = ctx.shapes.rank(node.input[0])
+    axes = ints_attr(node, "axes") if len(node.input) < 2 or not node.input[1] else _constant_axes(node, ctx)
+    if rank is None or axes is None:
+        return Skip(f"{node_label(node)} after it averages over axes bnfold cannot read")
+    if sorted(a % rank for a in axes) != list(range(2, rank)):
+        return Skip(f"{node_label(node)} after it averages over axes {list(axes)}, not exactly the spatial ones")
+    return None
+
+
+def _constant_axes(node: onnx.NodeProto, ctx: GraphContext) -> list[int] | None:
+    try:
+        return [int(a) for a in np.asarray(ctx.constant(node.input[1])).reshape(-1)]
+    except NotConstant:
+        return None
 
 
 def _scale_into_padded_conv(

@@ -122,6 +122,23 @@ def axis_after(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None
     return None
 
 
+def merged_axis(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> tuple[int, int] | None:
+    """(output axis, k) when a Reshape or Flatten merges input `axis` and every axis after it
+    into its last axis: channel c becomes the block of features c·k … (c+1)·k − 1 there, k the
+    product of the merged trailing sizes (known numbers). Else None."""
+    if node.op_type not in ("Reshape", "Flatten"):
+        return None
+    before, after = ctx.shapes.symbolic_shape(node.input[0]), ctx.shapes.symbolic_shape(node.output[0])
+    if before is None or after is None or axis >= len(before) or not after:
+        return None
+    trailing = before[axis:]
+    if not all(isinstance(d, int) for d in trailing) or after[-1] != int(np.prod(trailing, dtype=np.int64)):
+        return None
+    if not _same_elements(before[:axis], after[:-1]):
+        return None
+    return len(after) - 1, int(np.prod(trailing[1:], dtype=np.int64))
+
+
 def axis_before(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> int | None:
     """Which input axis of a shape-only op becomes output `axis`, if it passes through whole: for
     a Transpose by its perm; for a Reshape or Flatten only a last axis that stays the last axis,
