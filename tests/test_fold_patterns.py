@@ -282,7 +282,7 @@ def test_a_padded_conv_after_a_batch_norm_with_a_zero_scale_is_refused():
     next(t for t in model.graph.initializer if t.name == "gamma").CopyFrom(
         numpy_helper.from_array(np.array([1.0, 0.0, 1.0, 1.0], np.float32), "gamma")
     )
-    assert_refused(model, "a channel's scale is 0, so its shift cannot move in front of the padding")
+    assert_refused(model, "pads its input, and a channel's scale is 0, so its shift cannot move in front of it")
 
 
 def test_a_padded_1x1_same_conv_pads_nothing_and_folds():
@@ -563,10 +563,22 @@ def test_a_bn_before_a_cropping_stride_1_conv_transpose_folds_forward(group):
         {"pads": [2, 2, 2, 2], "output_padding": [0, 0]},
     ],
 )
-def test_a_bn_before_a_conv_transpose_whose_borders_miss_taps_is_refused(attrs):
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_bn_before_a_conv_transpose_whose_borders_miss_taps_takes_the_scale_and_leaves_an_add(attrs, group):
+    # an EEG spindle detector's decoder: the shift cannot be one bias, but moves in front as t/s
     if "output_padding" in attrs:
         attrs = {"pads": [2, 2, 2, 2], "strides": [2, 2], "output_padding": [1, 1]}
-    assert_refused(bn_before("ConvTranspose", **attrs), "border outputs that miss some taps")
+    result = assert_folds(bn_before("ConvTranspose", group=group, **attrs), ["Add", "ConvTranspose"])
+    assert result.report.outcomes[0].forward and "its shift is a new Add" in result.report.outcomes[0].via
+
+
+def test_a_conv_transpose_whose_borders_miss_taps_after_a_bn_with_a_zero_scale_is_refused():
+    model = bn_before("ConvTranspose", strides=[2, 2], pads=[2, 2, 2, 2])
+    gamma = next(t for t in model.graph.initializer if t.name == "gamma")
+    values = numpy_helper.to_array(gamma).copy()
+    values[1] = 0
+    gamma.CopyFrom(numpy_helper.from_array(values, "gamma"))
+    assert_refused(model, "has border outputs that miss some taps, and a channel's scale is 0")
 
 
 def test_a_bn_between_dequantize_and_quantize_says_fold_before_quantizing():

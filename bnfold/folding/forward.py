@@ -6,9 +6,11 @@ Whole only when every output reads the shift of every tap. Conv and Gemm take it
 MatMul (a Gemm without C; it becomes one). A Conv that pads its input takes the scale only: a
 padded border reads 0, not s·0 + t, but s·x + t = s·(x + t/s) and zero padding commutes with the
 scale, so Conv(pad(s·x + t); W) = Conv(pad(x + t/s); W·s) exactly, and the BN becomes the Add
-of t/s in front of the Conv (every s ≠ 0). A
-ConvTranspose takes it when every output position receives every tap
-(linear.ConvTranspose.check_input_fold). Each op's own `fold_input` holds its algebra.
+of t/s in front of the Conv (every s ≠ 0). A ConvTranspose takes it whole when every output
+position receives every tap (linear.ConvTranspose.check_input_fold); else, as a padded Conv, its
+weight takes the scale per input channel and the BN becomes the Add of t/s (the op is linear in
+its input, so ConvTranspose(s·(x + t/s); W) = ConvTranspose(x + t/s; W·s)). Each op's own
+`fold_input` holds its algebra.
 
 On the way to the op the BN may pass shape-only ops that carry its channel axis whole, and a
 mean over every position of each channel (GlobalAveragePool, ReduceMean over exactly the spatial
@@ -86,15 +88,17 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     geometry = op.geometry(linear, weight)
     if isinstance(geometry, Skip):
         return geometry
-    failed = op.check_input_fold(linear, weight, geometry) or (
+    # a ConvTranspose whose border outputs miss some taps takes the scale only, as a padded Conv does
+    partial = op.check_input_fold(linear, weight, geometry)
+    failed = (partial if op.op_type != "ConvTranspose" else None) or (
         bias is not None and op.check_bias(bias, op.output_channels(weight, linear))
     )
     if failed:
         return failed
-    padded = op.op_type == "Conv" and geometry.pads_input
+    padded = (op.op_type == "Conv" and geometry.pads_input) or partial is not None
     rank = ctx.shapes.rank(bn.input[0])
     if padded and (rank is None or rank < 2):
-        return Skip(f"{node_label(linear)} after it pads its input, and the rank of the BN's input is not known")
+        return Skip(f"{node_label(linear)} after it {_reads_zeros(op)}, and the rank of the BN's input is not known")
     features = op.input_channels(weight, linear)
     if features % repeat:
         return Skip(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
@@ -185,6 +189,11 @@ def _constant_axes(node: onnx.NodeProto, ctx: GraphContext) -> list[int] | None:
         return None
 
 
+def _reads_zeros(op: LinearOp) -> str:
+    """Why the op cannot take a shift on its input as one bias."""
+    return "pads its input" if op.op_type == "Conv" else "has border outputs that miss some taps"
+
+
 def _scale_into_padded_conv(
     bn, conv, op: LinearOp, weight, bias, scale_shift: ChannelAffine, rank: int, shape_ops, correcting: bool, ctx
 ) -> ForwardPlan | Skip:
@@ -193,8 +202,8 @@ def _scale_into_padded_conv(
     scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
     if not scale.all():
         return Skip(
-            f"{node_label(conv)} after it pads its input, and a channel's scale is 0, so its shift cannot move "
-            "in front of the padding"
+            f"{node_label(conv)} after it {_reads_zeros(op)}, and a channel's scale is 0, so its shift cannot "
+            "move in front of it"
         )
     folded = op.cast(conv, weight.dtype, *op.fold_input(conv, weight, bias, (scale, np.zeros_like(shift))), None)
     if isinstance(folded, Skip):
