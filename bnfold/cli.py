@@ -366,6 +366,7 @@ def bench(
     input_shape: list[str] | None = SHAPE_OPT,
     provider: list[str] | None = PROVIDER_OPT,
     custom_lib: list[Path] | None = CUSTOM_LIB_OPT,
+    requantize: bool = REQUANTIZE_OPT,
     json_report: bool = JSON_OPT,
     quiet: bool = QUIET_OPT,
 ) -> None:
@@ -391,7 +392,9 @@ def bench(
         if folded is not None:
             return benchmark.bench(model, folded, **timing)
         with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as folder:
-            result = pipeline.optimize(model, Path(folder), verify_options=session_options, progress=out.progress())
+            result = pipeline.optimize(
+                model, Path(folder), verify_options=session_options, progress=out.progress(), requantize=requantize
+            )
             if not result.written:
                 raise BnfoldError("the folded model is not equivalent to the original; nothing to time")
             report = benchmark.bench(model, result.output, **timing)

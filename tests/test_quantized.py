@@ -359,3 +359,37 @@ def test_the_share_of_inputs_a_removed_quantizer_clipped_is_counted(tmp_path):
     # -2 and 3 (negated) fall outside [-1.28, 1.27]: 2 of the 8 values of the two trials
     feeds = [{"x": np.array([0.5, -2.0, 3.0, 1.0], np.float32)}, {"x": np.array([0.1, 0.2, 0.3, 0.4], np.float32)}]
     assert bypass.clipped(feeds, ["CPUExecutionProvider"]).startswith("the removed quantizers clipped 25.00% of")
+
+
+def test_int4_weights_fold_into_their_scale_and_stay_the_same_bytes(tmp_path):
+    import ml_dtypes
+
+    model = qat_export(tmp_path, divide=False)
+    for tensor in model.graph.initializer:
+        if tensor.name in ("qw", "zw"):
+            values = numpy_helper.to_array(tensor).astype(np.float64)
+            values = np.clip(np.round(values / 16), -8, 7) if tensor.name == "qw" else values
+            tensor.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.int4), tensor.name))
+    model.opset_import[0].version = 21  # DequantizeLinear-21 reads int4
+    onnx.checker.check_model(model, full_check=True)
+    folded = bnfold.fold(model).model
+    assert "BatchNormalization" not in op_types(folded)
+    assert initializers(folded)["qw"].tobytes() == initializers(model)["qw"].tobytes()
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx")
+    assert report.equivalent and report.sites, report.table()
+
+
+def test_bench_requantize_times_the_quantized_model_before_and_after(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnfold.cli import app
+
+    onnx.save(quantize(conv_bn_model(opset=17), tmp_path, True), tmp_path / "model.onnx")
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "model.onnx"), "--requantize", "--runs", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fold_summary"].startswith("folded 1 of 1") and len(report["timings"]) == 4

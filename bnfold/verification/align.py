@@ -354,7 +354,10 @@ def _equal_values(a, b) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     # byte for byte, without copies (memcmp): NaN equals a NaN of the same bits
-    return memoryview(np.ascontiguousarray(a)).cast("B") == memoryview(np.ascontiguousarray(b)).cast("B")
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.dtype.kind == "V":  # ml_dtypes' int4, bfloat16, float8: no buffer format of their own
+        a, b = a.view(np.uint8), b.view(np.uint8)
+    return memoryview(a).cast("B") == memoryview(b).cast("B")
 
 
 def _renamed(model: onnx.ModelProto, renamed: dict[str, str]) -> onnx.ModelProto:
