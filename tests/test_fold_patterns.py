@@ -376,6 +376,56 @@ def test_batch_norm_before_a_flatten_that_merges_its_channels_with_the_batch_sta
     assert_refused(flattened_head(node, 6), "does not carry its channel axis, whole, to one linear op")
 
 
+def heads_model(affine: str, heads: int, *, last: str = "MatMul") -> onnx.ModelProto:
+    """x [3, 8] → Relu → BN ('bn') or tf2onnx's Mul ('mul') and Add ('add') by [8] constants →
+    `heads` Dense heads (MatMul, the last one `last`), each its own output: a captcha reader's
+    one head per character."""
+    rng = np.random.default_rng(12)
+    params = bn_parameters(rng, 8)
+    inits = [numpy_helper.from_array(params[k].astype(np.float32), k) for k in ("gamma", "beta", "mean", "var")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu")]
+    if affine == "bn":
+        nodes.append(helper.make_node("BatchNormalization", ["r", "gamma", "beta", "mean", "var"], ["a"], name="bn"))
+    else:
+        scale = params["gamma"] / np.sqrt(params["var"] + 1e-3)
+        shift = params["beta"] - params["mean"] * scale
+        inits += [numpy_helper.from_array(v.astype(np.float32), k) for k, v in (("s", scale), ("t", shift))]
+        nodes += [
+            helper.make_node("Mul", ["r", "s"], ["m"], name="mul"),
+            helper.make_node("Add", ["m", "t"], ["a"], name="add"),
+        ]
+    outputs = []
+    for k in range(heads):
+        op = last if k == heads - 1 else "MatMul"
+        if op == "MatMul":
+            inits.append(numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), f"W{k}"))
+            nodes.append(helper.make_node("MatMul", ["a", f"W{k}"], [f"y{k}"], name=f"head{k}"))
+        else:
+            nodes.append(helper.make_node(op, ["a"], [f"y{k}"], name=f"head{k}"))
+        outputs.append(helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              outputs, inits)  # fmt: skip
+    model = make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(model).graph.output}
+    for output in model.graph.output:
+        output.CopyFrom(inferred[output.name])
+    return model
+
+
+@pytest.mark.parametrize("affine", ["bn", "mul_add"])
+def test_an_affine_map_read_by_several_heads_folds_into_each(affine):
+    result = assert_folds(heads_model(affine, 5), ["Relu", *["Gemm"] * 5])
+    folded = result.report.batch_norms if affine == "bn" else result.report.channel_affines
+    assert [o.folded_into.count(",") for o in folded] == [4] * len(folded)  # five heads each
+    assert all(o.forward and o.via == "into each of its 5 readers" for o in folded)
+
+
+def test_an_affine_map_one_of_whose_readers_is_not_linear_stays():
+    model = heads_model("bn", 3, last="Sigmoid")
+    assert_refused(model, "it feeds Sigmoid 'head2', not a Conv, ConvTranspose, Gemm or MatMul")
+    assert_refused(heads_model("mul_add", 3, last="Sigmoid"))  # a Mul/Add that stays is not listed
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 @pytest.mark.parametrize("bias", [None, [3], [2, 3]], ids=["no-C", "N", "MxN"])
 def test_batch_norm_before_a_gemm_folds_forward(trans_b, bias):

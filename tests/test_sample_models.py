@@ -53,9 +53,11 @@ EXPECTED = {
     # folded only with the fixed point, a new bias, a constant leaf or shape readers allowed
     "levit_tiny": (6, 6, 0),  # bias-less Linear → BatchNorm1d over tokens, beside a Shape of it
     "levit_tiny_dynamo": (6, 6, 0),
-    "repvit_tiny": (5, 5, 0),  # BN after a sum of branches: folds once the sum is one Conv
+    # BN after a sum of branches: folds once the sum is one Conv; the TorchScript GELU's final
+    # Mul by 0.5 folds forward into the Conv after it
+    "repvit_tiny": (5, 5, 1),
     "repvit_tiny_dynamo": (5, 5, 0),
-    "fastvit_tiny": (6, 6, 1),  # Add(BN(x), 0) beside a conv; Conv → Mul(γ) → BN
+    "fastvit_tiny": (6, 6, 3),  # Add(BN(x), 0) beside a conv; Conv → Mul(γ) → BN; two GELUs' Mul by 0.5
     "fastvit_tiny_dynamo": (6, 6, 1),
     # a YOLOv8-style detector (C2f blocks, SiLU, sigmoid scores), symbolic batch, H and W
     "yolo_tiny": (22, 22, 0),

@@ -32,10 +32,10 @@ from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes
 from bnfold.folding.correction import batch_norm_input_moments, rounding_note
 from bnfold.folding.linear import LinearOp, linear_op
-from bnfold.folding.linear_plan import LinearPlan, become_shift
-from bnfold.folding.plan import Skip
+from bnfold.folding.linear_plan import LinearPlan, become_shift, give_parameters
+from bnfold.folding.plan import Plan, Skip
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after, merged_axis
-from bnfold.folding.sources import ChannelAffine, read_batch_norm
+from bnfold.folding.sources import AffineSource, BatchNormSource, ChannelAffine, read_batch_norm
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, node_label
@@ -69,9 +69,97 @@ class ForwardPlan(LinearPlan):
         ctx.index.set_input(self.shape_ops[0] if self.shape_ops else self.linear, 0, self.source.input[0])
 
 
-def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
+@dataclass(frozen=True)
+class Head:
+    """One linear op an affine map folds forward into, with its folded weight and bias."""
+
+    op: LinearOp
+    linear: onnx.NodeProto
+    weight: np.ndarray
+    bias: np.ndarray
+    shape_ops: tuple[onnx.NodeProto, ...]
+
+
+@dataclass(frozen=True)
+class HeadsPlan(Plan):
+    """One affine map folded forward into every linear op that reads it (a BN, or tf2onnx's
+    Mul/Add, before several classifier heads): W'ₖ = Wₖ·s, b'ₖ = bₖ + Wₖ·t for every head k."""
+
+    source: onnx.NodeProto
+    data: str  # what the source reads, and every head reads after the fold
+    heads: tuple[Head, ...]
+
+    @property
+    def linears(self):
+        return tuple(head.linear for head in self.heads)
+
+    @property
+    def forward(self) -> bool:
+        return True
+
+    @property
+    def via(self) -> str | None:
+        return f"into each of its {len(self.heads)} readers" if len(self.heads) > 1 else None
+
+    def rewrite(self, ctx: GraphContext) -> None:
+        for head in self.heads:
+            give_parameters(ctx, head.op, head.linear, self.source, head.weight, head.bias)
+            ctx.index.set_input(head.shape_ops[0] if head.shape_ops else head.linear, 0, self.data)
+        ctx.index.remove_node(self.source)
+
+
+def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip:
+    """Fold `source` forward into every node that reads its output, each a linear op reading it
+    as its data input (through shape-only ops and spatial means) that takes it whole (a shift
+    cannot pass a Conv's padding: plan_forward leaves it as an Add when one BN feeds one Conv)."""
+    # match
+    out = source.node.output[0]
+    readers = ctx.index.readers(out)
+    if out in ctx.index.graph_outputs or not readers:
+        return Skip("its output is a graph output" if readers else "nothing reads it")
+    chains = [_chain(reader, out, ctx) for reader in {id(r): r for r in readers}.values()]
+    failed = next((c for c in chains if isinstance(c, Skip)), None)
+    if failed:
+        return failed
+    # checks, and each head's plan
+    heads, rank = [], ctx.shapes.rank(source.data)
+    for linear, op, shape_ops, repeat in chains:
+        bound = call_site_attributes(source.node, linear)
+        params = bound or op.check_node(linear, ctx) or op.parameters(linear, ctx)
+        if isinstance(params, Skip):
+            return params
+        weight, bias = params
+        geometry = op.geometry(linear, weight)
+        if isinstance(geometry, Skip):
+            return geometry
+        whole = op.check_input_fold(linear, weight, geometry) or (
+            bias is not None and op.check_bias(bias, op.output_channels(weight, linear))
+        )
+        if whole:
+            return whole
+        if op.op_type == "Conv" and geometry.pads_input:
+            return Skip(f"{node_label(linear)} after it pads its input: a shift cannot pass the padding")
+        features = op.input_channels(weight, linear)
+        if features % repeat or rank is None:
+            return Skip(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
+        scale_shift = source.affine(ctx, features // repeat, rank)
+        if isinstance(scale_shift, Skip):
+            return scale_shift
+        if repeat > 1:
+            scale_shift = ChannelAffine(*(np.repeat(v, repeat) for v in scale_shift))
+        folded = op.cast(linear, weight.dtype, *op.fold_input(linear, weight, bias, scale_shift), None)
+        if isinstance(folded, Skip):
+            return folded
+        heads.append(Head(op, linear, *folded, shape_ops))
+    return HeadsPlan(source.node, source.data, tuple(heads))
+
+
+def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPlan | Skip:
     """Fold `bn` into the one linear op that reads it as its data input, directly or through
-    shape-only ops that carry its channel axis whole to the op's input channel axis."""
+    shape-only ops that carry its channel axis whole to the op's input channel axis; into each
+    of several such ops when several read it (plan_heads)."""
+    if len(set(map(id, ctx.index.readers(bn.output[0])))) > 1 and bn.output[0] not in ctx.index.graph_outputs:
+        return plan_heads(BatchNormSource(bn), ctx)
     # match
     found = _linear_reader(bn, ctx)
     if isinstance(found, Skip):
@@ -119,7 +207,7 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip:
     return ForwardPlan(bn, op, linear, *folded, rounding, shape_ops=shape_ops)
 
 
-def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProto, LinearOp, tuple] | Skip:
+def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | Skip:
     """The one Conv, ConvTranspose, Gemm or MatMul that reads the BN's output as its data input,
     through shape-only ops that carry the channel axis whole to its axis 1; and those ops."""
     out = bn.output[0]
@@ -128,7 +216,14 @@ def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProt
         return Skip("its output is a graph output")
     if len(readers) != 1:
         return Skip(f"it feeds {len(readers)} nodes")
-    consumer, shape_ops, axis, repeat = readers[0], [], 1, 1
+    return _chain(readers[0], out, ctx)
+
+
+def _chain(consumer: onnx.NodeProto, out: str, ctx: GraphContext) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | Skip:
+    """From `consumer`, a reader of `out`, through shape-only ops and spatial means to the linear
+    op that reads the channels as its data input: (that op, its layout, the ops between, how many
+    features each channel became: 1, or a flattened block's size)."""
+    shape_ops, axis, repeat = [], 1, 1
     while (
         consumer.domain in ONNX_DOMAINS
         and consumer.op_type in (*SHAPE_OPS, *SPATIAL_MEANS)

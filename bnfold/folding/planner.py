@@ -14,7 +14,7 @@ quantized model, which explains it.
 
 A Mul/Add/Sub/Div by a per-channel constant folds backward into the linear op behind the first
 of its inputs that comes from one (into its quantized weight's scale when it has one), else
-through shape-only ops; refused, it is not reported
+through shape-only ops, else forward into every linear op that reads it; refused, it is not reported
 (most such nodes are no BN at all).
 """
 
@@ -26,7 +26,7 @@ from bnfold.folding.backward import plan_backward
 from bnfold.folding.channel_last import plan_channel_last
 from bnfold.folding.checks import producer_through_no_ops
 from bnfold.folding.concat import plan_concat
-from bnfold.folding.forward import plan_forward
+from bnfold.folding.forward import plan_forward, plan_heads
 from bnfold.folding.linear import linear_op
 from bnfold.folding.plan import NOT_MINE, Answer, Mechanism, Mechanisms, Plan, Role, Skip, decide
 from bnfold.folding.quantized import plan_quantized_weight
@@ -80,6 +80,16 @@ def _behind_linear(plan):
     return mechanism
 
 
+def _elementwise_forward(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
+    """Forward into every linear op that reads it (plan_heads), when its one non-constant input
+    comes from no linear op (else backward decided): tf2onnx's Mul/Add of a BN before several
+    Dense heads."""
+    data = [name for name in node.input if ctx.constants.why_not(name) is not None]
+    if len(data) != 1 or linear_op(producer_through_no_ops(data[0], ctx)[0]) is not None:
+        return NOT_MINE
+    return plan_heads(ElementwiseSource(node, data[0]), ctx)
+
+
 def _elementwise_through_shape_ops(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     """Through shape-only ops, from any input; only a plan counts (refusals go unreported)."""
     for data in node.input:
@@ -117,6 +127,7 @@ ELEMENTWISE = Mechanisms(
         Mechanism("into a quantized weight", _behind_linear(plan_quantized_weight), Role.DECIDES),
         Mechanism("backward", _behind_linear(plan_backward), Role.DECIDES),
         Mechanism("through shape ops", _elementwise_through_shape_ops, Role.DECIDES),
+        Mechanism("forward", _elementwise_forward, Role.DECIDES),
     ),
     refused=lambda node, why: Skip(f"{node_label(node)} does not follow a linear op"),
     reported=False,
