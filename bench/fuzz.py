@@ -10,6 +10,11 @@ deleted and swapped bytes) and runs the real CLI on it, one of these ways in tur
 - `inspect --json`;
 - `optimize FOLDER --jobs 2 --json`, the folder holding the mutated model and an intact one.
 
+And the stored formats, each a mutated copy of a valid file read with the intact resnet_tiny
+sample (`STORED`): `--inputs` as an .npz, as Polygraphy's JSON and as an onnx test-data folder
+whose `input_0.pb` is mutated; `--load-outputs` as an .npz and as Polygraphy's JSON; and
+`--custom-lib` with a mutated shared library (onnxruntime's own `libonnxruntime_providers_shared`).
+
 Exit 0, 2 (not a usable model, or bad data) and 1 (a valid model whose fold verification found
 not equivalent, e.g. a float16 model whose own arithmetic overflows after a flipped exponent
 bit) are verdicts; a batch says the most severe of its models'.
@@ -43,7 +48,18 @@ from builders import mutate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INTACT = ROOT / "sample_models" / "resnet_tiny.onnx"
-WAYS = ("optimize", "optimize --json", "calibration", "verify --save-inputs", "inspect --json", "batch --jobs 2")
+MODEL_WAYS = ("optimize", "optimize --json", "calibration", "verify --save-inputs", "inspect --json", "batch --jobs 2")
+POLYGRAPHY = ROOT / "tests" / "data" / "polygraphy"
+# way → (the valid file whose mutated copy it reads, under which name in the case's folder)
+STORED = {
+    "--inputs npz": (ROOT / "sample_models" / "resnet_tiny.npz", "in.npz"),
+    "--inputs json": (POLYGRAPHY / "inputs.json", "in.json"),
+    "--inputs test data": (None, "data/test_data_set_0/input_0.pb"),  # made by main()
+    "--load-outputs npz": (ROOT / "sample_models" / "resnet_tiny.npz", "out.npz"),
+    "--load-outputs json": (POLYGRAPHY / "outputs.json", "out.json"),
+    "--custom-lib": (None, "lib.so"),  # made by main()
+}
+WAYS = (*MODEL_WAYS, *STORED)
 
 
 def run_case(way: str, data: bytes, seed: int) -> tuple[int, str, list[str], str | None]:
@@ -51,8 +67,15 @@ def run_case(way: str, data: bytes, seed: int) -> tuple[int, str, list[str], str
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         path = folder / "m.onnx"
-        path.write_bytes(data)
-        command, outputs = _command(way, folder, path, seed)
+        if way in STORED:
+            shutil.copy(INTACT, path)
+            stored = folder / STORED[way][1]
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            stored.write_bytes(data)
+            command, outputs = _stored_command(way, path, stored), []
+        else:
+            path.write_bytes(data)
+            command, outputs = _command(way, folder, path, seed)
         result = subprocess.run([sys.executable, "-m", "bnfold", *command], capture_output=True, text=True, timeout=300)
         left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
         json_problem = _json_problem(result) if "--json" in command else None
@@ -80,6 +103,25 @@ def _command(way: str, folder: Path, path: Path, seed: int) -> tuple[list[str], 
     return ["optimize", str(batch), "-o", str(folder / "out"), "--jobs", "2", "--trials", "1", "--json"], []
 
 
+def _stored_command(way: str, model: Path, stored: Path) -> list[str]:
+    if way.startswith("--inputs"):
+        given = stored.parents[1] if way == "--inputs test data" else stored
+        return ["verify", str(model), str(model), "--inputs", str(given), "--json"]
+    if way == "--load-outputs npz":
+        return ["verify", str(model), "--load-outputs", str(stored), "--json"]
+    if way == "--load-outputs json":
+        return [
+            "verify",
+            str(model),
+            "--load-outputs",
+            str(stored),
+            "--inputs",
+            str(POLYGRAPHY / "inputs.json"),
+            "--json",
+        ]
+    return ["verify", str(model), str(model), "--trials", "1", "--custom-lib", str(stored), "--json"]
+
+
 def _calibration_data(model: Path, target: Path, rng: np.random.Generator) -> None:
     """Random arrays for the model's inputs, by declared shape (symbols at 8); half the time
     one axis is one larger than declared."""
@@ -99,6 +141,9 @@ def _calibration_data(model: Path, target: Path, rng: np.random.Generator) -> No
 def _expected(way: str, code: int, outputs: list[str], left: list[str]) -> list[str]:
     """The files a run may leave: the inputs always, the outputs only on success."""
     given = {"calibration": ["calib.npz"], "batch --jobs 2": ["batch", "batch/intact.onnx", "batch/m.onnx"]}
+    if way in STORED:
+        name = STORED[way][1]
+        given[way] = [name] + [str(Path(*Path(name).parts[:i])) for i in range(1, len(Path(name).parts))]
     files = ["m.onnx"] if way != "batch --jobs 2" else []
     files += given.get(way, [])
     if code == 0:
@@ -124,6 +169,20 @@ def is_finding(way: str, code: int, stderr: str, left: list[str], json_problem: 
     return code not in (0, 1, 2) or "Traceback" in stderr or "(unexpected)" in left or json_problem is not None
 
 
+def _test_data_input() -> bytes:
+    """A valid onnx test-data input for the intact sample, as `verify --save-inputs` writes it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "bnfold", "verify", str(INTACT), str(INTACT), "--trials", "1",
+                        "--save-inputs", f"{tmp}/saved", "-q"], check=True)  # fmt: skip
+        return (Path(tmp) / "saved" / "test_data_set_0" / "input_0.pb").read_bytes()
+
+
+def _a_shared_library() -> bytes:
+    import onnxruntime
+
+    return next(Path(onnxruntime.__file__).parent.glob("capi/libonnxruntime_providers_shared*.so")).read_bytes()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=1200)
@@ -132,11 +191,17 @@ def main() -> None:
     args = parser.parse_args()
     samples = sorted((ROOT / "sample_models").glob("*.onnx"))
     originals = [p.read_bytes() for p in samples]
+    stored = {way: path.read_bytes() for way, (path, _) in STORED.items() if path is not None}
+    stored["--inputs test data"] = _test_data_input()
+    stored["--custom-lib"] = _a_shared_library()
     rng = np.random.default_rng(args.seed)
-    cases = [
-        (k, WAYS[k % len(WAYS)], samples[k % len(samples)].stem, mutate(originals[k % len(samples)], rng))
-        for k in range(args.cases)
-    ]
+    cases = []
+    for k in range(args.cases):
+        way = WAYS[k % len(WAYS)]
+        if way in STORED:
+            cases.append((k, way, STORED[way][1], mutate(stored[way], rng)))
+        else:
+            cases.append((k, way, samples[k % len(samples)].stem, mutate(originals[k % len(samples)], rng)))
     counts: dict[str, collections.Counter] = {way: collections.Counter() for way in WAYS}
     findings = []
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -122,6 +122,7 @@ def _npy_header_only(shape) -> bytes:
         ("huge", "its header claims shape"),
         ("empty_npz", "holds no array"),
         ("member", "is not a .npy array"),
+        ("torn_header", "numpy cannot read"),
     ],
 )
 def test_a_hostile_stored_file_is_one_line_and_exit_2(tmp_path, kind, message):
@@ -129,6 +130,9 @@ def test_a_hostile_stored_file_is_one_line_and_exit_2(tmp_path, kind, message):
         (tmp_path / "inputs.json").write_text("[" * 100000)
     elif kind == "huge":  # MemoryError: a header that claims 4 PB
         (tmp_path / "inputs.json").write_text(_polygraphy_inputs(_npy_header_only((10**9, 10**6))))
+    elif kind == "torn_header":  # tokenize.TokenError: a header cut in the middle (bench/fuzz.py found it)
+        header = _npy_header_only((1, 3, 32, 32))
+        (tmp_path / "inputs.json").write_text(_polygraphy_inputs(header.replace(b"}", b"(")))
     elif kind == "empty_npz":  # StopIteration: an old file's .npz payload with nothing in it
         empty = io.BytesIO()
         np.savez(empty)
