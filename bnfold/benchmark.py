@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bnfold.errors import BnfoldError
+from bnfold.io.view import weights_apart
 from bnfold.verification import runtime
 from bnfold.verification.inputs import DEFAULT_INT_RANGE, choose_feeds, shape_notes
 from bnfold.verification.runtime import DEFAULT_PROVIDERS, load_session, run_session
@@ -125,7 +126,7 @@ def bench(
                 created[name].append(time.perf_counter() - start)
         if report is None:  # inputs chosen as verify chooses them: sizes that run, control values
             declared = runtime.input_declarations(live["original"])
-            skeleton = runtime.weights_apart(paths["original"])[0]
+            skeleton = weights_apart(paths["original"])[0]
             runs_original = functools.partial(_refusal, live["original"], label=str(paths["original"]))
             (generated,), choice = choose_feeds(
                 declared, 1, 0, input_shapes or {}, DEFAULT_INT_RANGE, skeleton, runs_original

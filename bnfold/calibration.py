@@ -22,6 +22,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.folding.correction import InputMoments
 from bnfold.graph.protos import is_onnx_op
+from bnfold.io.view import whole_model, with_outputs
 from bnfold.verification.inputs import ORT_TYPES, check_feed, load_input_sets
 from bnfold.verification.runtime import (
     DEFAULT_PROVIDERS,
@@ -29,8 +30,6 @@ from bnfold.verification.runtime import (
     load_session,
     run_named,
     takes_custom_ops,
-    whole_model,
-    with_outputs,
 )
 
 CHUNK = 64  # tensors measured per session

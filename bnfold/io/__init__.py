@@ -8,4 +8,6 @@
   bytes lie for copying (`span`); and `load_model` for a model loaded whole.
 - `output`: where the folded model goes, the streamed writer, the checker's skeleton, and the
   staged, atomic commit.
+- `view`: one view of a model for verification: its skeleton with the large weights apart (as
+  arrays onnxruntime takes as they are), its inferred types, copies with other outputs.
 """

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bnfold.errors import BnfoldError
+from bnfold.io.view import weights_apart
 from bnfold.verification import runtime, stored, verdict
 from bnfold.verification.inputs import check_comparable, check_feed, input_specs, load_input_sets
 from bnfold.verification.precision import Precisions, value_types
@@ -74,7 +75,7 @@ def verify_against_outputs(
     feeds = check_comparable(feeds, given)
     if len(feeds) != len(expected):
         raise BnfoldError(f"{len(feeds)} input sets for {len(expected)} sets of stored outputs: give one for each")
-    skeleton, arrays = runtime.weights_apart(model)
+    skeleton, arrays = weights_apart(model)
     precisions = Precisions(skeleton, value_types(skeleton), arrays)
     report = VerifyReport(source, runtime.describe(model), providers=list(providers), trials=len(feeds))
     report.providers = runtime.providers_used([session], providers)

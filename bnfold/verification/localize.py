@@ -18,8 +18,9 @@ import onnx
 
 from bnfold.errors import BnfoldError
 from bnfold.graph.protos import node_label
+from bnfold.io.view import inferred_types, whole_model, with_outputs
 from bnfold.verification.precision import output_precisions
-from bnfold.verification.runtime import make_session, run_named, whole_model, with_outputs
+from bnfold.verification.runtime import make_session, run_named
 from bnfold.verification.sites import judge_by_rerounding
 from bnfold.verification.tolerance import OutputComparison, compare
 
@@ -66,7 +67,7 @@ def first_divergence(reference, candidate, feed: dict, providers, atol=None, rto
     models = [_loaded(m) for m in (reference, candidate)]
     if any(m is None for m in models):
         return None  # past 2 GiB: no ModelProto can hold the model with extra outputs
-    typed = [_tensor_types(m) for m in models]
+    typed = [{n: t for n, t in inferred_types(m).items() if t.HasField("tensor_type")} for m in models]
     producers = [{out: node for node in m.graph.node for out in node.output if out} for m in models]
     outputs = {v.name for v in models[0].graph.output}
     shared = [  # (the models' own outputs were compared already)
@@ -98,14 +99,6 @@ def _loaded(model) -> onnx.ModelProto | None:
         return whole_model(model)
     except BnfoldError:
         return None
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
-    except Exception:
-        return {}
-    return {v.name: v.type for v in (*inferred.value_info, *inferred.output) if v.type.HasField("tensor_type")}
 
 
 def _same_type(a: dict, b: dict, name: str) -> bool:

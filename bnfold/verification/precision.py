@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.graph.protos import ONNX_DOMAINS, int_attr
+from bnfold.io.view import inferred_types
 from bnfold.verification.tolerance import Precision
 
 # Float types from the narrowest significand to the widest (bfloat16 keeps 8 bits, float16 11).
@@ -46,7 +47,7 @@ class Precisions:
     but the scales of DequantizeLinear nodes)."""
 
     def __init__(self, model: onnx.ModelProto, types: dict[str, int] | None = None, arrays: dict | None = None):
-        """`arrays`: the large initializers' values when `model` is a skeleton (runtime.weights_apart)."""
+        """`arrays`: the large initializers' values when `model` is a skeleton (bnfold.io.view.weights_apart)."""
         self.graph = model.graph
         self.types = types if types is not None else value_types(model)
         self.producer = {name: node for node in self.graph.node for name in node.output if name}
@@ -164,14 +165,10 @@ def narrower(one: Precision, other: Precision) -> Precision:
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor name: declared, inferred (no data needed), initializers."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
-    except Exception:  # a type we cannot infer is a type we do not narrow by
-        inferred = model.graph
     types = {t.name: t.data_type for t in model.graph.initializer}
-    for value in (*inferred.input, *inferred.value_info, *inferred.output):
-        if value.type.HasField("tensor_type"):
-            types[value.name] = value.type.tensor_type.elem_type
+    for name, value in inferred_types(model).items():
+        if value.HasField("tensor_type"):
+            types[name] = value.tensor_type.elem_type
     for node in model.graph.node:  # Constant nodes' outputs, which inference may leave untyped
         if node.op_type == "Constant" and node.output and node.output[0] not in types:
             value = next((a.t for a in node.attribute if a.name == "value"), None)

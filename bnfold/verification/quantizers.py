@@ -27,6 +27,7 @@ from onnx import numpy_helper
 
 from bnfold.graph.protos import all_names, is_onnx_op, node_label
 from bnfold.graph.quantizers import INTEGER_RANGES, clips_at_zero
+from bnfold.io.view import exposing
 
 
 @dataclass
@@ -48,8 +49,7 @@ class Bypass:
 
         model = onnx.ModelProto()
         model.CopyFrom(self.reference)
-        known = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.ValueInfoProto(name=n) for _, n, _, _ in self.ranges if n not in known)
+        exposing(model, [n for _, n, _, _ in self.ranges])
         session = make_session(model, providers=providers)
         names = [n for _, n, _, _ in self.ranges]
         outside, total = np.zeros(len(names)), np.zeros(len(names))

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.graph.protos import all_names, all_nodes, subgraphs
+from bnfold.io.view import exposing
 from bnfold.verification.align import READS_SHAPE_ONLY, align, is_identity
 
 ISOLATED = "__bnfold_isolated"  # suffix of the candidate's copy in the probe
@@ -65,7 +66,7 @@ class Rewrite:
 def find_rewrite(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=({}, {})) -> Rewrite:
     """The rewritten nodes of both models and the sites between them, the candidate first renamed
     into the reference's names (`align`). `arrays` holds each model's large initializers by name
-    when the models are skeletons (runtime.weights_apart)."""
+    when the models are skeletons (bnfold.io.view.weights_apart)."""
     clash = _opset_clash(reference, candidate)
     if clash:
         return Rewrite(whole=clash)
@@ -343,11 +344,9 @@ def _rename(node: onnx.NodeProto, renamed: dict[str, str]) -> None:
 
 
 def _expose(model: onnx.ModelProto, sites: list[str], types: dict, suffix: str) -> None:
-    for name in [*sites, *(s + suffix for s in sites)]:
-        typed = types.get(name.removesuffix(suffix))
-        model.graph.output.append(
-            onnx.ValueInfoProto(name=name, type=typed) if typed else onnx.ValueInfoProto(name=name)
-        )
+    """Each site, then each site's copy (`suffix`), as outputs, the copies typed as their sites."""
+    exposing(model, sites, types)
+    exposing(model, [s + suffix for s in sites], {s + suffix: types[s] for s in sites if s in types})
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:

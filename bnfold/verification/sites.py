@@ -13,10 +13,11 @@ import onnx
 from onnx import TensorProto
 
 from bnfold.graph.protos import int_attr, node_label
+from bnfold.io.view import exposing, inferred_types, weights_apart, whole_model
 from bnfold.verification import regions
 from bnfold.verification.precision import FLOAT_ORDER, Precisions, narrower
 from bnfold.verification.regions import Rewrite
-from bnfold.verification.runtime import make_session, run_named, weights_apart, whole_model
+from bnfold.verification.runtime import make_session, run_named
 from bnfold.verification.tolerance import (
     NOISE_CAP,
     NOISE_FACTOR,
@@ -43,7 +44,7 @@ class Structure:
     rewrite: Rewrite
     reference: onnx.ModelProto | None = None  # a skeleton: large tensors are stubs, in `arrays`
     candidate: onnx.ModelProto | None = None
-    arrays: tuple[dict, dict] = ({}, {})  # each model's large initializers (runtime.weights_apart)
+    arrays: tuple[dict, dict] = ({}, {})  # each model's large initializers (bnfold.io.view.weights_apart)
     sources: tuple = (None, None)  # the models as given: paths or ModelProtos
     types: dict[str, onnx.TypeProto] = field(default_factory=dict)  # the reference's, inferred
     their_types: dict[str, int] = field(default_factory=dict)  # the candidate's element types
@@ -61,12 +62,12 @@ class Structure:
         ours, theirs = self.arrays
         model = regions.probe(_copy(self.reference), self.candidate, self.rewrite, self.types, self.their_types)
         arrays = {**ours, **{name + regions.ISOLATED: array for name, array in theirs.items()}}
-        return _exposing(model, [*self.boundaries, *self._computed_conditions()], self.types), arrays
+        return exposing(model, [*self.boundaries, *self._computed_conditions()], self.types), arrays
 
     def reference_exposing(self) -> tuple[onnx.ModelProto, dict]:
         """The reference alone, with the boundary tensors exposed: for trials that judge no site."""
         exposed = [*self.boundaries, *self._computed_conditions()]
-        return _exposing(_copy(self.reference), exposed, self.types), self.arrays[0]
+        return exposing(_copy(self.reference), exposed, self.types), self.arrays[0]
 
     def _computed_conditions(self) -> list[str]:
         """The rewritten Ifs' conditions that are not graph inputs (those the feed holds)."""
@@ -74,7 +75,7 @@ class Structure:
         return [cond for cond in self.conditions if cond not in fed]
 
     def candidate_exposing(self) -> tuple[onnx.ModelProto, dict]:
-        return _exposing(_copy(self.candidate), list(self.boundaries), self.types), self.arrays[1]
+        return exposing(_copy(self.candidate), list(self.boundaries), self.types), self.arrays[1]
 
     @property
     def weight_bytes(self) -> int:
@@ -97,14 +98,16 @@ def read_structure(reference, candidate) -> Structure:
     if rewrite.candidate is not None:  # the candidate under the reference's names
         theirs, their_arrays = rewrite.candidate, rewrite.arrays
     structure = Structure(rewrite, ours, theirs, (our_arrays, their_arrays), (reference, candidate))
-    structure.types = _types(ours)
+    structure.types = inferred_types(ours)
     elem = {name: t.tensor_type.elem_type for name, t in structure.types.items() if t.HasField("tensor_type")}
     elem.update({t.name: t.data_type for t in ours.graph.initializer})
     reference_precisions = Precisions(ours, elem, our_arrays)
     structure.outputs = {o.name: reference_precisions.of_output(o.name) for o in ours.graph.output}
     if not rewrite.isolated:
         return structure
-    candidate_types = {n: t.tensor_type.elem_type for n, t in _types(theirs).items() if t.HasField("tensor_type")}
+    candidate_types = {
+        n: t.tensor_type.elem_type for n, t in inferred_types(theirs).items() if t.HasField("tensor_type")
+    }
     candidate_types.update({t.name: t.data_type for t in theirs.graph.initializer})
     structure.their_types = candidate_types
     candidate_precisions = Precisions(theirs, candidate_types, their_arrays)
@@ -210,7 +213,7 @@ class Yardsticks:
         spread: dict[str, float] = {}
         for rewrite in (structure.rewrite, Rewrite(whole="every parameter")):
             model = regions.rerounded_end_to_end(structure.whole_reference(), rewrite, seed=0)
-            model = _exposing(model, list(structure.boundaries), structure.types)
+            model = exposing(model, list(structure.boundaries), structure.types)
             found, _, moved = _measure(model, names, None, self.feeds, self.providers, self.references)
             noise.update(found)
             spread.update(moved)
@@ -271,29 +274,7 @@ def _measure(model, names, suffix, feeds, providers, references=None) -> tuple[d
     return noise, channels, spread
 
 
-def _exposing(model: onnx.ModelProto, names: list[str], types: dict) -> onnx.ModelProto:
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            typed = types.get(name)
-            model.graph.output.append(
-                onnx.ValueInfoProto(name=name, type=typed) if typed else onnx.ValueInfoProto(name=name)
-            )
-            present.add(name)
-    return model
-
-
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
-
-
-def _types(skeleton: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Inferred types of every tensor, from a skeleton (split_weights: inference only reads
-    small constants)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph
-    except Exception:
-        inferred = skeleton.graph
-    return {v.name: v.type for v in (*inferred.input, *inferred.value_info, *inferred.output)}

@@ -13,6 +13,7 @@ import onnx
 from bnfold.errors import BnfoldError
 from bnfold.graph.protos import node_label
 from bnfold.io.source import as_model, check_external_data
+from bnfold.io.view import LARGE_WEIGHTS
 from bnfold.verification import regions, runtime, verdict
 from bnfold.verification.evidence import check_folder, claim_folder, save_trials
 from bnfold.verification.inputs import (
@@ -118,7 +119,7 @@ def verify(
     if by_site:
         models = (structure.probe(), structure.candidate_exposing())
         # a plain reference for the trials that judge no site, unless its weights are too large to load twice
-        plain = structure.reference_exposing() if structure.weight_bytes <= runtime.LARGE_WEIGHTS else None
+        plain = structure.reference_exposing() if structure.weight_bytes <= LARGE_WEIGHTS else None
         try:
             pair = runtime.SessionPair(models, providers, check_locations=False, cores=cores, plain_reference=plain)
         except ModelLoadError as exc:
