@@ -7,7 +7,10 @@ threads exist yet, so the child is a sound copy) and waits. The child's staged f
 journaled (bnfold.io.output): each hidden file is listed before it exists and struck when it is
 committed or removed. When the child exits the parent removes every file the journal still
 lists; a child that died by a signal (but Ctrl-C's) gets the line, with `--json` the report, and
-exit 2. Any other exit is the child's own, passed on unchanged. SIGTERM and SIGINT sent to
+exit 2; so does an exit status bnfold never gives (the dynamic loader's `_exit(127)` on a broken
+custom-op library). Any other exit is the child's own, passed on unchanged. The child ends in
+`os._exit` once its work is done and its output flushed: a library whose unloading crashes at
+interpreter shutdown cannot undo a finished run. SIGTERM and SIGINT sent to
 bnfold are passed on to the child, which takes the first SIGINT only (Ctrl-C on a terminal
 reaches it from the terminal too).
 """
@@ -18,6 +21,7 @@ import os
 import signal
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,19 +43,55 @@ def supervised(work: Callable[[], None]) -> None:
     child = os.fork()
     if child == 0:
         signal.signal(signal.SIGINT, _interrupt_once)
-        work()
-        sys.exit(0)
+        os._exit(_run_child(work))
     signal.signal(signal.SIGINT, lambda signum, frame: _pass_on(child, signum))
     signal.signal(signal.SIGTERM, lambda signum, frame: _pass_on(child, signum))
     status = _wait(child)
-    crashed = os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGINT
     try:
         _remove_staged(Path(journal))  # after any exit: nothing the child staged outlives the run
     finally:
         Path(journal).unlink(missing_ok=True)
-    if crashed:
-        sys.exit(_report_crash(os.WTERMSIG(status)))
-    sys.exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGINT:
+        sys.exit(_report_crash(signal_name(os.WTERMSIG(status))))
+    if os.WIFSIGNALED(status):
+        sys.exit(128 + os.WTERMSIG(status))
+    code = os.WEXITSTATUS(status)
+    if code not in BNFOLD_EXITS:  # native code ended the process: the dynamic loader's _exit(127), …
+        sys.exit(_report_crash(f"exit status {code}"))
+    sys.exit(code)
+
+
+# The statuses bnfold itself exits with (bnfold.errors), and 130 after Ctrl-C.
+BNFOLD_EXITS = (0, 1, 2, 3, 4, 130)
+
+
+def _run_child(work: Callable[[], None]) -> int:
+    """The child's whole life: `work`, its exit status, and its output flushed. It ends in
+    os._exit, past the interpreter's shutdown: a custom-op library whose unloading crashes
+    cannot turn a finished run into a crash."""
+    try:
+        work()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # as Python itself would end: the traceback, status 1
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: the exit status still tells the outcome
+            pass
+    return code
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _pass_on(child: int, signum: int) -> None:
@@ -91,19 +131,16 @@ def _remove_staged(journal: Path) -> None:
             pass
 
 
-def _report_crash(signum: int) -> int:
-    """The line, the --json report, and the exit code for a child that died of `signum`."""
+def _report_crash(how: str) -> int:
+    """The line, the --json report, and the exit code for a child that died `how` (a signal's
+    name, or an exit status bnfold never gives)."""
     from bnfold.console import Console
     from bnfold.errors import EXIT_USER_ERROR
 
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    if signum == signal.SIGKILL:
+    if how == "SIGKILL":
         what = "was killed (SIGKILL: out of memory, perhaps)"
     else:
-        what = f"crashed ({name}) in native code, most likely onnxruntime; try another onnxruntime version"
+        what = f"crashed ({how}) in native code, most likely onnxruntime; try another onnxruntime version"
     message = f"the run {what}; the files it was writing were removed"
     print(f"bnfold: error: {message}", file=sys.stderr, flush=True)
     words = sys.argv[1:]

@@ -120,6 +120,39 @@ def test_a_run_killed_during_verification_leaves_no_file_and_says_so(tmp_path, s
     assert report["exit_code"] == 2 and report["command"] == "optimize" and said in report["error"]
 
 
+def _run_with(script_lines: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`bnfold optimize model.onnx --json` in a process where `script_lines` ran first."""
+    shutil.copy(SAMPLE, tmp_path / "model.onnx")
+    script = f"import os, signal, sys, atexit; import bnfold.pipeline as p\n{script_lines}\n" + (
+        "from bnfold.cli import main; sys.argv[0] = 'bnfold'; main()"
+    )
+    command = [sys.executable, "-c", script, "optimize", str(tmp_path / "model.onnx"), "--json"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_an_exit_status_bnfold_never_gives_is_a_crash_of_native_code(tmp_path):
+    # the dynamic loader ends the process with _exit(127) on a broken custom-op library
+    result = _run_with("p._verify = lambda *a, **k: os._exit(127)", tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bnfold: error: the run crashed (exit status 127) in native code")
+    assert json.loads(result.stdout)["exit_code"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_a_crash_at_interpreter_shutdown_cannot_undo_a_finished_run(tmp_path):
+    # a custom-op library whose unloading crashes: the run's report and output stand
+    result = _run_with(
+        "real = p._verify\n"
+        "def verify(*a, **k):\n"
+        "    atexit.register(lambda: os.kill(os.getpid(), signal.SIGSEGV))\n"
+        "    return real(*a, **k)\n"
+        "p._verify = verify",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["written"] and (tmp_path / "model.folded.onnx").exists()
+
+
 def test_a_model_that_crashes_onnxruntime_costs_one_line_not_the_process(tmp_path):
     # A BatchNormalization-7 whose four optional outputs are named "": onnxruntime (1.20 to 1.32
     # at least) dereferences one of them and dies of SIGSEGV when it runs the model unoptimized,
