@@ -137,13 +137,15 @@ def _report_crash(how: str) -> int:
     from bnfold.console import Console
     from bnfold.errors import EXIT_USER_ERROR
 
+    words = sys.argv[1:]
     if how == "SIGKILL":
         what = "was killed (SIGKILL: out of memory, perhaps)"
+    elif "--custom-lib" in words:
+        what = f"crashed ({how}) in native code: onnxruntime or the --custom-lib library"
     else:
         what = f"crashed ({how}) in native code, most likely onnxruntime; try another onnxruntime version"
     message = f"the run {what}; the files it was writing were removed"
     print(f"bnfold: error: {message}", file=sys.stderr, flush=True)
-    words = sys.argv[1:]
     Console(next((w for w in words if w in COMMANDS), "usage"), json="--json" in words).emit(
         {}, EXIT_USER_ERROR, message
     )
