@@ -89,15 +89,6 @@ class BenchReport:
         }
 
 
-def _refusal(session, feed: dict, label: str) -> str | None:
-    """None when `session` runs on `feed`, else onnxruntime's one-line error."""
-    try:
-        run_session(session, feed, label)
-    except BnfoldError as exc:
-        return str(exc)
-    return None
-
-
 @runtime.takes_custom_ops
 def bench(
     original: str | os.PathLike,
@@ -127,7 +118,7 @@ def bench(
         if report is None:  # inputs chosen as verify chooses them: sizes that run, control values
             declared = runtime.input_declarations(live["original"])
             skeleton = weights_apart(paths["original"])[0]
-            runs_original = functools.partial(_refusal, live["original"], label=str(paths["original"]))
+            runs_original = functools.partial(runtime.refusal, live["original"], label=str(paths["original"]))
             (generated,), choice = choose_feeds(
                 declared, 1, 0, input_shapes or {}, DEFAULT_INT_RANGE, skeleton, runs_original
             )

@@ -147,13 +147,14 @@ _IN_FUNCTION_BODY = re.compile(r"\(op_type:(\w+)[^)]*\): \[ShapeInferenceError\]
 def _check(model: onnx.ModelProto | str) -> None:
     """onnx.checker with full_check. A model whose only fault is in the function body onnx itself
     gives a standard op passes when the checker without strict inference passes it."""
+    checked = model if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=True)
+        onnx.checker.check_model(checked, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError, and ValueError for bad enums
         inside = _IN_FUNCTION_BODY.search(str(exc))
         if inside and _has_standard_body(inside.group(1)):
             try:
-                onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model))
+                onnx.checker.check_model(checked)
                 return
             except Exception:
                 pass

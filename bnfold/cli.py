@@ -39,7 +39,7 @@ from bnfold.options import (
     providers,
     verify_options,
 )
-from bnfold.supervise import COMMANDS, supervised
+from bnfold.supervise import command_of, supervised
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 not equivalent (verify found a differing output; optimize wrote "
@@ -423,7 +423,7 @@ def _command() -> None:
         exc.show()
         words = sys.argv[1:]
         if "--json" in words:
-            command = next((w for w in words if w in COMMANDS), "usage")
+            command = command_of(words)
             Console(command, json=True).emit({}, EXIT_USER_ERROR, exc.format_message())
         sys.exit(EXIT_USER_ERROR)
     except typer.Abort:

@@ -29,6 +29,11 @@ JOURNAL = "BNFOLD_STAGED_JOURNAL"  # the environment variable that names the jou
 COMMANDS = ("optimize", "verify", "inspect", "bench")
 
 
+def command_of(words: list[str]) -> str:
+    """The command a command line runs, for its JSON report ("usage" when it names none)."""
+    return next((w for w in words if w in COMMANDS), "usage")
+
+
 def supervised(work: Callable[[], None]) -> None:
     """Run `work` (which ends in sys.exit) in a forked child and exit as it did; see the module
     docstring. Without fork, or inside a supervised run already, `work` runs here."""
@@ -146,7 +151,5 @@ def _report_crash(how: str) -> int:
         what = f"crashed ({how}) in native code, most likely onnxruntime; try another onnxruntime version"
     message = f"the run {what}; the files it was writing were removed"
     print(f"bnfold: error: {message}", file=sys.stderr, flush=True)
-    Console(next((w for w in words if w in COMMANDS), "usage"), json="--json" in words).emit(
-        {}, EXIT_USER_ERROR, message
-    )
+    Console(command_of(words), json="--json" in words).emit({}, EXIT_USER_ERROR, message)
     return EXIT_USER_ERROR

@@ -45,16 +45,21 @@ def quantize(float_model: onnx.ModelProto, tmp_path, per_channel: bool, op_types
 def quantized(tmp_path, per_channel: bool, *, bias: bool = True) -> onnx.ModelProto:
     """conv_bn_model quantized (only its Conv), then the quantizer on the conv's output removed:
     Conv → BN directly."""
-    model = quantize(conv_bn_model(bias=bias, opset=17), tmp_path, per_channel, ["Conv"])
+    model = without_the_convs_quantizer(quantize(conv_bn_model(bias=bias, opset=17), tmp_path, per_channel, ["Conv"]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def without_the_convs_quantizer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (changed here) with the QuantizeLinear → DequantizeLinear pair on its Conv's output
+    taken out: the BN reads the Conv directly."""
     graph = model.graph
     conv = next(n for n in graph.node if n.op_type == "Conv")
     quantizer = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
     dequantizer = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizer.output[0])
-    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
-    bn.input[0] = conv.output[0]
+    next(n for n in graph.node if n.op_type == "BatchNormalization").input[0] = conv.output[0]
     graph.node.remove(quantizer)
     graph.node.remove(dequantizer)
-    onnx.checker.check_model(model, full_check=True)
     return model
 
 
@@ -325,15 +330,7 @@ def test_verify_requantize_does_not_bypass_a_quantizer_that_holds_a_fused_relu(t
     # a tool that removed it anyway (the fold without the check) is wrong, and verify says so
     model = relu_before_bn(tmp_path)
     onnx.save(model, tmp_path / "model.onnx")
-    graph = model.graph
-    conv = next(n for n in graph.node if n.op_type == "Conv")
-    quantizer = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == conv.output[0])
-    dequantizer = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantizer.output[0])
-    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
-    bn.input[0] = conv.output[0]
-    graph.node.remove(quantizer)
-    graph.node.remove(dequantizer)
-    onnx.save(model, tmp_path / "relu_removed.onnx")
+    onnx.save(without_the_convs_quantizer(model), tmp_path / "relu_removed.onnx")
     report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "relu_removed.onnx", requantize=True)
     assert not report.equivalent and "clips at zero" in report.notes[0], report.table()
 

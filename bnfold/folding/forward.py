@@ -115,23 +115,23 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip:
     # match
     out = source.node.output[0]
     readers = ctx.index.readers(out)
-    if out in ctx.index.graph_outputs or not readers:
-        return Skip("its output is a graph output" if readers else "nothing reads it")
+    if out in ctx.index.graph_outputs:
+        return Skip("its output is a graph output")
+    if not readers:
+        return Skip("nothing reads it")
     chains = [_chain(reader, out, ctx) for reader in {id(r): r for r in readers}.values()]
     failed = next((c for c in chains if isinstance(c, Skip)), None)
     if failed:
         return failed
     # checks, and each head's plan
     heads, rank = [], ctx.shapes.rank(source.data)
+    if rank is None:
+        return Skip("the rank of the tensor it reads is not known, so its channel axis is not either")
     for linear, op, shape_ops, repeat in chains:
-        bound = call_site_attributes(source.node, linear)
-        params = bound or op.check_node(linear, ctx) or op.parameters(linear, ctx)
-        if isinstance(params, Skip):
-            return params
-        weight, bias = params
-        geometry = op.geometry(linear, weight)
-        if isinstance(geometry, Skip):
-            return geometry
+        read = _read_linear(source.node, linear, op, ctx)
+        if isinstance(read, Skip):
+            return read
+        weight, bias, geometry = read
         whole = op.check_input_fold(linear, weight, geometry) or (
             bias is not None and op.check_bias(bias, op.output_channels(weight, linear))
         )
@@ -139,14 +139,9 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip:
             return whole
         if op.op_type == "Conv" and geometry.pads_input:
             return Skip(f"{node_label(linear)} after it pads its input: a shift cannot pass the padding")
-        features = op.input_channels(weight, linear)
-        if features % repeat or rank is None:
-            return Skip(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
-        scale_shift = source.affine(ctx, features // repeat, rank)
+        scale_shift = _per_feature(lambda channels: source.affine(ctx, channels, rank), op, linear, weight, repeat)
         if isinstance(scale_shift, Skip):
             return scale_shift
-        if repeat > 1:
-            scale_shift = ChannelAffine(*(np.repeat(v, repeat) for v in scale_shift))
         folded = op.cast(linear, weight.dtype, *op.fold_input(linear, weight, bias, scale_shift), None)
         if isinstance(folded, Skip):
             return folded
@@ -166,16 +161,10 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
         return found
     linear, op, shape_ops, repeat = found
     # checks
-    bound = call_site_attributes(bn, linear)
-    if bound:
-        return bound
-    params = op.check_node(linear, ctx) or op.parameters(linear, ctx)
-    if isinstance(params, Skip):
-        return params
-    weight, bias = params
-    geometry = op.geometry(linear, weight)
-    if isinstance(geometry, Skip):
-        return geometry
+    read = _read_linear(bn, linear, op, ctx)
+    if isinstance(read, Skip):
+        return read
+    weight, bias, geometry = read
     # a ConvTranspose whose border outputs miss some taps takes the scale only, as a padded Conv does
     partial = op.check_input_fold(linear, weight, geometry)
     failed = (partial if op.op_type != "ConvTranspose" else None) or (
@@ -187,14 +176,9 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
     rank = ctx.shapes.rank(bn.input[0])
     if padded and (rank is None or rank < 2):
         return Skip(f"{node_label(linear)} after it {_reads_zeros(op)}, and the rank of the BN's input is not known")
-    features = op.input_channels(weight, linear)
-    if features % repeat:
-        return Skip(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
-    scale_shift = read_batch_norm(bn, ctx, features // repeat)
+    scale_shift = _per_feature(lambda channels: read_batch_norm(bn, ctx, channels), op, linear, weight, repeat)
     if isinstance(scale_shift, Skip):
         return scale_shift
-    if repeat > 1:  # flattened: channel c is features c·repeat … (c+1)·repeat − 1
-        scale_shift = ChannelAffine(*(np.repeat(v, repeat) for v in scale_shift))
     # plan
     correcting = op.op_type == "Conv" and ctx.scope.bias_correction
     if padded:
@@ -205,6 +189,30 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
         return folded
     rounding = rounding_note(weight.dtype, moments, correcting)
     return ForwardPlan(bn, op, linear, *folded, rounding, shape_ops=shape_ops)
+
+
+def _read_linear(source: onnx.NodeProto, linear: onnx.NodeProto, op: LinearOp, ctx: GraphContext):
+    """(weight, bias or None, geometry) of the linear op `source` folds into, every check on
+    the op itself passed; else the Skip."""
+    params = call_site_attributes(source, linear) or op.check_node(linear, ctx) or op.parameters(linear, ctx)
+    if isinstance(params, Skip):
+        return params
+    weight, bias = params
+    geometry = op.geometry(linear, weight)
+    return geometry if isinstance(geometry, Skip) else (weight, bias, geometry)
+
+
+def _per_feature(read, op: LinearOp, linear: onnx.NodeProto, weight: np.ndarray, repeat: int) -> ChannelAffine | Skip:
+    """The affine map `read(channels)` gives, one entry per input feature of the op: each
+    channel's repeated `repeat` times when a Flatten made it a block (channel c is features
+    c·repeat … (c+1)·repeat − 1)."""
+    features = op.input_channels(weight, linear)
+    if features % repeat:
+        return Skip(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
+    scale_shift = read(features // repeat)
+    if isinstance(scale_shift, Skip) or repeat == 1:
+        return scale_shift
+    return ChannelAffine(*(np.repeat(v, repeat) for v in scale_shift))
 
 
 def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | Skip:

@@ -77,11 +77,21 @@ def give_parameters(
     ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, source: onnx.NodeProto, weight, bias
 ) -> None:
     """Point the linear op at fresh initializers holding its folded weight and bias; a tensor
-    another node may read is never rewritten in place. The new bias is named after the old
-    one, else after the BN's bias (`source`), else after the weight."""
-    old_weight, old_bias = node.input[1], node.input[2] if len(node.input) > 2 else ""
-    bias_base = old_bias or (source.input[2] if source.op_type == "BatchNormalization" else old_weight + "_bias")
+    another node may read is never rewritten in place."""
+    old_weight = node.input[1]
     ctx.index.set_input(node, 1, ctx.add_initializer(weight, folded_name(old_weight)))
+    give_bias(ctx, op, node, source, bias, old_weight)
+
+
+def give_bias(
+    ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, source: onnx.NodeProto, bias, weight_name: str = ""
+) -> None:
+    """Point the linear op at a fresh initializer holding its folded bias, named after the old
+    bias, else after the BN's bias (`source`), else after the weight (`weight_name`, default the
+    op's weight input)."""
+    old_bias = node.input[2] if len(node.input) > 2 else ""
+    weight_name = weight_name or node.input[1]
+    bias_base = old_bias or (source.input[2] if source.op_type == "BatchNormalization" else weight_name + "_bias")
     ctx.index.set_input(node, 2, ctx.add_initializer(bias, folded_name(bias_base)))
     op.after_bias_rewrite(node)
 

@@ -39,7 +39,7 @@ import onnx
 from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
 from bnfold.folding.linear import LinearOp, linear_op
-from bnfold.folding.linear_plan import folded_name
+from bnfold.folding.linear_plan import folded_name, give_bias
 from bnfold.folding.plan import NOT_MINE, Answer, Plan, Skip
 from bnfold.folding.sources import AffineSource, ChannelAffine, float_constant
 from bnfold.graph.constants import NotConstant
@@ -127,16 +127,14 @@ class QuantizedWeightPlan(Plan):
     def rewrite(self, ctx: GraphContext) -> None:
         _rescale(ctx, self.weight.node, self.scale, self.zero_point, self.axis)
         if self.bias_grid is None:
-            old = self.linear.input[2] if len(self.linear.input) > 2 and self.linear.input[2] else ""
-            base = old or (self.source.input[2] if self.source.op_type == "BatchNormalization" else "bias")
-            ctx.index.set_input(self.linear, 2, ctx.add_initializer(self.bias, folded_name(base)))
+            give_bias(ctx, self.op, self.linear, self.source, self.bias)
         else:
             grid = self.bias_grid.node
             ctx.index.set_input(grid, 0, ctx.add_initializer(self.bias, folded_name(grid.input[0])))
             zero_point = None if self.bias_grid.zero_point is None or self.bias_grid.zero_point.size != 1 else (
                 np.full(len(self.bias), self.bias_grid.zero_point.reshape(())))  # fmt: skip
             _rescale(ctx, grid, self.bias_scale, zero_point, 0)
-        self.op.after_bias_rewrite(self.linear)
+            self.op.after_bias_rewrite(self.linear)
         for node in (self.source, *self.passthrough):
             ctx.index.remove_node(node)
         ctx.index.set_output(self.linear, 0, self.source.output[0])

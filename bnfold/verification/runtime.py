@@ -182,6 +182,16 @@ def run_session(session: ort.InferenceSession, feed: dict, label: str, names=Non
         raise BnfoldError(f"onnxruntime could not run {label}: {one_line(exc)}") from None
 
 
+def refusal(session: ort.InferenceSession, feed: dict, label: str) -> str | None:
+    """None when `session` runs on `feed`, else onnxruntime's one-line error (how input sizes
+    are searched: bnfold.verification.inputs.choose_feeds)."""
+    try:
+        run_session(session, feed, label)
+    except BnfoldError as exc:
+        return str(exc)
+    return None
+
+
 def run_named(session: ort.InferenceSession, feed: dict, label: str, names: list[str] | None = None) -> dict:
     """run_session, with each output by its name (of `names`, default all)."""
     names = names or [value.name for value in session.get_outputs()]
@@ -230,11 +240,7 @@ class SessionPair:
 
     def try_reference(self, feed: dict) -> str | None:
         """None when the reference runs on `feed`, else onnxruntime's one-line error."""
-        try:
-            run_session(self.plain, feed, "the reference")
-        except BnfoldError as exc:
-            return str(exc)
-        return None
+        return refusal(self.plain, feed, "the reference")
 
     def run(self, feed: dict, labels: tuple[str, str], plain: bool = False) -> tuple[dict, dict]:
         """Both models' outputs on `feed`, by name; with `plain`, the plain reference's."""
