@@ -390,3 +390,17 @@ def test_bench_requantize_times_the_quantized_model_before_and_after(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["fold_summary"].startswith("folded 1 of 1") and len(report["timings"]) == 4
+
+
+def test_below_opset_13_a_per_tensor_weight_scale_cannot_become_per_channel(tmp_path):
+    # onnxruntime's quantizer on an opset-11 recognizer (rapidocr's PP-OCR classifier): the BN's
+    # per-channel scale has nowhere to go, and a per-axis DequantizeLinear is invalid there
+    model = qat_export(tmp_path, divide=False)
+    weight = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "wd")
+    del weight.attribute[:]
+    for name, value in (("sw", np.float32(0.01)), ("zw", np.int8(0))):
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        tensor.CopyFrom(numpy_helper.from_array(np.asarray(value), name))
+    model.opset_import[0].version = 12
+    onnx.checker.check_model(model, full_check=True)
+    assert_refused(model, "is DequantizeLinear-10 (opset 12): one scale per tensor")

@@ -23,7 +23,8 @@ pair bypassed (bnfold.verification.quantizers). A pair that clips at zero is ref
 Relu that quantize_static fused into it (bnfold.graph.quantizers), and removing it would remove
 the Relu.
 
-Refused, with the reason: blocked quantization (`block_size`), a per-axis scale on another axis
+Refused, with the reason: a model below opset 13 (DequantizeLinear-10 has one scale per tensor),
+blocked quantization (`block_size`), a per-axis scale on another axis
 than the output channels, a ConvTranspose with groups (one axis-1 scale serves every group), a
 channel the map scales by zero or a negative number (a DequantizeLinear scale stays positive for
 onnxruntime's integer kernels), a DequantizeLinear another node reads too.
@@ -49,6 +50,7 @@ from bnfold.graph.quantizers import clips_at_zero
 from bnfold.report import REMOVED
 
 INT32 = np.iinfo(np.int32)
+PER_AXIS_OPSET = 13  # DequantizeLinear-13 takes the `axis` of a per-axis scale; 10 has one scale only
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,11 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
     # checks
     if isinstance(weight, Skip):
         return weight
+    if ctx.opset < PER_AXIS_OPSET:
+        return Skip(
+            f"{node_label(weight.node)} is DequantizeLinear-10 (opset {ctx.opset}): one scale per tensor, and the "
+            "BN's scale differs per channel; per-axis scales need opset 13"
+        )
     first = passthrough[-1] if passthrough else source.node
     failed = (
         call_site_attributes(source.node, linear, *passthrough)
