@@ -404,3 +404,26 @@ def test_below_opset_13_a_per_tensor_weight_scale_cannot_become_per_channel(tmp_
     model.opset_import[0].version = 12
     onnx.checker.check_model(model, full_check=True)
     assert_refused(model, "is DequantizeLinear-10 (opset 12): one scale per tensor")
+
+
+def test_a_bn_scale_quantized_by_its_own_pair_is_no_removed_quantizer(tmp_path):
+    # rapidocr's classifier through quantize_static: each BN's scale is QuantizeLinear(γ) →
+    # DequantizeLinear, uint8 with zero point 0. That pair goes with the folded BN; verify
+    # --requantize once took it for a removed activation quantizer and refused the correct fold.
+    model = quantize(conv_bn_model(opset=17), tmp_path, True)
+    graph = model.graph
+    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    scale = next(t for t in conv_bn_model(opset=17).graph.initializer if t.name == "gamma")
+    graph.initializer.extend([numpy_helper.from_array(numpy_helper.to_array(scale), "gamma_float"),
+                              numpy_helper.from_array(np.float32(0.01), "gamma_step"),
+                              numpy_helper.from_array(np.uint8(0), "gamma_zero")])  # fmt: skip
+    graph.node.insert(0, helper.make_node("QuantizeLinear", ["gamma_float", "gamma_step", "gamma_zero"], ["gamma_q"]))
+    graph.node.insert(1, helper.make_node("DequantizeLinear", ["gamma_q", "gamma_step", "gamma_zero"], ["gamma_d"]))
+    bn.input[1] = "gamma_d"
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "model.onnx")
+    folded = bnfold.fold(model, requantize=True).model
+    assert "BatchNormalization" not in op_types(folded)
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx", requantize=True)
+    assert report.equivalent, report.table()

@@ -11,9 +11,10 @@ was), a correct fold agrees within float noise, and a mistake in it still shows.
 
 The pairs bypassed are the reference's QuantizeLinear → DequantizeLinear pairs on one grid
 whose two output names the candidate does not have: the ones the fold took out (bnfold keeps
-every other name). A candidate that lacks a pair which clips at zero is not equivalent, whatever
-its numbers: that pair held a Relu quantize_static fused into it, and the bypassed reference
-would lack the Relu too.
+every other name). A pair that quantizes a constant (a BN's scale, which quantize_static
+quantizes as a weight) is not one: it went with the BN it fed. A candidate that lacks a pair
+which clips at zero is not equivalent, whatever its numbers: that pair held a Relu
+quantize_static fused into it, and the bypassed reference would lack the Relu too.
 """
 
 from __future__ import annotations
@@ -81,10 +82,14 @@ def bypass_removed(reference: onnx.ModelProto | Path | str, candidate: onnx.Mode
     present = set(all_names(theirs.graph))
     ours = reference if isinstance(reference, onnx.ModelProto) else onnx.load(str(reference))
     producer = {out: node for node in ours.graph.node for out in node.output if out}
+    # a parameter's pair (quantize_static quantizes a BN's scale) goes with the BN it fed: not a removal
+    parameters = {t.name for t in ours.graph.initializer} | {
+        n.output[0] for n in ours.graph.node if is_onnx_op(n, "Constant") and n.output
+    }
     pairs = []
     for node in ours.graph.node:
         quantizer = producer.get(node.input[0]) if is_onnx_op(node, "DequantizeLinear") and node.input else None
-        if quantizer is None or not is_onnx_op(quantizer, "QuantizeLinear"):
+        if quantizer is None or not is_onnx_op(quantizer, "QuantizeLinear") or quantizer.input[0] in parameters:
             continue
         if quantizer.output[0] not in present and node.output[0] not in present:
             pairs.append((quantizer, node))
