@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnfold.columns import align, fit
 from bnfold.errors import BnfoldError
 from bnfold.io.view import weights_apart
 from bnfold.verification import runtime
@@ -53,7 +54,7 @@ class BenchReport:
         by_model = {t.model: t for t in self.timings if t.optimizations == optimizations}
         return by_model["original"].latency_ms / by_model["folded"].latency_ms
 
-    def table(self) -> str:
+    def table(self, width: int | None = None) -> str:
         rows = [("graph optimizations", "model", "session", "latency (median)", "p90", "vs original")]
         for t in self.timings:
             ratio = self.speedup(t.optimizations)
@@ -70,11 +71,12 @@ class BenchReport:
                     change,
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines = align(rows, width)
         shapes = ", ".join(f"{i['name']} {'x'.join(map(str, i['shape']))}" for i in self.inputs)
-        lines.append(f"median of {self.runs} runs each, runs alternating between the models; inputs: {shapes}")
-        return "\n".join([*self.notes, *lines])
+        lines.append(
+            fit(f"median of {self.runs} runs each, runs alternating between the models; inputs: {shapes}", width)
+        )
+        return "\n".join([*(fit(note, width) for note in self.notes), *lines])
 
     def to_dict(self) -> dict:
         return {

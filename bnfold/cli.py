@@ -7,12 +7,13 @@ onnxruntime) are imported inside the commands, so `bnfold --help` starts fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import typer
 
-from bnfold.console import NOTHING_TO_FOLD, Console, ProgressBar, say, show
+from bnfold.console import NOTHING_TO_FOLD, Console, ProgressBar, say, show, width
 from bnfold.errors import EXIT_FOLDABLE, EXIT_NOT_EQUIVALENT, EXIT_USER_ERROR, BnfoldError, MissingFile
 from bnfold.options import (
     ABS_ATOL_OPT,
@@ -28,6 +29,7 @@ from bnfold.options import (
     NO_REPARAM_OPT,
     PROVIDER_OPT,
     QUIET_OPT,
+    REPORT_OPT,
     REQUANTIZE_OPT,
     RTOL_OPT,
     SEED_OPT,
@@ -106,6 +108,7 @@ def optimize(
     bias_correction: bool | None = BIAS_CORRECTION_OPT,
     calibration: Path | None = CALIBRATION_OPT,
     json_report: bool = JSON_OPT,
+    report_page: Path | None = REPORT_OPT,
     quiet: bool = QUIET_OPT,
     brief: bool = BRIEF_OPT,
     trials: int = TRIALS_OPT,
@@ -146,14 +149,17 @@ def optimize(
     from bnfold.batch import check_jobs
 
     out.guard(lambda: check_jobs(jobs))
+    if report_page is not None and (len(models) != 1 or models[0].is_dir()):
+        out.fail("--report writes the page of one model; fold the others without it", EXIT_USER_ERROR)
+    out.report_page(report_page, [*models, *([Path(output)] if output else [])])
     if len(models) == 1 and not models[0].is_dir():
         result = out.guard(lambda: pipeline.optimize(models[0], output, **options()))
         if not quiet:
-            show(result.report.table(brief=brief))
+            show(result.report.table(brief=brief, width=width()))
             if result.verification is not None:
-                show(result.verification.table(brief=brief))
+                show(result.verification.table(brief=brief, width=width()))
         elif result.verification is not None and not result.verification.equivalent:
-            show(result.verification.table(failed_only=True))
+            show(result.verification.table(failed_only=True, width=width()))
         if not result.written:
             message = "the folded model is not equivalent to the original; nothing was written"
             out.emit(result.to_dict(), EXIT_NOT_EQUIVALENT, message)
@@ -175,11 +181,17 @@ def _optimize_batch(models, output, jobs, out: Console, options) -> None:
     del batch_options["progress"]  # per-model stages would garble the bar (and cannot be pickled)
     folder = Path(output) if output is not None else None
 
+    pending = list(paths)  # in the order the workers take them: the first `running` are running
+    running = max(1, min(jobs, os.cpu_count() or 1))
+    bar.working_on([p.name for p in pending[:running]])
+
     def done(item) -> None:  # each model's line as it finishes, above the bar
-        bar.clear()
+        pending.remove(item.input)
         if not quiet or item.exit_code:  # -q still shows what failed
-            say(item.line())
-        bar.advance()
+            bar.above(item.line())
+        else:
+            bar.advance()
+        bar.working_on([p.name for p in pending[:running]])
 
     items = out.guard(lambda: batch.optimize_many(paths, folder, jobs=jobs, on_done=done, **batch_options))
     bar.clear()
@@ -203,6 +215,7 @@ def verify(
         show_default=False,
     ),
     json_report: bool = JSON_OPT,
+    report_page: Path | None = REPORT_OPT,
     quiet: bool = QUIET_OPT,
     brief: bool = BRIEF_OPT,
     trials: int = TRIALS_OPT,
@@ -272,12 +285,13 @@ def verify(
         )
 
     out = Console("verify", json=json_report, quiet=quiet)
+    out.report_page(report_page, [m for m in (reference, candidate, load_outputs) if m is not None])
     report = out.guard(run)
     if brief and not quiet:
-        show(report.table(brief=True))
+        show(report.table(brief=True, width=width()))
     out.render(report.to_dict(), report, 0 if report.equivalent else EXIT_NOT_EQUIVALENT, quiet=quiet or brief)
     if quiet and not report.equivalent:
-        show(report.table(failed_only=True))
+        show(report.table(failed_only=True, width=width()))
     if not report.equivalent:
         raise typer.Exit(EXIT_NOT_EQUIVALENT)
 
@@ -336,7 +350,7 @@ def inspect(
             out.render(data, report, code, quiet=quiet or check)
         else:
             if not (quiet or check):
-                say(f"{model}:\n{report.table()}")
+                show(f"{model}:\n{report.table(width=width())}")
             items.append({**data, "exit_code": code, "error": None})
         if would:
             foldable.append(f"{model}: {report.summary().split(' · ')[0]}; run `bnfold optimize {model}`")

@@ -8,8 +8,11 @@ import json
 import os
 import re
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import typer
@@ -29,6 +32,20 @@ def say(text: str) -> None:
 _ATTENTION = re.compile(r"\bFAIL\b|\bNOT equivalent\b|\bskipped\b")
 
 
+def width() -> int | None:
+    """How wide a table may be: the terminal's width (or $COLUMNS) where stderr is a terminal or
+    COLUMNS is set; unlimited in a pipe, so that a log keeps one row per line."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stderr.isatty():
+        try:
+            return os.get_terminal_size(sys.stderr.fileno()).columns or None
+        except OSError:
+            return None
+    return None
+
+
 def show(table: str) -> None:
     """A report's table on stderr, failures in red where stderr is a terminal that wants colour."""
     if sys.stderr.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb":
@@ -42,11 +59,23 @@ class Console:
 
     def __init__(self, command: str, *, json: bool, quiet: bool = False):
         self.command, self.json, self.quiet = command, json, quiet
+        self.page: Path | None = None  # --report FILE.html: the same report as a page
+        self.models: list[Path] = []  # …never written over one of these
         self._emitted = False
 
+    def report_page(self, page: Path | None, models: list[Path]) -> None:
+        """Write the report as a page too (bnfold.page); refused now, before any work, if the
+        page would replace a model or what is not a regular file."""
+        if page is not None:
+            from bnfold.io.output import refuse_to_write_over
+
+            self.guard(lambda: refuse_to_write_over(page, models))
+        self.page, self.models = page, models
+
     def emit(self, data: dict, exit_code: int, error: str | None = None) -> None:
-        """The --json report on stdout, once: every command's, every outcome's, one envelope."""
-        if not self.json or self._emitted:
+        """The --json report on stdout and the --report page, once: every command's, every
+        outcome's, one envelope."""
+        if self._emitted or not (self.json or self.page):
             return
         self._emitted = True
         from bnfold import __version__
@@ -58,10 +87,28 @@ class Console:
             "exit_code": exit_code,
             "error": error,
         }
+        report = {**envelope, **data}
+        if self.page is not None and not self._write_page(report) and not exit_code:
+            report.update(exit_code=EXIT_USER_ERROR, error=f"cannot write {self.page}")
+            exit_code = EXIT_USER_ERROR
+        if self.json:
+            try:
+                print(json.dumps(report, indent=2), flush=True)
+            except BrokenPipeError:  # the reader left (`| head -c0`): the exit code still tells the outcome
+                _silence_stdout()
+        if report["exit_code"] != envelope["exit_code"]:
+            raise typer.Exit(exit_code)
+
+    def _write_page(self, report: dict) -> bool:
+        from bnfold import page
+        from bnfold.io.output import write_text
+
         try:
-            print(json.dumps({**envelope, **data}, indent=2), flush=True)
-        except BrokenPipeError:  # the reader left (`| head -c0`): the exit code still tells the outcome
-            _silence_stdout()
+            write_text(self.page, page.render(report), keep=self.models)
+        except BnfoldError as exc:
+            say(f"bnfold: error: {exc}")
+            return False
+        return True
 
     def fail(self, message: str, code: int) -> None:
         say(f"bnfold: error: {message}")
@@ -84,7 +131,7 @@ class Console:
     def render(self, data: dict, report, exit_code: int = 0, *, quiet: bool | None = None) -> None:
         """The report's table on stderr (unless quiet), then the JSON report."""
         if not (self.quiet if quiet is None else quiet):
-            show(report.table())
+            show(report.table(width=width()))
         self.emit(data, exit_code)
 
     def progress(self) -> Callable[[str], None]:
@@ -103,23 +150,68 @@ def _silence_stdout() -> None:
 
 
 class ProgressBar:
-    """`[#####-----] 5/10` on stderr, redrawn in place: only on a terminal, never with --quiet."""
+    """`[#####-----] 5/10 models · 0:42, about 0:40 left · now a.onnx` on stderr, redrawn in
+    place every second: only on a terminal, never with --quiet. Lines printed through `above`
+    appear above it."""
 
     def __init__(self, total: int, *, enabled: bool):
         self.total, self.done, self.enabled = total, 0, enabled
-        self._draw()
+        self.now: list[str] = []  # what is being worked on
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if enabled:
+            self._draw()
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def working_on(self, names: list[str]) -> None:
+        with self._lock:
+            self.now = names
+            self._draw()
+
+    def above(self, line: str) -> None:
+        """One finished model's line, printed above the bar; the bar moves on by one."""
+        with self._lock:
+            self._erase()
+            say(line)
+            self.done += 1
+            self._draw()
 
     def advance(self) -> None:
-        self.done += 1
-        self._draw()
+        with self._lock:
+            self.done += 1
+            self._draw()
 
     def clear(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._erase()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                self._draw()
+
+    def _erase(self) -> None:
         if self.enabled:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
 
     def _draw(self) -> None:
-        if self.enabled:
-            filled = 30 * self.done // max(self.total, 1)
-            sys.stderr.write(f"\r[{'#' * filled}{'-' * (30 - filled)}] {self.done}/{self.total} models")
-            sys.stderr.flush()
+        if not self.enabled or self._stop.is_set():
+            return
+        filled = 30 * self.done // max(self.total, 1)
+        elapsed = time.monotonic() - self._started
+        line = f"[{'#' * filled}{'-' * (30 - filled)}] {self.done}/{self.total} models · {_clock(elapsed)}"
+        if 0 < self.done < self.total:
+            line += f", about {_clock(elapsed / self.done * (self.total - self.done))} left"
+        if self.now:
+            line += " · now " + ", ".join(self.now)
+        columns = width() or 80
+        sys.stderr.write("\r\033[K" + (line if len(line) < columns else line[: columns - 2] + "…"))
+        sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"

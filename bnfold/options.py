@@ -21,6 +21,13 @@ class Command(typer.core.TyperCommand):
 
 MODEL_ARG = typer.Argument(..., metavar="MODEL", help="The ONNX model file.", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable report on stdout.")
+REPORT_OPT = typer.Option(
+    None,
+    "--report",
+    metavar="FILE.html",
+    help="Also write the report as a self-contained HTML page: each fold site's error against what was allowed, "
+    "the rules that decided, what was folded where.",
+)
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="Print nothing on stderr except errors.")
 BRIEF_OPT = typer.Option(
     False, "--brief", help="Only what needs a look: skipped BNs, failing tensors, notes, and the summary."

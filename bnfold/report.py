@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from bnfold.columns import align, fit
+
 REMOVED = "removed (--requantize)"  # in an outcome's `via`: the fold took a quantizer out
 
 BRANCH_MERGE = "branch merge"  # FoldOutcome.op of a sum of branches merged into one Conv
@@ -129,11 +131,11 @@ class FoldReport:
 
         return f"bnfold {__version__}: " + self.summary().split(" · ")[0]
 
-    def table(self, brief: bool = False) -> str:
-        """Aligned rows for a terminal: node, result, detail (with `brief`, the skipped ones
-        only); then the summary line."""
+    def table(self, brief: bool = False, width: int | None = None) -> str:
+        """Aligned rows for a terminal, no wider than `width`: node, result, detail, what was
+        skipped first (with `brief`, only that); then the summary line."""
         rows = [("node", "result", "detail")]
-        for o in self.outcomes:
+        for o in sorted(self.outcomes, key=lambda o: o.folded):  # stable: graph order within each
             if brief and o.folded:
                 continue
             label = o.node if o.op == "BatchNormalization" else f"{o.node} ({o.op})"
@@ -145,14 +147,11 @@ class FoldReport:
                 rows.append((label, "folded", f"{where} {o.folded_into_op} {o.folded_into}{via}"))
             else:
                 rows.append((label, "skipped", o.reason or ""))
-        width = [max(len(r[i]) for r in rows) for i in range(2)]
         changed = self.ops_changed()
         ops = ["ops: " + ", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items())] if changed else []
-        notes = [f"note: {note}" for note in self.notes]
-        if len(rows) == 1:
-            return "\n".join([*ops, *notes, self.summary()])
-        lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]}".rstrip() for r in rows]
-        return "\n".join([*lines, *ops, *notes, self.summary()])
+        notes = [fit(f"note: {note}", width) for note in self.notes]
+        lines = align(rows, width) if len(rows) > 1 else []
+        return "\n".join([*lines, *(fit(line, width) for line in ops), *notes, fit(self.summary(), width)])
 
     def to_dict(self) -> dict:
         return {

@@ -382,20 +382,19 @@ def test_brief_shows_only_what_needs_a_look(tmp_path):
     assert "folded 1 of 2 BatchNormalization nodes" in brief.stderr and "equivalent: all 1 outputs" in brief.stderr
 
 
-@pytest.mark.parametrize("no_color", ["", "1"])
-def test_a_fail_is_red_on_a_terminal_unless_no_color(tmp_path, no_color):
+def on_a_terminal(args, columns: int = 200, **env) -> tuple[int, str]:
+    """Run `bnfold ARGS` with stderr on a pseudo-terminal `columns` wide: its exit code and what
+    the terminal showed (read as it comes, so that a full terminal never blocks the command)."""
+    import fcntl
     import os
     import pty
+    import struct
+    import termios
 
-    sample = Path(__file__).resolve().parents[1] / "sample_models" / "preact_input_bn.onnx"
-    mistaken = onnx.load(str(sample))
-    bias = next(t for t in mistaken.graph.initializer if t.name == "stem.bias")
-    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 0.1, "stem.bias"))
-    onnx.save(mistaken, tmp_path / "mistaken.onnx")
     terminal, stderr = pty.openpty()
-    env = {**os.environ, "NO_COLOR": no_color, "TERM": "xterm"}
-    command = [sys.executable, "-m", "bnfold", "verify", str(sample), str(tmp_path / "mistaken.onnx")]
-    code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, timeout=300).returncode
+    fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    command = [sys.executable, "-m", "bnfold", *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **env})
     os.close(stderr)
     shown = b""
     while True:
@@ -407,8 +406,41 @@ def test_a_fail_is_red_on_a_terminal_unless_no_color(tmp_path, no_color):
             break
         shown += chunk
     os.close(terminal)
-    assert code == 1 and b"NOT equivalent" in shown
-    assert (b"\x1b[1;31mFAIL\x1b[0m" in shown) == (not no_color), shown.decode(errors="replace")
+    return process.wait(timeout=300), shown.decode(errors="replace")
+
+
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_a_fail_is_red_on_a_terminal_unless_no_color(tmp_path, no_color):
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "preact_input_bn.onnx"
+    mistaken = onnx.load(str(sample))
+    bias = next(t for t in mistaken.graph.initializer if t.name == "stem.bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 0.1, "stem.bias"))
+    onnx.save(mistaken, tmp_path / "mistaken.onnx")
+    code, shown = on_a_terminal(["verify", sample, tmp_path / "mistaken.onnx"], NO_COLOR=no_color, TERM="xterm")
+    assert code == 1 and "NOT equivalent" in shown
+    assert ("\x1b[1;31mFAIL\x1b[0m" in shown) == (not no_color), shown
+
+
+def test_tables_fit_the_terminal_and_what_needs_a_look_comes_first():
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "shared_conv_output.onnx"
+    code, shown = on_a_terminal(["inspect", sample], columns=100, NO_COLOR="1")
+    lines = shown.replace("\r", "").splitlines()
+    assert code == 0 and len(lines) > 5, shown
+    assert max(map(len, lines)) <= 100, shown  # the skip's reason alone is 170 characters
+    rows = [line.split()[1] for line in lines if line.startswith("/")]  # not the wrapped reason's lines
+    assert rows == ["skipped", "folded", "folded"], shown  # in graph order, the skip is second
+    piped = subprocess.run([sys.executable, "-m", "bnfold", "inspect", str(sample)], capture_output=True, text=True)
+    assert max(map(len, piped.stderr.splitlines())) > 150  # a log keeps one row per line
+
+
+def test_a_batch_on_a_terminal_shows_the_model_at_work_and_the_time(tmp_path):
+    samples = Path(__file__).resolve().parents[1] / "sample_models"
+    models = [samples / "resnet_tiny.onnx", samples / "mobilenet_tiny.onnx"]
+    code, shown = on_a_terminal(["optimize", *models, "-o", tmp_path / "out"])
+    assert code == 0, shown
+    assert "0/2 models · 0:0" in shown and "now resnet_tiny.onnx" in shown, shown
+    assert "1/2 models · 0:0" in shown and "left · now mobilenet_tiny.onnx" in shown, shown
+    assert shown.rstrip().endswith("2 models: 2 written, 0 failed"), shown
 
 
 def test_bench_times_both_models_in_both_settings():
@@ -497,3 +529,52 @@ def test_a_missing_file_is_a_file_not_found_error_in_python_and_one_line_on_the_
             call()
         assert isinstance(raised.value, bnfold.BnfoldError)
     assert_one_line_error(invoke("inspect", str(tmp_path / "nope.onnx")), 2, "no such file")
+
+
+def _mistaken_preact(tmp_path) -> tuple[Path, Path]:
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "preact_input_bn.onnx"
+    mistaken = onnx.load(str(sample))
+    bias = next(t for t in mistaken.graph.initializer if t.name == "stem.bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 0.1, "stem.bias"))
+    onnx.save(mistaken, tmp_path / "mistaken.onnx")
+    return sample, tmp_path / "mistaken.onnx"
+
+
+def test_report_page_shows_each_site_against_its_allowance(model_path, tmp_path):
+    page = tmp_path / "pages" / "net.html"  # its folder is made
+    result = invoke("optimize", model_path, "-o", tmp_path / "out.onnx", "--report", page, "--json")
+    assert result.exit_code == 0, result.output
+    report, html = json.loads(result.stdout), page.read_text()
+    sites = report["verification"]["sites"]
+    assert html.count("<circle") == len(sites) == 9 and html.count("fill='#2a8a3e'") == 9  # each green
+    assert "class='verdict ok'" in html and "folded 9 of 9 BatchNormalization nodes" in html
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in html and " src=" not in html  # self-contained: nothing fetched
+    for b in report["batch_normalizations"]:  # what was folded where
+        assert f"<td>{b['node']}</td>" in html and b["folded_into"] in html
+    assert [p.name for p in page.parent.iterdir()] == ["net.html"]  # no staged file left
+
+
+def test_report_page_of_a_wrong_candidate_shows_the_site_that_failed(tmp_path):
+    reference, candidate = _mistaken_preact(tmp_path)
+    result = invoke("verify", reference, candidate, "--report", tmp_path / "v.html")
+    assert result.exit_code == 1, result.output
+    html = (tmp_path / "v.html").read_text()
+    assert "class='verdict fail'" in html and "NOT equivalent" in html and "fill='#c0262d'" in html  # a red mark
+    assert "<ul class=bad><li>" in html and "FAIL" in html  # the failing tensor with its reason
+
+
+@pytest.mark.parametrize("case", ["several models", "the input", "a device"])
+def test_report_page_never_replaces_a_model_and_takes_one_model(model_path, tmp_path, case):
+    other = tmp_path / "other.onnx"
+    shutil.copy(model_path, other)
+    before = model_path.read_bytes()
+    args = {
+        "several models": ("optimize", model_path, other, "-o", tmp_path / "out", "--report", tmp_path / "r.html"),
+        "the input": ("optimize", model_path, "-o", tmp_path / "out.onnx", "--report", model_path),
+        "a device": ("verify", model_path, other, "--report", "/dev/null"),
+    }[case]
+    result = invoke(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert model_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "other.onnx"]  # nothing written

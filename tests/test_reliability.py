@@ -307,3 +307,35 @@ def test_an_ir3_model_whose_initializers_are_not_inputs_is_repaired_with_a_note(
     folded = onnx.load(str(tmp_path / "out.onnx"))
     assert folded.ir_version == 4 and "BatchNormalization" not in {n.op_type for n in folded.graph.node}
     onnx.checker.check_model(folded, full_check=True)
+
+
+# onnxruntime-gpu 1.31.1 without CUDA's libraries, asked for CUDAExecutionProvider: its log lines
+CUDA_LOG = [
+    "2026-12-07 16:12:44.302526588 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+    "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:2043 onnxruntime::Provider& "
+    "onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library "
+    "/venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so with error: "
+    "libcublasLt.so.13: cannot open shared object file: No such file or directory",
+    "2026-12-07 16:12:44.302567599 [W:onnxruntime:Default, onnxruntime_pybind_state.cc:1295 "
+    "CreateExecutionProviderFactoryInstance] Failed to create CUDAExecutionProvider. Require cuDNN 9.* and CUDA 13.*.",
+]
+
+
+def test_a_gpu_provider_that_cannot_start_names_the_missing_library():
+    from bnfold.verification.runtime import missing_library
+
+    assert missing_library(CUDA_LOG) == "libcublasLt.so.13"  # not the provider's own library
+    windows = 'LoadLibrary failed with error 126 "" when trying to load "C:\\ort\\onnxruntime_providers_cuda.dll"'
+    assert missing_library([windows]) == "C:\\ort\\onnxruntime_providers_cuda.dll"
+    assert missing_library(CUDA_LOG[1:]) is None
+
+
+def test_onnxruntimes_log_lines_of_a_gpu_provider_stay_out_of_stderr(capfd):
+    from bnfold.verification.runtime import _provider_log
+
+    with _provider_log(["ROCMExecutionProvider"]) as log:
+        os.write(2, ("\x1b[1;31m" + CUDA_LOG[0] + "\x1b[m\n").encode())
+    assert log == [CUDA_LOG[0]] and capfd.readouterr().err == ""  # captured, without its colour
+    with _provider_log(["CPUExecutionProvider"]) as log:  # the CPU's sessions leave stderr alone
+        os.write(2, b"a line of someone else's\n")
+    assert log == [] and capfd.readouterr().err == "a line of someone else's\n"

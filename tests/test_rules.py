@@ -5,6 +5,7 @@ always pass, turns one of these verdicts around (test_each_rule_decides_a_verdic
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -209,9 +210,7 @@ def _without(name: str) -> tuple:
 
 def _always_passing(name: str) -> tuple:
     return tuple(
-        verdict.Rule(r.name, r.roles, lambda m, so_far, ev, n=r.name: verdict.Judgement(True, n))
-        if r.name == name
-        else r
+        replace(r, judge=lambda m, so_far, ev, n=r.name: verdict.Judgement(True, n)) if r.name == name else r
         for r in verdict.RULES
     )
 

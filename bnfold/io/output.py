@@ -70,6 +70,34 @@ def refuse_unless_replaceable(dst: Path) -> None:
         raise BnfoldError(f"{dst}: exists and is not a regular file; refusing to replace it")
 
 
+def refuse_to_write_over(dest: Path, keep: list[Path]) -> None:
+    """write_text's refusals, to ask before any work is done."""
+    refuse_unless_replaceable(dest)
+    if any(os.path.abspath(dest) == os.path.abspath(path) for path in keep) or _any_same(dest, keep):
+        raise BnfoldError(f"{dest}: is one of the models; choose another name for the report")
+
+
+def write_text(dest: Path, text: str, *, keep: list[Path]) -> None:
+    """A small file of text (the HTML report) written all or nothing: staged beside `dest`, then
+    renamed over it. Never over one of `keep` (the models this run reads or writes), nor over a
+    file that is not a regular file."""
+    refuse_to_write_over(dest, keep)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staged = _hidden_name(dest, ".tmp")
+        try:
+            with open(staged, "x", encoding="utf-8") as out:
+                out.write(text)
+                _sync(out)
+            os.chmod(staged, 0o666 & ~_umask())
+            os.replace(staged, dest)
+            _unstage(staged)
+        finally:
+            _unlink(staged)
+    except OSError as exc:
+        raise BnfoldError(f"cannot write {dest}: {exc.strerror or exc}") from None
+
+
 def refuse_input_data(dst: Path, data_files: list[Path]) -> None:
     """The output may not be one of the files the input reads its tensors from."""
     if not dst.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from bnfold.columns import align, fit
 from bnfold.verification.localize import Divergence
 from bnfold.verification.tolerance import NOISE_FACTOR, OutputComparison
 
@@ -45,11 +46,12 @@ class VerifyReport:
         trials = f" over {self.trials} trials (seed {self.seed})" if self.trials else ""
         return f"{verdict}{where}{trials} · {self.seconds:.2f} s"
 
-    def table(self, failed_only: bool = False, brief: bool = False) -> str:
+    def table(self, failed_only: bool = False, brief: bool = False, width: int | None = None) -> str:
         """Notes (not with `failed_only`), one row per output (per failing output with either
-        flag), the first divergence, the verdict."""
+        flag), failures first, no wider than `width`; the first divergence, the verdict."""
         rows = [("output", "dtype", "shape", "max abs", "rel L2", "cosine", "mismatched", "needed atol", "result")]
-        for o in [*(self.failed if failed_only or brief else self.outputs), *(s for s in self.sites if not s.passed)]:
+        outputs = self.failed if failed_only or brief else sorted(self.outputs, key=lambda o: o.passed)
+        for o in [*outputs, *(s for s in self.sites if not s.passed)]:
             rows.append(
                 (
                     o.name,
@@ -63,11 +65,10 @@ class VerifyReport:
                     _result(o),
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows] if rows[1:] else []
-        divergence = [self.first_divergence.describe()] if self.first_divergence else []
-        notes = [] if failed_only else self.notes
-        return "\n".join([*notes, *lines, *divergence, self.summary()])
+        lines = align(rows, width) if rows[1:] else []
+        divergence = [fit(self.first_divergence.describe(), width)] if self.first_divergence else []
+        notes = [] if failed_only else [fit(note, width) for note in self.notes]
+        return "\n".join([*notes, *lines, *divergence, fit(self.summary(), width)])
 
     def to_dict(self) -> dict:
         data = asdict(replace(self, first_divergence=None))  # the divergence has a shape of its own

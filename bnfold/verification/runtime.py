@@ -9,8 +9,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import io
 import os
+import re
+import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,6 +82,63 @@ def takes_custom_ops(function):
     return with_libraries
 
 
+_STDERR_LOCK = threading.Lock()
+_MISSING_LIBRARY = re.compile(  # Linux's loader; Windows' LoadLibrary names only the provider's DLL
+    r"([\w.+-]+\.so[\w.]*): cannot open shared object file|trying to load \"([^\"]+)\""
+)
+
+
+@contextlib.contextmanager
+def _provider_log(providers: Sequence[str]):
+    """Within, for a provider other than the CPU's: onnxruntime's own log lines (coloured, written
+    straight to file descriptor 2 while a GPU provider loads: "Failed to load library
+    libonnxruntime_providers_cuda.so with error: libcublasLt.so.12: cannot open…") go into the
+    list this yields, not into a pipeline's stderr. The CPU provider logs nothing there."""
+    lines: list[str] = []
+    if all(p == "CPUExecutionProvider" for p in providers):
+        yield lines
+        return
+    with _STDERR_LOCK, tempfile.TemporaryFile() as log:  # one redirection at a time (verify loads two)
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            if any(p in _NVIDIA for p in providers):
+                lines.extend(_preload_nvidia_libraries())
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines.extend(re.sub(r"\x1b\[[0-9;]*m", "", log.read().decode(errors="replace")).splitlines())
+
+
+_NVIDIA = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+@functools.cache
+def _preload_nvidia_libraries() -> tuple[str, ...]:
+    """Load CUDA and cuDNN from NVIDIA's pip packages (`onnxruntime-gpu[cuda,cudnn]`), which the
+    dynamic loader does not search, with onnxruntime's own helper (1.21 and newer); once. Its
+    messages (printed on stdout, where the --json report goes) come back as log lines."""
+    if not hasattr(ort, "preload_dlls"):
+        return ()
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # a helper that fails leaves the provider to say what is missing
+            print(one_line(exc))
+    return tuple(said.getvalue().splitlines())
+
+
+def missing_library(log: Sequence[str]) -> str | None:
+    """The shared library a provider could not load, as onnxruntime's log names it (the last
+    named: the provider's own library fails because of the one it needs, libcublasLt.so.12)."""
+    found = [m.group(1) or m.group(2) for line in log for m in _MISSING_LIBRARY.finditer(line)]
+    return found[-1] if found else None
+
+
 def make_session(
     model: onnx.ModelProto | str | Path,
     *,
@@ -102,6 +163,13 @@ def make_session(
             options.register_custom_ops_library(library)
         except Exception as exc:
             raise BnfoldError(f"--custom-lib {library}: onnxruntime cannot load it ({one_line(exc)})") from None
+    with _provider_log(providers) as log:
+        session = _session(model, options, providers, arrays)
+    session._bnfold_log = log  # what onnxruntime said while it loaded the providers
+    return session
+
+
+def _session(model, options: ort.SessionOptions, providers: Sequence[str], arrays) -> ort.InferenceSession:
     if not isinstance(model, onnx.ModelProto):
         return ort.InferenceSession(str(model), options, providers=list(providers))
     if arrays is None:
@@ -152,7 +220,9 @@ def providers_used(sessions, requested: Sequence[str]) -> list[str]:
     used = list(dict.fromkeys(p for s in sessions for p in s.get_providers()))
     missing = [p for p in requested if p not in used]
     if missing:
-        raise BnfoldError(f"provider {missing[0]} was asked for but onnxruntime runs on {', '.join(used)}")
+        library = missing_library([line for s in sessions for line in getattr(s, "_bnfold_log", ())])
+        why = f" ({library} cannot be loaded: see the README's 'Installing' for the GPU libraries)" if library else ""
+        raise BnfoldError(f"provider {missing[0]} was asked for but onnxruntime runs on {', '.join(used)}{why}")
     return used
 
 

@@ -12,14 +12,8 @@ What a rule needs beyond the run (how far the reference moves when its parameter
 the other way) is measured by `Evidence` on first use, so a verdict that no rule questions costs
 no extra session.
 
-| rule | judges | says |
-| --- | --- | --- |
-| comparable | all | no numbers to compare (missing, another type or shape, NaN elsewhere): FAIL |
-| policy | all | the tolerance policy of the precision it is computed in (bnfold.verification.tolerance) |
-| noise | all, default tolerance | a failure by numbers within NOISE_FACTOR × the reference's own noise passes |
-| channel | sites, default tolerance | a channel moved or scaled past SHIFT_FACTOR[precision] × the reference's: FAIL |
-| elements | small sites, default tolerance | an error beyond SHIFT_FACTOR × the reference's own and a floor: FAIL |
-| discontinuity | outputs, default tolerance | a difference after a discontinuous op whose inputs agree passes |
+Each row of `RULES` (at the end) names the tensors it judges and says in a sentence what it
+decides (`Rule.says`, shown by the HTML report); docs/verification.md gives each rule's figures.
 """
 
 from __future__ import annotations
@@ -73,6 +67,7 @@ class Rule:
     name: str
     roles: tuple[str, ...]
     judge: Callable[[Measured, Judgement, Evidence], Judgement | None]
+    says: str  # in a sentence, for the module's table and the HTML report
 
 
 class Evidence:
@@ -227,12 +222,22 @@ def _discontinuity(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | 
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("comparable", (SITE, BOUNDARY, OUTPUT), _comparable),
-    Rule("policy", (SITE, BOUNDARY, OUTPUT), _policy),
-    Rule("noise", (SITE, BOUNDARY, OUTPUT), _noise),
-    Rule("channel", (SITE,), _channel),
-    Rule("elements", (SITE,), _elements),
-    Rule("discontinuity", (OUTPUT,), _discontinuity),
+    Rule(
+        "comparable",
+        (SITE, BOUNDARY, OUTPUT),
+        _comparable,
+        "no numbers to compare (missing, another type or shape, NaN elsewhere): FAIL",
+    ),
+    Rule("policy", (SITE, BOUNDARY, OUTPUT), _policy, "the tolerance policy of the precision it is computed in"),
+    Rule(
+        "noise",
+        (SITE, BOUNDARY, OUTPUT),
+        _noise,
+        "a failure by numbers within NOISE_FACTOR × the reference's own noise passes",
+    ),
+    Rule("channel", (SITE,), _channel, "a channel moved or scaled past SHIFT_FACTOR × the reference's own: FAIL"),
+    Rule("elements", (SITE,), _elements, "a small site's largest error past SHIFT_FACTOR × the reference's own: FAIL"),
+    Rule("discontinuity", (OUTPUT,), _discontinuity, "a difference after a discontinuous op whose inputs agree passes"),
 )
 
 
