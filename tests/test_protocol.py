@@ -3,6 +3,7 @@ that no mechanism touches the graph before its plan is applied."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -10,8 +11,7 @@ import pytest
 from onnx import helper
 
 from bnfold.folding import planner
-from bnfold.folding.plan import NOT_MINE, Mechanism, Mechanisms, Plan, Role, Skip, decide
-from bnfold.folding.reparam import MergeMemo, is_sum, plan_merge
+from bnfold.folding.plan import NOT_MINE, Check, Mechanism, Mechanisms, Plan, Role, Skip, decide
 from bnfold.folding.sources import batch_norm_version
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import all_names
@@ -73,13 +73,35 @@ def test_refusals_combine_by_role_and_a_later_one_replaces_an_earlier_one_of_its
     assert decide(NODE, table, None, 15) == Skip("backward: second | forward: forward")
 
 
+def _checks(*answers: tuple[str, object], asked: list[str]) -> tuple[Check, ...]:
+    def check(name, answer):
+        return Check(name, lambda node, ctx, version: asked.append(name) or answer)
+
+    return tuple(check(*a) for a in answers)
+
+
+def test_a_guard_is_asked_first_and_its_skip_is_the_answer():
+    table, asked = _table(("a", Role.BACKWARD, _Done()))
+    guarded = replace(table, guards=_checks(("fine", None), ("training", Skip("training")), asked=asked))
+    assert decide(NODE, guarded, None, 15) == Skip("training")
+    assert asked == ["fine", "training"]  # no mechanism was asked
+
+
 def test_an_explanation_is_asked_only_once_every_mechanism_refused():
-    table, asked = _table(("why", Role.EXPLAINS, Skip("explained")), ("a", Role.BACKWARD, Skip("no")))
-    assert decide(NODE, table, None, 15) == Skip("explained")
-    assert asked == ["a", "why"]
-    table, asked = _table(("why", Role.EXPLAINS, Skip("explained")), ("a", Role.BACKWARD, _Done()))
-    assert isinstance(decide(NODE, table, None, 15), _Done)
+    table, asked = _table(("a", Role.BACKWARD, Skip("no")))
+    explained = replace(table, explanations=_checks(("silent", None), ("why", Skip("explained")), asked=asked))
+    assert decide(NODE, explained, None, 15) == Skip("explained")
+    assert asked == ["a", "silent", "why"]
+    table, asked = _table(("a", Role.BACKWARD, _Done()))
+    explained = replace(table, explanations=_checks(("why", Skip("explained")), asked=asked))
+    assert isinstance(decide(NODE, explained, None, 15), _Done)
     assert asked == ["a"]
+
+
+def test_the_branch_merge_is_a_row_of_a_table_like_every_other_mechanism():
+    assert [m.name for m in planner.SUMS.order] == ["branch merge"]
+    assert set(planner.MERGES.tables) == {"Add", "Sub", "Sum"} and planner.MERGES.from_the_end
+    assert not planner.FOLDS.from_the_end and planner.FOLDS.tables is planner.CANDIDATES
 
 
 def test_every_candidate_kind_has_a_table():
@@ -87,7 +109,9 @@ def test_every_candidate_kind_has_a_table():
         "BatchNormalization", "Mul", "Add", "Sub", "Div",
         "InstanceNormalization", "LayerNormalization", "GroupNormalization",
     }  # fmt: skip
-    assert [m.name for m in planner.BATCH_NORM.order][:2] == ["inference mode", "split at a Concat"]
+    assert [g.name for g in planner.BATCH_NORM.guards] == ["inference mode"]
+    assert [m.name for m in planner.BATCH_NORM.order][0] == "split at a Concat"
+    assert [e.name for e in planner.BATCH_NORM.explanations] == ["quantized"]
 
 
 @pytest.mark.parametrize("path", sorted(SAMPLES.glob("*.onnx")), ids=lambda p: p.stem)
@@ -102,10 +126,9 @@ def test_no_mechanism_touches_the_graph_before_its_plan_is_applied(path):
     ctx = GraphContext.build(model.graph, scope)
     before = model.graph.SerializeToString(deterministic=True)
     answers = []
-    for node in model.graph.node:
-        if node.op_type in planner.CANDIDATES:
-            answers.append(decide(node, planner.CANDIDATES[node.op_type], ctx, batch_norm_version(opset)))
-        if is_sum(node):
-            answers.append(plan_merge(node, ctx, batch_norm_version(opset), MergeMemo()))
+    for one in (planner.FOLDS, planner.MERGES):  # every pass of the walk, each table of it
+        for node in model.graph.node:
+            if node.op_type in one.tables:
+                answers.append(decide(node, one.tables[node.op_type], ctx, batch_norm_version(opset)))
     assert model.graph.SerializeToString(deterministic=True) == before
     assert any(isinstance(a, Plan) for a in answers) or "shared_conv_output" in path.stem

@@ -15,8 +15,10 @@ import onnx
 import pytest
 from builders import BranchGraph, assert_same_function, op_types, run
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
 import bnfold
+from bnfold.cli import app
 from bnfold.testing import random_inputs, widen_floats
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -136,7 +138,8 @@ def test_same_padding_of_a_1x1_kernel_at_stride_2_pads_nothing_and_merges():
     g = BranchGraph()
     assert_merged(g.model(g.sum(g.conv(k=3, stride=2), g.conv(k=1, stride=2, auto_pad="SAME_UPPER"))))
     g = BranchGraph()
-    assert_not_merged(g.model(g.sum(g.conv(k=3, stride=2, auto_pad="SAME_UPPER"), g.conv(k=1, stride=2))))
+    model = g.model(g.sum(g.conv(k=3, stride=2, auto_pad="SAME_UPPER"), g.conv(k=1, stride=2)))
+    assert_not_merged(model, "pads with auto_pad=SAME_UPPER at stride [2, 2]")
 
 
 def test_float16():
@@ -187,7 +190,7 @@ def test_a_branch_also_read_elsewhere_stays():
     shared = g.conv(k=1)
     y = g.sum(g.conv(k=3), shared)
     model = g.model(g.op("Mul", y, shared))  # the 1×1 branch also feeds the Mul
-    assert_not_merged(model)
+    assert_not_merged(model, "output is also read outside the sum: it cannot merge away")
     assert op_types(bnfold.fold(model).model).count("Conv") == 2
 
 
@@ -227,7 +230,7 @@ def test_a_layer_scale_along_the_wrong_axis_is_refused():
     g = BranchGraph(spatial=(4, 4))
     scale = g.const(g.rng.uniform(0.5, 1.5, (4, 1)), "s")
     model = g.model(g.op("Add", "x", g.op("Mul", g.conv(k=3), scale)))
-    assert_not_merged(model)
+    assert_not_merged(model, "multiplies by a constant that is not one value per channel")
 
 
 def test_a_subtracted_or_scaled_identity_keeps_its_sign_and_scale():
@@ -275,7 +278,7 @@ def test_a_constant_leaf_in_the_sum_is_a_bias_term(form):
 def test_a_constant_that_is_not_one_value_per_channel_stops_the_merge():
     g = BranchGraph()
     plane = g.const(g.rng.normal(0, 0.3, (1, 1, 9, 9)), "plane")  # varies over space: not a bias
-    assert_not_merged(g.model(g.sum(g.conv(k=1), g.op("Add", g.bn(), plane))))
+    assert_not_merged(g.model(g.sum(g.conv(k=1), g.op("Add", g.bn(), plane))), "is a constant that is not one value")
 
 
 def test_merged_weights_that_overflow_are_reported():
@@ -326,3 +329,16 @@ def test_a_sum_node_of_branches_merges_like_a_chain_of_adds():
     assert merge.folded_into and "3 branches" in merge.via
     assert_same_function(model, result.model)
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_inspect_names_why_a_block_shaped_sum_stays(tmp_path):
+    # A RepVGG block whose 3×3 branch pads SAME_UPPER at stride 2 (the padding depends on the input's
+    # size): one row for the block, with the reason; the sums inside it are not reported again.
+    g = BranchGraph()
+    model = g.model(g.sum(g.conv(k=3, stride=2, auto_pad="SAME_UPPER"), g.conv(k=1, stride=2)))
+    onnx.save(model, tmp_path / "block.onnx")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "block.onnx")])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stderr.splitlines() if "(branch merge)" in line]
+    assert len(rows) == 1 and "skipped" in rows[0], result.stderr
+    assert "Conv 'conv1' pads with auto_pad=SAME_UPPER at stride [2, 2]" in rows[0]

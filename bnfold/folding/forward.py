@@ -40,7 +40,6 @@ from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, node_label
 
-FORWARD_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 # Means over every position of each channel: a per-channel affine map passes them unchanged.
 SPATIAL_MEANS = ("GlobalAveragePool", "ReduceMean")
 
@@ -137,8 +136,8 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip:
         )
         if whole:
             return whole
-        if op.op_type == "Conv" and geometry.pads_input:
-            return Skip(f"{node_label(linear)} after it pads its input: a shift cannot pass the padding")
+        if zeros := op.reads_zeros(linear, weight, geometry):
+            return Skip(f"{node_label(linear)} after it {zeros}: a shift cannot pass the padding")
         scale_shift = _per_feature(lambda channels: source.affine(ctx, channels, rank), op, linear, weight, repeat)
         if isinstance(scale_shift, Skip):
             return scale_shift
@@ -165,25 +164,28 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
     if isinstance(read, Skip):
         return read
     weight, bias, geometry = read
-    # a ConvTranspose whose border outputs miss some taps takes the scale only, as a padded Conv does
-    partial = op.check_input_fold(linear, weight, geometry)
-    failed = (partial if op.op_type != "ConvTranspose" else None) or (
+    # an op that reads zeros for part of its input (a padded Conv, a ConvTranspose whose border
+    # outputs miss some taps) takes the scale only
+    zeros = op.reads_zeros(linear, weight, geometry)
+    failed = (None if zeros else op.check_input_fold(linear, weight, geometry)) or (
         bias is not None and op.check_bias(bias, op.output_channels(weight, linear))
     )
     if failed:
         return failed
-    padded = (op.op_type == "Conv" and geometry.pads_input) or partial is not None
+    padded = zeros is not None
     rank = ctx.shapes.rank(bn.input[0])
     if padded and (rank is None or rank < 2):
-        return Skip(f"{node_label(linear)} after it {_reads_zeros(op)}, and the rank of the BN's input is not known")
+        return Skip(f"{node_label(linear)} after it {zeros}, and the rank of the BN's input is not known")
     scale_shift = _per_feature(lambda channels: read_batch_norm(bn, ctx, channels), op, linear, weight, repeat)
     if isinstance(scale_shift, Skip):
         return scale_shift
     # plan
-    correcting = op.op_type == "Conv" and ctx.scope.bias_correction
+    correcting = op.corrects_rounding and ctx.scope.bias_correction
     if padded:
-        return _scale_into_padded_conv(bn, linear, op, weight, bias, scale_shift, rank, shape_ops, correcting, ctx)
-    moments = batch_norm_input_moments(ctx, bn, weight.dtype) if op.op_type == "Conv" else None
+        return _scale_into_padded_conv(
+            bn, linear, op, zeros, weight, bias, scale_shift, rank, shape_ops, correcting, ctx
+        )
+    moments = batch_norm_input_moments(ctx, bn, weight.dtype) if op.corrects_rounding else None
     folded = op.cast(linear, weight.dtype, *op.fold_input(linear, weight, bias, scale_shift), moments)
     if isinstance(folded, Skip):
         return folded
@@ -251,13 +253,13 @@ def _chain(consumer: onnx.NodeProto, out: str, ctx: GraphContext) -> tuple[onnx.
         shape_ops.append(consumer)
         out, consumer = consumer.output[0], readers[0]
     op = linear_op(consumer)
-    if repeat > 1 and op is not None and op.op_type in ("Gemm", "MatMul") and axis == 1:
+    if repeat > 1 and op is not None and op.dense and axis == 1:
         pass  # a 2-D input: its features axis is the one the op reads
     elif axis != 1:
         return Skip(f"its channels reach {node_label(consumer)} on axis {axis}, not the input channel axis 1")
-    if op is None or op.op_type not in FORWARD_OPS:
+    if op is None:
         after = ctx.index.readers(consumer.output[0]) if consumer.output else ()
-        if len(after) == 1 and after[0].op_type in FORWARD_OPS:
+        if len(after) == 1 and linear_op(after[0]) is not None:
             return Skip(f"{node_label(consumer)} stands between it and {node_label(after[0])}")
         return Skip(f"it feeds {node_label(consumer)}, not a Conv, ConvTranspose, Gemm or MatMul")
     if list(consumer.input).count(out) != 1 or consumer.input[0] != out:
@@ -292,21 +294,16 @@ def _constant_axes(node: onnx.NodeProto, ctx: GraphContext) -> list[int] | None:
         return None
 
 
-def _reads_zeros(op: LinearOp) -> str:
-    """Why the op cannot take a shift on its input as one bias."""
-    return "pads its input" if op.op_type == "Conv" else "has border outputs that miss some taps"
-
-
 def _scale_into_padded_conv(
-    bn, conv, op: LinearOp, weight, bias, scale_shift: ChannelAffine, rank: int, shape_ops, correcting: bool, ctx
-) -> ForwardPlan | Skip:
+    bn, conv, op: LinearOp, zeros: str, weight, bias, scale_shift: ChannelAffine, rank: int, shape_ops,
+    correcting: bool, ctx
+) -> ForwardPlan | Skip:  # fmt: skip
     """W·s on the Conv's input channels, its bias as it was, and t/s left as an Add in front of
-    the padding (module docstring)."""
+    the padding (module docstring); `zeros` says where the op reads zeros (LinearOp.reads_zeros)."""
     scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
     if not scale.all():
         return Skip(
-            f"{node_label(conv)} after it {_reads_zeros(op)}, and a channel's scale is 0, so its shift cannot "
-            "move in front of it"
+            f"{node_label(conv)} after it {zeros}, and a channel's scale is 0, so its shift cannot move in front of it"
         )
     folded = op.cast(conv, weight.dtype, *op.fold_input(conv, weight, bias, (scale, np.zeros_like(shift))), None)
     if isinstance(folded, Skip):

@@ -93,8 +93,18 @@ class LinearOp:
         """Where the kernel reads (a Gemm or MatMul: nowhere beyond its input, no padding)."""
         return ConvGeometry((), (), (), (), (), "NOTSET")
 
+    corrects_rounding = False  # a 16-bit fold can be corrected with the moments of its input (Conv)
+    dense = False  # reads a 2-D input's features on axis 1 (Gemm, MatMul), not channels of a map
+
     def check_input_fold(self, node: onnx.NodeProto, weight: np.ndarray, geometry: ConvGeometry) -> Skip | None:
         """Why an affine map on the op's input cannot become one weight and bias, or None."""
+        return None
+
+    def reads_zeros(self, node: onnx.NodeProto, weight: np.ndarray, geometry: ConvGeometry) -> str | None:
+        """Where the op reads zeros for part of its input, the shift of an affine map on its
+        input cannot pass (its scale still can, the shift staying as an Add of t/s in front):
+        what the op does there, for the report ("pads its input"); None when it reads its input
+        whole."""
         return None
 
     def fold_input(
@@ -180,6 +190,11 @@ class Conv(_Convolution):
             return Skip(f"Conv weight has rank {weight.ndim}; a Conv weight has rank 3 or more")
         return None
 
+    corrects_rounding = True
+
+    def reads_zeros(self, node, weight, geometry):
+        return "pads its input" if geometry.pads_input else None
+
     def fold_input(self, node, weight, bias, scale_shift):
         return affine.fold_input_affine(weight, bias, *scale_shift, group=self.groups(node))
 
@@ -213,6 +228,14 @@ class ConvTranspose(_Convolution):
         return None  # a ConvTranspose's SAME pads follow from its output shape
 
     def check_input_fold(self, node, weight, geometry):
+        if self.reads_zeros(node, weight, geometry):
+            return Skip(
+                f"{node_label(node)} after it has border outputs that miss some taps (stride, output_padding or "
+                "too little cropping), so the shift is not one bias"
+            )
+        return None
+
+    def reads_zeros(self, node, weight, geometry):
         """The input's shift is one bias only where every output position receives every tap:
         stride 1, no output_padding, and pads that crop (k − 1)·dilation from each border."""
         spatial, pads = len(geometry.kernel), geometry.pads
@@ -223,10 +246,7 @@ class ConvTranspose(_Convolution):
             and all(pads[a] >= reach[a] and pads[spatial + a] >= reach[a] for a in range(spatial))
         )
         if any(s != 1 for s in geometry.strides) or any(geometry.output_padding) or not every_tap:
-            return Skip(
-                f"{node_label(node)} after it has border outputs that miss some taps (stride, output_padding or "
-                "too little cropping), so the shift is not one bias"
-            )
+            return "has border outputs that miss some taps"
         return None
 
     def fold_input(self, node, weight, bias, scale_shift):
@@ -237,6 +257,7 @@ class Gemm(LinearOp):
     """Gemm: Y = α·A·B + β·C with a constant B; C may be missing or broadcast."""
 
     op_type = "Gemm"
+    dense = True
 
     def weight_axis(self, node):
         return 0 if int_attr(node, "transB", 0) else 1

@@ -64,7 +64,7 @@ def fold_output(
 ) -> tuple[np.ndarray, np.ndarray, str | None] | Skip:
     """fold_output_affine with what a 16-bit fold knows of a Conv's inputs
     (bnfold.folding.correction), and the report's note on how the weights were rounded."""
-    moments, conv = None, op.op_type == "Conv"
+    moments, conv = None, op.corrects_rounding
     if conv:
         moments = conv_input_moments(ctx, node.input[0], op.input_channels(weight, node), weight.dtype)
     folded = fold_output_affine(op, node, weight, bias, scale_shift, moments)

@@ -22,6 +22,7 @@ from enum import Enum
 import onnx
 
 from bnfold.graph.context import GraphContext
+from bnfold.report import FoldOutcome
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,26 @@ class Plan(ABC):
         """Whether the source feeds the linear op (BN → Conv) rather than following it."""
         return False
 
+    @property
+    def absorbed(self) -> tuple[onnx.NodeProto, ...]:
+        """Other candidates the fold takes away with the source (the BNs inside merged branches):
+        the report shows each as folded into this fold's op."""
+        return ()
+
+    def outcome(self, prefix: str, op: str) -> FoldOutcome:
+        """The report's row for the source (of kind `op`, its name after `prefix`: a subgraph's
+        or a function's), read before the rewrite renames outputs (and turns a MatMul into a Gemm)."""
+        return FoldOutcome(
+            prefix + (self.source.name or self.source.output[0]),
+            self.source.output[0],
+            op=op,
+            folded_into=", ".join(linear.name or linear.output[0] for linear in self.linears),
+            folded_into_op="/".join(sorted({linear.op_type for linear in self.linears})),
+            forward=self.forward,
+            via=self.via,
+            rounding=self.rounding,
+        )
+
     @abstractmethod
     def rewrite(self, ctx: GraphContext) -> None:
         """Apply the fold to the graph."""
@@ -82,7 +103,6 @@ class Role(Enum):
     DECIDES = "decides"  # the node's answer: no later mechanism is asked
     BACKWARD = "backward"  # why it did not fold into what feeds it (a later one's replaces it)
     FORWARD = "forward"  # why it did not fold into what reads it
-    EXPLAINS = "explains"  # asked only once all refused: its Skip, if any, is the answer
 
 
 @dataclass(frozen=True)
@@ -93,31 +113,56 @@ class Mechanism:
 
 
 @dataclass(frozen=True)
+class Check:
+    """A question about the node that plans nothing: a Skip, or None when it has nothing to say."""
+
+    name: str
+    ask: Callable[[onnx.NodeProto, GraphContext, int], Skip | None]  # (node, ctx, BN version)
+
+
+@dataclass(frozen=True)
 class Mechanisms:
-    """The mechanisms one kind of node is offered to, in order, and the reason it stays when
-    every one refused (from the node and the reasons by role)."""
+    """What one kind of node goes through: `guards`, asked first (a Skip is the node's answer: a
+    BN in training mode folds nowhere); the mechanisms of `order`; `explanations`, asked only
+    when every mechanism refused (a Skip replaces the gathered reasons: a BN inside a quantized
+    model); and `refused`, the reason it stays from the reasons gathered by role, or None when
+    the node was no candidate after all and the report says nothing of it (most Mul/Add nodes).
+    `label` names the kind in the report (the node's op type when None); `reported`: whether a
+    node that stays is listed at all."""
 
     order: tuple[Mechanism, ...]
-    refused: Callable[[onnx.NodeProto, dict[Role, Skip]], Skip]
+    refused: Callable[[onnx.NodeProto, dict[Role, Skip]], Skip | None]
+    guards: tuple[Check, ...] = ()
+    explanations: tuple[Check, ...] = ()
+    label: str | None = None
     reported: bool = True  # whether the report lists the node when it stays
 
 
-def decide(node: onnx.NodeProto, mechanisms: Mechanisms, ctx: GraphContext, version: int) -> Plan | Skip:
-    """The first Plan in the declared order; else the Skip of a mechanism that decides or
-    explains, else `refused` of the reasons gathered."""
+@dataclass(frozen=True)
+class Pass:
+    """One pass of the walk over a graph's live nodes: the tables by op type, and the order
+    (from the graph's end: the branch merge, so that the largest tree of sums is merged)."""
+
+    name: str
+    tables: dict[str, Mechanisms]
+    from_the_end: bool = False
+
+
+def decide(node: onnx.NodeProto, mechanisms: Mechanisms, ctx: GraphContext, version: int) -> Plan | Skip | None:
+    """A guard's Skip; else the first Plan in the declared order, or the Skip of a mechanism
+    that decides; else an explanation's Skip, else `refused` of the reasons gathered."""
+    for guard in mechanisms.guards:
+        if (skip := guard.ask(node, ctx, version)) is not None:
+            return skip
     reasons: dict[Role, Skip] = {}
     for mechanism in mechanisms.order:
-        if mechanism.role is Role.EXPLAINS:
-            continue
         answer = mechanism.plan(node, ctx, version)
         if isinstance(answer, NotMine):
             continue
         if isinstance(answer, Plan) or mechanism.role is Role.DECIDES:
             return answer
         reasons[mechanism.role] = answer
-    for mechanism in mechanisms.order:
-        if mechanism.role is Role.EXPLAINS:
-            answer = mechanism.plan(node, ctx, version)
-            if isinstance(answer, Skip):
-                return answer
+    for explanation in mechanisms.explanations:
+        if (skip := explanation.ask(node, ctx, version)) is not None:
+            return skip
     return mechanisms.refused(node, reasons)

@@ -9,6 +9,7 @@ A BatchNormalization in inference mode folds, in this order of preference:
 4. over the last axis of a token MatMul behind shape-only ops (decides it when it matches);
 5. through shape-only ops, into a linear op (its refusal says more than backward's);
 6. forward, into the one Conv, ConvTranspose, Gemm or MatMul it feeds.
+First its guard: a BN in training mode (or whose batch statistics are read) folds nowhere.
 Refused, the reason names why backward and why forward failed, unless the BN sits inside a
 quantized model, which explains it.
 
@@ -28,8 +29,9 @@ from bnfold.folding.checks import producer_through_no_ops
 from bnfold.folding.concat import plan_concat
 from bnfold.folding.forward import plan_forward, plan_heads
 from bnfold.folding.linear import linear_op
-from bnfold.folding.plan import NOT_MINE, Answer, Mechanism, Mechanisms, Plan, Role, Skip, decide
+from bnfold.folding.plan import NOT_MINE, Answer, Check, Mechanism, Mechanisms, Pass, Plan, Role, Skip, decide
 from bnfold.folding.quantized import plan_quantized_weight
+from bnfold.folding.reparam import plan_merge
 from bnfold.folding.shape_ops import plan_through_shape_ops
 from bnfold.folding.sources import (
     ELEMENTWISE_AFFINE,
@@ -41,13 +43,14 @@ from bnfold.folding.sources import (
 )
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import is_onnx_op, node_label
+from bnfold.report import BRANCH_MERGE
 
 
-def _inference_mode(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
-    return check_inference_mode(bn, version, ctx) or NOT_MINE
+def _inference_mode(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Skip | None:
+    return check_inference_mode(bn, version, ctx)
 
 
-def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
+def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Skip | None:
     """A BN between DequantizeLinear and QuantizeLinear: a model quantized before folding."""
     producer = ctx.index.producer(bn.input[0])
     readers = ctx.index.readers(bn.output[0])
@@ -63,7 +66,7 @@ def _quantized(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
             "it sits between DequantizeLinear and QuantizeLinear: the model was quantized before folding, and "
             "a fold across a quantizer is not exact; fold before quantizing, or fold with --requantize"
         )
-    return NOT_MINE
+    return None
 
 
 def _behind_linear(plan):
@@ -105,8 +108,8 @@ def _backward_nor_forward(why: dict[Role, Skip]) -> Skip:
 
 
 BATCH_NORM = Mechanisms(
+    guards=(Check("inference mode", _inference_mode),),
     order=(
-        Mechanism("inference mode", _inference_mode, Role.DECIDES),
         Mechanism("split at a Concat", lambda bn, ctx, _: plan_concat(bn, ctx), Role.DECIDES),
         Mechanism(
             "into a quantized weight", lambda bn, ctx, _: plan_quantized_weight(BatchNormSource(bn), ctx), Role.DECIDES
@@ -117,8 +120,8 @@ BATCH_NORM = Mechanisms(
             "through shape ops", lambda bn, ctx, _: plan_through_shape_ops(BatchNormSource(bn), ctx), Role.BACKWARD
         ),
         Mechanism("forward", lambda bn, ctx, _: plan_forward(bn, ctx), Role.FORWARD),
-        Mechanism("quantized", _quantized, Role.EXPLAINS),
     ),
+    explanations=(Check("quantized", _quantized),),
     refused=lambda bn, why: _backward_nor_forward(why),
 )
 
@@ -130,7 +133,7 @@ ELEMENTWISE = Mechanisms(
         Mechanism("forward", _elementwise_forward, Role.DECIDES),
     ),
     refused=lambda node, why: Skip(f"{node_label(node)} does not follow a linear op"),
-    reported=False,
+    reported=False,  # most such nodes are no BN at all: only folds are reported
 )
 
 # reported, so a user who asks why sees the answer
@@ -142,6 +145,20 @@ CANDIDATES = {
     **{op: RUNTIME_NORMALIZATION for op in RUNTIME_NORMALIZATIONS},
 }
 
+# A sum of parallel branches (RepVGG, MobileOne, RepMixer) merged into one Conv; a sum of other
+# things (a ResNet shortcut) is no candidate, and the report says nothing of it.
+SUMS = Mechanisms(
+    order=(Mechanism("branch merge", plan_merge, Role.DECIDES),),
+    refused=lambda node, why: None,
+    label=BRANCH_MERGE,
+)
+SUM_OPS = ("Add", "Sub", "Sum")
 
-def plan_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Plan | Skip:
+# The walk's passes over a graph, repeated until a round changes nothing: a merge makes a Conv
+# that a BN after the sum folds into, a fold makes a Conv that joins a sum.
+FOLDS = Pass("fold", CANDIDATES)
+MERGES = Pass("merge branches", dict.fromkeys(SUM_OPS, SUMS), from_the_end=True)
+
+
+def plan_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Plan | Skip | None:
     return decide(bn, BATCH_NORM, ctx, version)

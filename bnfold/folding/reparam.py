@@ -30,6 +30,7 @@ from bnfold.folding.sources import FLOAT_DTYPES, check_inference_mode, read_batc
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import is_onnx_op, node_label
+from bnfold.report import FoldOutcome
 
 MAX_DEPTH = 32  # layer scales (Mul) nested in one sum: real blocks need < 10; bounds the work per sum
 CONV = LINEAR_OPS["Conv"]
@@ -41,6 +42,7 @@ class MergePlan(Plan):
     term: Term  # the merged geometry, what it replaces and what it merged
     weight: np.ndarray  # merged and cast to the branches' dtype
     bias: np.ndarray
+    name: str  # the Conv's
     rounding: str | None = None  # how a 16-bit merged weight was rounded
 
     @property
@@ -56,19 +58,31 @@ class MergePlan(Plan):
         """The nodes merged away (the branches' Conv/BN/Mul/Add/Sub/Sum), the root aside."""
         return [node for node in self.term.nodes if node is not self.source]
 
+    @property
+    def absorbed(self) -> tuple[onnx.NodeProto, ...]:
+        return tuple(node for node in self.removed if is_onnx_op(node, "BatchNormalization"))
+
+    def outcome(self, prefix: str, op: str) -> FoldOutcome:
+        """Named after the Conv the sum becomes."""
+        return FoldOutcome(
+            prefix + self.name, self.source.output[0], op=op, folded_into=self.name, folded_into_op="Conv",
+            via=self.via, rounding=self.rounding,
+        )  # fmt: skip
+
     def rewrite(self, ctx: GraphContext) -> None:
         """The root becomes the one Conv in place: it keeps its output name and its place in the
         graph's order, after x."""
         root, term = self.source, self.term
         first_conv = next(n for n in term.nodes if is_onnx_op(n, "Conv"))
         base = first_conv.name or first_conv.output[0]
+        _memo(ctx).settle(term.nodes)  # decided: no other root of the pass is walked through them
         for old in self.removed:
             ctx.index.remove_node(old)
         ctx.index.truncate_inputs(root, 3)  # a Sum's others
         ctx.index.set_input(root, 0, term.x)
         ctx.index.set_input(root, 1, ctx.add_initializer(self.weight, f"{base}_reparam_W"))
         ctx.index.set_input(root, 2, ctx.add_initializer(self.bias, f"{base}_reparam_B"))
-        root.op_type, root.domain, root.name = "Conv", "", ctx.fresh_name(f"{base}_reparam")
+        root.op_type, root.domain, root.name = "Conv", "", self.name
         del root.attribute[:]
         root.attribute.extend(
             [
@@ -93,14 +107,26 @@ class MergeMemo:
         self.settled.update(id(node) for node in nodes)
 
 
-def plan_merge(root: onnx.NodeProto, ctx: GraphContext, version: int, memo: MergeMemo) -> MergePlan | Skip | NotMine:
+def _memo(ctx: GraphContext) -> MergeMemo:
+    return ctx.memo.setdefault("branch merge", MergeMemo())
+
+
+def plan_merge(root: onnx.NodeProto, ctx: GraphContext, version: int) -> MergePlan | Skip | NotMine:
     """The merge of the tree of sums at `root` (module docstring). Sums are offered from the
-    graph's end, so the largest tree around a sum is merged, not a part of it."""
+    graph's end (planner.MERGES), so the largest tree around a sum is merged, not a part of it;
+    what the pass learns is in its memo (ctx.memo)."""
+    memo = _memo(ctx)
     if id(root) in memo.settled or not is_sum(root):
         return NOT_MINE
     # match and checks: the tree as one term
     term = _term(root.output[0], ctx, version, root=True, failed=memo.failed)
-    if isinstance(term, (Skip, NotMine)):
+    if isinstance(term, NotMine):  # not the shape the merge reads; a block's shape, it cannot merge
+        block = _block_shape(root, ctx)
+        if block is None:
+            return term
+        memo.settle(block.sums)  # one report per block, not one per sum in it
+        return Skip(block.obstacle or term.why)
+    if isinstance(term, Skip):
         return term
     if term.convs == 0 or len(term.branches) < 2:
         memo.settle(term.nodes)  # nor can a part of it: not tried again
@@ -113,7 +139,9 @@ def plan_merge(root: onnx.NodeProto, ctx: GraphContext, version: int, memo: Merg
     cast = cast_conv(dtype, term.kernel, term.bias, term.group, moments)
     if isinstance(cast, Skip):
         return Skip(f"the merged weights overflow {dtype}")
-    return MergePlan(root, term, *cast, rounding_note(dtype, moments, ctx.scope.bias_correction))
+    first_conv = next(n for n in term.nodes if is_onnx_op(n, "Conv"))
+    name = ctx.fresh_name(f"{first_conv.name or first_conv.output[0]}_reparam")  # the pass applies every plan
+    return MergePlan(root, term, *cast, name, rounding_note(dtype, moments, ctx.scope.bias_correction))
 
 
 def _term(
@@ -133,7 +161,49 @@ def _term(
         return _conv_term(node, ctx)
     if node is not None and is_onnx_op(node, "BatchNormalization") and not root:
         return _batch_norm_term(node, ctx, version)
+    if ctx.constants.why_not(name) is None:  # (one value per channel is a bias term: _constant_term)
+        return NotMine(f"'{name}' is a constant that is not one value per channel")
     return identity(name)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    sums: tuple[onnx.NodeProto, ...]  # the tree's sums, the root's first
+    obstacle: str | None  # what the shape alone says stops the merge (a branch read elsewhere)
+
+
+def _block_shape(root: onnx.NodeProto, ctx: GraphContext) -> BlockShape | None:
+    """The tree of sums at `root` when it has a re-parameterizable block's shape, looked at
+    through everything _term refuses: two or more branches, a Conv among them, each branch a
+    Conv, a BN or an identity of one tensor x (through layer-scale Muls; constant leaves aside).
+    A sum of other things (a ResNet shortcut: conv(relu(x)) + x) gives None: nothing to report."""
+    sums, bases, branches, convs, obstacle = [], set(), 0, 0, None
+    stack, seen = [(root.output[0], True)], set()
+    while stack:
+        name, at_root = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = ctx.index.producer(name)
+        if node is not None and not at_root and (len(ctx.index.readers(name)) != 1 or name in ctx.index.graph_outputs):
+            obstacle = obstacle or f"{node_label(node)}'s output is also read outside the sum: it cannot merge away"
+        if node is not None and is_sum(node):
+            sums.append(node)
+            stack.extend((data, False) for data in node.input)
+            continue
+        data = [i for i in node.input if ctx.constants.why_not(i) is not None] if node is not None else []
+        if node is not None and is_onnx_op(node, "Mul") and len(node.input) == 2 and len(data) == 1:
+            stack.append((data[0], False))  # a layer scale
+            continue
+        if ctx.constants.why_not(name) is None:
+            continue  # a constant leaf: a bias term
+        branches += 1
+        convs += node is not None and is_onnx_op(node, "Conv")
+        of_x = node is not None and (is_onnx_op(node, "Conv") or is_onnx_op(node, "BatchNormalization"))
+        bases.add(node.input[0] if of_x else name)
+    if len(bases) != 1 or convs == 0 or branches < 2:
+        return None
+    return BlockShape(tuple(sums), obstacle)
 
 
 def is_sum(node: onnx.NodeProto) -> bool:

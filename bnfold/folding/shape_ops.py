@@ -56,7 +56,7 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
         return walked
     node, reader, shape_ops, _ = walked
     op = linear_op(node)
-    if not shape_ops or op is None or (op.op_type == "MatMul" and ctx.shapes.rank(node.input[0]) != 2):
+    if not shape_ops or op is None or op.check_node(node, ctx) is not None:  # (a MatMul of a 3-D input)
         return NOT_MINE
     linear = node
     # checks

@@ -161,10 +161,8 @@ def read_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, channels: int) -> Cha
     """BN's (scale s, shift t) in float64, if its parameters are constant, [C]-shaped and sane."""
     params = []
     for role, name in zip(BN_PARAMETERS, bn.input[1:]):
-        value = float_constant(ctx, name, f"BatchNormalization {role}")
-        if isinstance(value, Skip):
-            value = dequantized_constant(ctx, name)
-        if value is None or isinstance(value, Skip):
+        value = _parameter(ctx, name)
+        if value is None:
             return float_constant(ctx, name, f"BatchNormalization {role}")
         if value.shape != (channels,):
             return Skip(
@@ -180,8 +178,22 @@ def read_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, channels: int) -> Cha
     if not (denominator > 0).all():
         bad = int((denominator <= 0).sum())
         return Skip(f"variance + epsilon is not positive in {bad} of {channels} channels")
-    record_batch_norm(ctx, bn, gamma, beta)  # its output's distribution, for bias correction downstream
     return ChannelAffine(*affine.fold_scale_shift(gamma, beta, mean, var, eps))
+
+
+def _parameter(ctx: GraphContext, name: str) -> np.ndarray | None:
+    """A BN parameter: a float constant, or one quantize_static stored behind a DequantizeLinear."""
+    value = float_constant(ctx, name, "")
+    return dequantized_constant(ctx, name) if isinstance(value, Skip) else value
+
+
+def remember_batch_norm(bn: onnx.NodeProto, ctx: GraphContext) -> None:
+    """As a folded BN goes: its output's distribution N(β, γ²), by the name the tensor keeps, for
+    the bias correction of 16-bit folds downstream (bnfold.folding.correction). Planning reads
+    BNs without writing anything; the walk calls this when it applies a plan."""
+    gamma, beta = (_parameter(ctx, name) for name in bn.input[1:3])
+    if gamma is not None and beta is not None:
+        record_batch_norm(ctx, bn, gamma, beta)
 
 
 def read_elementwise(

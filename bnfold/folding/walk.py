@@ -7,18 +7,19 @@ what became dead is swept; and again, until a round changes nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
-from bnfold.folding.plan import Skip, decide
-from bnfold.folding.planner import CANDIDATES
-from bnfold.folding.reparam import MergeMemo, MergePlan, plan_merge
-from bnfold.folding.sources import batch_norm_version
+from bnfold.folding.plan import Pass, Plan, decide
+from bnfold.folding.planner import CANDIDATES, FOLDS, MERGES
+from bnfold.folding.sources import batch_norm_version, remember_batch_norm
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import ONNX_DOMAINS, all_names, all_nodes, named_subgraphs
 from bnfold.graph.tensors import Names, TensorReader, TensorStore, store_pending
-from bnfold.report import BRANCH_MERGE, FoldOutcome
+from bnfold.report import FoldOutcome
 
 FOLD_KINDS = tuple(CANDIDATES)
 # Folding and merging run to a fixed point: a merge makes a Conv that a BN after the sum folds
@@ -43,7 +44,7 @@ def fold_model_graph(
     `calibrated`: measured moments of the main graph's tensors (bnfold.calibration);
     `requantize`: fold across a quantizer (bnfold.folding.quantized)."""
     outcomes = _fold_functions(model, read_tensor, reparam, bias_correction, requantize)
-    kinds = (*FOLD_KINDS, "Add", "Sub", "Sum") if reparam else FOLD_KINDS
+    kinds = (*FOLD_KINDS, *MERGES.tables) if reparam else FOLD_KINDS
     if not any(n.op_type in kinds for n in all_nodes(model.graph)):
         return outcomes, {}
     opset = _onnx_opset(model.opset_import)
@@ -109,92 +110,56 @@ def _fold_graph(
             label = f"{prefix}{node.name or node.op_type}.{attr_name}/"
             outcomes += _fold_graph(body, scope, ctx, label, reparam)
             ctx.index.refresh_reads(node)
-    candidates = [n for n in graph.node if n.domain in ONNX_DOMAINS and n.op_type in FOLD_KINDS]
-    sums = reparam and any(n.op_type in ("Add", "Sub", "Sum") for n in graph.node)
-    if not candidates and not sums and (ctx is None or not ctx.index.has_orphans):
+    passes = [p for p in (FOLDS, MERGES) if reparam or p is not MERGES]
+    if not any(_offered(n, p) for n in graph.node for p in passes) and (ctx is None or not ctx.index.has_orphans):
         return outcomes
     ctx = ctx or GraphContext.build(graph, scope, parent)
     version = batch_norm_version(scope.opset)
-    found: dict[tuple[str, str], FoldOutcome] = {}  # by (op, node): a later round's outcome replaces
+    found: dict[tuple[str, str], FoldOutcome] = {}  # by (kind, node): a later round's outcome replaces
     for _ in range(len(graph.node) + 1):
-        folded = 0
-        for node in [n for n in ctx.index.live_nodes() if n.domain in ONNX_DOMAINS and n.op_type in FOLD_KINDS]:
-            outcome = _fold_node(node, ctx, version, prefix)
-            if outcome is not None:
-                folded += outcome.folded
-                found[(outcome.op, outcome.node)] = outcome
-        merges = _merge_sums(ctx, version, prefix, found) if sums else 0
+        changed = sum(_run_pass(one, ctx, version, prefix, found) for one in passes)
         ctx.finish()
-        if not folded and not merges:
+        if not changed:
             break
     return outcomes + list(found.values())
 
 
-def _fold_node(node: onnx.NodeProto, ctx: GraphContext, version: int, prefix: str) -> FoldOutcome | None:
-    """Plan and apply one candidate's fold; its outcome, or None for a refusal the report does
-    not list (a Mul/Add/Sub/Div: most are no candidate, and only their folds are reported)."""
-    name, output, op = _name(prefix, node), node.output[0], node.op_type  # (a rewrite may change the node)
-    mechanisms = CANDIDATES[node.op_type]
-    plan = decide(node, mechanisms, ctx, version)
-    if isinstance(plan, Skip):
-        return FoldOutcome(name, output, op=op, reason=plan.reason) if mechanisms.reported else None
-    # read before the rewrite renames outputs (and turns a MatMul into a Gemm)
-    into = ", ".join(linear.name or linear.output[0] for linear in plan.linears)
-    into_op = "/".join(sorted({linear.op_type for linear in plan.linears}))
-    plan.rewrite(ctx)
-    return FoldOutcome(
-        name, output, op=op, folded_into=into, folded_into_op=into_op, forward=plan.forward, via=plan.via,
-        rounding=plan.rounding,
-    )  # fmt: skip
+def _offered(node: onnx.NodeProto, one: Pass) -> bool:
+    return node.domain in ONNX_DOMAINS and node.op_type in one.tables
+
+
+def _run_pass(one: Pass, ctx: GraphContext, version: int, prefix: str, found: dict) -> int:
+    """Offer every live node of the pass's kinds to its table (plan.decide), in the pass's
+    order; apply each plan at once; record the outcomes in graph order. How many plans applied."""
+    ctx.memo.clear()
+    nodes = [n for n in ctx.index.live_nodes() if _offered(n, one)]
+    results = []
+    for node in reversed(nodes) if one.from_the_end else nodes:
+        table = one.tables[node.op_type]
+        kind = table.label or node.op_type
+        key = (kind, _name(prefix, node))  # before a rewrite renames it
+        answer = decide(node, table, ctx, version)
+        if isinstance(answer, Plan):
+            outcome = answer.outcome(prefix, kind)  # read before the rewrite
+            absorbed = [(n.op_type, _name(prefix, n)) for n in answer.absorbed]
+            if node.op_type == "BatchNormalization":
+                remember_batch_norm(node, ctx)  # its statistics, by the name its output keeps
+            answer.rewrite(ctx)
+            results.append((key, outcome, absorbed))
+        elif answer is not None and table.reported:
+            results.append((key, FoldOutcome(key[1], node.output[0], op=kind, reason=answer.reason), []))
+    for key, outcome, absorbed in results[::-1] if one.from_the_end else results:
+        for taken in absorbed:  # an earlier refusal of a node the plan took away, now folded into its op
+            if taken in found:
+                found[taken] = replace(
+                    found[taken], folded_into=outcome.folded_into, folded_into_op=outcome.folded_into_op,
+                    via="merged with the branches beside it", reason=None,
+                )  # fmt: skip
+        if key != (outcome.op, outcome.node):  # renamed (a merged sum is named after its Conv)
+            found.pop(key, None)
+        found[(outcome.op, outcome.node)] = outcome
+    return sum(outcome.folded for _, outcome, _ in results)
 
 
 def _name(prefix: str, node: onnx.NodeProto) -> str:
     return prefix + (node.name or node.output[0])
-
-
-def _merge_sums(ctx: GraphContext, version: int, prefix: str, found: dict) -> int:
-    """Offer every sum to the branch merge, from the graph's end (reparam.plan_merge), apply the
-    plans and record them; how many merged."""
-    memo, merged, refused = MergeMemo(), [], []
-    for node in reversed(ctx.index.live_nodes()):
-        answer = plan_merge(node, ctx, version, memo)  # NOT_MINE for all but sums
-        if isinstance(answer, Skip):
-            refused.append((node, answer))
-        elif isinstance(answer, MergePlan):
-            root_name = node.name or node.output[0]  # before it becomes the Conv
-            answer.rewrite(ctx)
-            memo.settle(answer.term.nodes)
-            merged.append((root_name, answer))
-    _record_merges(found, merged[::-1], refused[::-1], prefix)
-    return len(merged)
-
-
-def _record_merges(found: dict, merged: list[tuple[str, MergePlan]], refused: list, prefix: str) -> None:
-    """Each merged BatchNormalization shown as folded into the merged Conv, one outcome per
-    merge (replacing an earlier round's refusal of that sum), one per refusal; in graph order."""
-    for _, plan in merged:
-        for node in plan.removed:
-            key = ("BatchNormalization", _name(prefix, node))
-            if node.op_type == "BatchNormalization" and key in found:
-                found[key] = FoldOutcome(
-                    found[key].node,
-                    found[key].output,
-                    folded_into=plan.source.name,
-                    folded_into_op="Conv",
-                    via="merged with the branches beside it",
-                )
-    for root_name, plan in merged:
-        conv = plan.source
-        found.pop((BRANCH_MERGE, prefix + root_name), None)
-        found[(BRANCH_MERGE, prefix + conv.name)] = FoldOutcome(
-            prefix + conv.name,
-            conv.output[0],
-            op=BRANCH_MERGE,
-            folded_into=conv.name,
-            folded_into_op="Conv",
-            via=plan.via,
-            rounding=plan.rounding,
-        )
-    for root, skip in refused:
-        name = _name(prefix, root)
-        found[(BRANCH_MERGE, name)] = FoldOutcome(name, root.output[0], op=BRANCH_MERGE, reason=skip.reason)

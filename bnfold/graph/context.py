@@ -34,6 +34,9 @@ class GraphContext:
     constants: Constants
     shapes: Shapes
     scope: ModelScope
+    # what one pass over the graph has learnt, by the mechanism that learnt it (the branch merge's
+    # trees that cannot merge); the walk empties it before each pass
+    memo: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, graph: onnx.GraphProto, scope: ModelScope, parent: GraphContext | None = None) -> GraphContext:
