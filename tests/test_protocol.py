@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 from bnfold.folding import planner
-from bnfold.folding.plan import NOT_MINE, Check, Mechanism, Mechanisms, Plan, Role, Skip, decide
+from bnfold.folding.plan import NOT_MINE, Check, Mechanism, Mechanisms, NotMine, Plan, Role, Skip, decide
 from bnfold.folding.sources import batch_norm_version
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import all_names
@@ -71,6 +71,40 @@ def test_refusals_combine_by_role_and_a_later_one_replaces_an_earlier_one_of_its
         ("d", Role.BACKWARD, NOT_MINE),
     )
     assert decide(NODE, table, None, 15) == Skip("backward: second | forward: forward")
+
+
+def test_a_failed_match_says_why_when_its_role_has_no_skip():
+    table, _ = _table(
+        ("backward", Role.BACKWARD, NotMine("its input comes from Relu")),
+        ("shape ops", Role.BACKWARD, NOT_MINE),
+        ("forward", Role.FORWARD, NotMine("it feeds Sigmoid")),
+    )
+    assert decide(NODE, table, None, 15) == Skip("backward: its input comes from Relu | forward: it feeds Sigmoid")
+    table, _ = _table(
+        ("backward", Role.BACKWARD, NotMine("its input comes from Reshape")),
+        ("shape ops", Role.BACKWARD, Skip("the Reshape after the Gemm moves its channels")),
+        ("decides", Role.DECIDES, NotMine("ignored")),
+    )
+    assert decide(NODE, table, None, 15) == Skip("backward: the Reshape after the Gemm moves its channels")
+
+
+def test_backward_and_forward_answer_not_mine_when_the_graph_is_not_their_shape():
+    from bnfold.folding.backward import plan_backward
+    from bnfold.folding.forward import plan_forward
+    from bnfold.folding.sources import BatchNormSource
+
+    model = onnx.load(str(SAMPLES / "shared_conv_output.onnx"))  # /bn: Conv (also read by Sigmoid) → BN → Relu
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    scope = ModelScope(
+        model.ir_version, opset, list(model.opset_import), Names(all_names(model.graph)), TensorStore(read_tensor)
+    )
+    ctx = GraphContext.build(model.graph, scope)
+    bn = next(n for n in model.graph.node if n.name == "/bn/BatchNormalization")
+    assert plan_forward(bn, ctx) == NotMine("it feeds Relu '/Relu', not a Conv, ConvTranspose, Gemm or MatMul")
+    assert isinstance(plan_backward(BatchNormSource(bn), ctx), Skip)  # its shape, but the Conv is shared
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    after_relu = helper.make_node("BatchNormalization", [relu.output[0], *bn.input[1:]], ["z"])
+    assert isinstance(plan_backward(BatchNormSource(after_relu), ctx), NotMine)
 
 
 def _checks(*answers: tuple[str, object], asked: list[str]) -> tuple[Check, ...]:

@@ -13,7 +13,7 @@ import onnx
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
 from bnfold.folding.linear import LINEAR_OPS, linear_op
 from bnfold.folding.linear_plan import LinearPlan, fold_after
-from bnfold.folding.plan import Skip
+from bnfold.folding.plan import NotMine, Skip
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import node_label
@@ -29,19 +29,21 @@ class BackwardPlan(LinearPlan):
         ctx.index.set_output(self.linear, 0, self.source.output[0])
 
 
-def plan_backward(source: AffineSource, ctx: GraphContext, reader: onnx.NodeProto | None = None) -> BackwardPlan | Skip:
+def plan_backward(
+    source: AffineSource, ctx: GraphContext, reader: onnx.NodeProto | None = None
+) -> BackwardPlan | Skip | NotMine:
     """Fold `source` into the linear op producing the tensor it reads. `reader` is the node that
     must be the only reader of that tensor (default: the source itself)."""
     # match
     linear, passthrough, blocked = producer_through_no_ops(source.data, ctx)
-    if blocked:
+    if blocked:  # (`linear` is then the no-op that others read)
         return blocked
     if linear is None:
         kind = "a graph input" if source.data in ctx.index.graph_inputs else "not produced by any node"
-        return Skip(f"its input '{source.data}' is {kind}; nothing to fold into")
+        return NotMine(f"its input '{source.data}' is {kind}; nothing to fold into")
     op = linear_op(linear)
     if op is None:
-        return Skip(f"its input comes from {node_label(linear)}; bnfold folds into {', '.join(LINEAR_OPS)}")
+        return NotMine(f"its input comes from {node_label(linear)}; bnfold folds into {', '.join(LINEAR_OPS)}")
     # checks
     first = passthrough[-1] if passthrough else (reader or source.node)
     failed = call_site_attributes(source.node, linear, *passthrough) or single_reader(linear, first, ctx)

@@ -98,7 +98,7 @@ def plan_concat(bn: onnx.NodeProto, ctx: GraphContext) -> ConcatPlan | Skip | No
         piece = ChannelAffine(whole.scale[offset : offset + count], whole.shift[offset : offset + count])
         offset += count
         part = plan_backward(KnownAffine(bn, data, piece), ctx, reader=concat)
-        if isinstance(part, Skip):
-            return Skip(f"BatchNormalization after Concat: {part.reason}")
+        if isinstance(part, (Skip, NotMine)):  # (every input comes from a linear op: checked above)
+            return Skip(f"BatchNormalization after Concat: {part.reason if isinstance(part, Skip) else part.why}")
         parts.append(part)
     return ConcatPlan(bn, concat, tuple(parts))

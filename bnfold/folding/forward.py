@@ -33,7 +33,7 @@ from bnfold.folding.checks import call_site_attributes
 from bnfold.folding.correction import batch_norm_input_moments, rounding_note
 from bnfold.folding.linear import LinearOp, linear_op
 from bnfold.folding.linear_plan import LinearPlan, become_shift, give_parameters
-from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.plan import NotMine, Plan, Skip
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after, merged_axis
 from bnfold.folding.sources import AffineSource, BatchNormSource, ChannelAffine, read_batch_norm
 from bnfold.graph.constants import NotConstant
@@ -107,7 +107,7 @@ class HeadsPlan(Plan):
         ctx.index.remove_node(self.source)
 
 
-def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip:
+def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip | NotMine:
     """Fold `source` forward into every node that reads its output, each a linear op reading it
     as its data input (through shape-only ops and spatial means) that takes it whole (a shift
     cannot pass a Conv's padding: plan_forward leaves it as an Add when one BN feeds one Conv)."""
@@ -115,13 +115,13 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip:
     out = source.node.output[0]
     readers = ctx.index.readers(out)
     if out in ctx.index.graph_outputs:
-        return Skip("its output is a graph output")
+        return NotMine("its output is a graph output")
     if not readers:
-        return Skip("nothing reads it")
+        return NotMine("nothing reads it")
     chains = [_chain(reader, out, ctx) for reader in {id(r): r for r in readers}.values()]
     failed = next((c for c in chains if isinstance(c, Skip)), None)
     if failed:
-        return failed
+        return NotMine(failed.reason)  # a reader that is no linear op, or not reached whole
     # checks, and each head's plan
     heads, rank = [], ctx.shapes.rank(source.data)
     if rank is None:
@@ -148,7 +148,7 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip:
     return HeadsPlan(source.node, source.data, tuple(heads))
 
 
-def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPlan | Skip:
+def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPlan | Skip | NotMine:
     """Fold `bn` into the one linear op that reads it as its data input, directly or through
     shape-only ops that carry its channel axis whole to the op's input channel axis; into each
     of several such ops when several read it (plan_heads)."""
@@ -157,7 +157,7 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
     # match
     found = _linear_reader(bn, ctx)
     if isinstance(found, Skip):
-        return found
+        return NotMine(found.reason)  # no linear op reads it that way: what reads it instead
     linear, op, shape_ops, repeat = found
     # checks
     read = _read_linear(bn, linear, op, ctx)

@@ -34,8 +34,9 @@ class Skip:
 
 @dataclass(frozen=True)
 class NotMine:
-    """The node is not this mechanism's to decide; `why` is for a reader of the code, never the
-    report."""
+    """The graph around the node is not this mechanism's shape; `why` says what it is instead
+    ("its input comes from Relu"). When no mechanism of its role gives a Skip, `why` is that
+    role's reason in the sentence the report shows (Mechanisms.refused)."""
 
     why: str = ""
 
@@ -150,7 +151,8 @@ class Pass:
 
 def decide(node: onnx.NodeProto, mechanisms: Mechanisms, ctx: GraphContext, version: int) -> Plan | Skip | None:
     """A guard's Skip; else the first Plan in the declared order, or the Skip of a mechanism
-    that decides; else an explanation's Skip, else `refused` of the reasons gathered."""
+    that decides; else an explanation's Skip, else `refused` of the reasons gathered by role (a
+    Skip, or the `why` of a NotMine where the role gave no Skip)."""
     for guard in mechanisms.guards:
         if (skip := guard.ask(node, ctx, version)) is not None:
             return skip
@@ -158,6 +160,8 @@ def decide(node: onnx.NodeProto, mechanisms: Mechanisms, ctx: GraphContext, vers
     for mechanism in mechanisms.order:
         answer = mechanism.plan(node, ctx, version)
         if isinstance(answer, NotMine):
+            if answer.why and mechanism.role is not Role.DECIDES:
+                reasons.setdefault(mechanism.role, Skip(answer.why))  # a Skip of the role replaces it
             continue
         if isinstance(answer, Plan) or mechanism.role is Role.DECIDES:
             return answer
