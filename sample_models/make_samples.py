@@ -706,6 +706,61 @@ class QATResNetTiny(nn.Module):
         return self.dequant(self.head(torch.flatten(self.pool(x), 1)))
 
 
+class FXQATResNetTiny(nn.Module):
+    """The residual network of QATResNetTiny (one more block, a strided one with a 1×1 shortcut),
+    prepared by torch.ao's FX graph mode (prepare_qat_fx) instead of eager mode: FX fuses each
+    Conv-BN(-ReLU) itself and quantizes the residual sums. Plain per-channel FakeQuantize weights
+    and uint8 activations; eval() freezes the observers and the BN statistics, as QAT does before
+    export."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        import torch.ao.quantization as tq
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        float_net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), FXBlock(16), FXBlock(32, stride=2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes),
+        )  # fmt: skip
+        qconfig = tq.QConfig(
+            activation=tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                                 dtype=torch.quint8),
+            weight=tq.FakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
+                                             quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+        )  # fmt: skip
+        float_net.train()
+        self.net = prepare_qat_fx(float_net, tq.QConfigMapping().set_global(qconfig), (torch.randn(1, 3, 32, 32),))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            import torch.ao.quantization as tq
+
+            self.apply(tq.disable_observer)
+            self.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+        return self
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class FXBlock(nn.Module):
+    """A residual block for FX graph mode: a plain `+` (FX quantizes it), a strided one with a
+    Conv-BN shortcut."""
+
+    def __init__(self, channels, stride=1):
+        super().__init__()
+        into = channels if stride == 1 else channels // 2
+        self.conv1, self.bn1 = nn.Conv2d(into, channels, 3, stride, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.shortcut = nn.Identity() if stride == 1 else nn.Sequential(
+            nn.Conv2d(into, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))  # fmt: skip
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + self.shortcut(x))
+
+
 def randomize_frozen(model: nn.Module, generator: torch.Generator) -> None:
     """FrozenBatchNorm2d has no running statistics to calibrate: give it trained-looking ones."""
     with torch.no_grad():
@@ -800,6 +855,7 @@ SAMPLES = (
     Sample("fastvit_tiny", 19, FastViTTiny, (3, 32, 32), dynamic_batch=False, dynamo=True),
     Sample("yolo_tiny", 20, YoloTiny, (3, 64, 64), rows=1, calibration_rows=4, dynamic_spatial=True, dynamo=True),
     Sample("qat_resnet_tiny", 21, QATResNetTiny, (3, 32, 32)),
+    Sample("fx_qat_resnet_tiny", 22, FXQATResNetTiny, (3, 32, 32)),
 )  # fmt: skip
 
 

@@ -231,12 +231,73 @@ def test_a_negative_bn_scale_is_refused(tmp_path):
     assert_refused(model, "the weight's DequantizeLinear scale would not stay positive")
 
 
-def test_a_weight_dequantizer_another_node_reads_is_refused(tmp_path):
+@pytest.mark.parametrize("shared", ["wd", "bd"], ids=["weight", "int32 bias"])
+def test_a_dequantizer_another_node_reads_is_copied_for_the_conv(tmp_path, shared):
+    # A ReduceSum (a graph output) reads the weight's (or the int32 bias's) DequantizeLinear too:
+    # the Conv gets a copy to rescale, reading the same integers; the ReduceSum keeps the original.
+    model = qat_export(tmp_path, divide=False, int32_bias=True)
+    model.graph.node.append(helper.make_node("ReduceSum", [shared], ["total"], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, []))
+    result = bnfold.fold(model)
+    folded = result.model
+    assert result.report.folded == 1 and "BatchNormalization" not in op_types(folded), result.report.table()
+    onnx.checker.check_model(folded, full_check=True)
+    dequantizers = {n.output[0]: n for n in folded.graph.node if n.op_type == "DequantizeLinear"}
+    original = next(n for n in model.graph.node if n.output and n.output[0] == shared)
+    assert dequantizers[shared].input == original.input  # what the ReduceSum reads: untouched
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    position = 1 if shared == "wd" else 2
+    copy = dequantizers[conv.input[position]]  # the Conv's own, with a new scale
+    assert copy is not dequantizers[shared] and copy.input[1] != original.input[1]
+    for name in {"qw", *original.input}:  # the weight's integers, and all the original reads
+        assert initializers(folded)[name].tobytes() == initializers(model)[name].tobytes()
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx")
+    assert report.equivalent and {o.name for o in report.outputs} == {"y", "total"}, report.table()
+    assert next(o for o in report.outputs if o.name == "total").max_abs_error == 0.0
+    for mistake in ("one channel's scale ×1.01", "the loudest int32 bias 3% off"):  # in the Conv's copy
+        wrong = onnx.ModelProto()
+        wrong.CopyFrom(folded)
+        tensors = {t.name: t for t in wrong.graph.initializer}
+        if mistake.startswith("one"):
+            tensor = tensors[dequantizers[conv.input[1]].input[1]]
+            values = numpy_helper.to_array(tensor).copy()
+            values[3] *= 1.01
+        else:
+            tensor = tensors[dequantizers[conv.input[2]].input[0]]
+            values = numpy_helper.to_array(tensor).copy()
+            loudest = np.argmax(np.abs(values))
+            values[loudest] = np.int32(round(values[loudest] * 1.03))
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+        onnx.save(wrong, tmp_path / "wrong.onnx")
+        assert not bnfold.verify(tmp_path / "model.onnx", tmp_path / "wrong.onnx").equivalent, mistake
+
+
+def test_two_convs_that_share_a_weight_dequantizer_both_fold(tmp_path):
+    # conv → BN and conv2 → BN2 read one DequantizeLinear: the first fold copies it, the second
+    # rescales what is then its own.
     model = qat_export(tmp_path, divide=False)
     graph = model.graph
-    graph.node.append(helper.make_node("ReduceSum", ["wd"], ["wsum"], keepdims=0))
-    graph.output.append(helper.make_tensor_value_info("wsum", TensorProto.FLOAT, []))
-    assert_refused(model, "also feeds ReduceSum")
+    rng = np.random.default_rng(9)
+    bn2 = [numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), f"{k}2") for k in ("g", "v")]
+    bn2 += [numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), f"{k}2") for k in ("be", "m")]
+    graph.initializer.extend(bn2)
+    graph.node.extend([
+        helper.make_node("Conv", ["xd", "wd", "b"], ["conv2"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["conv2", "g2", "be2", "m2", "v2"], ["y2"]),
+    ])  # fmt: skip
+    graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 8, 16, 16]))
+    result = bnfold.fold(model)
+    folded = result.model
+    assert result.report.folded == 2 and "BatchNormalization" not in op_types(folded), result.report.table()
+    assert op_types(folded).count("DequantizeLinear") == op_types(model).count("DequantizeLinear") + 1
+    assert initializers(folded)["qw"].tobytes() == initializers(model)["qw"].tobytes()
+    onnx.checker.check_model(folded, full_check=True)
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx")
+    assert report.equivalent, report.table()
 
 
 def test_a_scale_on_the_input_channel_axis_is_refused(tmp_path):

@@ -339,3 +339,14 @@ def test_onnxruntimes_log_lines_of_a_gpu_provider_stay_out_of_stderr(capfd):
     with _provider_log(["CPUExecutionProvider"]) as log:  # the CPU's sessions leave stderr alone
         os.write(2, b"a line of someone else's\n")
     assert log == [] and capfd.readouterr().err == "a line of someone else's\n"
+
+
+def test_bench_times_what_a_deployment_runs_onnxruntimes_default_level():
+    # every optimization, as an InferenceSession without options runs: its QDQ fusions make the
+    # integer kernels a folded QAT model gains (the basic level has none of them)
+    import onnxruntime as ort
+
+    from bnfold.verification.runtime import make_session
+
+    level = make_session(conv_bn_model(), optimize=True).get_session_options().graph_optimization_level
+    assert level == ort.SessionOptions().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -69,8 +69,11 @@ EXPECTED = {
     # PyTorch eager QAT, exported before convert: each BN behind a Div by its scale factor, the
     # weights fake-quantized; both fold into the weights' DequantizeLinear scale
     "qat_resnet_tiny": (5, 5, 5),
+    # the same in torch.ao's FX graph mode (prepare_qat_fx), a strided block with a 1×1 shortcut:
+    # six Divs and the stem's conv bias (an Add after its Div) fold too
+    "fx_qat_resnet_tiny": (6, 6, 7),
 }
-QUANTIZED = ("qat_resnet_tiny",)  # outputs on a grid: judged in its steps, not against 1e-5
+QUANTIZED = ("qat_resnet_tiny", "fx_qat_resnet_tiny")  # outputs on a grid: judged in its steps, not against 1e-5
 
 
 def load(name: str):

@@ -27,7 +27,11 @@ Refused, with the reason: a model below opset 13 (DequantizeLinear-10 has one sc
 blocked quantization (`block_size`), a per-axis scale on another axis
 than the output channels, a ConvTranspose with groups (one axis-1 scale serves every group), a
 channel the map scales by zero or a negative number (a DequantizeLinear scale stays positive for
-onnxruntime's integer kernels), a DequantizeLinear another node reads too.
+onnxruntime's integer kernels).
+
+A weight's (or an int32 bias's) DequantizeLinear that other nodes read too is not rescaled for
+them: the linear op gets a copy of it, reading the same integers and zero point, and only the
+copy's scale changes.
 """
 
 from __future__ import annotations
@@ -127,11 +131,11 @@ class QuantizedWeightPlan(Plan):
         return "; ".join(part for part in (removed, self.note) if part) or None
 
     def rewrite(self, ctx: GraphContext) -> None:
-        _rescale(ctx, self.weight.node, self.scale, self.zero_point, self.axis)
+        _rescale(ctx, _own(ctx, self.weight.node, self.linear, 1), self.scale, self.zero_point, self.axis)
         if self.bias_grid is None:
             give_bias(ctx, self.op, self.linear, self.source, self.bias)
         else:
-            grid = self.bias_grid.node
+            grid = _own(ctx, self.bias_grid.node, self.linear, 2)
             ctx.index.set_input(grid, 0, ctx.add_initializer(self.bias, folded_name(grid.input[0])))
             zero_point = None if self.bias_grid.zero_point is None or self.bias_grid.zero_point.size != 1 else (
                 np.full(len(self.bias), self.bias_grid.zero_point.reshape(())))  # fmt: skip
@@ -140,6 +144,22 @@ class QuantizedWeightPlan(Plan):
         for node in (self.source, *self.passthrough):
             ctx.index.remove_node(node)
         ctx.index.set_output(self.linear, 0, self.source.output[0])
+
+
+def _own(ctx: GraphContext, dequantizer: onnx.NodeProto, linear: onnx.NodeProto, position: int) -> onnx.NodeProto:
+    """The DequantizeLinear the linear op reads at `position`, its own: when another node reads
+    it too, a copy of it just before the op (its integers and zero point shared, untouched), which
+    the op then reads instead. The others keep the original."""
+    if not _others(dequantizer, linear, ctx):
+        return dequantizer
+    copy = onnx.NodeProto()
+    copy.CopyFrom(dequantizer)
+    copy.output[0] = ctx.fresh_name(folded_name(dequantizer.output[0]))
+    if copy.name:
+        copy.name = ctx.fresh_name(folded_name(copy.name))
+    copy = ctx.index.insert_node(copy, before=linear)
+    ctx.index.set_input(linear, position, copy.output[0])
+    return copy
 
 
 def _rescale(ctx: GraphContext, node: onnx.NodeProto, scale: np.ndarray, zero_point, axis: int) -> None:
@@ -186,7 +206,6 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
         or single_reader(linear, first, ctx)
         or op.check_node(linear, ctx)
         or op.check_weight(weight.q, linear)
-        or _only_reader(weight.node, linear, ctx)
     )
     if failed:
         return failed
@@ -252,10 +271,16 @@ def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.Node
 
 
 def _only_reader(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
-    readers = [r for r in ctx.index.readers(node.output[0]) if r is not linear]
-    if readers or node.output[0] in ctx.index.graph_outputs:
+    if _others(node, linear, ctx):
+        readers = [r for r in ctx.index.readers(node.output[0]) if r is not linear]
         return Skip(f"{node_label(node)} also feeds {', '.join(node_label(r) for r in readers[:3]) or 'an output'}")
     return None
+
+
+def _others(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> bool:
+    """Whether anything but `linear` reads `node`'s output (a graph output counts)."""
+    out = node.output[0]
+    return out in ctx.index.graph_outputs or any(r is not linear for r in ctx.index.readers(out))
 
 
 def _folded_bias(op: LinearOp, linear: onnx.NodeProto, ctx: GraphContext, scale_shift: ChannelAffine, dtype):
@@ -275,8 +300,8 @@ def _folded_bias(op: LinearOp, linear: onnx.NodeProto, ctx: GraphContext, scale_
             return Skip(f"{op.op_type} bias has shape {list(bias.shape)}, expected [{len(scale)}]")
         folded = affine.fold_bias(bias.astype(np.float64) * op.bias_scale(linear), scale, shift)
         return folded.astype(bias.dtype), None, None, None
-    if (failed := _only_reader(grid.node, linear, ctx)) or grid.q.dtype != np.int32 or grid.q.shape != scale.shape:
-        return failed or Skip(f"{node_label(grid.node)} is not an int32 bias of one value per channel")
+    if grid.q.dtype != np.int32 or grid.q.shape != scale.shape:
+        return Skip(f"{node_label(grid.node)} is not an int32 bias of one value per channel")
     zero = 0.0 if grid.zero_point is None else grid.zero_point.astype(np.float64)
     steps = grid.scale.astype(np.float64)
     bias = (grid.q.astype(np.float64) - zero) * steps * op.bias_scale(linear)

@@ -130,6 +130,20 @@ class GraphIndex:
         for listener in self.on_redefine:
             listener(name)
 
+    def insert_node(self, node: onnx.NodeProto, before: onnx.NodeProto) -> onnx.NodeProto:
+        """Add a copy of `node` to the graph just before `before` (so that it precedes that reader
+        in graph order); returns the graph's own copy, the one to edit further."""
+        position = next(i for i, n in enumerate(self._nodes) if n is before)
+        self.graph.node.insert(position, node)
+        added = self.graph.node[position]
+        self._nodes.insert(position, added)
+        for name in added.output:
+            if name:
+                self._producer[name] = added
+        for name in self._reads(added):
+            self._readers[name].append(added)
+        return added
+
     def remove_node(self, node: onnx.NodeProto) -> None:
         self._removed_nodes.add(id(node))
         for name in self._reads(node):

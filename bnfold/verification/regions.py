@@ -212,18 +212,19 @@ def _bridge(model: onnx.ModelProto, first: int, ours: dict[str, int], theirs: di
 def yardstick(reference: onnx.ModelProto, rewrite: Rewrite, types: dict, seed: int) -> onnx.ModelProto:
     """The reference (its own copy, changed here) with its rewritten nodes copied beside it,
     every float parameter of the copy rounded the other way (`reround`); outputs as `probe`'s."""
-    read = {name for node in rewrite.reference_nodes for name in _reads(node)}
-    requantized = _requantized(rewrite)
+    grids = _grids_before(reference, rewrite)
+    region = [*grids, *rewrite.reference_nodes]
+    read = {name for node in region for name in _reads(node)}
+    requantized = _requantized(rewrite, grids)
     initializers = [
         reround(t, np.random.default_rng([seed, 0, i]), steps=t.name in requantized)
         for i, t in enumerate(reference.graph.initializer)
         if t.name in read
     ]
-    rewritten = {id(node) for node in rewrite.reference_nodes}
+    rewritten = {id(node) for node in region}
     constants = [n for n in reference.graph.node if _is_constant(n) and id(n) not in rewritten and n.output[0] in read]
     nodes = [
-        _rerounded_constants(node, np.random.default_rng([seed, 1, i]))
-        for i, node in enumerate([*constants, *rewrite.reference_nodes])
+        _rerounded_constants(node, np.random.default_rng([seed, 1, i])) for i, node in enumerate([*constants, *region])
     ]
     _splice(reference, nodes, initializers, REROUNDED)
     _expose(reference, rewrite.sites, types, REROUNDED)
@@ -234,8 +235,9 @@ def rerounded_end_to_end(reference: onnx.ModelProto, rewrite: Rewrite, seed: int
     """The reference (its own copy, changed here) with every float parameter its rewritten nodes
     read rounded the other way (every one, when the rewrite is not isolated): how far its
     outputs move when only those parameters move."""
-    read = {name for node in rewrite.reference_nodes for name in _reads(node)}
-    requantized = _requantized(rewrite)
+    grids = _grids_before(reference, rewrite)
+    read = {name for node in [*grids, *rewrite.reference_nodes] for name in _reads(node)}
+    requantized = _requantized(rewrite, grids)
     for i, tensor in enumerate(reference.graph.initializer):
         if tensor.name in read or not rewrite.isolated:
             tensor.CopyFrom(reround(tensor, np.random.default_rng([seed, 0, i]), steps=tensor.name in requantized))
@@ -249,14 +251,37 @@ def _is_constant(node: onnx.NodeProto) -> bool:
     return node.op_type == "Constant" and len(node.output) == 1
 
 
-def _requantized(rewrite: Rewrite) -> set[str]:
+def _requantized(rewrite: Rewrite, grids: list[onnx.NodeProto]) -> set[str]:
     """The integer tensors a rewritten DequantizeLinear of the reference reads and the candidate
-    holds with other values: a fold requantized them (a conv's int32 bias at its new scale)."""
-    return {
+    holds with other values: a fold requantized them (a conv's int32 bias at its new scale); and
+    those of `grids`, which a fold requantized in a copy of its own."""
+    rewritten = {
         node.input[0]
         for node in rewrite.reference_nodes
         if node.op_type == "DequantizeLinear" and node.input and node.input[0] not in rewrite.shared
     }
+    return rewritten | {node.input[0] for node in grids}
+
+
+def _grids_before(reference: onnx.ModelProto, rewrite: Rewrite) -> list[onnx.NodeProto]:
+    """The DequantizeLinear nodes of constants outside the rewrite that a rewritten node reads:
+    where other nodes read one too, a fold rescales (and requantizes) a copy of it for the linear
+    op alone, and the original stays. The yardstick rounds their parameters as a rewritten one's."""
+    rewritten = {id(node) for node in rewrite.reference_nodes}
+    initializers = {t.name for t in reference.graph.initializer}
+    producers = {out: node for node in reference.graph.node for out in node.output if out}
+    grids: dict[int, onnx.NodeProto] = {}
+    for node in rewrite.reference_nodes:
+        for name in node.input:
+            grid = producers.get(name)
+            if (
+                grid is not None
+                and id(grid) not in rewritten
+                and grid.op_type == "DequantizeLinear"
+                and all(i in initializers for i in grid.input if i)
+            ):
+                grids[id(grid)] = grid
+    return list(grids.values())
 
 
 def reround(tensor: TensorProto, rng: np.random.Generator, steps: bool = False) -> TensorProto:

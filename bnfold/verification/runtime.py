@@ -148,7 +148,8 @@ def make_session(
     arrays: dict[str, np.ndarray] | None = None,
 ) -> ort.InferenceSession:
     """A session on a ModelProto or a model file (a path lets onnxruntime read external data).
-    `optimize` turns on onnxruntime's BASIC graph optimizations (float32-exact rewrites);
+    `optimize` turns on every graph optimization, onnxruntime's default (what a deployment runs:
+    its Conv+BN fusion, and the QDQ fusions that make integer kernels; `bnfold bench`);
     `threads` caps its intra-op threads (0: onnxruntime's default, every core). A ModelProto's
     large initializers reach onnxruntime as arrays (split_weights); `arrays` gives them for a
     skeleton that split_weights made already."""
@@ -156,7 +157,7 @@ def make_session(
     options.intra_op_num_threads = threads
     options.log_severity_level = 4  # fatal only: its errors come back as exceptions, one line each
     options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     for library in _CUSTOM_OPS.get():
         try:
