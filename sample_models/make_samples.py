@@ -660,7 +660,34 @@ class QATBlock(nn.Module):
         return self.relu2(self.add.add(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))), x))
 
 
-class QATResNetTiny(nn.Module):
+def qat_qconfig():
+    """Per-channel int8 weights, uint8 activations, as plain FakeQuantize (the default fused
+    observer has no ONNX export), in the ranges ONNX allows."""
+    import torch.ao.quantization as tq
+
+    return tq.QConfig(
+        activation=tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                             dtype=torch.quint8),
+        weight=tq.FakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
+                                         quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+    )  # fmt: skip
+
+
+class QATNet(nn.Module):
+    """A network in quantization-aware training whose eval() freezes the observers and the BN
+    statistics, as QAT does before export."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            import torch.ao.quantization as tq
+
+            self.apply(tq.disable_observer)
+            self.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+        return self
+
+
+class QATResNetTiny(QATNet):
     """A residual network in PyTorch eager quantization-aware training, exported before convert:
     ConvBn(ReLU)2d modules with per-channel int8 fake-quantized weights, uint8 activations. The
     TorchScript export keeps each BN after its conv, behind a Div by the BN's scale factor, and
@@ -683,30 +710,15 @@ class QATResNetTiny(nn.Module):
             ]
         self.train()
         tq.fuse_modules_qat(self, fused, inplace=True)
-        # plain FakeQuantize (the default fused observer has no ONNX export), ranges ONNX allows
-        self.qconfig = tq.QConfig(
-            activation=tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                                 dtype=torch.quint8),
-            weight=tq.FakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
-                                             quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
-        )  # fmt: skip
+        self.qconfig = qat_qconfig()
         tq.prepare_qat(self, inplace=True)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if not mode:
-            import torch.ao.quantization as tq
-
-            self.apply(tq.disable_observer)
-            self.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
-        return self
 
     def forward(self, x):
         x = self.blocks(self.relu(self.bn(self.conv(self.quant(x)))))
         return self.dequant(self.head(torch.flatten(self.pool(x), 1)))
 
 
-class FXQATResNetTiny(nn.Module):
+class FXQATResNetTiny(QATNet):
     """The residual network of QATResNetTiny (one more block, a strided one with a 1×1 shortcut),
     prepared by torch.ao's FX graph mode (prepare_qat_fx) instead of eager mode: FX fuses each
     Conv-BN(-ReLU) itself and quantizes the residual sums. Plain per-channel FakeQuantize weights
@@ -722,23 +734,9 @@ class FXQATResNetTiny(nn.Module):
             nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), FXBlock(16), FXBlock(32, stride=2),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes),
         )  # fmt: skip
-        qconfig = tq.QConfig(
-            activation=tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                                 dtype=torch.quint8),
-            weight=tq.FakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
-                                             quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
-        )  # fmt: skip
         float_net.train()
-        self.net = prepare_qat_fx(float_net, tq.QConfigMapping().set_global(qconfig), (torch.randn(1, 3, 32, 32),))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if not mode:
-            import torch.ao.quantization as tq
-
-            self.apply(tq.disable_observer)
-            self.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
-        return self
+        mapping = tq.QConfigMapping().set_global(qat_qconfig())
+        self.net = prepare_qat_fx(float_net, mapping, (torch.randn(1, 3, 32, 32),))
 
     def forward(self, x):
         return self.net(x)
