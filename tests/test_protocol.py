@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 from bnfold.folding import planner
-from bnfold.folding.plan import NOT_MINE, Check, Mechanism, Mechanisms, NotMine, Plan, Role, Skip, decide
+from bnfold.folding.plan import NOT_MINE, Check, Mechanism, Mechanisms, NotMine, Plan, Refused, Role, Skip, decide
 from bnfold.folding.sources import batch_norm_version
 from bnfold.graph.context import GraphContext, ModelScope
 from bnfold.graph.protos import all_names
@@ -71,6 +71,23 @@ def test_refusals_combine_by_role_and_a_later_one_replaces_an_earlier_one_of_its
         ("d", Role.BACKWARD, NOT_MINE),
     )
     assert decide(NODE, table, None, 15) == Skip("backward: second | forward: forward")
+
+
+def test_a_refusal_raised_below_a_mechanism_is_that_mechanisms_skip():
+    def nested_check(node, ctx, version):
+        def read_weight():
+            raise Refused("Conv weight is not constant: 'w' is computed by Mul 'm'")
+
+        read_weight()  # no pass-back by hand: the refusal leaves every level at once
+        raise AssertionError("unreachable")
+
+    table, _ = _table(("forward", Role.FORWARD, Skip("it feeds Sigmoid")))
+    table = replace(table, order=(Mechanism("backward", nested_check, Role.BACKWARD), *table.order))
+    assert decide(NODE, table, None, 15) == Skip(
+        "backward: Conv weight is not constant: 'w' is computed by Mul 'm' | forward: it feeds Sigmoid"
+    )
+    guarded = replace(table, guards=(Check("raises", nested_check),))
+    assert decide(NODE, guarded, None, 15) == Skip("Conv weight is not constant: 'w' is computed by Mul 'm'")
 
 
 def test_a_failed_match_says_why_when_its_role_has_no_skip():

@@ -50,8 +50,7 @@ def plan_backward(
     if failed:
         return failed
     # plan
-    folded = fold_after(ctx, op, linear, lambda channels, rank: source.affine(ctx, channels, rank))
-    if isinstance(folded, Skip):
-        return folded
-    new_weight, new_bias, rounding = folded
+    new_weight, new_bias, rounding = fold_after(
+        ctx, op, linear, lambda channels, rank: source.affine(ctx, channels, rank)
+    )
     return BackwardPlan(source.node, op, linear, new_weight, new_bias, rounding, passthrough=tuple(passthrough))

@@ -22,7 +22,7 @@ import onnx
 from bnfold.folding.checks import call_site_attributes, single_reader
 from bnfold.folding.linear import LINEAR_OPS
 from bnfold.folding.linear_plan import become_shift, fold_output, folded_name
-from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Skip
+from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Refused, Skip
 from bnfold.folding.shape_ops import TOKEN_SHAPE_OPS, back_through
 from bnfold.folding.sources import float_constant, read_batch_norm
 from bnfold.graph.context import GraphContext
@@ -67,10 +67,7 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     """NOT_MINE unless the BN is behind token shape ops whose input's last axis is its channel
     axis, and they come from a MatMul or its bias Add."""
     # match: walk back through shape ops to the axis the BN's channels come from
-    walked = back_through(bn.input[0], bn, TOKEN_SHAPE_OPS, ctx, axis=1)
-    if isinstance(walked, Skip):
-        return walked
-    node, reader, shape_ops, axis = walked
+    node, reader, shape_ops, axis = back_through(bn.input[0], bn, TOKEN_SHAPE_OPS, ctx, axis=1)
     if not shape_ops:
         return NOT_MINE
     rank = ctx.shapes.rank(shape_ops[-1].input[0])
@@ -94,22 +91,13 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     if blocked:
         return blocked
     weight = _matmul_weight(matmul, ctx)
-    if isinstance(weight, Skip):
-        return weight
     bias = float_constant(ctx, add.input[1 - position], "Add bias")
-    if isinstance(bias, Skip):
-        return bias
     channels = weight.shape[1]
     if bias.ndim > rank or any(d != 1 for d in bias.shape[:-1]) or (bias.ndim and bias.shape[-1] not in (1, channels)):
         return Skip(f"Add bias of shape {list(bias.shape)} is not one value per channel")
     scale_shift = read_batch_norm(bn, ctx, channels)
-    if isinstance(scale_shift, Skip):
-        return scale_shift
     # plan
-    folded = fold_output(ctx, MATMUL, matmul, weight, bias.reshape(-1), scale_shift)
-    if isinstance(folded, Skip):
-        return folded
-    new_weight, new_bias, rounding = folded
+    new_weight, new_bias, rounding = fold_output(ctx, MATMUL, matmul, weight, bias.reshape(-1), scale_shift)
     new_bias = new_bias.reshape((1,) * max(bias.ndim - 1, 0) + (channels,))
     return ChannelLastPlan(bn, matmul, add, 1 - position, tuple(shape_ops), new_weight, new_bias, rounding)
 
@@ -120,27 +108,20 @@ def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLa
     if blocked:
         return blocked
     weight = _matmul_weight(matmul, ctx)
-    if isinstance(weight, Skip):
-        return weight
     rank = ctx.shapes.rank(bn.input[0])
     if rank is None or rank < 2:
         return Skip(f"the rank of the BN's input '{bn.input[0]}' is not known")
     channels = weight.shape[1]
     scale_shift = read_batch_norm(bn, ctx, channels)
-    if isinstance(scale_shift, Skip):
-        return scale_shift
-    folded = fold_output(ctx, MATMUL, matmul, weight, None, scale_shift)
-    if isinstance(folded, Skip):
-        return folded
-    new_weight, shift, rounding = folded
+    new_weight, shift, rounding = fold_output(ctx, MATMUL, matmul, weight, None, scale_shift)
     shift = shift.reshape((channels,) + (1,) * (rank - 2))  # per channel on the BN input's axis 1
     return ChannelLastPlan(bn, matmul, None, -1, shape_ops, new_weight, shift, rounding)
 
 
-def _matmul_weight(matmul: onnx.NodeProto, ctx: GraphContext) -> np.ndarray | Skip:
+def _matmul_weight(matmul: onnx.NodeProto, ctx: GraphContext) -> np.ndarray:
     weight = float_constant(ctx, matmul.input[1], "MatMul B")
-    if not isinstance(weight, Skip) and weight.ndim != 2:
-        return Skip(f"MatMul B has rank {weight.ndim}, not 2")
+    if weight.ndim != 2:
+        raise Refused(f"MatMul B has rank {weight.ndim}, not 2")
     return weight
 
 

@@ -16,7 +16,7 @@ from bnfold.folding.backward import BackwardPlan, plan_backward
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
 from bnfold.folding.linear import linear_op
 from bnfold.folding.linear_plan import give_parameters
-from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Skip
+from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Refused, Skip, answer
 from bnfold.folding.sources import ChannelAffine, KnownAffine, read_batch_norm
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import int_attr, is_onnx_op, node_label
@@ -85,19 +85,18 @@ def plan_concat(bn: onnx.NodeProto, ctx: GraphContext) -> ConcatPlan | Skip | No
         if op is None:
             what = node_label(producer) if producer is not None else f"'{data}'"
             return Skip(f"BatchNormalization after Concat: input {what} is not a linear op")
-        params = op.check_node(producer, ctx) or op.parameters(producer, ctx)
-        if isinstance(params, Skip):
-            return Skip(f"BatchNormalization after Concat: {params.reason}")
-        channels.append(op.output_channels(params[0], producer))
+        try:
+            weight, _ = op.parameters(producer, ctx)
+        except Refused as refusal:
+            raise Refused(f"BatchNormalization after Concat: {refusal.skip.reason}") from None
+        channels.append(op.output_channels(weight, producer))
     whole = read_batch_norm(bn, ctx, sum(channels))
-    if isinstance(whole, Skip):
-        return whole
     # plan: one backward fold per input, with its slice of the BN
     parts, offset = [], 0
     for data, count in zip(concat.input, channels):
         piece = ChannelAffine(whole.scale[offset : offset + count], whole.shift[offset : offset + count])
         offset += count
-        part = plan_backward(KnownAffine(bn, data, piece), ctx, reader=concat)
+        part = answer(plan_backward, KnownAffine(bn, data, piece), ctx, concat)
         if isinstance(part, (Skip, NotMine)):  # (every input comes from a linear op: checked above)
             return Skip(f"BatchNormalization after Concat: {part.reason if isinstance(part, Skip) else part.why}")
         parts.append(part)

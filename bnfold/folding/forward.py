@@ -33,7 +33,7 @@ from bnfold.folding.checks import call_site_attributes
 from bnfold.folding.correction import batch_norm_input_moments, rounding_note
 from bnfold.folding.linear import LinearOp, linear_op
 from bnfold.folding.linear_plan import LinearPlan, become_shift, give_parameters
-from bnfold.folding.plan import NotMine, Plan, Skip
+from bnfold.folding.plan import NotMine, Plan, Refused, Skip, refuse_if
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after, merged_axis
 from bnfold.folding.sources import AffineSource, BatchNormSource, ChannelAffine, read_batch_norm
 from bnfold.graph.constants import NotConstant
@@ -119,18 +119,15 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip | No
     if not readers:
         return NotMine("nothing reads it")
     chains = [_chain(reader, out, ctx) for reader in {id(r): r for r in readers}.values()]
-    failed = next((c for c in chains if isinstance(c, Skip)), None)
-    if failed:
-        return NotMine(failed.reason)  # a reader that is no linear op, or not reached whole
+    unmatched = next((c for c in chains if isinstance(c, NotMine)), None)
+    if unmatched:
+        return unmatched  # a reader that is no linear op, or not reached whole
     # checks, and each head's plan
     heads, rank = [], ctx.shapes.rank(source.data)
     if rank is None:
         return Skip("the rank of the tensor it reads is not known, so its channel axis is not either")
     for linear, op, shape_ops, repeat in chains:
-        read = _read_linear(source.node, linear, op, ctx)
-        if isinstance(read, Skip):
-            return read
-        weight, bias, geometry = read
+        weight, bias, geometry = _read_linear(source.node, linear, op, ctx)
         whole = op.check_input_fold(linear, weight, geometry) or (
             bias is not None and op.check_bias(bias, op.output_channels(weight, linear))
         )
@@ -139,11 +136,7 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip | No
         if zeros := op.reads_zeros(linear, weight, geometry):
             return Skip(f"{node_label(linear)} after it {zeros}: a shift cannot pass the padding")
         scale_shift = _per_feature(lambda channels: source.affine(ctx, channels, rank), op, linear, weight, repeat)
-        if isinstance(scale_shift, Skip):
-            return scale_shift
         folded = op.cast(linear, weight.dtype, *op.fold_input(linear, weight, bias, scale_shift), None)
-        if isinstance(folded, Skip):
-            return folded
         heads.append(Head(op, linear, *folded, shape_ops))
     return HeadsPlan(source.node, source.data, tuple(heads))
 
@@ -156,14 +149,11 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
         return plan_heads(BatchNormSource(bn), ctx)
     # match
     found = _linear_reader(bn, ctx)
-    if isinstance(found, Skip):
-        return NotMine(found.reason)  # no linear op reads it that way: what reads it instead
+    if isinstance(found, NotMine):
+        return found  # no linear op reads it that way: what reads it instead
     linear, op, shape_ops, repeat = found
     # checks
-    read = _read_linear(bn, linear, op, ctx)
-    if isinstance(read, Skip):
-        return read
-    weight, bias, geometry = read
+    weight, bias, geometry = _read_linear(bn, linear, op, ctx)
     # an op that reads zeros for part of its input (a padded Conv, a ConvTranspose whose border
     # outputs miss some taps) takes the scale only
     zeros = op.reads_zeros(linear, weight, geometry)
@@ -177,8 +167,6 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
     if padded and (rank is None or rank < 2):
         return Skip(f"{node_label(linear)} after it {zeros}, and the rank of the BN's input is not known")
     scale_shift = _per_feature(lambda channels: read_batch_norm(bn, ctx, channels), op, linear, weight, repeat)
-    if isinstance(scale_shift, Skip):
-        return scale_shift
     # plan
     correcting = op.corrects_rounding and ctx.scope.bias_correction
     if padded:
@@ -187,52 +175,49 @@ def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPl
         )
     moments = batch_norm_input_moments(ctx, bn, weight.dtype) if op.corrects_rounding else None
     folded = op.cast(linear, weight.dtype, *op.fold_input(linear, weight, bias, scale_shift), moments)
-    if isinstance(folded, Skip):
-        return folded
     rounding = rounding_note(weight.dtype, moments, correcting)
     return ForwardPlan(bn, op, linear, *folded, rounding, shape_ops=shape_ops)
 
 
 def _read_linear(source: onnx.NodeProto, linear: onnx.NodeProto, op: LinearOp, ctx: GraphContext):
     """(weight, bias or None, geometry) of the linear op `source` folds into, every check on
-    the op itself passed; else the Skip."""
-    params = call_site_attributes(source, linear) or op.check_node(linear, ctx) or op.parameters(linear, ctx)
-    if isinstance(params, Skip):
-        return params
-    weight, bias = params
-    geometry = op.geometry(linear, weight)
-    return geometry if isinstance(geometry, Skip) else (weight, bias, geometry)
+    the op itself passed; else Refused."""
+    refuse_if(call_site_attributes(source, linear))
+    weight, bias = op.parameters(linear, ctx)
+    return weight, bias, op.geometry(linear, weight)
 
 
-def _per_feature(read, op: LinearOp, linear: onnx.NodeProto, weight: np.ndarray, repeat: int) -> ChannelAffine | Skip:
+def _per_feature(read, op: LinearOp, linear: onnx.NodeProto, weight: np.ndarray, repeat: int) -> ChannelAffine:
     """The affine map `read(channels)` gives, one entry per input feature of the op: each
     channel's repeated `repeat` times when a Flatten made it a block (channel c is features
     c·repeat … (c+1)·repeat − 1)."""
     features = op.input_channels(weight, linear)
     if features % repeat:
-        return Skip(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
+        raise Refused(f"{node_label(linear)} reads {features} features, not a block of {repeat} per channel")
     scale_shift = read(features // repeat)
-    if isinstance(scale_shift, Skip) or repeat == 1:
+    if repeat == 1:
         return scale_shift
     return ChannelAffine(*(np.repeat(v, repeat) for v in scale_shift))
 
 
-def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | Skip:
+def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | NotMine:
     """The one Conv, ConvTranspose, Gemm or MatMul that reads the BN's output as its data input,
     through shape-only ops that carry the channel axis whole to its axis 1; and those ops."""
     out = bn.output[0]
     readers = ctx.index.readers(out)
     if out in ctx.index.graph_outputs:
-        return Skip("its output is a graph output")
+        return NotMine("its output is a graph output")
     if len(readers) != 1:
-        return Skip(f"it feeds {len(readers)} nodes")
+        return NotMine(f"it feeds {len(readers)} nodes")
     return _chain(readers[0], out, ctx)
 
 
-def _chain(consumer: onnx.NodeProto, out: str, ctx: GraphContext) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | Skip:
+def _chain(
+    consumer: onnx.NodeProto, out: str, ctx: GraphContext
+) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | NotMine:
     """From `consumer`, a reader of `out`, through shape-only ops and spatial means to the linear
     op that reads the channels as its data input: (that op, its layout, the ops between, how many
-    features each channel became: 1, or a flattened block's size)."""
+    features each channel became: 1, or a flattened block's size); else what reads it instead."""
     shape_ops, axis, repeat = [], 1, 1
     while (
         consumer.domain in ONNX_DOMAINS
@@ -242,31 +227,31 @@ def _chain(consumer: onnx.NodeProto, out: str, ctx: GraphContext) -> tuple[onnx.
         if consumer.op_type in SPATIAL_MEANS:
             failed = _spatial_mean(consumer, axis, ctx)
             if failed:
-                return failed
+                return NotMine(failed.reason)
         elif repeat == 1 and (merged := merged_axis(consumer, axis, ctx)) and axis_after(consumer, axis, ctx) is None:
             axis, repeat = merged  # each channel is now a block of `repeat` features
         else:
             axis = axis_after(consumer, axis, ctx) if repeat == 1 else None
         readers = ctx.index.readers(consumer.output[0])
         if axis is None or consumer.output[0] in ctx.index.graph_outputs or len(readers) != 1:
-            return Skip(f"{node_label(consumer)} after it does not carry its channel axis, whole, to one linear op")
+            return NotMine(f"{node_label(consumer)} after it does not carry its channel axis, whole, to one linear op")
         shape_ops.append(consumer)
         out, consumer = consumer.output[0], readers[0]
     op = linear_op(consumer)
     if repeat > 1 and op is not None and op.dense and axis == 1:
         pass  # a 2-D input: its features axis is the one the op reads
     elif axis != 1:
-        return Skip(f"its channels reach {node_label(consumer)} on axis {axis}, not the input channel axis 1")
+        return NotMine(f"its channels reach {node_label(consumer)} on axis {axis}, not the input channel axis 1")
     if op is None:
         after = ctx.index.readers(consumer.output[0]) if consumer.output else ()
         if len(after) == 1 and linear_op(after[0]) is not None:
-            return Skip(f"{node_label(consumer)} stands between it and {node_label(after[0])}")
-        return Skip(f"it feeds {node_label(consumer)}, not a Conv, ConvTranspose, Gemm or MatMul")
+            return NotMine(f"{node_label(consumer)} stands between it and {node_label(after[0])}")
+        return NotMine(f"it feeds {node_label(consumer)}, not a Conv, ConvTranspose, Gemm or MatMul")
     if list(consumer.input).count(out) != 1 or consumer.input[0] != out:
-        return Skip(f"{node_label(consumer)} after it reads it as a parameter")
-    if repeat > 1 and op.op_type not in ("Gemm", "MatMul"):
-        return Skip(f"{node_label(consumer)} reads its channels flattened with their positions; only a Gemm or "
-                    "MatMul takes them so")  # fmt: skip
+        return NotMine(f"{node_label(consumer)} after it reads it as a parameter")
+    if repeat > 1 and not op.dense:
+        return NotMine(f"{node_label(consumer)} reads its channels flattened with their positions; only a Gemm or "
+                       "MatMul takes them so")  # fmt: skip
     return consumer, op, tuple(shape_ops), repeat
 
 
@@ -297,20 +282,18 @@ def _constant_axes(node: onnx.NodeProto, ctx: GraphContext) -> list[int] | None:
 def _scale_into_padded_conv(
     bn, conv, op: LinearOp, zeros: str, weight, bias, scale_shift: ChannelAffine, rank: int, shape_ops,
     correcting: bool, ctx
-) -> ForwardPlan | Skip:  # fmt: skip
+) -> ForwardPlan:  # fmt: skip
     """W·s on the Conv's input channels, its bias as it was, and t/s left as an Add in front of
     the padding (module docstring); `zeros` says where the op reads zeros (LinearOp.reads_zeros)."""
     scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
     if not scale.all():
-        return Skip(
+        raise Refused(
             f"{node_label(conv)} after it {zeros}, and a channel's scale is 0, so its shift cannot move in front of it"
         )
     folded = op.cast(conv, weight.dtype, *op.fold_input(conv, weight, bias, (scale, np.zeros_like(shift))), None)
-    if isinstance(folded, Skip):
-        return folded
     with np.errstate(over="ignore"):  # the Conv's input, so the BN's output, has the weight's type
         moved = (shift / scale).astype(weight.dtype).reshape((-1,) + (1,) * (rank - 2))
     if not np.isfinite(affine.float_operand(moved)).all():
-        return Skip(f"the BN's shift over its scale overflows {weight.dtype}")
+        raise Refused(f"the BN's shift over its scale overflows {weight.dtype}")
     rounding = rounding_note(weight.dtype, None, correcting)
     return ForwardPlan(bn, op, conv, *folded, rounding, shape_ops=shape_ops, shift=moved)

@@ -20,7 +20,7 @@ import onnx
 
 from bnfold.folding import affine
 from bnfold.folding.correction import InputMoments
-from bnfold.folding.plan import Skip
+from bnfold.folding.plan import Refused, Skip, refuse_if
 from bnfold.folding.sources import ChannelAffine, float_constant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import ONNX_DOMAINS, float_attr, int_attr, ints_attr, node_label, set_float_attr, str_attr
@@ -89,8 +89,9 @@ class LinearOp:
     def after_bias_rewrite(self, node: onnx.NodeProto) -> None:
         """Attribute changes the folded bias needs (Gemm: β = 1)."""
 
-    def geometry(self, node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry | Skip:
-        """Where the kernel reads (a Gemm or MatMul: nowhere beyond its input, no padding)."""
+    def geometry(self, node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry:
+        """Where the kernel reads (a Gemm or MatMul: nowhere beyond its input, no padding);
+        Refused for a window bnfold does not read."""
         return ConvGeometry((), (), (), (), (), "NOTSET")
 
     corrects_rounding = False  # a 16-bit fold can be corrected with the moments of its input (Conv)
@@ -115,24 +116,20 @@ class LinearOp:
 
     def cast(
         self, node: onnx.NodeProto, dtype, weight64: np.ndarray, bias64: np.ndarray, moments: InputMoments | None
-    ) -> tuple[np.ndarray, np.ndarray] | Skip:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A folded float64 weight and bias in `dtype` (cast_folded: sum-preserving per output
-        channel); a Skip if they overflow it."""
+        channel); Refused if they overflow it."""
         return cast_folded(dtype, weight64, bias64, self.weight_axis(node))
 
-    def parameters(self, node: onnx.NodeProto, ctx: GraphContext) -> tuple[np.ndarray, np.ndarray | None] | Skip:
-        """(weight, bias or None) if both are constant and sane, else Skip."""
+    def parameters(self, node: onnx.NodeProto, ctx: GraphContext) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight, bias or None) if both are constant and sane, else Refused (the op's own
+        checks, check_node, first)."""
+        refuse_if(self.check_node(node, ctx))
         weight = float_constant(ctx, node.input[1] if len(node.input) > 1 else "", f"{self.op_type} weight")
-        if isinstance(weight, Skip):
-            return weight
-        bad = self.check_weight(weight, node)
-        if bad:
-            return bad
+        refuse_if(self.check_weight(weight, node))
         bias = None
         if len(node.input) > 2 and node.input[2]:
             bias = float_constant(ctx, node.input[2], f"{self.op_type} bias")
-            if isinstance(bias, Skip):
-                return bias
         return weight, bias
 
 
@@ -158,7 +155,7 @@ class _Convolution(LinearOp):
         elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             pads = self._same_pads(kernel, strides, dilations, auto_pad)
         else:
-            return Skip(f"{node_label(node)} has auto_pad={auto_pad}")
+            raise Refused(f"{node_label(node)} has auto_pad={auto_pad}")
         return ConvGeometry(kernel, strides, dilations, pads, output_padding, auto_pad)
 
     def _same_pads(self, kernel, strides, dilations, auto_pad) -> tuple[int, ...] | None:
@@ -334,16 +331,13 @@ def linear_op(node: onnx.NodeProto | None) -> LinearOp | None:
 
 def output_parameters(
     op: LinearOp, node: onnx.NodeProto, ctx: GraphContext
-) -> tuple[np.ndarray, np.ndarray | None, int] | Skip:
+) -> tuple[np.ndarray, np.ndarray | None, int]:
     """(weight, bias or None, output channels) of a linear op about to absorb an affine map
-    on its output, every check on the op and its parameters passed; else the Skip."""
-    params = op.check_node(node, ctx) or op.parameters(node, ctx)
-    if isinstance(params, Skip):
-        return params
-    weight, bias = params
+    on its output, every check on the op and its parameters passed; else Refused."""
+    weight, bias = op.parameters(node, ctx)
     channels = op.output_channels(weight, node)
-    if bias is not None and (bad := op.check_bias(bias, channels)):
-        return bad
+    if bias is not None:
+        refuse_if(op.check_bias(bias, channels))
     return weight, bias, channels
 
 
@@ -354,9 +348,9 @@ def fold_output_affine(
     bias: np.ndarray | None,
     scale_shift: ChannelAffine,
     moments: InputMoments | None = None,
-) -> tuple[np.ndarray, np.ndarray] | Skip:
+) -> tuple[np.ndarray, np.ndarray]:
     """affine(op(x)) as op'(x): W' = W·s on the output-channel axis, b' = β_op·b·s + t, in the
-    weight's dtype (affine.py's algebra), or a Skip if they overflow it. With `moments` of a
+    weight's dtype (affine.py's algebra); Refused if they overflow it. With `moments` of a
     Conv's input channels, a 16-bit result is rounded to keep the expected effect of its
     rounding small (bnfold.folding.correction)."""
     scale, shift = scale_shift
@@ -371,10 +365,10 @@ def fold_output_affine(
 
 def cast_conv(
     dtype, weight64: np.ndarray, bias64: np.ndarray, group: int, moments: InputMoments | None
-) -> tuple[np.ndarray, np.ndarray] | Skip:
+) -> tuple[np.ndarray, np.ndarray]:
     """A Conv's folded or merged float64 weight [C_out, C_in/group, k…] and bias in `dtype`:
     rounded with its input's `moments` when they are known (bias correction), else as
-    cast_folded rounds; a Skip if they overflow it."""
+    cast_folded rounds; Refused if they overflow it."""
     if moments is None:
         return cast_folded(dtype, weight64, bias64, 0)
     rounded = affine.cast_conv_toward_moments(weight64, bias64, dtype, group, moments.mean, moments.var)
@@ -383,13 +377,13 @@ def cast_conv(
 
 def cast_folded(
     dtype, weight64: np.ndarray, bias64: np.ndarray, axis: int, weight=None, bias=None
-) -> tuple[np.ndarray, np.ndarray] | Skip:
-    """The folded float64 weight and bias in the model's dtype, or a Skip if they overflow it
+) -> tuple[np.ndarray, np.ndarray]:
+    """The folded float64 weight and bias in the model's dtype; Refused if they overflow it
     (`weight`, `bias`: already cast, when the caller chose their rounding)."""
     weight = affine.cast_weights(weight64, dtype, axis) if weight is None else weight
     with np.errstate(over="ignore"):  # overflow is checked just below
         bias = bias64.astype(dtype) if bias is None else bias
     for what, values in (("weights", weight), ("bias", bias)):
         if not np.isfinite(affine.float_operand(values)).all():
-            return Skip(f"the folded {what} overflow {dtype}")
+            raise Refused(f"the folded {what} overflow {dtype}")
     return weight, bias

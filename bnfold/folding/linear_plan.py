@@ -17,7 +17,7 @@ import onnx
 
 from bnfold.folding.correction import conv_input_moments, rounding_note
 from bnfold.folding.linear import LinearOp, fold_output_affine, output_parameters
-from bnfold.folding.plan import Plan, Skip
+from bnfold.folding.plan import Plan
 from bnfold.folding.sources import ChannelAffine
 from bnfold.graph.context import GraphContext
 
@@ -45,31 +45,25 @@ class LinearPlan(Plan):
 
 
 def fold_after(
-    ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, affine_of: Callable[[int, int], ChannelAffine | Skip]
-) -> tuple[np.ndarray, np.ndarray, str | None] | Skip:
+    ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, affine_of: Callable[[int, int], ChannelAffine]
+) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Every check on the linear op and its parameters, then the affine map after it, read by
-    `affine_of(output channels, output rank)`, folded in: (weight, bias, rounding note)."""
-    params = output_parameters(op, node, ctx)
-    if isinstance(params, Skip):
-        return params
-    weight, bias, channels = params
+    `affine_of(output channels, output rank)`, folded in: (weight, bias, rounding note); else
+    Refused."""
+    weight, bias, channels = output_parameters(op, node, ctx)
     scale_shift = affine_of(channels, op.output_rank(weight))
-    if isinstance(scale_shift, Skip):
-        return scale_shift
     return fold_output(ctx, op, node, weight, bias, scale_shift)
 
 
 def fold_output(
     ctx: GraphContext, op: LinearOp, node: onnx.NodeProto, weight: np.ndarray, bias, scale_shift: ChannelAffine
-) -> tuple[np.ndarray, np.ndarray, str | None] | Skip:
+) -> tuple[np.ndarray, np.ndarray, str | None]:
     """fold_output_affine with what a 16-bit fold knows of a Conv's inputs
     (bnfold.folding.correction), and the report's note on how the weights were rounded."""
     moments, conv = None, op.corrects_rounding
     if conv:
         moments = conv_input_moments(ctx, node.input[0], op.input_channels(weight, node), weight.dtype)
     folded = fold_output_affine(op, node, weight, bias, scale_shift, moments)
-    if isinstance(folded, Skip):
-        return folded
     return (*folded, rounding_note(weight.dtype, moments, conv and ctx.scope.bias_correction))
 
 

@@ -4,7 +4,8 @@ A mechanism is a function of a candidate node that goes *match → named checks 
 
 - match: is the graph around the node the shape this mechanism folds? If not, `NOT_MINE`, and
   the next mechanism is asked;
-- checks: each a named function that returns the `Skip` the user reads, or None;
+- checks: each a named function that returns the `Skip` the user reads, or None; a function
+  that reads a value returns it or raises `Refused` (decide turns it into the Skip);
 - plan: the new tensors computed, the graph untouched. `Plan.rewrite` then only moves tensors
   and edges (through the index, which records what became dead for the sweep).
 
@@ -30,6 +31,31 @@ class Skip:
     """Why a node stays: one sentence for the report."""
 
     reason: str
+
+
+class Refused(Exception):
+    """A refusal carried out of the checks nested below a mechanism: a function that reads a
+    value (a weight, a BN's scale and shift, a folded weight in its dtype) returns it or raises
+    `Refused(reason)`, and `decide` answers with its Skip. The one way a refusal leaves a nested
+    check; predicates (`check_*`, checks.py) return a Skip or None, to be chained with `or`."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.skip = Skip(reason)
+
+
+def refuse_if(skip: Skip | None) -> None:
+    """Raise a predicate's Skip (`refuse_if(op.check_node(node, ctx))`)."""
+    if skip is not None:
+        raise Refused(skip.reason)
+
+
+def answer(plan: Callable[..., Answer], *args) -> Answer:
+    """What a mechanism (or a check) answers, a refusal raised below it as its Skip."""
+    try:
+        return plan(*args)
+    except Refused as refusal:
+        return refusal.skip
 
 
 @dataclass(frozen=True)
@@ -154,19 +180,19 @@ def decide(node: onnx.NodeProto, mechanisms: Mechanisms, ctx: GraphContext, vers
     that decides; else an explanation's Skip, else `refused` of the reasons gathered by role (a
     Skip, or the `why` of a NotMine where the role gave no Skip)."""
     for guard in mechanisms.guards:
-        if (skip := guard.ask(node, ctx, version)) is not None:
+        if (skip := answer(guard.ask, node, ctx, version)) is not None:
             return skip
     reasons: dict[Role, Skip] = {}
     for mechanism in mechanisms.order:
-        answer = mechanism.plan(node, ctx, version)
-        if isinstance(answer, NotMine):
-            if answer.why and mechanism.role is not Role.DECIDES:
-                reasons.setdefault(mechanism.role, Skip(answer.why))  # a Skip of the role replaces it
+        given = answer(mechanism.plan, node, ctx, version)
+        if isinstance(given, NotMine):
+            if given.why and mechanism.role is not Role.DECIDES:
+                reasons.setdefault(mechanism.role, Skip(given.why))  # a Skip of the role replaces it
             continue
-        if isinstance(answer, Plan) or mechanism.role is Role.DECIDES:
-            return answer
-        reasons[mechanism.role] = answer
+        if isinstance(given, Plan) or mechanism.role is Role.DECIDES:
+            return given
+        reasons[mechanism.role] = given
     for explanation in mechanisms.explanations:
-        if (skip := explanation.ask(node, ctx, version)) is not None:
+        if (skip := answer(explanation.ask, node, ctx, version)) is not None:
             return skip
     return mechanisms.refused(node, reasons)

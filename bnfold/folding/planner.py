@@ -29,7 +29,7 @@ from bnfold.folding.checks import producer_through_no_ops
 from bnfold.folding.concat import plan_concat
 from bnfold.folding.forward import plan_forward, plan_heads
 from bnfold.folding.linear import linear_op
-from bnfold.folding.plan import NOT_MINE, Answer, Check, Mechanism, Mechanisms, Pass, Plan, Role, Skip, decide
+from bnfold.folding.plan import NOT_MINE, Answer, Check, Mechanism, Mechanisms, Pass, Plan, Role, Skip, answer, decide
 from bnfold.folding.quantized import plan_quantized_weight
 from bnfold.folding.reparam import plan_merge
 from bnfold.folding.shape_ops import plan_through_shape_ops
@@ -96,7 +96,7 @@ def _elementwise_forward(node: onnx.NodeProto, ctx: GraphContext, version: int) 
 def _elementwise_through_shape_ops(node: onnx.NodeProto, ctx: GraphContext, version: int) -> Answer:
     """Through shape-only ops, from any input; only a plan counts (refusals go unreported)."""
     for data in node.input:
-        through = plan_through_shape_ops(ElementwiseSource(node, data), ctx)
+        through = answer(plan_through_shape_ops, ElementwiseSource(node, data), ctx)
         if isinstance(through, Plan):
             return through
     return NOT_MINE

@@ -45,7 +45,7 @@ from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes, producer_through_no_ops, single_reader
 from bnfold.folding.linear import LinearOp, linear_op
 from bnfold.folding.linear_plan import folded_name, give_bias
-from bnfold.folding.plan import NOT_MINE, Answer, Plan, Skip
+from bnfold.folding.plan import NOT_MINE, Answer, Plan, Refused, Skip
 from bnfold.folding.sources import AffineSource, ChannelAffine, float_constant
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
@@ -66,7 +66,7 @@ class Dequantized:
     scale: np.ndarray
     zero_point: np.ndarray | None
 
-    def per_axis(self, axis: int, channels: int, scale: np.ndarray) -> Skip | tuple[np.ndarray, np.ndarray | None]:
+    def per_axis(self, axis: int, channels: int, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(new scale, new zero point or None): this grid's scale times `scale` along the
         weight's `axis` of `channels`; the zero point repeated there when it was per tensor."""
         if self.scale.size == 1:
@@ -74,21 +74,21 @@ class Dequantized:
             return (float(self.scale.reshape(())) * scale), zero_point
         own = int_attr(self.node, "axis", 1) % self.q.ndim
         if own != axis or self.scale.shape != (channels,):
-            return Skip(
+            raise Refused(
                 f"{node_label(self.node)} scales axis {own} ({list(self.scale.shape)}), not the weight's output "
                 f"channels (axis {axis}, {channels})"
             )
         return self.scale.astype(np.float64) * scale, None
 
 
-def dequantized(name: str, ctx: GraphContext) -> Dequantized | Skip | None:
-    """The DequantizeLinear of constants that makes `name`, a Skip saying why it is not one
-    that can be rescaled, or None when no DequantizeLinear makes it."""
+def dequantized(name: str, ctx: GraphContext) -> Dequantized | None:
+    """The DequantizeLinear of constants that makes `name`, or None when no DequantizeLinear
+    makes it; Refused, saying why, when it is one that cannot be rescaled."""
     node = ctx.index.producer(name)
     if node is None or not is_onnx_op(node, "DequantizeLinear"):
         return None
     if int_attr(node, "block_size", 0):
-        return Skip(f"{node_label(node)} is blocked (block_size): one scale serves several channels' blocks")
+        raise Refused(f"{node_label(node)} is blocked (block_size): one scale serves several channels' blocks")
     values = []
     for i, role in enumerate(("integers", "scale", "zero point")):
         if i >= len(node.input) or not node.input[i]:
@@ -97,10 +97,10 @@ def dequantized(name: str, ctx: GraphContext) -> Dequantized | Skip | None:
         try:
             values.append(np.asarray(ctx.constant(node.input[i])))
         except NotConstant as why:
-            return Skip(f"the {role} of {node_label(node)} is not constant: {why}")
+            raise Refused(f"the {role} of {node_label(node)} is not constant: {why}") from None
     q, scale, zero_point = values
     if q is None or scale is None or scale.dtype.kind != "f":
-        return Skip(f"{node_label(node)} has no float scale")
+        raise Refused(f"{node_label(node)} has no float scale")
     return Dequantized(node, q, scale, zero_point)
 
 
@@ -180,8 +180,6 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
     # match
     linear, passthrough, blocked = producer_through_no_ops(source.data, ctx)
     quantizer = _quantizer_pair(linear, ctx) if ctx.scope.requantize and not blocked else None
-    if isinstance(quantizer, Skip):
-        return quantizer
     if quantizer is not None:  # the pair goes with the source, as no-ops do
         dequantizer = linear
         linear, more, blocked = producer_through_no_ops(quantizer.input[0], ctx)
@@ -193,8 +191,6 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
     if weight is None:
         return NOT_MINE
     # checks
-    if isinstance(weight, Skip):
-        return weight
     if ctx.opset < PER_AXIS_OPSET:
         return Skip(
             f"{node_label(weight.node)} is DequantizeLinear-10 (opset {ctx.opset}): one scale per tensor, and the "
@@ -213,8 +209,6 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
         return Skip(f"{node_label(linear)} has groups: one DequantizeLinear scale per axis-1 column serves each")
     axis, channels = op.weight_axis(linear), op.output_channels(weight.q, linear)
     scale_shift = source.affine(ctx, channels, op.output_rank(weight.q))
-    if isinstance(scale_shift, Skip):
-        return scale_shift
     scale, shift = scale_shift
     if not (scale > 0).all():
         c = int(np.argmin(scale > 0))
@@ -223,24 +217,18 @@ def plan_quantized_weight(source: AffineSource, ctx: GraphContext) -> Answer:
             "and the integer weights are not rewritten"
         )
     # plan
-    rescaled = weight.per_axis(axis, channels, scale)
-    if isinstance(rescaled, Skip):
-        return rescaled
-    new_scale, zero_point = rescaled
+    new_scale, zero_point = weight.per_axis(axis, channels, scale)
     new_scale = new_scale.astype(weight.scale.dtype)
     if not np.isfinite(new_scale).all() or not (new_scale > 0).all():
         return Skip(f"the weight's new scale overflows or underflows {weight.scale.dtype}")
-    bias = _folded_bias(op, linear, ctx, scale_shift, weight.scale.dtype)
-    if isinstance(bias, Skip):
-        return bias
-    values, grid, bias_scale, note = bias
+    values, grid, bias_scale, note = _folded_bias(op, linear, ctx, scale_shift, weight.scale.dtype)
     return QuantizedWeightPlan(source.node, op, linear, weight, axis, new_scale, zero_point, values, grid,
                                bias_scale, note, tuple(passthrough), quantizer)  # fmt: skip
 
 
-def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.NodeProto | Skip | None:
+def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.NodeProto | None:
     """The QuantizeLinear of a DequantizeLinear(QuantizeLinear(t)) pair on one grid (`node` the
-    DequantizeLinear), each read only by the next, when it only rounds; a Skip when it also clips
+    DequantizeLinear), each read only by the next, when it only rounds; Refused when it also clips
     at zero (a Relu quantize_static fused into it: removing it would remove the Relu); else None."""
     if node is None or not is_onnx_op(node, "DequantizeLinear"):
         return None
@@ -263,7 +251,7 @@ def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.Node
     if not same:
         return None
     if clips_at_zero(grids[0][1]):
-        return Skip(
+        raise Refused(
             f"the quantizer before it, {node_label(quantizer)}, clips at zero (its zero point is the end of its "
             "range): it holds an activation fused into it, so --requantize does not remove it"
         )
@@ -284,31 +272,27 @@ def _others(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> 
 
 
 def _folded_bias(op: LinearOp, linear: onnx.NodeProto, ctx: GraphContext, scale_shift: ChannelAffine, dtype):
-    """(bias, its DequantizeLinear or None, its new scale or None, the report's note) or a Skip."""
+    """(bias, its DequantizeLinear or None, its new scale or None, the report's note); else Refused."""
     scale, shift = scale_shift
     name = linear.input[2] if len(linear.input) > 2 else ""
     if not name:
         return affine.fold_bias(None, scale, shift).astype(dtype), None, None, None
     grid = dequantized(name, ctx)
-    if isinstance(grid, Skip):
-        return grid
     if grid is None:
         bias = float_constant(ctx, name, f"{op.op_type} bias")
-        if isinstance(bias, Skip):
-            return bias
         if bias.shape != scale.shape:
-            return Skip(f"{op.op_type} bias has shape {list(bias.shape)}, expected [{len(scale)}]")
+            raise Refused(f"{op.op_type} bias has shape {list(bias.shape)}, expected [{len(scale)}]")
         folded = affine.fold_bias(bias.astype(np.float64) * op.bias_scale(linear), scale, shift)
         return folded.astype(bias.dtype), None, None, None
     if grid.q.dtype != np.int32 or grid.q.shape != scale.shape:
-        return Skip(f"{node_label(grid.node)} is not an int32 bias of one value per channel")
+        raise Refused(f"{node_label(grid.node)} is not an int32 bias of one value per channel")
     zero = 0.0 if grid.zero_point is None else grid.zero_point.astype(np.float64)
     steps = grid.scale.astype(np.float64)
     bias = (grid.q.astype(np.float64) - zero) * steps * op.bias_scale(linear)
     new_steps = (steps * scale).astype(grid.scale.dtype)
     exact = (affine.fold_bias(bias, scale, shift)) / new_steps.astype(np.float64) + zero
     if not (np.isfinite(exact).all() and (np.abs(exact) < INT32.max).all()):
-        return Skip(f"the requantized bias of {node_label(linear)} overflows int32")
+        raise Refused(f"the requantized bias of {node_label(linear)} overflows int32")
     rounded = np.round(exact)
     note = f"int32 bias requantized: at most {np.abs(exact - rounded).max():.2f} of a step off"
     return rounded.astype(np.int32), grid, new_steps, note

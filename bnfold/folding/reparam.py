@@ -25,7 +25,7 @@ from bnfold.folding import affine
 from bnfold.folding.branches import Term, add_all, bias_term, identity, with_channels
 from bnfold.folding.correction import conv_input_moments, corrects, input_moments, rounding_note
 from bnfold.folding.linear import LINEAR_OPS, cast_conv
-from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Skip
+from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Refused, Skip
 from bnfold.folding.sources import FLOAT_DTYPES, check_inference_mode, read_batch_norm
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
@@ -136,9 +136,10 @@ def plan_merge(root: onnx.NodeProto, ctx: GraphContext, version: int) -> MergePl
     if corrects(ctx, dtype):
         input_moments(ctx, root.output[0])  # the sum's statistics, while its branches still tell them
     moments = conv_input_moments(ctx, term.x, term.in_channels, dtype)
-    cast = cast_conv(dtype, term.kernel, term.bias, term.group, moments)
-    if isinstance(cast, Skip):
-        return Skip(f"the merged weights overflow {dtype}")
+    try:
+        cast = cast_conv(dtype, term.kernel, term.bias, term.group, moments)
+    except Refused:
+        raise Refused(f"the merged weights overflow {dtype}") from None
     first_conv = next(n for n in term.nodes if is_onnx_op(n, "Conv"))
     name = ctx.fresh_name(f"{first_conv.name or first_conv.output[0]}_reparam")  # the pass applies every plan
     return MergePlan(root, term, *cast, name, rounding_note(dtype, moments, ctx.scope.bias_correction))
@@ -276,9 +277,10 @@ def _conv_term(conv: onnx.NodeProto, ctx: GraphContext) -> Term | Skip | NotMine
         return NotMine(f"{node_label(conv)} has a weight of rank {weight.ndim}")
     if weight.dtype not in FLOAT_DTYPES:
         return Skip(f"{node_label(conv)} has a {weight.dtype} weight: branches are merged for float weights")
-    geometry = CONV.geometry(conv, weight)
-    if isinstance(geometry, Skip):
-        return NotMine(geometry.reason)
+    try:
+        geometry = CONV.geometry(conv, weight)
+    except Refused as refusal:
+        return NotMine(refusal.skip.reason)
     if geometry.pads is None:
         return NotMine(f"{node_label(conv)} pads with auto_pad={geometry.auto_pad} at stride {list(geometry.strides)}")
     return Term(
@@ -305,10 +307,10 @@ def _batch_norm_term(bn: onnx.NodeProto, ctx: GraphContext, version: int) -> Ter
         channels = ctx.constant(bn.input[1]).shape[0]
     except NotConstant as why:
         return NotMine(f"{node_label(bn)}'s scale is not constant: {why}")
-    scale_shift = read_batch_norm(bn, ctx, channels)
-    if isinstance(scale_shift, Skip):
-        return NotMine(scale_shift.reason)
-    scale, shift = scale_shift
+    try:
+        scale, shift = read_batch_norm(bn, ctx, channels)
+    except Refused as refusal:
+        return NotMine(refusal.skip.reason)
     term = identity(bn.input[0], channels)
     term.kernel = term.kernel * scale.reshape(-1, 1)
     term.bias = shift

@@ -21,7 +21,7 @@ import onnx
 from bnfold.folding.checks import call_site_attributes, single_reader
 from bnfold.folding.linear import linear_op
 from bnfold.folding.linear_plan import LinearPlan, fold_after
-from bnfold.folding.plan import NOT_MINE, NotMine, Skip
+from bnfold.folding.plan import NOT_MINE, NotMine, Refused, Skip, refuse_if
 from bnfold.folding.sources import AffineSource
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import ONNX_DOMAINS, ints_attr, node_label
@@ -51,10 +51,7 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
     """NOT_MINE when the source does not read a shape op chain ending at a Conv, ConvTranspose,
     Gemm or 2-D MatMul."""
     # match: back through shape ops to a linear op
-    walked = back_through(source.data, source.node, SHAPE_OPS, ctx)
-    if isinstance(walked, Skip):
-        return walked
-    node, reader, shape_ops, _ = walked
+    node, reader, shape_ops, _ = back_through(source.data, source.node, SHAPE_OPS, ctx)
     op = linear_op(node)
     if not shape_ops or op is None or op.check_node(node, ctx) is not None:  # (a MatMul of a 3-D input)
         return NOT_MINE
@@ -74,29 +71,26 @@ def plan_through_shape_ops(source: AffineSource, ctx: GraphContext) -> ThroughSh
     if rank is None:
         return Skip(f"the rank of '{source.data}' is not known")
     # plan
-    folded = fold_after(ctx, op, linear, lambda channels, _: source.affine(ctx, channels, rank, axis))
-    if isinstance(folded, Skip):
-        return folded
-    new_weight, new_bias, rounding = folded
+    new_weight, new_bias, rounding = fold_after(
+        ctx, op, linear, lambda channels, _: source.affine(ctx, channels, rank, axis)
+    )
     return ThroughShapeOpsPlan(source.node, op, linear, new_weight, new_bias, rounding, shape_ops=tuple(shape_ops))
 
 
 def back_through(
     data: str, reader: onnx.NodeProto, ops: tuple[str, ...], ctx: GraphContext, axis: int | None = None
-) -> tuple[onnx.NodeProto | None, onnx.NodeProto, list[onnx.NodeProto], int | None] | Skip:
+) -> tuple[onnx.NodeProto | None, onnx.NodeProto, list[onnx.NodeProto], int | None]:
     """Walk back from tensor `data` (read by `reader`) through the shape-only `ops`, each of
     which must be read by the next alone: (the node before them or None, the one that reads it,
     the shape ops from `data` backwards, and `axis` followed back through them by axis_before
-    when one is given); a Skip where a shape op is shared or loses the axis."""
+    when one is given); Refused where a shape op is shared or loses the axis."""
     node, shape_ops = ctx.index.producer(data), []
     while node is not None and node.domain in ONNX_DOMAINS and node.op_type in ops:
-        blocked = call_site_attributes(node) or single_reader(node, reader, ctx)
-        if blocked:
-            return blocked
+        refuse_if(call_site_attributes(node) or single_reader(node, reader, ctx))
         if axis is not None:
             axis = axis_before(node, axis, ctx)
             if axis is None:
-                return Skip(
+                raise Refused(
                     f"{node_label(node)} between it and the linear op does not carry the channel axis over whole"
                 )
         shape_ops.append(node)

@@ -26,7 +26,7 @@ import onnx
 
 from bnfold.folding import affine
 from bnfold.folding.correction import record_batch_norm
-from bnfold.folding.plan import Skip
+from bnfold.folding.plan import Refused, Skip
 from bnfold.graph.constants import NotConstant
 from bnfold.graph.context import GraphContext
 from bnfold.graph.protos import float_attr, int_attr, is_onnx_op, node_label
@@ -54,9 +54,9 @@ class AffineSource:
     node: onnx.NodeProto
     data: str
 
-    def affine(self, ctx: GraphContext, channels: int, rank: int, axis: int = 1) -> ChannelAffine | Skip:
+    def affine(self, ctx: GraphContext, channels: int, rank: int, axis: int = 1) -> ChannelAffine:
         """The map, for a linear op of `channels` output channels on `axis` of a rank-`rank`
-        tensor (the tensor this source reads)."""
+        tensor (the tensor this source reads); Refused when it cannot be read."""
         raise NotImplementedError
 
 
@@ -70,7 +70,7 @@ class BatchNormSource(AffineSource):
 
     def affine(self, ctx, channels, rank, axis=1):
         if axis != 1:
-            return Skip(f"the channels reach the BatchNormalization on axis {axis}, not its channel axis 1")
+            raise Refused(f"the channels reach the BatchNormalization on axis {axis}, not its channel axis 1")
         return read_batch_norm(self.node, ctx, channels)
 
 
@@ -123,16 +123,16 @@ def check_inference_mode(bn: onnx.NodeProto, version: int, ctx: GraphContext) ->
     return None
 
 
-def float_constant(ctx: GraphContext, name: str, role: str) -> np.ndarray | Skip:
-    """The value of a parameter that must be a float constant, or why it is not one."""
+def float_constant(ctx: GraphContext, name: str, role: str) -> np.ndarray:
+    """The value of a parameter that must be a float constant; Refused saying why it is not one."""
     if not name:
-        return Skip(f"{role} is missing")
+        raise Refused(f"{role} is missing")
     try:
         value = ctx.constant(name)
     except NotConstant as why:
-        return Skip(f"{role} is not constant: {why}")
+        raise Refused(f"{role} is not constant: {why}") from None
     if value.dtype not in FLOAT_DTYPES:
-        return Skip(f"{role} '{name}' has dtype {value.dtype}, not a float type")
+        raise Refused(f"{role} '{name}' has dtype {value.dtype}, not a float type")
     return value
 
 
@@ -157,59 +157,64 @@ def dequantized_constant(ctx: GraphContext, name: str) -> np.ndarray | None:
     return ((q.astype(np.float64) - zero.astype(np.float64)) * scale.astype(np.float64)).astype(scale.dtype)
 
 
-def read_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, channels: int) -> ChannelAffine | Skip:
-    """BN's (scale s, shift t) in float64, if its parameters are constant, [C]-shaped and sane."""
+def read_batch_norm(bn: onnx.NodeProto, ctx: GraphContext, channels: int) -> ChannelAffine:
+    """BN's (scale s, shift t) in float64, if its parameters are constant, [C]-shaped and sane;
+    else Refused."""
     params = []
     for role, name in zip(BN_PARAMETERS, bn.input[1:]):
-        value = _parameter(ctx, name)
-        if value is None:
-            return float_constant(ctx, name, f"BatchNormalization {role}")
+        value = _parameter(ctx, name, f"BatchNormalization {role}")
         if value.shape != (channels,):
-            return Skip(
+            raise Refused(
                 f"BatchNormalization {role} '{name}' has shape {list(value.shape)}, "
                 f"but the {channels}-channel op next to it needs [{channels}]"
             )
         if not np.isfinite(value.astype(np.float64)).all():
-            return Skip(f"BatchNormalization {role} '{name}' holds NaN or Inf")
+            raise Refused(f"BatchNormalization {role} '{name}' holds NaN or Inf")
         params.append(value)
     gamma, beta, mean, var = params
     eps = epsilon(bn)
     denominator = var.astype(np.float64) + eps
     if not (denominator > 0).all():
         bad = int((denominator <= 0).sum())
-        return Skip(f"variance + epsilon is not positive in {bad} of {channels} channels")
+        raise Refused(f"variance + epsilon is not positive in {bad} of {channels} channels")
     return ChannelAffine(*affine.fold_scale_shift(gamma, beta, mean, var, eps))
 
 
-def _parameter(ctx: GraphContext, name: str) -> np.ndarray | None:
-    """A BN parameter: a float constant, or one quantize_static stored behind a DequantizeLinear."""
-    value = float_constant(ctx, name, "")
-    return dequantized_constant(ctx, name) if isinstance(value, Skip) else value
+def _parameter(ctx: GraphContext, name: str, role: str) -> np.ndarray:
+    """A BN parameter: a float constant, or one quantize_static stored behind a DequantizeLinear;
+    else Refused, saying why it is no float constant."""
+    try:
+        return float_constant(ctx, name, role)
+    except Refused:
+        value = dequantized_constant(ctx, name)
+        if value is None:
+            raise
+        return value
 
 
 def remember_batch_norm(bn: onnx.NodeProto, ctx: GraphContext) -> None:
     """As a folded BN goes: its output's distribution N(β, γ²), by the name the tensor keeps, for
     the bias correction of 16-bit folds downstream (bnfold.folding.correction). Planning reads
     BNs without writing anything; the walk calls this when it applies a plan."""
-    gamma, beta = (_parameter(ctx, name) for name in bn.input[1:3])
-    if gamma is not None and beta is not None:
-        record_batch_norm(ctx, bn, gamma, beta)
+    try:
+        gamma, beta = (_parameter(ctx, name, role) for name, role in zip(bn.input[1:3], BN_PARAMETERS))
+    except Refused:
+        return
+    record_batch_norm(ctx, bn, gamma, beta)
 
 
 def read_elementwise(
     node: onnx.NodeProto, data: str, ctx: GraphContext, channels: int, rank: int, axis: int = 1
-) -> ChannelAffine | Skip:
-    """(s, t) of `data ∘ c` for a Mul/Add/Sub/Div by a per-channel constant c."""
+) -> ChannelAffine:
+    """(s, t) of `data ∘ c` for a Mul/Add/Sub/Div by a per-channel constant c; else Refused."""
     position = list(node.input).index(data)
     other = node.input[1 - position]
     if other == data:
-        return Skip(f"{node_label(node)} combines the tensor with itself")
+        raise Refused(f"{node_label(node)} combines the tensor with itself")
     value = float_constant(ctx, other, f"{node.op_type} operand")
-    if isinstance(value, Skip):
-        return value
     vector = affine.channel_vector(value, rank, channels, axis)
     if vector is None or not np.isfinite(vector).all():
-        return Skip(
+        raise Refused(
             f"{node.op_type} operand '{other}' of shape {list(value.shape)} is not one finite value per channel"
         )
     ones, zeros = np.ones(channels), np.zeros(channels)
@@ -220,7 +225,7 @@ def read_elementwise(
     if node.op_type == "Sub":
         return ChannelAffine(ones, -vector) if position == 0 else ChannelAffine(-ones, vector)
     if position == 1:
-        return Skip("a constant divided by the tensor is not affine")
+        raise Refused("a constant divided by the tensor is not affine")
     if not vector.all():
-        return Skip(f"Div operand '{other}' is zero in some channel")
+        raise Refused(f"Div operand '{other}' is zero in some channel")
     return ChannelAffine(1.0 / vector, zeros)
