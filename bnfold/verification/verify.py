@@ -225,7 +225,7 @@ class Run:
     boundaries: dict[str, list[OutputComparison]] = field(default_factory=dict)
     channels: dict[str, ChannelStats] = field(default_factory=dict)  # per site, the worst trial's
     branches: dict[str, set[bool]] = field(default_factory=dict)  # a rewritten If's condition → values taken
-    references: list[dict] = field(default_factory=list)  # per trial: the reference's outputs and boundaries
+    references: list[dict] = field(default_factory=list)  # per trial: the reference's float outputs and boundaries
     candidates: list[dict] = field(default_factory=list)  # per trial: the candidate's outputs (when saved)
 
 
@@ -251,7 +251,15 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, tol
         for results in outputs.values():
             for result in results:
                 run.outputs.setdefault(result.name, []).append(result)
-        run.references.append({n: want[n] for n in [*compared, *structure.boundaries] if n in want})
+        # what the yardsticks and the saturation note read later: float tensors only, unless
+        # --save-outputs keeps every output (a 1 GiB bool output is not kept once per trial)
+        run.references.append(
+            {
+                n: want[n]
+                for n in [*compared, *structure.boundaries]
+                if n in want and (keep_candidates or _float(want[n]))
+            }
+        )
         if keep_candidates:
             run.candidates.append({n: got[n] for n in compared})
         if at_sites:
@@ -275,6 +283,10 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, tol
                 run.boundaries.setdefault(name, []).extend(_compare_value(name, want[name], got[name], inner, None))
         del want, got  # before the next run: its outputs then reuse this trial's memory
     return run
+
+
+def _float(value) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f"
 
 
 def _unexercised(structure, run: Run) -> list[str]:
