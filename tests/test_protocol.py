@@ -161,7 +161,17 @@ def test_every_candidate_kind_has_a_table():
         "InstanceNormalization", "LayerNormalization", "GroupNormalization",
     }  # fmt: skip
     assert [g.name for g in planner.BATCH_NORM.guards] == ["inference mode"]
-    assert [m.name for m in planner.BATCH_NORM.order][0] == "split at a Concat"
+    assert [(m.name, m.role) for m in planner.BATCH_NORM.order] == [
+        ("split at a Concat", Role.DECIDES),
+        ("into a quantized weight", Role.DECIDES),
+        ("backward", Role.BACKWARD),
+        ("token MatMul, channel last", Role.DECIDES),
+        ("token MatMul without bias, channel last", Role.DECIDES),
+        ("through shape ops", Role.BACKWARD),
+        ("forward, into several readers", Role.FORWARD),
+        ("forward", Role.FORWARD),
+        ("forward, the scale past zeros", Role.FORWARD),
+    ]  # one plan per row: the whole fold and the scale alone are rows of their own
     assert [e.name for e in planner.BATCH_NORM.explanations] == ["quantized"]
 
 

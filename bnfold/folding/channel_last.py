@@ -63,21 +63,28 @@ class ChannelLastPlan(Plan):
         ctx.index.set_output(self.shape_ops[0], 0, self.source.output[0])
 
 
-def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | NotMine:
-    """NOT_MINE unless the BN is behind token shape ops whose input's last axis is its channel
-    axis, and they come from a MatMul or its bias Add."""
-    # match: walk back through shape ops to the axis the BN's channels come from
+def _token_source(bn: onnx.NodeProto, ctx: GraphContext):
+    """match: (the node the BN's channels come from, the one that reads it, the token shape ops
+    between, the rank there) when the BN is behind token shape ops whose input's last axis is its
+    channel axis; else None."""
+    # walk back through shape ops to the axis the BN's channels come from
     node, reader, shape_ops, axis = back_through(bn.input[0], bn, TOKEN_SHAPE_OPS, ctx, axis=1)
     if not shape_ops:
-        return NOT_MINE
+        return None
     rank = ctx.shapes.rank(shape_ops[-1].input[0])
     if node is None or rank is None or axis != rank - 1:
+        return None
+    return node, reader, tuple(shape_ops), rank
+
+
+def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | NotMine:
+    """NOT_MINE unless the BN is behind token shape ops whose input's last axis is its channel
+    axis, and they come from a MatMul's bias Add."""
+    # match
+    found = _token_source(bn, ctx)
+    if found is None or not is_onnx_op(found[0], "Add"):
         return NOT_MINE
-    if is_onnx_op(node, "MatMul"):
-        return _without_bias(bn, node, reader, tuple(shape_ops), ctx)
-    if not is_onnx_op(node, "Add"):
-        return NOT_MINE
-    add = node
+    add, reader, shape_ops, rank = found
     position = next((i for i, name in enumerate(add.input) if is_onnx_op(_producer(ctx, name), "MatMul")), None)
     if position is None:
         return NOT_MINE
@@ -102,8 +109,15 @@ def plan_channel_last(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan 
     return ChannelLastPlan(bn, matmul, add, 1 - position, tuple(shape_ops), new_weight, new_bias, rounding)
 
 
-def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLastPlan | Skip:
-    """The BN's scale into a bias-less MatMul; its shift stays as an Add (module docstring)."""
+def plan_channel_last_scale(bn: onnx.NodeProto, ctx: GraphContext) -> ChannelLastPlan | Skip | NotMine:
+    """The BN's scale into a bias-less MatMul behind token shape ops; its shift stays as an Add
+    (module docstring). NOT_MINE unless the channels come from a MatMul itself."""
+    # match
+    found = _token_source(bn, ctx)
+    if found is None or not is_onnx_op(found[0], "MatMul"):
+        return NOT_MINE
+    matmul, reader, shape_ops, _ = found
+    # checks
     blocked = call_site_attributes(bn, matmul) or single_reader(matmul, reader, ctx, shape_readers=True)
     if blocked:
         return blocked
@@ -113,6 +127,7 @@ def _without_bias(bn, matmul, reader, shape_ops, ctx: GraphContext) -> ChannelLa
         return Skip(f"the rank of the BN's input '{bn.input[0]}' is not known")
     channels = weight.shape[1]
     scale_shift = read_batch_norm(bn, ctx, channels)
+    # plan
     new_weight, shift, rounding = fold_output(ctx, MATMUL, matmul, weight, None, scale_shift)
     shift = shift.reshape((channels,) + (1,) * (rank - 2))  # per channel on the BN input's axis 1
     return ChannelLastPlan(bn, matmul, None, -1, shape_ops, new_weight, shift, rounding)

@@ -31,9 +31,9 @@ import onnx
 from bnfold.folding import affine
 from bnfold.folding.checks import call_site_attributes
 from bnfold.folding.correction import batch_norm_input_moments, rounding_note
-from bnfold.folding.linear import LinearOp, linear_op
+from bnfold.folding.linear import ConvGeometry, LinearOp, linear_op
 from bnfold.folding.linear_plan import LinearPlan, become_shift, give_parameters
-from bnfold.folding.plan import NotMine, Plan, Refused, Skip, refuse_if
+from bnfold.folding.plan import NOT_MINE, NotMine, Plan, Refused, Skip, refuse_if
 from bnfold.folding.shape_ops import SHAPE_OPS, axis_after, merged_axis
 from bnfold.folding.sources import AffineSource, BatchNormSource, ChannelAffine, read_batch_norm
 from bnfold.graph.constants import NotConstant
@@ -141,42 +141,95 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip | No
     return HeadsPlan(source.node, source.data, tuple(heads))
 
 
-def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | HeadsPlan | Skip | NotMine:
-    """Fold `bn` into the one linear op that reads it as its data input, directly or through
-    shape-only ops that carry its channel axis whole to the op's input channel axis; into each
-    of several such ops when several read it (plan_heads)."""
-    if len(set(map(id, ctx.index.readers(bn.output[0])))) > 1 and bn.output[0] not in ctx.index.graph_outputs:
-        return plan_heads(BatchNormSource(bn), ctx)
-    # match
+def plan_forward_into_several(bn: onnx.NodeProto, ctx: GraphContext) -> HeadsPlan | Skip | NotMine:
+    """A BN that several nodes read: into each of them (plan_heads); NOT_MINE for one reader."""
+    out = bn.output[0]
+    if len(set(map(id, ctx.index.readers(out)))) < 2 or out in ctx.index.graph_outputs:
+        return NOT_MINE
+    return plan_heads(BatchNormSource(bn), ctx)
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """The one linear op a BN feeds (_linear_reader), its parameters read (_read_linear)."""
+
+    linear: onnx.NodeProto
+    op: LinearOp
+    shape_ops: tuple
+    repeat: int
+    weight: np.ndarray
+    bias: np.ndarray | None
+    geometry: ConvGeometry
+    zeros: str | None  # where the op reads zeros for part of its input (LinearOp.reads_zeros)
+
+
+def _forward_reader(bn: onnx.NodeProto, ctx: GraphContext) -> _Reader | NotMine:
+    """match: the one linear op that reads `bn` as its data input (what reads it instead, when
+    none does); then its parameters, every check on the op itself passed (else Refused)."""
     found = _linear_reader(bn, ctx)
     if isinstance(found, NotMine):
-        return found  # no linear op reads it that way: what reads it instead
+        return found
     linear, op, shape_ops, repeat = found
-    # checks
     weight, bias, geometry = _read_linear(bn, linear, op, ctx)
-    # an op that reads zeros for part of its input (a padded Conv, a ConvTranspose whose border
-    # outputs miss some taps) takes the scale only
-    zeros = op.reads_zeros(linear, weight, geometry)
-    failed = (None if zeros else op.check_input_fold(linear, weight, geometry)) or (
+    return _Reader(linear, op, shape_ops, repeat, weight, bias, geometry, op.reads_zeros(linear, weight, geometry))
+
+
+def plan_forward(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip | NotMine:
+    """Fold `bn` whole into the one linear op that reads it as its data input, directly or
+    through shape-only ops that carry its channel axis whole to the op's input channel axis.
+    NOT_MINE for an op that reads zeros for part of its input (plan_forward_scale)."""
+    # match
+    found = _forward_reader(bn, ctx)
+    if isinstance(found, NotMine) or found.zeros:
+        return found if isinstance(found, NotMine) else NOT_MINE
+    linear, op, weight, bias = found.linear, found.op, found.weight, found.bias
+    # checks
+    failed = op.check_input_fold(linear, weight, found.geometry) or (
         bias is not None and op.check_bias(bias, op.output_channels(weight, linear))
     )
     if failed:
         return failed
-    padded = zeros is not None
-    rank = ctx.shapes.rank(bn.input[0])
-    if padded and (rank is None or rank < 2):
-        return Skip(f"{node_label(linear)} after it {zeros}, and the rank of the BN's input is not known")
-    scale_shift = _per_feature(lambda channels: read_batch_norm(bn, ctx, channels), op, linear, weight, repeat)
+    scale_shift = _per_feature(lambda channels: read_batch_norm(bn, ctx, channels), op, linear, weight, found.repeat)
     # plan
-    correcting = op.corrects_rounding and ctx.scope.bias_correction
-    if padded:
-        return _scale_into_padded_conv(
-            bn, linear, op, zeros, weight, bias, scale_shift, rank, shape_ops, correcting, ctx
-        )
     moments = batch_norm_input_moments(ctx, bn, weight.dtype) if op.corrects_rounding else None
     folded = op.cast(linear, weight.dtype, *op.fold_input(linear, weight, bias, scale_shift), moments)
-    rounding = rounding_note(weight.dtype, moments, correcting)
-    return ForwardPlan(bn, op, linear, *folded, rounding, shape_ops=shape_ops)
+    rounding = rounding_note(weight.dtype, moments, op.corrects_rounding and ctx.scope.bias_correction)
+    return ForwardPlan(bn, op, linear, *folded, rounding, shape_ops=found.shape_ops)
+
+
+def plan_forward_scale(bn: onnx.NodeProto, ctx: GraphContext) -> ForwardPlan | Skip | NotMine:
+    """Into the one linear op that reads `bn` and reads zeros for part of its input (a padded
+    Conv, a ConvTranspose whose border outputs miss some taps): the scale into its weight per
+    input channel, the shift left as an Add of t/s in front (module docstring). NOT_MINE for
+    an op that reads its input whole (plan_forward)."""
+    # match
+    found = _forward_reader(bn, ctx)
+    if isinstance(found, NotMine) or not found.zeros:
+        return found if isinstance(found, NotMine) else NOT_MINE
+    conv, op, weight, bias = found.linear, found.op, found.weight, found.bias
+    # checks
+    if bias is not None and (failed := op.check_bias(bias, op.output_channels(weight, conv))):
+        return failed
+    rank = ctx.shapes.rank(bn.input[0])
+    if rank is None or rank < 2:
+        return Skip(f"{node_label(conv)} after it {found.zeros}, and the rank of the BN's input is not known")
+    scale, shift = (
+        np.asarray(v, np.float64)
+        for v in _per_feature(lambda channels: read_batch_norm(bn, ctx, channels), op, conv, weight, found.repeat)
+    )
+    if not scale.all():
+        return Skip(
+            f"{node_label(conv)} after it {found.zeros}, and a channel's scale is 0, so its shift cannot move in front "
+            "of it"
+        )
+    # plan
+    folded = op.cast(conv, weight.dtype, *op.fold_input(conv, weight, bias, (scale, np.zeros_like(shift))), None)
+    with np.errstate(over="ignore"):  # the Conv's input, so the BN's output, has the weight's type
+        moved = (shift / scale).astype(weight.dtype).reshape((-1,) + (1,) * (rank - 2))
+    if not np.isfinite(affine.float_operand(moved)).all():
+        return Skip(f"the BN's shift over its scale overflows {weight.dtype}")
+    rounding = rounding_note(weight.dtype, None, op.corrects_rounding and ctx.scope.bias_correction)
+    return ForwardPlan(bn, op, conv, *folded, rounding, shape_ops=found.shape_ops, shift=moved)
 
 
 def _read_linear(source: onnx.NodeProto, linear: onnx.NodeProto, op: LinearOp, ctx: GraphContext):
@@ -277,23 +330,3 @@ def _constant_axes(node: onnx.NodeProto, ctx: GraphContext) -> list[int] | None:
         return [int(a) for a in np.asarray(ctx.constant(node.input[1])).reshape(-1)]
     except NotConstant:
         return None
-
-
-def _scale_into_padded_conv(
-    bn, conv, op: LinearOp, zeros: str, weight, bias, scale_shift: ChannelAffine, rank: int, shape_ops,
-    correcting: bool, ctx
-) -> ForwardPlan:  # fmt: skip
-    """W·s on the Conv's input channels, its bias as it was, and t/s left as an Add in front of
-    the padding (module docstring); `zeros` says where the op reads zeros (LinearOp.reads_zeros)."""
-    scale, shift = (np.asarray(v, np.float64) for v in scale_shift)
-    if not scale.all():
-        raise Refused(
-            f"{node_label(conv)} after it {zeros}, and a channel's scale is 0, so its shift cannot move in front of it"
-        )
-    folded = op.cast(conv, weight.dtype, *op.fold_input(conv, weight, bias, (scale, np.zeros_like(shift))), None)
-    with np.errstate(over="ignore"):  # the Conv's input, so the BN's output, has the weight's type
-        moved = (shift / scale).astype(weight.dtype).reshape((-1,) + (1,) * (rank - 2))
-    if not np.isfinite(affine.float_operand(moved)).all():
-        raise Refused(f"the BN's shift over its scale overflows {weight.dtype}")
-    rounding = rounding_note(weight.dtype, None, correcting)
-    return ForwardPlan(bn, op, conv, *folded, rounding, shape_ops=shape_ops, shift=moved)

@@ -24,10 +24,10 @@ from __future__ import annotations
 import onnx
 
 from bnfold.folding.backward import plan_backward
-from bnfold.folding.channel_last import plan_channel_last
+from bnfold.folding.channel_last import plan_channel_last, plan_channel_last_scale
 from bnfold.folding.checks import producer_through_no_ops
 from bnfold.folding.concat import plan_concat
-from bnfold.folding.forward import plan_forward, plan_heads
+from bnfold.folding.forward import plan_forward, plan_forward_into_several, plan_forward_scale, plan_heads
 from bnfold.folding.linear import linear_op
 from bnfold.folding.plan import NOT_MINE, Answer, Check, Mechanism, Mechanisms, Pass, Plan, Role, Skip, answer, decide
 from bnfold.folding.quantized import plan_quantized_weight
@@ -117,9 +117,14 @@ BATCH_NORM = Mechanisms(
         Mechanism("backward", lambda bn, ctx, _: plan_backward(BatchNormSource(bn), ctx), Role.BACKWARD),
         Mechanism("token MatMul, channel last", lambda bn, ctx, _: plan_channel_last(bn, ctx), Role.DECIDES),
         Mechanism(
+            "token MatMul without bias, channel last", lambda bn, ctx, _: plan_channel_last_scale(bn, ctx), Role.DECIDES
+        ),
+        Mechanism(
             "through shape ops", lambda bn, ctx, _: plan_through_shape_ops(BatchNormSource(bn), ctx), Role.BACKWARD
         ),
+        Mechanism("forward, into several readers", lambda bn, ctx, _: plan_forward_into_several(bn, ctx), Role.FORWARD),
         Mechanism("forward", lambda bn, ctx, _: plan_forward(bn, ctx), Role.FORWARD),
+        Mechanism("forward, the scale past zeros", lambda bn, ctx, _: plan_forward_scale(bn, ctx), Role.FORWARD),
     ),
     explanations=(Check("quantized", _quantized),),
     refused=lambda bn, why: _backward_nor_forward(why),
