@@ -382,3 +382,67 @@ def test_another_output_shape_at_a_symbolic_size_is_exit_1_without_a_traceback(t
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert "first divergence at 'y'" in run.stderr and "candidate gives shape" in run.stderr
+
+
+def _forward_into_the_head(gelu_half: bool) -> onnx.ModelProto:
+    """x → Conv → BN → Relu → (BN | Mul by 0.5) → GlobalAveragePool → Flatten → Gemm: the last
+    map folds forward into the head through the pooling, after an earlier fold changed the conv
+    (StarNet's last BN; the TorchScript GELU's Mul by 0.5 before FastViT's head)."""
+    rng = np.random.default_rng(3)
+    inits = []
+
+    def const(value, name):
+        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    for prefix in ("a", "b"):
+        const(rng.uniform(0.5, 1.5, 6), f"{prefix}_gamma"), const(rng.normal(0, 0.3, 6), f"{prefix}_beta")
+        const(rng.normal(0, 0.3, 6), f"{prefix}_mean"), const(rng.uniform(0.5, 1.5, 6), f"{prefix}_var")
+    last = (
+        helper.make_node("Mul", ["r", const(0.5, "half")], ["m"], name="half")
+        if gelu_half
+        else helper.make_node("BatchNormalization", ["r", "b_gamma", "b_beta", "b_mean", "b_var"], ["m"], name="bn2")
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", const(rng.normal(size=(6, 3, 3, 3)), "w"), const(rng.normal(size=6), "cb")],
+                         ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "a_gamma", "a_beta", "a_mean", "a_var"], ["bn1"], name="bn1"),
+        helper.make_node("Relu", ["bn1"], ["r"], name="relu"),
+        last,
+        helper.make_node("GlobalAveragePool", ["m"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", const(rng.normal(size=(4, 6)), "W"), const(rng.normal(size=4), "B")], ["y"],
+                         name="head", transB=1),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits,
+    )  # fmt: skip
+    return make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("gelu_half", [False, True], ids=["BN", "Mul by 0.5"])
+def test_a_map_folded_forward_through_the_pooling_is_judged_at_the_head(tmp_path, gelu_half):
+    # The names and the lone ops around the pooling (GlobalAveragePool, Flatten: one of each on
+    # both sides) used to pair the candidate's ReLU output with the reference's BN output: a
+    # correct fold refused (timm's StarNet, both exporters; FastViT's TorchScript export)
+    model = _forward_into_the_head(gelu_half)
+    result = bnfold.fold(model)
+    assert (result.report.folded, len(result.report.channel_affines)) == ((1, 1) if gelu_half else (2, 0))
+    assert not {"BatchNormalization", "Mul"} & {n.op_type for n in result.model.graph.node}
+    save(model, tmp_path / "m.onnx")
+    save(result.model, tmp_path / "f.onnx")
+    report = bnfold.verify(tmp_path / "m.onnx", tmp_path / "f.onnx")
+    assert report.equivalent, report.table()
+    assert {s.name for s in report.sites} >= {"y"} and all(s.passed for s in report.sites)
+    wrong = result.model
+    bias = next(
+        t
+        for t in wrong.graph.initializer
+        if t.name == next(n for n in wrong.graph.node if n.op_type == "Gemm").input[2]
+    )
+    values = numpy_helper.to_array(bias).copy()
+    values[np.argmax(np.abs(values))] *= 1.03
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    save(wrong, tmp_path / "wrong.onnx")
+    assert not bnfold.verify(tmp_path / "m.onnx", tmp_path / "wrong.onnx").equivalent

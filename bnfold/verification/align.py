@@ -11,9 +11,10 @@ candidate is renamed into the reference's names first, by this evidence, stronge
    inputs, down to graph inputs (by name) and constants (by value: a Constant node and an
    initializer of one type, shape and bytes are one constant). Identity nodes pass their input's
    identity on. Graph inputs and outputs pair by name (verify pairs them so).
-2. *The same place*, grown from those pairs: two nodes of one op and attributes that make paired
-   tensors read paired tensors (backward, up from the outputs to where the rewrite is), and two
-   such nodes that read paired tensors and equal constants make paired tensors (forward).
+2. *The same place*, grown from those pairs: two nodes of one op, attributes and constants that
+   make paired tensors read paired tensors (backward, up from the outputs to where the rewrite
+   is: a node whose constants changed may have absorbed a map of its input), and two such nodes
+   that read paired tensors make paired tensors (forward).
 3. *The same name*, where the same op makes it and the same ops read it; then 2 again.
 4. *The only one left*: a node that is the only unpaired one of its op and attributes on each
    side (a ReLU between two folds); then 2 again.
@@ -27,6 +28,7 @@ Renaming changes no value: the renamed candidate computes what the candidate com
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -74,6 +76,7 @@ def align(reference: onnx.ModelProto, candidate: onnx.ModelProto, arrays=({}, {}
     pairing.propagate()
     pairing.pair_unique_ops()  # 4. the one op of its kind left on both sides
     pairing.propagate()
+    pairing.drop_inconsistent()  # …and no pair of one node that reads what its partner does not
     ref_names = set(forward[0])
     for name in forward[1]:  # 5. the same name; else a name of its own
         if name not in pairing.to_ref:
@@ -134,12 +137,14 @@ class _Pairing:
         self.forward = forward
         self.to_ref: dict[str, str] = {}
         self.taken: set[str] = set()
+        self.fixed: set[str] = set()  # paired by name: the graphs' inputs and outputs
         self.queue: list[tuple[str, str]] = []
 
     def fix(self, name: str) -> None:
         """A name both models give one tensor (a graph input or output); its roots pair too."""
         self.to_ref[name] = name
         self.taken.add(name)
+        self.fixed.add(name)
         if name in self.forward[0]:
             ours, theirs = self.graphs[1].root(name), self.graphs[0].root(name)
             if ours not in self.to_ref:
@@ -161,7 +166,7 @@ class _Pairing:
         ref, cand = self.graphs
         mine, other = cand.producer.get(name), ref.producer.get(name)
         if mine and other and mine[1] == other[1] and self._same_op(mine[0], other[0]):
-            if _reader_ops(cand, name) == _reader_ops(ref, name):
+            if _reader_ops(cand, name) == _reader_ops(ref, name) and self._same_constants(mine[0], other[0]):
                 self.pair(name, name)
 
     def pair_unique_ops(self) -> None:
@@ -172,7 +177,9 @@ class _Pairing:
         for key, theirs in left[1].items():
             ours = left[0].get(key)
             if len(theirs) == 1 and ours is not None and len(ours) == 1:
-                self.pair(theirs[0], ours[0])
+                mine, other = cand.producer[theirs[0]][0], ref.producer[ours[0]][0]
+                if self._same_constants(mine, other):  # (other constants: it may have absorbed a neighbour)
+                    self.pair(theirs[0], ours[0])
 
     def propagate(self) -> None:
         ref, cand = self.graphs
@@ -180,9 +187,13 @@ class _Pairing:
             ours, theirs = self.queue.pop()
             mine, other = cand.producer.get(ours), ref.producer.get(theirs)
             if mine and other and mine[1] == other[1] and self._same_op(mine[0], other[0]):
-                for a, b in zip(*(g.inputs(n) for g, n in ((cand, mine[0]), (ref, other[0])))):
-                    if a and b and a not in cand.constants and b not in ref.constants:
-                        self.pair(a, b)
+                # their inputs pair only when they read the same constants: a node whose
+                # constants changed may have absorbed a map of its input (a BN folded forward
+                # into the Gemm after a pooling), so what it reads is another tensor
+                if self._same_constants(mine[0], other[0]):
+                    for a, b in zip(*(g.inputs(n) for g, n in ((cand, mine[0]), (ref, other[0])))):
+                        if a and b and a not in cand.constants and b not in ref.constants and self._may_be(a, b):
+                            self.pair(a, b)
                 for a, b in zip(mine[0].output, other[0].output):
                     if a and b:
                         self.pair(a, b)
@@ -204,6 +215,63 @@ class _Pairing:
     def _same_op(self, node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
         """A candidate node and a reference node of one op, arity and attributes."""
         return self.graphs[1].kind[id(node)] == self.graphs[0].kind[id(other)]
+
+    def _may_be(self, ours: str, theirs: str) -> bool:
+        """Whether candidate tensor `ours` may be reference tensor `theirs`: made by nodes of one
+        op and constants, or by a candidate node the reference has nowhere (with its constants: a
+        Conv that absorbed the BN which made `theirs`). A ReLU's output is never a BN's, nor a
+        Mul of two tensors a Mul by 0.5 that was folded forward."""
+        ref, cand = self.graphs
+        mine, other = cand.producer.get(ours), ref.producer.get(theirs)
+        if mine is None or other is None:
+            return True
+        kind = self._full_kind(mine[0])
+        return kind == self._full_kind(other[0], side=0) or kind not in self._reference_kinds
+
+    @functools.cached_property
+    def _reference_kinds(self) -> set:
+        ref = self.graphs[0]
+        return {self._full_kind(node, side=0) for node in ref.nodes if not is_identity(node)}
+
+    def _full_kind(self, node: onnx.NodeProto, side: int = 1) -> tuple:
+        """A node's op, arity, attributes and the constants it reads, slot by slot."""
+        graph = self.graphs[side]
+        constants = tuple(self.forward[side].get(n) if n in graph.constants else None for n in graph.inputs(node))
+        return graph.kind[id(node)], constants
+
+    def drop_inconsistent(self) -> None:
+        """Unpair, until none is left, a pair made by nodes of one op and constants where an
+        input of the candidate's is paired with another tensor than the reference's reads, or
+        with none: growth from names and lone ops can pair the tensors between a BN folded
+        forward and the Gemm that took it (a pooling, a Flatten), which differ by the BN."""
+        ref, cand = self.graphs
+        changed = True
+        while changed:
+            changed = False
+            for ours, theirs in list(self.to_ref.items()):
+                mine, other = cand.producer.get(ours), ref.producer.get(theirs)
+                if ours in self.fixed or not (mine and other and self._same_op(mine[0], other[0])):
+                    continue
+                if self.forward[1].get(ours) == self.forward[0].get(theirs):
+                    continue  # the same computation
+                if not self._same_constants(mine[0], other[0]):
+                    continue  # a site: the candidate's node absorbed a map
+                for a, b in zip(cand.inputs(mine[0]), ref.inputs(other[0])):
+                    if a and b and a not in cand.constants and b not in ref.constants and self.to_ref.get(a) != b:
+                        del self.to_ref[ours]
+                        self.taken.discard(theirs)
+                        changed = True
+                        break
+
+    def _same_constants(self, node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
+        """A candidate node and a reference node that read equal constants in the same slots."""
+        ref, cand = self.graphs
+        for a, b in zip(cand.inputs(node), ref.inputs(other)):
+            if (a in cand.constants) != (b in ref.constants):
+                return False
+            if a in cand.constants and self.forward[1][a] != self.forward[0][b]:
+                return False
+        return True
 
     def _same_inputs(self, node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
         ref, cand = self.graphs
