@@ -373,7 +373,7 @@ def test_batch_norm_before_a_flatten_folds_forward_repeated_per_block(flatten, h
 
 def test_batch_norm_before_a_flatten_that_merges_its_channels_with_the_batch_stays():
     node = helper.make_node("Flatten", ["bn_out"], ["flat"], axis=2)  # [2, 6, 2, 3] → [12, 6]
-    assert_refused(flattened_head(node, 6), "does not carry its channel axis, whole, to one linear op")
+    assert_refused(flattened_head(node, 6), "does not carry its channel axis, whole, to a linear op")
 
 
 def heads_model(affine: str, heads: int, *, last: str = "MatMul") -> onnx.ModelProto:

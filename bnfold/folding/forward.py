@@ -118,10 +118,9 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip | No
         return NotMine("its output is a graph output")
     if not readers:
         return NotMine("nothing reads it")
-    chains = [_chain(reader, out, ctx) for reader in {id(r): r for r in readers}.values()]
-    unmatched = next((c for c in chains if isinstance(c, NotMine)), None)
-    if unmatched:
-        return unmatched  # a reader that is no linear op, or not reached whole
+    chains = _heads_of(readers, out, ctx)
+    if isinstance(chains, NotMine):
+        return chains  # a reader that is no linear op, or not reached whole
     # checks, and each head's plan
     heads, rank = [], ctx.shapes.rank(source.data)
     if rank is None:
@@ -142,9 +141,15 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip | No
 
 
 def plan_forward_into_several(bn: onnx.NodeProto, ctx: GraphContext) -> HeadsPlan | Skip | NotMine:
-    """A BN that several nodes read: into each of them (plan_heads); NOT_MINE for one reader."""
+    """A BN that several linear ops read, directly or past a pooling or a shape op they share
+    (EfficientFormerV2's mean before its head and its distillation head): into each of them
+    (plan_heads); NOT_MINE for one."""
     out = bn.output[0]
-    if len(set(map(id, ctx.index.readers(out)))) < 2 or out in ctx.index.graph_outputs:
+    readers = ctx.index.readers(out)
+    if out in ctx.index.graph_outputs or not readers:
+        return NOT_MINE
+    heads = _heads_of(readers, out, ctx)
+    if len(set(map(id, readers))) < 2 and (isinstance(heads, NotMine) or len(heads) < 2):
         return NOT_MINE
     return plan_heads(BatchNormSource(bn), ctx)
 
@@ -262,16 +267,31 @@ def _linear_reader(bn: onnx.NodeProto, ctx: GraphContext) -> tuple[onnx.NodeProt
         return NotMine("its output is a graph output")
     if len(readers) != 1:
         return NotMine(f"it feeds {len(readers)} nodes")
-    return _chain(readers[0], out, ctx)
+    heads = _chains(readers[0], out, ctx)
+    if isinstance(heads, NotMine) or len(heads) == 1:
+        return heads if isinstance(heads, NotMine) else heads[0]
+    return NotMine(f"{len(heads)} linear ops read it")
 
 
-def _chain(
-    consumer: onnx.NodeProto, out: str, ctx: GraphContext
-) -> tuple[onnx.NodeProto, LinearOp, tuple, int] | NotMine:
+def _heads_of(readers, out: str, ctx: GraphContext) -> list[tuple] | NotMine:
+    """Every linear op that `readers` of `out` lead to (_chains), or what reads it instead."""
+    heads = []
+    for reader in {id(r): r for r in readers}.values():
+        found = _chains(reader, out, ctx)
+        if isinstance(found, NotMine):
+            return found
+        heads += found
+    return heads
+
+
+def _chains(
+    consumer: onnx.NodeProto, out: str, ctx: GraphContext, shape_ops: tuple = (), axis: int = 1, repeat: int = 1
+) -> list[tuple[onnx.NodeProto, LinearOp, tuple, int]] | NotMine:
     """From `consumer`, a reader of `out`, through shape-only ops and spatial means to the linear
-    op that reads the channels as its data input: (that op, its layout, the ops between, how many
-    features each channel became: 1, or a flattened block's size); else what reads it instead."""
-    shape_ops, axis, repeat = [], 1, 1
+    ops that read the channels as their data input, one per branch where those ops have several
+    readers: for each, (that op, its layout, the ops between, how many features each channel
+    became: 1, or a flattened block's size); else what reads it instead."""
+    shape_ops = list(shape_ops)
     while (
         consumer.domain in ONNX_DOMAINS
         and consumer.op_type in (*SHAPE_OPS, *SPATIAL_MEANS)
@@ -286,9 +306,17 @@ def _chain(
         else:
             axis = axis_after(consumer, axis, ctx) if repeat == 1 else None
         readers = ctx.index.readers(consumer.output[0])
-        if axis is None or consumer.output[0] in ctx.index.graph_outputs or len(readers) != 1:
-            return NotMine(f"{node_label(consumer)} after it does not carry its channel axis, whole, to one linear op")
+        if axis is None or consumer.output[0] in ctx.index.graph_outputs or not readers:
+            return NotMine(f"{node_label(consumer)} after it does not carry its channel axis, whole, to a linear op")
         shape_ops.append(consumer)
+        if len(set(map(id, readers))) > 1:  # branches: a linear op at the end of each
+            heads = []
+            for reader in {id(r): r for r in readers}.values():
+                found = _chains(reader, consumer.output[0], ctx, tuple(shape_ops), axis, repeat)
+                if isinstance(found, NotMine):
+                    return found
+                heads += found
+            return heads
         out, consumer = consumer.output[0], readers[0]
     op = linear_op(consumer)
     if repeat > 1 and op is not None and op.dense and axis == 1:
@@ -305,7 +333,7 @@ def _chain(
     if repeat > 1 and not op.dense:
         return NotMine(f"{node_label(consumer)} reads its channels flattened with their positions; only a Gemm or "
                        "MatMul takes them so")  # fmt: skip
-    return consumer, op, tuple(shape_ops), repeat
+    return [(consumer, op, tuple(shape_ops), repeat)]
 
 
 def _spatial_mean(node: onnx.NodeProto, axis: int, ctx: GraphContext) -> Skip | None:

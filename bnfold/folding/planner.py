@@ -6,7 +6,8 @@ A BatchNormalization in inference mode folds, in this order of preference:
 2. into the DequantizeLinear scale of the quantized weight of the linear op before it (decides
    it when that weight is one: quantized.py);
 3. backward, into the linear op that produces its input;
-4. over the last axis of a token MatMul behind shape-only ops (decides it when it matches);
+4. over the last axis of a token MatMul behind shape-only ops (a backward fold: its refusal is
+   the backward reason, and forward is still tried; EfficientViT's BN1d after a Flatten);
 5. through shape-only ops, into a linear op (its refusal says more than backward's);
 6. forward, into the one Conv, ConvTranspose, Gemm or MatMul it feeds.
 First its guard: a BN in training mode (or whose batch statistics are read) folds nowhere.
@@ -115,9 +116,11 @@ BATCH_NORM = Mechanisms(
             "into a quantized weight", lambda bn, ctx, _: plan_quantized_weight(BatchNormSource(bn), ctx), Role.DECIDES
         ),
         Mechanism("backward", lambda bn, ctx, _: plan_backward(BatchNormSource(bn), ctx), Role.BACKWARD),
-        Mechanism("token MatMul, channel last", lambda bn, ctx, _: plan_channel_last(bn, ctx), Role.DECIDES),
+        Mechanism("token MatMul, channel last", lambda bn, ctx, _: plan_channel_last(bn, ctx), Role.BACKWARD),
         Mechanism(
-            "token MatMul without bias, channel last", lambda bn, ctx, _: plan_channel_last_scale(bn, ctx), Role.DECIDES
+            "token MatMul without bias, channel last",
+            lambda bn, ctx, _: plan_channel_last_scale(bn, ctx),
+            Role.BACKWARD,
         ),
         Mechanism(
             "through shape ops", lambda bn, ctx, _: plan_through_shape_ops(BatchNormSource(bn), ctx), Role.BACKWARD
