@@ -329,6 +329,43 @@ def test_batch_norm_before_a_spatial_mean_folds_forward_into_the_head(pool):
     assert result.report.batch_norms[0].via.startswith(f"through {POOLS[pool][0].op_type}")
 
 
+def test_batch_norm_before_a_mean_that_two_heads_read_folds_into_each():
+    # EfficientFormerV2: x → BN 'norm' → ReduceMean → head and distillation head → their mean
+    model = pooled_head([helper.make_node("ReduceMean", ["bn_out"], ["pooled"], axes=[2, 3], keepdims=0)])
+    graph = model.graph
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    graph.node.remove(flatten)
+    head = next(n for n in graph.node if n.op_type == "Gemm")
+    head.input[0], head.output[0] = "pooled", "logits"
+    rng = np.random.default_rng(4)
+    graph.initializer.extend([numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "W2"),
+                              numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "B2")])  # fmt: skip
+    graph.node.extend([
+        helper.make_node("Gemm", ["pooled", "W2", "B2"], ["distilled"], name="head_dist", transB=1),
+        helper.make_node("Add", ["logits", "distilled"], ["y"], name="mean_of_heads"),
+    ])  # fmt: skip
+    result = assert_folds(model, ["ReduceMean", "Gemm", "Gemm", "Add"])
+    (bn,) = result.report.batch_norms
+    assert bn.folded and bn.forward and bn.via == "into each of its 2 readers", bn
+    assert bn.folded_into == "head, head_dist"
+
+
+def test_batch_norm_1d_after_a_flatten_folds_forward_into_its_linear():
+    # EfficientViT-M0's head: GlobalAveragePool → Flatten → BatchNorm1d → Linear. The channel-last
+    # fold's walk back through the Flatten loses the BN's axis: its refusal used to decide.
+    model = pooled_head(POOLS["GlobalAveragePool"])
+    graph = model.graph
+    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    pool = next(n for n in graph.node if n.op_type == "GlobalAveragePool")
+    flatten = next(n for n in graph.node if n.op_type == "Flatten")
+    pool.input[0], flatten.output[0] = "x", "flat_x"
+    bn.input[0], bn.output[0] = "flat_x", "flat"
+    graph.node.remove(bn)
+    graph.node.insert(list(graph.node).index(flatten) + 1, bn)
+    result = assert_folds(model, ["GlobalAveragePool", "Flatten", "Gemm"])
+    assert result.report.batch_norms[0].folded and result.report.batch_norms[0].forward
+
+
 def test_batch_norm_before_a_reduce_mean_whose_axes_are_inputs_folds_forward():
     axes = helper.make_node("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([2, 3], np.int64)))
     assert_folds(pooled_head([axes, helper.make_node("ReduceMean", ["bn_out", "axes"], ["pooled"])], opset=18),
