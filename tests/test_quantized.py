@@ -439,6 +439,25 @@ def test_int4_weights_fold_into_their_scale_and_stay_the_same_bytes(tmp_path):
     assert report.equivalent and report.sites, report.table()
 
 
+def test_float8_weights_fold_into_their_scale_and_stay_the_same_bytes(tmp_path):
+    import ml_dtypes
+
+    model = qat_export(tmp_path, divide=False)
+    for tensor in model.graph.initializer:
+        if tensor.name in ("qw", "zw"):  # float8 keeps the integers' values; its zero point is 0
+            values = numpy_helper.to_array(tensor).astype(np.float32) * (0.25 if tensor.name == "qw" else 0.0)
+            tensor.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.float8_e4m3fn), tensor.name))
+    model.opset_import[0].version = 19  # DequantizeLinear-19 reads float8
+    onnx.checker.check_model(model, full_check=True)
+    folded = bnfold.fold(model).model
+    assert "BatchNormalization" not in op_types(folded)
+    assert initializers(folded)["qw"].tobytes() == initializers(model)["qw"].tobytes()
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx")
+    assert report.equivalent and report.sites, report.table()
+
+
 def test_bench_requantize_times_the_quantized_model_before_and_after(tmp_path):
     import json
 
