@@ -396,6 +396,42 @@ def test_verify_requantize_does_not_bypass_a_quantizer_that_holds_a_fused_relu(t
     assert not report.equivalent and "clips at zero" in report.notes[0], report.table()
 
 
+def zero_points_as_pytorch_writes_them(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (changed here) with each activation quantizer's zero point computed at run time
+    from a Constant, as torch.onnx exports a FakeQuantize: Constant (int32) → Cast (uint8)."""
+    graph = model.graph
+    weights = {n.input[2] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in
+               {t.name for t in graph.initializer}}  # fmt: skip
+    for tensor in [t for t in graph.initializer if t.name.endswith("zero_point") and t.name not in weights]:
+        value = numpy_helper.to_array(tensor)
+        const, cast = f"{tensor.name}_int", f"{tensor.name}_cast"
+        graph.node.insert(0, helper.make_node("Cast", [const], [cast], to=tensor.data_type))
+        graph.node.insert(
+            0, helper.make_node("Constant", [], [const], value=numpy_helper.from_array(value.astype(np.int32)))
+        )
+        for node in graph.node:
+            node.input[:] = [cast if name == tensor.name else name for name in node.input]
+    return model
+
+
+def test_requantize_reads_zero_points_pytorch_computes_at_run_time(tmp_path):
+    # A PyTorch QAT export with an observer after each conv (Conv → Q → DQ → BN): each zero point
+    # is a Cast of a Constant. verify --requantize crashed (exit 3) reading them as initializers,
+    # and so could not see a quantizer that clips at zero either.
+    model = zero_points_as_pytorch_writes_them(quantize(conv_bn_model(opset=17), tmp_path, True))
+    folded = bnfold.fold(model, requantize=True).model
+    assert "BatchNormalization" not in op_types(folded)
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(folded, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx", requantize=True)
+    assert report.equivalent, report.table()
+    relu = zero_points_as_pytorch_writes_them(relu_before_bn(tmp_path))
+    onnx.save(relu, tmp_path / "relu.onnx")
+    onnx.save(without_the_convs_quantizer(relu), tmp_path / "relu_removed.onnx")
+    report = bnfold.verify(tmp_path / "relu.onnx", tmp_path / "relu_removed.onnx", requantize=True)
+    assert not report.equivalent and "clips at zero" in report.notes[0], report.table()
+
+
 def test_the_share_of_inputs_a_removed_quantizer_clipped_is_counted(tmp_path):
     from bnfold.verification.quantizers import bypass_removed
 

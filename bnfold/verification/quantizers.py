@@ -95,7 +95,7 @@ def bypass_removed(reference: onnx.ModelProto | Path | str, candidate: onnx.Mode
             pairs.append((quantizer, node))
     if not pairs:
         return Bypass(reference)
-    constants = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    constants = _constant_values(ours)
     ranges = []
     for quantizer, _ in pairs:
         zero = quantizer.input[2] if len(quantizer.input) > 2 and quantizer.input[2] else None
@@ -107,7 +107,7 @@ def bypass_removed(reference: onnx.ModelProto | Path | str, candidate: onnx.Mode
             ))  # fmt: skip
         scale = constants.get(quantizer.input[1])
         limits = INTEGER_RANGES.get(value.dtype) if value is not None else None
-        if scale is not None and scale.size == 1 and value.size == 1 and limits is not None:
+        if scale is not None and limits is not None and scale.size == 1 and value.size == 1:
             step, z = float(scale.reshape(())), float(value.reshape(()))
             ranges.append((node_label(quantizer), quantizer.input[0], (limits[0] - z) * step, (limits[1] - z) * step))
     bypassed = onnx.ModelProto()
@@ -129,3 +129,19 @@ def bypass_removed(reference: onnx.ModelProto | Path | str, candidate: onnx.Mode
         f"{'s' if len(pairs) != 1 else ''} the fold removed bypassed ({labels})"
     )
     return Bypass(bypassed, note, ranges=ranges)
+
+
+def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The values of the initializers, of Constant nodes and of Casts and Identities of those: a
+    quantizer's scale and zero point as PyTorch exports them (`Constant → Cast`)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if is_onnx_op(node, "Constant") and node.output and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif is_onnx_op(node, "Identity") and node.input and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+        elif is_onnx_op(node, "Cast") and node.input and node.input[0] in values:
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            if to is not None:
+                values[node.output[0]] = values[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    return values
