@@ -759,6 +759,29 @@ class FXBlock(nn.Module):
         return torch.relu(y + self.shortcut(x))
 
 
+class QATObserverTiny(QATNet):
+    """Eager-mode QAT without fusing Conv and BN: each conv's output gets its own observer, so
+    the export writes Conv → QuantizeLinear → DequantizeLinear → BatchNormalization, and the
+    quantizers' scales and zero points as Casts of Constants. Not exact to fold (the observer
+    rounds the conv's output): bnfold folds it only with --requantize."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        import torch.ao.quantization as tq
+
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(16, classes)
+        self.qconfig = qat_qconfig()
+        self.train()
+        tq.prepare_qat(self, inplace=True)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(self.quant(x))))))
+        return self.dequant(self.head(torch.flatten(self.pool(x), 1)))
+
+
 def randomize_frozen(model: nn.Module, generator: torch.Generator) -> None:
     """FrozenBatchNorm2d has no running statistics to calibrate: give it trained-looking ones."""
     with torch.no_grad():
@@ -854,6 +877,7 @@ SAMPLES = (
     Sample("yolo_tiny", 20, YoloTiny, (3, 64, 64), rows=1, calibration_rows=4, dynamic_spatial=True, dynamo=True),
     Sample("qat_resnet_tiny", 21, QATResNetTiny, (3, 32, 32)),
     Sample("fx_qat_resnet_tiny", 22, FXQATResNetTiny, (3, 32, 32)),
+    Sample("qat_observer_tiny", 23, QATObserverTiny, (3, 32, 32)),
 )  # fmt: skip
 
 

@@ -192,4 +192,4 @@ def test_no_mechanism_touches_the_graph_before_its_plan_is_applied(path):
             if node.op_type in one.tables:
                 answers.append(decide(node, one.tables[node.op_type], ctx, batch_norm_version(opset)))
     assert model.graph.SerializeToString(deterministic=True) == before
-    assert any(isinstance(a, Plan) for a in answers) or "shared_conv_output" in path.stem
+    assert any(isinstance(a, Plan) for a in answers) or path.stem in ("shared_conv_output", "qat_observer_tiny")

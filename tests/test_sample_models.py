@@ -72,8 +72,12 @@ EXPECTED = {
     # the same in torch.ao's FX graph mode (prepare_qat_fx), a strided block with a 1×1 shortcut:
     # six Divs and the stem's conv bias (an Add after its Div) fold too
     "fx_qat_resnet_tiny": (6, 6, 7),
+    # eager QAT with an observer after each conv (no ConvBn fusion): Conv → Q → DQ → BN, not exact,
+    # so nothing by default; both with --requantize (test below)
+    "qat_observer_tiny": (2, 0, 0),
 }
 QUANTIZED = ("qat_resnet_tiny", "fx_qat_resnet_tiny")  # outputs on a grid: judged in its steps, not against 1e-5
+REQUANTIZED = ("qat_observer_tiny",)  # folds only across its quantizers, with --requantize
 
 
 def load(name: str):
@@ -96,7 +100,7 @@ def test_every_sample_is_listed():
     assert {p.stem for p in SAMPLES.glob("*.onnx")} == set(EXPECTED)
 
 
-@pytest.mark.parametrize("name", [n for n in EXPECTED if "fp16" not in n and n not in QUANTIZED])
+@pytest.mark.parametrize("name", [n for n in EXPECTED if "fp16" not in n and n not in (*QUANTIZED, *REQUANTIZED)])
 def test_float32_sample_folds_and_matches_pytorch(name):
     model, feeds, torch_output = load(name)
     total, folded_count, affines = EXPECTED[name]
@@ -173,6 +177,25 @@ def test_quantized_sample_folds_into_its_weight_scales_and_runs_as_integer_kerne
         optimized[label] = op_types(onnx.load(options.optimized_model_filepath))
     assert optimized["original"].count("QLinearConv") == 0 and optimized["original"].count("BatchNormalization")
     assert optimized["folded"].count("QLinearConv") >= 3 and optimized["folded"].count("BatchNormalization") == 0
+
+
+@pytest.mark.parametrize("name", REQUANTIZED)
+def test_a_qat_export_with_observers_folds_only_with_requantize(name, tmp_path):
+    model, feeds, torch_output = load(name)
+    total, _, _ = EXPECTED[name]
+    kept = bnfold.fold(model)
+    assert kept.report.folded == 0 and kept.model.SerializeToString() == model.SerializeToString()
+    assert all("fold with --requantize" in o.reason for o in kept.report.batch_norms)
+    result = bnfold.fold(model, requantize=True)
+    assert result.report.folded == total and "BatchNormalization" not in op_types(result.model)
+    onnx.checker.check_model(result.model, full_check=True)
+    onnx.save(model, tmp_path / "model.onnx")
+    onnx.save(result.model, tmp_path / "folded.onnx")
+    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx", requantize=True)
+    assert report.equivalent and len(report.sites) == total, report.table()
+    (want,), (got,) = run(model, feeds), run(result.model, feeds)
+    step = float(np.min(np.diff(np.unique(want))))  # the output grid's step
+    assert np.abs(got - torch_output).max() <= 2.01 * step  # the removed quantizers' rounding, then the grid's
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
