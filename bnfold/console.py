@@ -88,16 +88,17 @@ class Console:
             "error": error,
         }
         report = {**envelope, **data}
-        if self.page is not None and not self._write_page(report) and not exit_code:
+        # a page that cannot be written fails a run that had not failed otherwise
+        page_failed = self.page is not None and not self._write_page(report) and not exit_code
+        if page_failed:
             report.update(exit_code=EXIT_USER_ERROR, error=f"cannot write {self.page}")
-            exit_code = EXIT_USER_ERROR
         if self.json:
             try:
                 print(json.dumps(report, indent=2), flush=True)
             except BrokenPipeError:  # the reader left (`| head -c0`): the exit code still tells the outcome
                 _silence_stdout()
-        if report["exit_code"] != envelope["exit_code"]:
-            raise typer.Exit(exit_code)
+        if page_failed:
+            raise typer.Exit(EXIT_USER_ERROR)
 
     def _write_page(self, report: dict) -> bool:
         from bnfold import page

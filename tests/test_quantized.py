@@ -455,35 +455,28 @@ def test_the_share_of_inputs_a_removed_quantizer_clipped_is_counted(tmp_path):
     assert bypass.clipped(feeds, ["CPUExecutionProvider"]).startswith("the removed quantizers clipped 25.00% of")
 
 
-def test_int4_weights_fold_into_their_scale_and_stay_the_same_bytes(tmp_path):
+def _as_int4(name: str, values: np.ndarray) -> np.ndarray:
     import ml_dtypes
 
+    values = values.astype(np.float64)
+    return (np.clip(np.round(values / 16), -8, 7) if name == "qw" else values).astype(ml_dtypes.int4)
+
+
+def _as_float8(name: str, values: np.ndarray) -> np.ndarray:  # float8 keeps the integers' values; its zero point is 0
+    import ml_dtypes
+
+    return (values.astype(np.float32) * (0.25 if name == "qw" else 0.0)).astype(ml_dtypes.float8_e4m3fn)
+
+
+@pytest.mark.parametrize(
+    "convert, opset", [(_as_int4, 21), (_as_float8, 19)], ids=["int4", "float8"]
+)  # DequantizeLinear-21 reads int4, DequantizeLinear-19 float8
+def test_narrow_weights_fold_into_their_scale_and_stay_the_same_bytes(tmp_path, convert, opset):
     model = qat_export(tmp_path, divide=False)
     for tensor in model.graph.initializer:
         if tensor.name in ("qw", "zw"):
-            values = numpy_helper.to_array(tensor).astype(np.float64)
-            values = np.clip(np.round(values / 16), -8, 7) if tensor.name == "qw" else values
-            tensor.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.int4), tensor.name))
-    model.opset_import[0].version = 21  # DequantizeLinear-21 reads int4
-    onnx.checker.check_model(model, full_check=True)
-    folded = bnfold.fold(model).model
-    assert "BatchNormalization" not in op_types(folded)
-    assert initializers(folded)["qw"].tobytes() == initializers(model)["qw"].tobytes()
-    onnx.save(model, tmp_path / "model.onnx")
-    onnx.save(folded, tmp_path / "folded.onnx")
-    report = bnfold.verify(tmp_path / "model.onnx", tmp_path / "folded.onnx")
-    assert report.equivalent and report.sites, report.table()
-
-
-def test_float8_weights_fold_into_their_scale_and_stay_the_same_bytes(tmp_path):
-    import ml_dtypes
-
-    model = qat_export(tmp_path, divide=False)
-    for tensor in model.graph.initializer:
-        if tensor.name in ("qw", "zw"):  # float8 keeps the integers' values; its zero point is 0
-            values = numpy_helper.to_array(tensor).astype(np.float32) * (0.25 if tensor.name == "qw" else 0.0)
-            tensor.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.float8_e4m3fn), tensor.name))
-    model.opset_import[0].version = 19  # DequantizeLinear-19 reads float8
+            tensor.CopyFrom(numpy_helper.from_array(convert(tensor.name, numpy_helper.to_array(tensor)), tensor.name))
+    model.opset_import[0].version = opset
     onnx.checker.check_model(model, full_check=True)
     folded = bnfold.fold(model).model
     assert "BatchNormalization" not in op_types(folded)

@@ -111,17 +111,23 @@ def plan_heads(source: AffineSource, ctx: GraphContext) -> HeadsPlan | Skip | No
     """Fold `source` forward into every node that reads its output, each a linear op reading it
     as its data input (through shape-only ops and spatial means) that takes it whole (a shift
     cannot pass a Conv's padding: plan_forward leaves it as an Add when one BN feeds one Conv)."""
-    # match
-    out = source.node.output[0]
+    chains = _readers_heads(source.node, ctx)  # match
+    return chains if isinstance(chains, NotMine) else _plan_heads(source, chains, ctx)
+
+
+def _readers_heads(node: onnx.NodeProto, ctx: GraphContext) -> list[tuple] | NotMine:
+    """The linear ops the readers of `node`'s output lead to (_chains), or what reads it instead."""
+    out = node.output[0]
     readers = ctx.index.readers(out)
     if out in ctx.index.graph_outputs:
         return NotMine("its output is a graph output")
     if not readers:
         return NotMine("nothing reads it")
-    chains = _heads_of(readers, out, ctx)
-    if isinstance(chains, NotMine):
-        return chains  # a reader that is no linear op, or not reached whole
-    # checks, and each head's plan
+    return _heads_of(readers, out, ctx)  # a reader that is no linear op, or not reached whole
+
+
+def _plan_heads(source: AffineSource, chains: list[tuple], ctx: GraphContext) -> HeadsPlan | Skip:
+    """plan_heads's checks, and each head's plan."""
     heads, rank = [], ctx.shapes.rank(source.data)
     if rank is None:
         return Skip("the rank of the tensor it reads is not known, so its channel axis is not either")
@@ -144,14 +150,14 @@ def plan_forward_into_several(bn: onnx.NodeProto, ctx: GraphContext) -> HeadsPla
     """A BN that several linear ops read, directly or past a pooling or a shape op they share
     (EfficientFormerV2's mean before its head and its distillation head): into each of them
     (plan_heads); NOT_MINE for one."""
-    out = bn.output[0]
-    readers = ctx.index.readers(out)
-    if out in ctx.index.graph_outputs or not readers:
+    # match
+    several = len(set(map(id, ctx.index.readers(bn.output[0])))) > 1
+    heads = _readers_heads(bn, ctx)
+    if isinstance(heads, NotMine):
+        return heads if several else NOT_MINE  # several readers that are not all linear ops: the reason
+    if len(heads) < 2:
         return NOT_MINE
-    heads = _heads_of(readers, out, ctx)
-    if len(set(map(id, readers))) < 2 and (isinstance(heads, NotMine) or len(heads) < 2):
-        return NOT_MINE
-    return plan_heads(BatchNormSource(bn), ctx)
+    return _plan_heads(BatchNormSource(bn), heads, ctx)
 
 
 @dataclass(frozen=True)

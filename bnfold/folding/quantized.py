@@ -235,7 +235,7 @@ def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.Node
     quantizer = ctx.index.producer(node.input[0])
     if quantizer is None or not is_onnx_op(quantizer, "QuantizeLinear"):
         return None
-    if _only_reader(quantizer, node, ctx) or len(ctx.index.readers(node.output[0])) != 1:
+    if _others(quantizer, node, ctx) or len(ctx.index.readers(node.output[0])) != 1:
         return None
     if node.output[0] in ctx.index.graph_outputs or int_attr(node, "axis", 1) != int_attr(quantizer, "axis", 1):
         return None
@@ -256,13 +256,6 @@ def _quantizer_pair(node: onnx.NodeProto | None, ctx: GraphContext) -> onnx.Node
             "range): it holds an activation fused into it, so --requantize does not remove it"
         )
     return quantizer
-
-
-def _only_reader(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> Skip | None:
-    if _others(node, linear, ctx):
-        readers = [r for r in ctx.index.readers(node.output[0]) if r is not linear]
-        return Skip(f"{node_label(node)} also feeds {', '.join(node_label(r) for r in readers[:3]) or 'an output'}")
-    return None
 
 
 def _others(node: onnx.NodeProto, linear: onnx.NodeProto, ctx: GraphContext) -> bool:
