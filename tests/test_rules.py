@@ -254,6 +254,87 @@ def test_a_site_too_small_for_channels_is_judged_by_its_elements(tmp_path):
     assert not report.equivalent and site.rule == "elements", report.table()  # …its elements do not
 
 
+# ---- a site too small even for its elements: its weights against the exact fold ------------------------
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def se_reduce_off(candidate: Path, tmp_path: Path) -> Path:
+    """`candidate` (efficientnet_tiny_fp16io folded) with its second SE block's reduce conv's
+    loudest output channel ×1.01: bench/chains.py's seeded mistake that passed every rule by
+    numbers, its (N, 4, 1, 1) site moving as far as rounding its weights the other way does."""
+    conv = next(
+        n for n in onnx.load(str(candidate)).graph.node if n.name.endswith("features.2/block/block.2/reduce/Conv")
+    )
+    weights = numpy_helper.to_array(
+        next(t for t in onnx.load(str(candidate)).graph.initializer if t.name == conv.input[1])
+    )
+    loud = int(np.abs(weights.astype(np.float64)).reshape(len(weights), -1).sum(axis=1).argmax())
+    return with_tensor(candidate, conv.input[1], lambda w: np.where(np.arange(len(w))[:, None, None, None] == loud,
+                                                                     w * 1.01, w), tmp_path)  # fmt: skip
+
+
+def test_a_float16_se_block_with_one_channel_off_fails_by_its_weights(tmp_path):
+    original = SAMPLES / "efficientnet_tiny_fp16io.onnx"
+    candidate = folded(original, tmp_path)
+    assert bnfold.verify(original, candidate).equivalent
+    report = bnfold.verify(original, se_reduce_off(candidate, tmp_path))
+    (site,) = [s for s in report.sites if not s.passed]
+    assert "reduce" in site.name and site.needed_atol < site.atol  # float16's policy passes it…
+    assert not report.equivalent and site.rule == "parameters", report.table()  # …its weights do not
+    assert "channel" in site.reason and "float16 epsilons" in site.reason
+
+
+def fp16_conv_bn(tmp_path: Path) -> Path:
+    net = Net(seed=41)
+    y = net.conv_bn("x", 8, 16)
+    for tensor in net.inits:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8, 12, 12])
+    model = net.model([x], [net.node("Relu", [y])])
+    return save(model, tmp_path / "conv_bn16.onnx")
+
+
+def folded_in_float16_steps(original: Path, tmp_path: Path) -> Path:
+    """The fold another tool makes when it computes in the weights' type, rounding every step:
+    s = γ / √(σ² + ε), W·s, (b − μ)·s + β, each in float16."""
+    model = onnx.load(str(original))
+    conv, bn = (next(n for n in model.graph.node if n.op_type == op) for op in ("Conv", "BatchNormalization"))
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    gamma, beta, mean, var = (values[n] for n in bn.input[1:])
+    epsilon = np.float16(1e-5)
+    scale = gamma / np.sqrt(var + epsilon)
+    weight = values[conv.input[1]] * scale[:, None, None, None]
+    bias = (values[conv.input[2]] - mean) * scale + beta
+    assert weight.dtype == bias.dtype == np.float16
+    for name, value in ((conv.input[1], weight), (conv.input[2], bias)):
+        next(t for t in model.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(value, name))
+    conv.output[0] = bn.output[0]
+    model.graph.node.remove(bn)
+    for name in bn.input[1:]:
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == name))
+    return save(model, tmp_path / "folded_fp16_steps.onnx")
+
+
+def test_a_fold_computed_in_float16_steps_stands_within_the_weights_rounding(tmp_path):
+    from bnfold.verification.parameters import PARAMETER_FACTOR, Weights
+    from bnfold.verification.sites import read_structure
+
+    def check(candidate):
+        structure = read_structure(original, candidate)
+        (site,) = structure.rewrite.sites
+        return Weights(structure).check(site)
+
+    original = fp16_conv_bn(tmp_path)
+    for candidate in (folded(original, tmp_path), folded_in_float16_steps(original, tmp_path)):
+        result = check(candidate)
+        assert 0 < result.deviation <= PARAMETER_FACTOR / 2 and result.dtype == "float16"
+        assert bnfold.verify(original, candidate).equivalent
+    mistaken = with_tensor(candidate, conv_of(candidate).input[1], lambda w: w * np.where(
+        np.arange(16)[:, None, None, None] == 3, 1.004, 1.0), tmp_path)  # fmt: skip
+    result = check(mistaken)
+    assert result.channel == 3 and result.deviation > PARAMETER_FACTOR
+
+
 def _cases(tmp_path: Path) -> dict:
     """Per rule: a pair whose verdict that rule decides, and that verdict."""
     from test_verdict import nudged, tied_scores_model
@@ -285,7 +366,15 @@ def _cases(tmp_path: Path) -> dict:
     mistake = with_tensor(loud_candidate, conv_of(loud_candidate).input[2], lambda b: b + shifted * np.abs(b), tmp_path)
     cases["channel"] = (loud, mistake, False)
     small = mlp16(folder("small"))
-    cases["elements"] = (small, one_column_off(folded(small, tmp_path / "small"), tmp_path / "small"), False)
+    small_candidate = folded(small, tmp_path / "small")
+    gemm = next(n for n in onnx.load(str(small_candidate)).graph.node if n.op_type == "Gemm")
+    # one column's bias off by 0.018 (6.5e-3 · S): its weights are right, its elements are not
+    off = with_tensor(
+        small_candidate, gemm.input[2], lambda b: b + np.where(np.arange(64) == 5, 0.018, 0), tmp_path, "bias_off.onnx"
+    )
+    cases["elements"] = (small, off, False)
+    se = SAMPLES / "efficientnet_tiny_fp16io.onnx"
+    cases["parameters"] = (se, se_reduce_off(folded(se, folder("se")), tmp_path / "se"), False)
     tied = tied_scores_model(folder("tied"))
     cases["discontinuity"] = (tied, nudged(folded(tied, tmp_path / "tied"), 1, 4e-6, tmp_path / "tied"), True)
     return cases

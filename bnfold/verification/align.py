@@ -360,13 +360,13 @@ class _Constants:
         self.names: list[list[str]] = [[], []]
         self.labels: list[dict[str, str]] = [{}, {}]
         groups: dict[tuple, list[tuple[str, object]]] = {}  # the reference's constants
-        for name, value in _constant_values(reference, arrays[0]):
+        for name, value in constant_values(reference, arrays[0]):
             group = groups.setdefault(_fingerprint(value), [])
             twin = next((n for n, v in group if _equal_values(v, value)), None)
             self.labels[0][name] = self.labels[0][twin] if twin else _digest("const", name)
             self.names[0].append(name)
             group.append((name, value))
-        for name, value in _constant_values(candidate, arrays[1]):
+        for name, value in constant_values(candidate, arrays[1]):
             equal = [n for n, v in groups.get(_fingerprint(value), []) if _equal_values(v, value)]
             twin = name if name in equal else next(iter(equal), None)
             self.labels[1][name] = self.labels[0][twin] if twin else _digest("candidate const", name)
@@ -376,7 +376,7 @@ class _Constants:
         return lambda name: self.labels[side][name]
 
 
-def _constant_values(model: onnx.ModelProto, arrays: dict):
+def constant_values(model: onnx.ModelProto, arrays: dict):
     """(name, value) for each initializer and Constant node output of the main graph; the value
     is an array, or bytes standing for it (an external tensor's location, a Constant's attribute)."""
     for tensor in model.graph.initializer:

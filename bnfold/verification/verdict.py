@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 
+from bnfold.verification.parameters import PARAMETER_FACTOR, Weights
 from bnfold.verification.tolerance import (
     CHANNEL_FLOOR,
     ELEMENT_FLOOR,
@@ -76,6 +77,7 @@ class Evidence:
 
     def __init__(self, yardsticks, structure):
         self.yardsticks = yardsticks
+        self.structure = structure
         self.isolated = structure.rewrite.isolated  # every difference between the models lies in a rewritten node
         self.explains = structure.explains  # output → the boundary tensors (inputs of discontinuous ops) before it
         self.boundary_ops = structure.boundaries  # boundary tensor → the op it feeds
@@ -93,6 +95,11 @@ class Evidence:
     @cached_property
     def _at_outputs(self) -> tuple[dict[str, float], dict[str, float]]:
         return self.yardsticks.at_outputs()  # one session (two, when the first moves nothing)
+
+    @cached_property
+    def weights(self) -> Weights:
+        """Each site's weights against the exact fold of the reference's (parameters.py)."""
+        return Weights(self.structure)
 
     # each site's noise (an atol) and channel figures; each output's noise, and the same as a
     # relative L2 error (how noisy the output is as a whole)
@@ -199,6 +206,25 @@ def _elements(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     return Judgement(False, "elements", reason=why, noise=noise)
 
 
+def _parameters(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
+    """A passing site whose channels the numbers cannot judge fails when the candidate makes it
+    with the reference's linear op whose weights are not the reference's scaled by the affine
+    maps after it, within PARAMETER_FACTOR epsilons of the weight type
+    (bnfold.verification.parameters): a float16 SE block's one channel ×1.01 moves its 8
+    elements about as far as rounding does, and its weights 10 epsilons."""
+    if m.comparison.stated or not so_far.passed or m.channels is not None and m.channels.judged:
+        return None
+    check = ev.weights.check(m.name)
+    if check is None or check.deviation <= PARAMETER_FACTOR:
+        return None
+    why = (
+        f"FAIL: {check.node}'s weights of channel {check.channel} stand {check.deviation:.0f} {check.dtype} "
+        f"epsilons from the reference's scaled by its affine maps (a correct fold rounds within "
+        f"{PARAMETER_FACTOR:.0f}): a weight or a scale is off"
+    )
+    return Judgement(False, "parameters", reason=why, noise=so_far.noise)
+
+
 def _discontinuity(m: Measured, so_far: Judgement, ev: Evidence) -> Judgement | None:
     """A failing output passes when a discontinuous op (TopK, NonMaxSuppression, a comparison,
     a QuantizeLinear, …) lies between the sites and it, every site agrees on every trial in
@@ -237,6 +263,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("channel", (SITE,), _channel, "a channel moved or scaled past SHIFT_FACTOR × the reference's own: FAIL"),
     Rule("elements", (SITE,), _elements, "a small site's largest error past SHIFT_FACTOR × the reference's own: FAIL"),
+    Rule(
+        "parameters",
+        (SITE,),
+        _parameters,
+        "a small site's weights past PARAMETER_FACTOR epsilons from the reference's folded exactly: FAIL",
+    ),
     Rule("discontinuity", (OUTPUT,), _discontinuity, "a difference after a discontinuous op whose inputs agree passes"),
 )
 
