@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,16 +141,21 @@ def _refuse_shared_outputs(paths: list[Path], output_folder: Path | None) -> Non
 def _exit_on_terminate() -> None:
     """In a worker: SIGTERM removes the hidden files the worker has staged and exits. When one
     worker dies the pool terminates the others; one that was writing its output leaves nothing
-    behind, at whatever line the signal finds it (killed outright, it would leave them)."""
+    behind, at whatever line the signal finds it (killed outright, it would leave them). The
+    worker gets that SIGTERM too when the process that started it dies, even by SIGKILL (Linux):
+    it does not go on to write its model after the batch was killed."""
     import signal
+
+    from bnfold.supervise import die_with
 
     def stop(signum, frame):
         from bnfold.io.output import discard_staged
 
         discard_staged()
-        sys.exit(128 + signum)
+        os._exit(128 + signum)  # SystemExit would end only the task: the worker would wait for another
 
     signal.signal(signal.SIGTERM, stop)
+    die_with(os.getppid(), signal.SIGTERM)
 
 
 def _optimize_one(task) -> BatchItem:

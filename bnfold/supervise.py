@@ -13,6 +13,12 @@ custom-op library). Any other exit is the child's own, passed on unchanged. The 
 interpreter shutdown cannot undo a finished run. SIGTERM and SIGINT sent to
 bnfold are passed on to the child, which takes the first SIGINT only (Ctrl-C on a terminal
 reaches it from the terminal too).
+
+When bnfold itself is killed outright (`kill -9`, `timeout -s KILL`, a CI runner's cancel), no
+code of its own runs. On Linux the child is killed with it (PR_SET_PDEATHSIG): an orphan would
+go on and write its output after the run was reported dead. The parent holds a lock on its
+journal (flock) as long as it lives, which the kernel releases whatever kills it; the next
+`bnfold` run removes the staged files of every journal nobody holds, then the journal.
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ import os
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 JOURNAL = "BNFOLD_STAGED_JOURNAL"  # the environment variable that names the journal file
+JOURNAL_PREFIX = "bnfold-staged-"  # journals are <temporary folder>/bnfold-staged-*.txt
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 COMMANDS = ("optimize", "verify", "inspect", "bench")
 
 
@@ -40,13 +49,18 @@ def supervised(work: Callable[[], None]) -> None:
     if not hasattr(os, "fork") or JOURNAL in os.environ:
         work()
         return
-    fd, journal = tempfile.mkstemp(prefix="bnfold-staged-", suffix=".txt")
-    os.close(fd)
+    import fcntl  # POSIX, like fork
+
+    _sweep_abandoned()
+    fd, journal = tempfile.mkstemp(prefix=JOURNAL_PREFIX, suffix=".txt")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until this process is gone: a sweep leaves the journal alone
     os.environ[JOURNAL] = journal
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
     child = os.fork()
-    if child == 0:
+    if child == 0:  # keeps the journal's lock too: an orphan's files are not abandoned while it runs
+        die_with(parent, signal.SIGKILL)
         signal.signal(signal.SIGINT, _interrupt_once)
         os._exit(_run_child(work))
     signal.signal(signal.SIGINT, lambda signum, frame: _pass_on(child, signum))
@@ -56,6 +70,7 @@ def supervised(work: Callable[[], None]) -> None:
         _remove_staged(Path(journal))  # after any exit: nothing the child staged outlives the run
     finally:
         Path(journal).unlink(missing_ok=True)
+        os.close(fd)
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGINT:
         sys.exit(_report_crash(signal_name(os.WTERMSIG(status))))
     if os.WIFSIGNALED(status):
@@ -121,8 +136,51 @@ def _wait(child: int) -> int:
             continue
 
 
+def die_with(parent: int, signum: int) -> None:
+    """In a child process, on Linux: `signum` when its parent dies, whatever kills it; that
+    signal now if the parent already has. Elsewhere an orphan runs to its end."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ulong = ctypes.c_ulong  # prctl is variadic: every argument a full register
+    try:
+        done = ctypes.CDLL(None, use_errno=True).prctl(ctypes.c_int(PR_SET_PDEATHSIG), ulong(signum), *[ulong(0)] * 3)
+    except (OSError, AttributeError):  # no prctl: as elsewhere
+        return
+    if done != 0:
+        return
+    if os.getppid() != parent:  # the parent died before the prctl took hold
+        os.kill(os.getpid(), signum)
+
+
+def _sweep_abandoned(folder: str | None = None, young: float = 60.0) -> None:
+    """Remove what runs killed outright left behind: the staged files of each of this user's
+    journals in the temporary folder that no live process holds locked, then the journal. An
+    empty journal younger than `young` seconds may be a run between creating and locking it."""
+    import fcntl
+
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{JOURNAL_PREFIX}*.txt"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid() or info.st_size == 0 and time.time() - info.st_mtime < young:
+                continue
+            _remove_staged(path)
+            path.unlink(missing_ok=True)
+        except OSError:  # locked by a live run, or gone meanwhile
+            continue
+        finally:
+            os.close(fd)
+
+
 def _remove_staged(journal: Path) -> None:
-    """Remove the files the journal lists as staged and never committed or removed."""
+    """Remove the files the journal lists as staged and never committed or removed: only
+    bnfold's own hidden names (`.<name>.<hex>.tmp`), whatever else a journal may say."""
     live: dict[str, None] = {}
     for line in journal.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         if line.startswith("+"):
@@ -130,9 +188,12 @@ def _remove_staged(journal: Path) -> None:
         elif line.startswith("-"):
             live.pop(line[1:], None)
     for path in live:
+        name = os.path.basename(path)
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
         try:
             os.unlink(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
             pass
 
 

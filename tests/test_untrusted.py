@@ -4,6 +4,7 @@ files never a traceback, an interrupted run never a partial output."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import onnx
@@ -138,15 +139,18 @@ def big_model(path: Path) -> None:
 
 def run_and_kill(args: list[str], folder: Path, *, when_temp_appears: bool, delay: float = 0.0) -> int:
     """Start `python -m bnfold …`; SIGKILL it as soon as its temporary output file exists (or
-    after `delay` seconds). Returns the exit status (negative: killed by a signal)."""
+    after `delay` seconds). Returns the exit status (negative: killed by a signal). Its
+    temporary folder (the supervisor's journal) is `folder`/temp, not the machine's."""
     import signal
     import subprocess
     import sys
     import time
 
+    (folder / "temp").mkdir(exist_ok=True)
     process = subprocess.Popen(
-        [sys.executable, "-m", "bnfold", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+        [sys.executable, "-m", "bnfold", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(folder / "temp")},
+    )  # fmt: skip
     start = time.monotonic()
     while process.poll() is None:
         temporary = any(p.name.endswith(".tmp") for p in folder.iterdir())
@@ -177,6 +181,62 @@ def test_a_run_killed_mid_write_keeps_the_previous_output_whole(tmp_path):
     status = run_and_kill(["optimize", str(model), "--no-verify", "-q"], tmp_path, when_temp_appears=True)
     assert status == -9
     assert out.read_bytes() == previous  # old and complete, never half-replaced
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_bnfold_killed_outright_takes_its_work_with_it_and_the_next_run_removes_what_it_left(tmp_path):
+    # `kill -9 bnfold` (a CI runner's cancel, `timeout -s KILL`) runs none of bnfold's code. Its
+    # child must not go on to write the output after the run was reported dead; the hidden file it
+    # was writing is removed by the next bnfold run, which finds the journal no live process holds.
+    import subprocess
+    import time
+
+    model = tmp_path / "big.onnx"
+    big_model(model)
+    status = run_and_kill(["optimize", str(model), "--no-verify", "-q"], tmp_path, when_temp_appears=True)
+    assert status == -9
+    staged = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    (journal,) = (tmp_path / "temp").iterdir()
+    time.sleep(3)  # the rest of the run takes well under a second: an orphan would have written by now
+    assert not (tmp_path / "big.folded.onnx").exists()
+    assert staged and all(p.exists() for p in staged)  # nothing of bnfold's ran when it was killed
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_tiny.onnx"
+    subprocess.run([sys.executable, "-m", "bnfold", "inspect", str(sample)], capture_output=True, check=True,
+                   env={**os.environ, "TMPDIR": str(tmp_path / "temp")})  # fmt: skip
+    assert not any(p.exists() for p in staged) and not journal.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "temp"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_batch_killed_outright_stops_its_workers_and_they_remove_what_they_staged(tmp_path):
+    import time
+
+    for name in ("a.onnx", "b.onnx"):
+        big_model(tmp_path / name)
+    args = ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--jobs", "2", "--no-verify", "-q"]
+    assert run_and_kill(args, tmp_path, when_temp_appears=True) == -9
+    written = {p.name for p in tmp_path.iterdir() if p.name.endswith(".folded.onnx")}
+    time.sleep(3)  # a worker that went on would have written its model by now
+    assert {p.name for p in tmp_path.iterdir() if p.name.endswith(".folded.onnx")} == written
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # each worker removed its own
+
+
+def test_a_sweep_removes_only_bnfold_s_staged_names_of_journals_nobody_holds(tmp_path):
+    import fcntl
+
+    from bnfold.supervise import _sweep_abandoned
+
+    kept, staged, held_staged = tmp_path / "model.onnx", tmp_path / ".m.onnx.0a1b2c3d.tmp", tmp_path / ".n.onnx.1.tmp"
+    for path in (kept, staged, held_staged):
+        path.write_bytes(b"x")
+    abandoned, held = tmp_path / "bnfold-staged-a.txt", tmp_path / "bnfold-staged-b.txt"
+    abandoned.write_text(f"+{staged}\n+{kept}\n")  # a journal that names a file bnfold never stages
+    held.write_text(f"+{held_staged}\n")
+    with open(held) as live:
+        fcntl.flock(live, fcntl.LOCK_EX)  # a run still alive
+        _sweep_abandoned(str(tmp_path))
+    assert not staged.exists() and not abandoned.exists()
+    assert kept.exists() and held_staged.exists() and held.exists()
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.6, 1.0, 1.5, 2.5])
