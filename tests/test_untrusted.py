@@ -137,10 +137,13 @@ def big_model(path: Path) -> None:
     onnx.save(linear_bn_model("Conv", weight=weight, bias=None, x_shape=[1, 1024, 3, 3]), str(path))
 
 
-def run_and_kill(args: list[str], folder: Path, *, when_temp_appears: bool, delay: float = 0.0) -> int:
+def run_and_kill(
+    args: list[str], folder: Path, *, when_temp_appears: bool, delay: float = 0.0, descendants: list | None = None
+) -> int:
     """Start `python -m bnfold …`; SIGKILL it as soon as its temporary output file exists (or
     after `delay` seconds). Returns the exit status (negative: killed by a signal). Its
-    temporary folder (the supervisor's journal) is `folder`/temp, not the machine's."""
+    temporary folder (the supervisor's journal) is `folder`/temp, not the machine's. With
+    `descendants`, the pids of its processes' children, read just before the kill, go there."""
     import signal
     import subprocess
     import sys
@@ -155,6 +158,8 @@ def run_and_kill(args: list[str], folder: Path, *, when_temp_appears: bool, dela
     while process.poll() is None:
         temporary = any(p.name.endswith(".tmp") for p in folder.iterdir())
         if (when_temp_appears and temporary) or (not when_temp_appears and time.monotonic() - start >= delay):
+            if descendants is not None:
+                descendants += _descendants(process.pid)
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.001)
@@ -189,15 +194,16 @@ def test_bnfold_killed_outright_takes_its_work_with_it_and_the_next_run_removes_
     # child must not go on to write the output after the run was reported dead; the hidden file it
     # was writing is removed by the next bnfold run, which finds the journal no live process holds.
     import subprocess
-    import time
 
     model = tmp_path / "big.onnx"
     big_model(model)
-    status = run_and_kill(["optimize", str(model), "--no-verify", "-q"], tmp_path, when_temp_appears=True)
-    assert status == -9
+    work: list[int] = []
+    status = run_and_kill(["optimize", str(model), "--no-verify", "-q"], tmp_path, when_temp_appears=True,
+                          descendants=work)  # fmt: skip
+    assert status == -9 and work
     staged = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     (journal,) = (tmp_path / "temp").iterdir()
-    time.sleep(3)  # the rest of the run takes well under a second: an orphan would have written by now
+    _wait_gone(work)  # an orphan ends only once it has written its model
     assert not (tmp_path / "big.folded.onnx").exists()
     assert staged and all(p.exists() for p in staged)  # nothing of bnfold's ran when it was killed
     sample = Path(__file__).resolve().parents[1] / "sample_models" / "resnet_tiny.onnx"
@@ -207,16 +213,40 @@ def test_bnfold_killed_outright_takes_its_work_with_it_and_the_next_run_removes_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "temp"]
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (Linux's /proc)."""
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _wait_gone(pids: list[int], seconds: float = 30.0) -> None:
+    """Until every process of `pids` has ended (a zombie counts as ended), or `seconds` passed."""
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1][:4]
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_batch_killed_outright_stops_its_workers_and_they_remove_what_they_staged(tmp_path):
-    import time
 
     for name in ("a.onnx", "b.onnx"):
         big_model(tmp_path / name)
     args = ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--jobs", "2", "--no-verify", "-q"]
-    assert run_and_kill(args, tmp_path, when_temp_appears=True) == -9
+    work: list[int] = []
+    assert run_and_kill(args, tmp_path, when_temp_appears=True, descendants=work) == -9 and len(work) >= 3
     written = {p.name for p in tmp_path.iterdir() if p.name.endswith(".folded.onnx")}
-    time.sleep(3)  # a worker that went on would have written its model by now
+    _wait_gone(work)  # the child and its workers (and their resource tracker)
     assert {p.name for p in tmp_path.iterdir() if p.name.endswith(".folded.onnx")} == written
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # each worker removed its own
 
