@@ -163,6 +163,24 @@ def test_channel_shift_finds_a_channel_moved_as_a_whole_not_noise():
     assert channel_stats(want, want).shift == 0.0 and channel_stats(want, want[:1]) == ChannelStats()
 
 
+def test_a_channel_that_is_one_value_but_for_a_few_pixels_has_no_gain_to_judge():
+    # A dead channel of a float16 timm MobileNetV3 after its fold: β − μ·s everywhere but where a
+    # few inputs reach it. Those few set the slope alone, and every other difference is exactly 0,
+    # so the slope looked significant: a correct fold refused as "channel 23 is scaled by 8.0e-02".
+    rng = np.random.default_rng(3)
+    want = rng.normal(0, 1, (1, 2, 28, 28)).astype(np.float16)
+    want[0, 1] = np.float16(-0.2876)
+    want[0, 1, 0, :3] = np.array([0.5, 1.5, 3.0], np.float16)
+    got = want.copy()
+    got[0, 1, 0, :3] += np.array([0.0, 1.0, 2.0], np.float16) * np.float16(2.0**-9)  # an ulp or two
+    got[0, 0] += (rng.normal(0, 1e-3, (28, 28)) * np.abs(want[0, 0])).astype(np.float16)
+    assert channel_stats(want, got).gain == 0.0
+    scaled = got.copy()
+    scaled[0, 0] = want[0, 0] * np.float16(1.01)  # a channel that varies everywhere still shows its gain
+    stats = channel_stats(want, scaled)
+    assert stats.gain_channel == 0 and abs(stats.gain - 0.01) < 1e-3
+
+
 # ---- outputs that magnify float32 noise ------------------------------------------------------------
 def test_a_softmax_over_thousands_of_classes(tmp_path):
     # An OCR recognizer's head: a few classes carry all the mass, so S (the 99th percentile of

@@ -370,8 +370,16 @@ def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
     covariance = products - n * mean_w * mean_d  # Σ(w − w̄)(d − d̄)
     slopes = np.where(varies, covariance / np.where(varies, spread, 1.0), 0.0)
     residual = np.maximum(d_spread - slopes * covariance, 0.0) / np.maximum(n - 2, 1)
-    sloped = np.abs(slopes) > SIGNIFICANCE * np.sqrt(residual / np.where(varies, spread, 1.0))
-    gains = np.where(varies & sloped, np.abs(slopes), 0.0)
+    sloped = varies & (np.abs(slopes) > SIGNIFICANCE * np.sqrt(residual / np.where(varies, spread, 1.0)))
+    # …and only where the channel varies across enough of its elements: a channel that is one
+    # value almost everywhere (a dead channel's constant β − μ·s, a few pixels aside) has a slope
+    # set by those few, and no noise left to measure it against. Its effective count is the
+    # participation ratio of its spread, (Σ(w − w̄)²)² / Σ(w − w̄)⁴.
+    for row in np.flatnonzero(sloped):
+        centred = (w[row, finite[row]] - mean_w[row]).astype(np.float64) ** 2
+        effective = spread[row] ** 2 / max(float(np.dot(centred, centred)), 1e-300)
+        sloped[row] = effective >= CHANNEL_MIN_ELEMENTS
+    gains = np.where(sloped, np.abs(slopes), 0.0)
     s, g = int(np.argmax(shifts)), int(np.argmax(gains))
     return ChannelStats(float(shifts[s]), s, float(gains[g]), g, int(judged.sum()))
 
