@@ -231,6 +231,8 @@ def main() -> None:
                         "mistake failed" if verdict.startswith("fail")
                         else "error" if verdict.startswith("error") else "silent pass"
                     )  # fmt: skip
+                    if kind == "silent pass":  # how far the mistake moves the outputs, checked apart
+                        verdict += _independently(path, folder / "candidate.onnx", folder / "inputs")
                     totals[kind] += 1
                     rows.append({"model": path.name, "chain": name, "mistake": label, "verdict": verdict})
                     if kind != "mistake failed":

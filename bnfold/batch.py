@@ -110,7 +110,9 @@ def _in_processes(tasks, jobs: int, items: dict, on_done, died: bool = False) ->
     # spawn, not fork: a process forked while other threads hold locks (onnxruntime's pools, a
     # library caller's threads, a test runner's) can wait forever on one; measured under pytest
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_exit_on_terminate) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=spawn, initializer=_exit_on_terminate,
+                               initargs=(os.getpid(),))  # fmt: skip
+    with pool:
         futures = {pool.submit(_optimize_one, task): task for task in tasks}
         for future in as_completed(futures):
             task = futures[future]
@@ -138,12 +140,13 @@ def _refuse_shared_outputs(paths: list[Path], output_folder: Path | None) -> Non
         writers[target] = path
 
 
-def _exit_on_terminate() -> None:
+def _exit_on_terminate(parent: int) -> None:
     """In a worker: SIGTERM removes the hidden files the worker has staged and exits. When one
     worker dies the pool terminates the others; one that was writing its output leaves nothing
     behind, at whatever line the signal finds it (killed outright, it would leave them). The
-    worker gets that SIGTERM too when the process that started it dies, even by SIGKILL (Linux):
-    it does not go on to write its model after the batch was killed."""
+    worker gets that SIGTERM too when `parent`, the process that started it, dies, even by
+    SIGKILL (Linux), or has died while the worker was starting: it does not go on to write its
+    model after the batch was killed."""
     import signal
 
     from bnfold.supervise import die_with
@@ -155,7 +158,7 @@ def _exit_on_terminate() -> None:
         os._exit(128 + signum)  # SystemExit would end only the task: the worker would wait for another
 
     signal.signal(signal.SIGTERM, stop)
-    die_with(os.getppid(), signal.SIGTERM)
+    die_with(parent, signal.SIGTERM)
 
 
 def _optimize_one(task) -> BatchItem:

@@ -343,7 +343,7 @@ def test_a_worker_told_to_stop_between_staging_and_its_cleanup_leaves_nothing(tm
         "from pathlib import Path\n"
         "from bnfold import batch\n"
         "from bnfold.io.output import StagedModel\n"
-        "batch._exit_on_terminate()\n"
+        "batch._exit_on_terminate(os.getppid())\n"
         f"staged = StagedModel(onnx.load({str(SAMPLE)!r}), Path({str(tmp_path / 'a.folded.onnx')!r}), "
         f"external={external})\n"
         "assert any(p.name.endswith('.tmp') for p in Path(staged.dest.parent).iterdir())\n"
