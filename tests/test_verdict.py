@@ -181,6 +181,21 @@ def test_a_channel_that_is_one_value_but_for_a_few_pixels_has_no_gain_to_judge()
     assert stats.gain_channel == 0 and abs(stats.gain - 0.01) < 1e-3
 
 
+def test_a_channel_mean_moves_freely_within_its_bias_allowance_and_counts_beyond_it():
+    from bnfold.verification.tolerance import bias_allowance
+
+    want = np.full((1, 2, 8, 8), 1.36e-4, np.float32)
+    want[0, 1] = np.linspace(-1, 1, 64).reshape(8, 8)
+    terms = np.array([0.187, 2.0])  # |μ·s| + |β| of each channel
+    allowed = bias_allowance(terms, "float16")
+    assert abs(allowed[0] - 4 * 2.0**-11 * 0.187) < 1e-12 and bias_allowance(terms, "float32") is None
+    within, beyond = want.copy(), want.copy()
+    within[0, 0] -= 1.4e-5  # onnxslim's float16 arithmetic on GhostNetV2's channel 119: 0.1 of its RMS
+    beyond[0, 0] += 1e-3  # a bias 3% off and 1e-3
+    assert channel_stats(want, within).shift > 0.09 and channel_stats(want, within, allowed).shift == 0.0
+    assert channel_stats(want, beyond, allowed).shift > 1.0
+
+
 # ---- outputs that magnify float32 noise ------------------------------------------------------------
 def test_a_softmax_over_thousands_of_classes(tmp_path):
     # An OCR recognizer's head: a few classes carry all the mass, so S (the 99th percentile of

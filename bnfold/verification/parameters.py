@@ -93,14 +93,12 @@ def _check(site: str, ours: _Side, theirs: _Side, rewritten: set[str]) -> Weight
     if layout is None:
         return None
     scale = np.ones(layout.channels)
-    node = ours.producer.get(site)
-    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in AFFINE:
-        step = _affine(node, ours, layout)
-        if step is None:
+    node, maps = _chain(ours, site)
+    for step in maps:
+        factor = _affine(step, ours, layout)
+        if factor is None:
             return None
-        factor, data = step
-        scale = scale * factor
-        node = ours.producer.get(data)
+        scale = scale * factor[0]
     if node is None or not _same_op(node, made) or node.input[0] != made.input[0]:
         return None
     weight = ours.constant(node.input[1])
@@ -218,3 +216,66 @@ def _same_op(node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
         and other.domain in ONNX_DOMAINS
         and attributes(node) == attributes(other)
     )
+
+
+def bias_terms(model: onnx.ModelProto, arrays: dict, sites) -> dict[str, np.ndarray]:
+    """Per channel of each site, the magnitudes of the terms its bias sums where the reference
+    makes it with a linear op of constant weights followed by affine maps (|b·s| + |μ·s| + |β|
+    for Conv → BN): a fold that computes the bias in the tensor's own type, step by step, errs
+    by a few of that type's units of this, however small the sum (β − μ·s can cancel to 1e-4).
+    Sites not made that way are left out."""
+    side = _Side(model, arrays)
+    found = {site: _bias_terms(side, site) for site in sites}
+    return {site: terms for site, terms in found.items() if terms is not None}
+
+
+def _chain(side: _Side, site: str) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
+    """The node before the affine maps that make `site`, and those maps, the site's own first."""
+    maps, node = [], side.producer.get(site)
+    while node is not None and node.domain in ONNX_DOMAINS and node.op_type in AFFINE:
+        maps.append(node)
+        node = side.producer.get(node.input[0] if node.op_type == "BatchNormalization" else _data_input(node, side))
+    return node, maps
+
+
+def _bias_terms(side: _Side, site: str) -> np.ndarray | None:
+    node, maps = _chain(side, site)
+    if node is None or node.domain not in ONNX_DOMAINS or node.op_type not in LINEAR or len(node.input) < 2:
+        return None
+    weight = side.constant(node.input[1])
+    layout = None if weight is None else _Layout.of(node, weight)
+    if layout is None:
+        return None
+    bias = side.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    terms = np.zeros(layout.channels) if bias is None else np.abs(bias.astype(np.float64)).reshape(-1)
+    if terms.shape != (layout.channels,):
+        return None
+    for step in reversed(maps):  # from the linear op to the site
+        if step.op_type == "BatchNormalization":
+            values = [side.constant(n) for n in step.input[1:5]]
+            if len(values) != 4 or any(v is None or v.shape != (layout.channels,) for v in values):
+                return None
+            gamma, beta, mean, variance = (v.astype(np.float64) for v in values)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                scale = np.abs(gamma / np.sqrt(variance + float_attr(step, "epsilon", 1e-5)))
+            terms = terms * scale + np.abs(mean) * scale + np.abs(beta)
+            continue
+        constants = [side.constant(n) for n in step.input]
+        slot = 0 if constants[0] is not None else 1
+        value = None if constants[slot] is None else layout.per_channel(constants[slot])
+        if value is None:
+            return None
+        if step.op_type == "Mul":
+            terms = terms * np.abs(value)
+        elif step.op_type == "Div":
+            terms = terms / np.abs(value)
+        else:  # Add, Sub
+            terms = terms + np.abs(value)
+    return terms if np.isfinite(terms).all() else None
+
+
+def _data_input(node: onnx.NodeProto, side: _Side) -> str:
+    """The input of an element-wise op by a constant that is not the constant."""
+    if len(node.input) != 2:
+        return ""
+    return node.input[1] if side.constant(node.input[0]) is not None else node.input[0]

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
 from bnfold.graph.protos import int_attr, node_label
 from bnfold.io.view import exposing, inferred_types, weights_apart, whole_model
 from bnfold.verification import regions
+from bnfold.verification.parameters import bias_terms
 from bnfold.verification.precision import FLOAT_ORDER, Precisions, narrower
 from bnfold.verification.regions import Rewrite
 from bnfold.verification.runtime import make_session, run_named
 from bnfold.verification.tolerance import (
     NOISE_CAP,
     NOISE_FACTOR,
+    UNIT_ROUNDOFF,
     ChannelStats,
     Kind,
     OutputComparison,
     Precision,
+    bias_allowance,
     channel_stats,
     compare,
 )
@@ -54,6 +58,8 @@ class Structure:
     # a rewritten If's condition → (the If, its rewritten branches): which ones the trials take
     conditions: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     explains: dict[str, list[str]] = field(default_factory=dict)  # output → its boundary tensors
+    # 16-bit site → how far each channel's mean may move by its bias's arithmetic (channel_stats)
+    allowances: dict[str, np.ndarray] = field(default_factory=dict)
 
     def probe(self) -> tuple[onnx.ModelProto, dict]:
         """The reference with the candidate's rewrite beside it, and the boundary tensors
@@ -120,6 +126,10 @@ def read_structure(reference, candidate) -> Structure:
     }
     _find_boundaries(structure, elem)
     structure.conditions = _rewritten_branches(rewrite)
+    sixteen = [site for site, precision in structure.sites.items() if precision.dtype in UNIT_ROUNDOFF]
+    if sixteen:
+        terms = bias_terms(ours, our_arrays, sixteen)
+        structure.allowances = {s: bias_allowance(t, structure.sites[s].dtype) for s, t in terms.items()}
     return structure
 
 
@@ -200,7 +210,8 @@ class Yardsticks:
         if structure.reference is None or not structure.sites:
             return {}, {}
         model = regions.yardstick(structure.whole_reference(), structure.rewrite, structure.types, seed=0)
-        return _measure(model, list(structure.sites), regions.REROUNDED, self.feeds, self.providers)[:2]
+        return _measure(model, list(structure.sites), regions.REROUNDED, self.feeds, self.providers,
+                        allowances=structure.allowances)[:2]  # fmt: skip
 
     def at_outputs(self) -> tuple[dict[str, float], dict[str, float]]:
         """Each failing output's and boundary tensor's noise (as an atol, and as a relative L2
@@ -244,7 +255,7 @@ def judge_by_rerounding(results: list[OutputComparison], reference: onnx.ModelPr
                 )
 
 
-def _measure(model, names, suffix, feeds, providers, references=None) -> tuple[dict[str, float], dict, dict]:
+def _measure(model, names, suffix, feeds, providers, references=None, allowances=None) -> tuple[dict, dict, dict]:
     """How far `names` move, largest over the trials, as an atol, per channel (ChannelStats) and
     as a relative L2 error:
     between the model's own tensor and its `suffix` copy, or (without a suffix) between the
@@ -270,7 +281,8 @@ def _measure(model, names, suffix, feeds, providers, references=None) -> tuple[d
                 noise[name] = max(noise.get(name, 0.0), moved.needed_atol)
                 spread[name] = max(spread.get(name, 0.0), moved.rel_l2_error or 0.0)
                 if suffix:
-                    channels[name] = channels.get(name, ChannelStats()).worst(channel_stats(want, other))
+                    stats = channel_stats(want, other, (allowances or {}).get(name))
+                    channels[name] = channels.get(name, ChannelStats()).worst(stats)
     return noise, channels, spread
 
 

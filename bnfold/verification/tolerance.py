@@ -329,10 +329,12 @@ class ChannelStats:
         return ChannelStats(*shift, *gain, max(self.judged, other.judged))
 
 
-def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
+def channel_stats(want: np.ndarray, got: np.ndarray, allowed: np.ndarray | None = None) -> ChannelStats:
     """The per-channel shift and gain of `got` against `want` (ChannelStats). Non-finite
     positions are left out, and so are channels of fewer than CHANNEL_MIN_ELEMENTS values; all
-    zero when the two cannot be compared."""
+    zero when the two cannot be compared. `allowed` (one value per channel) is how far a
+    channel's mean may move before its shift counts: what computing its bias in the tensor's
+    own type can do (bias_allowance)."""
     if want.shape != got.shape or want.dtype.kind != "f" or got.dtype.kind != "f" or not want.size:
         return ChannelStats()
     channels = want.shape[1] if want.ndim >= 2 else 1
@@ -364,7 +366,10 @@ def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
     # yardstick's, at random; a mistake moves every element of its channel the same way.
     d_spread = np.maximum(d_squares - n * mean_d * mean_d, 0.0)  # Σ(d − d̄)²
     shifted = np.abs(mean_d) > SIGNIFICANCE * np.sqrt(d_spread / (n * np.maximum(n - 1, 1)))
-    shifts = np.where(judged & shifted, np.abs(mean_d) / rms, 0.0)
+    moved = (
+        np.abs(mean_d) if allowed is None or allowed.shape != (channels,) else np.maximum(np.abs(mean_d) - allowed, 0)
+    )
+    shifts = np.where(judged & shifted, moved / rms, 0.0)
     spread = squares - n * mean_w * mean_w  # Σ(w − w̄)²
     varies = judged & (spread > 1e-12 * squares)  # a constant channel has no slope
     covariance = products - n * mean_w * mean_d  # Σ(w − w̄)(d − d̄)
@@ -382,6 +387,19 @@ def channel_stats(want: np.ndarray, got: np.ndarray) -> ChannelStats:
     gains = np.where(sloped, np.abs(slopes), 0.0)
     s, g = int(np.argmax(shifts)), int(np.argmax(gains))
     return ChannelStats(float(shifts[s]), s, float(gains[g]), g, int(judged.sum()))
+
+
+# A fold that computes a bias in the tensor's own type rounds it a few times, (b − μ)·s + β step
+# by step, and so does BatchNormalization itself at run time: at most this many units of the
+# type's rounding of the terms' magnitudes (parameters.bias_terms).
+BIAS_ROUNDINGS = 4.0
+UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}  # where a bias's rounding shows in a channel's mean
+
+
+def bias_allowance(terms: np.ndarray | None, precision: str) -> np.ndarray | None:
+    """How far a channel's mean may move by its bias's arithmetic in `precision` (channel_stats)."""
+    unit = UNIT_ROUNDOFF.get(precision)
+    return None if terms is None or unit is None else BIAS_ROUNDINGS * unit * terms
 
 
 EXACT_CHUNK = 1 << 22  # elements widened at a time to measure an exact output's largest difference

@@ -270,7 +270,7 @@ def _run_trials(pair, feeds, compared, structure, by_site, report, progress, tol
                     _compare_value(site, want[site], isolated, stated_here, precision)
                 )
                 if isinstance(isolated, np.ndarray) and np.asarray(want[site]).dtype.kind == "f":
-                    stats = channel_stats(np.asarray(want[site]), isolated)
+                    stats = channel_stats(np.asarray(want[site]), isolated, structure.allowances.get(site))
                     run.channels[site] = run.channels.get(site, ChannelStats()).worst(stats)
             for site in structure.rewrite.shape_sites:
                 run.sites.setdefault(site, []).append(_compare_shape(site, want[site], want[site + regions.ISOLATED]))
