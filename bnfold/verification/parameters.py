@@ -95,10 +95,10 @@ def _check(site: str, ours: _Side, theirs: _Side, rewritten: set[str]) -> Weight
     scale = np.ones(layout.channels)
     node, maps = _chain(ours, site)
     for step in maps:
-        factor = _affine(step, ours, layout)
-        if factor is None:
+        affine = _affine(step, ours, layout)
+        if affine is None:
             return None
-        scale = scale * factor[0]
+        scale = scale * affine[0]
     if node is None or not _same_op(node, made) or node.input[0] != made.input[0]:
         return None
     weight = ours.constant(node.input[1])
@@ -176,17 +176,20 @@ class _Layout:
         return np.broadcast_to(flat if along == self.channels else flat[:1], (self.channels,))
 
 
-def _affine(node: onnx.NodeProto, side: _Side, layout: _Layout) -> tuple[np.ndarray, str] | None:
-    """The scale a per-channel affine map multiplies each channel by, and its data input."""
+def _affine(node: onnx.NodeProto, side: _Side, layout: _Layout) -> tuple[np.ndarray, np.ndarray] | None:
+    """A per-channel affine map y = scale·x + shift of the op's output: (scale, |shift|), one
+    value per channel; None when `node` is not such a map of its non-constant input."""
+    ones = np.ones(layout.channels)
     if node.op_type == "BatchNormalization":
         if layout.rank is None or int_attr(node, "training_mode", 0) or any(o for o in node.output[1:]):
             return None
         values = [side.constant(n) for n in node.input[1:5]]
         if len(values) != 4 or any(v is None or v.shape != (layout.channels,) for v in values):
             return None
-        gamma, _, _, variance = (v.astype(np.float64) for v in values)
+        gamma, beta, mean, variance = (v.astype(np.float64) for v in values)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return gamma / np.sqrt(variance + float_attr(node, "epsilon", 1e-5)), node.input[0]
+            scale = gamma / np.sqrt(variance + float_attr(node, "epsilon", 1e-5))
+        return scale, np.abs(mean * scale) + np.abs(beta)
     if len(node.input) != 2:
         return None
     constants = [side.constant(n) for n in node.input]
@@ -196,14 +199,11 @@ def _affine(node: onnx.NodeProto, side: _Side, layout: _Layout) -> tuple[np.ndar
     value = layout.per_channel(constants[slot])
     if value is None:
         return None
-    data = node.input[1 - slot]
     if node.op_type == "Mul":
-        return value, data
+        return value, np.zeros(layout.channels)
     if node.op_type == "Div":
-        return (1.0 / value, data) if slot == 1 and (value != 0).all() else None
-    if node.op_type == "Sub" and slot == 0:
-        return -np.ones(layout.channels), data
-    return np.ones(layout.channels), data  # Add, x − k
+        return (1.0 / value, np.zeros(layout.channels)) if slot == 1 and (value != 0).all() else None
+    return (-ones if node.op_type == "Sub" and slot == 0 else ones), np.abs(value)  # Add, x − k, k − x
 
 
 def _same_op(node: onnx.NodeProto, other: onnx.NodeProto) -> bool:
@@ -250,27 +250,11 @@ def _bias_terms(side: _Side, site: str) -> np.ndarray | None:
     terms = np.zeros(layout.channels) if bias is None else np.abs(bias.astype(np.float64)).reshape(-1)
     if terms.shape != (layout.channels,):
         return None
-    for step in reversed(maps):  # from the linear op to the site
-        if step.op_type == "BatchNormalization":
-            values = [side.constant(n) for n in step.input[1:5]]
-            if len(values) != 4 or any(v is None or v.shape != (layout.channels,) for v in values):
-                return None
-            gamma, beta, mean, variance = (v.astype(np.float64) for v in values)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                scale = np.abs(gamma / np.sqrt(variance + float_attr(step, "epsilon", 1e-5)))
-            terms = terms * scale + np.abs(mean) * scale + np.abs(beta)
-            continue
-        constants = [side.constant(n) for n in step.input]
-        slot = 0 if constants[0] is not None else 1
-        value = None if constants[slot] is None else layout.per_channel(constants[slot])
-        if value is None:
+    for step in reversed(maps):  # from the linear op to the site: |b'| ≤ |scale|·|b| + |shift|
+        affine = _affine(step, side, layout)
+        if affine is None:
             return None
-        if step.op_type == "Mul":
-            terms = terms * np.abs(value)
-        elif step.op_type == "Div":
-            terms = terms / np.abs(value)
-        else:  # Add, Sub
-            terms = terms + np.abs(value)
+        terms = terms * np.abs(affine[0]) + affine[1]
     return terms if np.isfinite(terms).all() else None
 
 
